@@ -1,0 +1,120 @@
+//! The agent's HTTP/JSON API on its unix socket (base path `/v1`), modelled on upstream's
+//! OpenAPI: `GET /ipam/healthy`, `POST /ipam/ip`, `DELETE /ipam/ip`, plus `POST /ipam/check`.
+//! Errors carry the CNI code the plugin should report.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET` path of the health check.
+pub const PATH_HEALTHY: &str = "/v1/ipam/healthy";
+/// `POST` allocates, `DELETE` releases.
+pub const PATH_IP: &str = "/v1/ipam/ip";
+/// `POST` verifies a container's reservation (CNI CHECK).
+pub const PATH_CHECK: &str = "/v1/ipam/check";
+
+/// Body of `POST /v1/ipam/ip`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamAddArgs {
+    /// `CNI_CONTAINERID`.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub if_name: String,
+    /// `CNI_NETNS`.
+    #[serde(default)]
+    pub net_namespace: String,
+    /// `K8S_POD_NAMESPACE`.
+    #[serde(default)]
+    pub pod_namespace: String,
+    /// `K8S_POD_NAME`.
+    #[serde(default)]
+    pub pod_name: String,
+    /// `K8S_POD_UID`.
+    #[serde(default, rename = "podUID")]
+    pub pod_uid: String,
+    /// CNI-config default IPv4 pools.
+    #[serde(default, rename = "defaultIPv4IPPool")]
+    pub default_ipv4_ippool: Vec<String>,
+    /// CNI-config default IPv6 pools.
+    #[serde(default, rename = "defaultIPv6IPPool")]
+    pub default_ipv6_ippool: Vec<String>,
+    /// CNI-config `clean_gateway`.
+    #[serde(default)]
+    pub clean_gateway: bool,
+}
+
+/// One address handed out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpConfig {
+    /// 4 or 6.
+    pub version: u8,
+    /// Address with the pool's prefix length.
+    pub address: String,
+    /// Interface it belongs to.
+    pub nic: String,
+    /// Pool it came from.
+    #[serde(default, rename = "ipPool")]
+    pub ip_pool: String,
+    /// The pool's gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The pool's VLAN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<i64>,
+}
+
+/// One route for an interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    /// Interface.
+    pub if_name: String,
+    /// Destination CIDR.
+    pub dst: String,
+    /// Next hop.
+    pub gw: String,
+}
+
+/// Answer of `POST /v1/ipam/ip` and `POST /v1/ipam/check`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamAddResponse {
+    /// Addresses.
+    pub ips: Vec<IpConfig>,
+    /// Routes.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// Body of `DELETE /v1/ipam/ip` and `POST /v1/ipam/check`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamDelArgs {
+    /// `CNI_CONTAINERID`.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub if_name: String,
+    /// `CNI_NETNS`.
+    #[serde(default)]
+    pub net_namespace: String,
+    /// `K8S_POD_NAMESPACE`.
+    #[serde(default)]
+    pub pod_namespace: String,
+    /// `K8S_POD_NAME`.
+    #[serde(default)]
+    pub pod_name: String,
+    /// `K8S_POD_UID`.
+    #[serde(default, rename = "podUID")]
+    pub pod_uid: String,
+}
+
+/// Error body of every endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The CNI error code the plugin reports.
+    pub code: u32,
+    /// What went wrong, naming the bad value.
+    pub message: String,
+}

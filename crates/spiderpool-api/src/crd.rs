@@ -1,0 +1,490 @@
+//! The `spiderpool.spidernet.io/v2beta1` objects in their Kubernetes form: SpiderIPPool,
+//! SpiderSubnet, SpiderReservedIP and SpiderEndpoint, and their conversion into validated core
+//! pools with errors that name the field and value.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use spiderpool_core::{IpFamily, IpSet, LabelSelector, Pool, Route};
+
+use crate::meta::ObjectMeta;
+use crate::ValidationError;
+
+/// API group and version of the Spider objects.
+pub const API_VERSION: &str = "spiderpool.spidernet.io/v2beta1";
+
+/// A route entry of a pool or subnet spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteSpec {
+    /// Destination CIDR.
+    pub dst: String,
+    /// Next hop.
+    pub gw: String,
+}
+
+/// `SpiderIPPool.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IPPoolSpec {
+    /// 4 or 6; derived from `subnet` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_version: Option<i64>,
+    /// The pool's subnet, e.g. `10.6.0.0/16`.
+    #[serde(default)]
+    pub subnet: String,
+    /// Addresses and `a-b` ranges.
+    #[serde(default, rename = "ips", skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    /// Addresses never handed out.
+    #[serde(default, rename = "excludeIPs", skip_serializing_if = "Vec::is_empty")]
+    pub exclude_ips: Vec<String>,
+    /// Default gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Extra routes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
+    /// VLAN id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<i64>,
+    /// Pods whose labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_affinity: Option<LabelSelector>,
+    /// Namespaces whose labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_affinity: Option<LabelSelector>,
+    /// Namespaces by name (replaces `namespaceAffinity`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespace_name: Vec<String>,
+    /// Nodes whose labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_affinity: Option<LabelSelector>,
+    /// Nodes by name (replaces `nodeAffinity`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_name: Vec<String>,
+    /// Multus networks (`namespace/name`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub multus_name: Vec<String>,
+    /// A cluster default pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<bool>,
+    /// Hands out nothing while true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disable: Option<bool>,
+}
+
+/// `SpiderIPPool.status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IPPoolStatus {
+    /// Upstream's form: a JSON object, as a string, mapping address to holder.
+    #[serde(default, rename = "allocatedIPs", skip_serializing_if = "Option::is_none")]
+    pub allocated_ips: Option<String>,
+    /// |ips − excludeIPs|.
+    #[serde(default, rename = "totalIPCount", skip_serializing_if = "Option::is_none")]
+    pub total_ip_count: Option<u64>,
+    /// Addresses in use.
+    #[serde(default, rename = "allocatedIPCount", skip_serializing_if = "Option::is_none")]
+    pub allocated_ip_count: Option<u64>,
+}
+
+/// One holder of an address in `status.allocatedIPs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolIPAllocation {
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    /// Pod UID.
+    pub pod_uid: String,
+    /// Interface inside the pod.
+    pub interface: String,
+}
+
+/// A SpiderIPPool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpiderIPPool {
+    /// Always [`API_VERSION`].
+    #[serde(default)]
+    pub api_version: String,
+    /// Always `SpiderIPPool`.
+    #[serde(default)]
+    pub kind: String,
+    /// Metadata.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// Spec.
+    #[serde(default)]
+    pub spec: IPPoolSpec,
+    /// Status (written by the system only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<IPPoolStatus>,
+}
+
+/// `SpiderSubnet.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubnetSpec {
+    /// 4 or 6; derived from `subnet` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_version: Option<i64>,
+    /// The subnet, e.g. `10.6.0.0/16`.
+    #[serde(default)]
+    pub subnet: String,
+    /// Addresses and `a-b` ranges.
+    #[serde(default, rename = "ips", skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    /// Addresses never handed out.
+    #[serde(default, rename = "excludeIPs", skip_serializing_if = "Vec::is_empty")]
+    pub exclude_ips: Vec<String>,
+    /// Default gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Extra routes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
+    /// VLAN id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<i64>,
+}
+
+/// `SpiderSubnet.status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubnetStatus {
+    /// Upstream's form: JSON (as a string) of pool name to the addresses it holds.
+    #[serde(default, rename = "controlledIPPools", skip_serializing_if = "Option::is_none")]
+    pub controlled_ip_pools: Option<String>,
+    /// |ips − excludeIPs|.
+    #[serde(default, rename = "totalIPCount", skip_serializing_if = "Option::is_none")]
+    pub total_ip_count: Option<u64>,
+    /// Addresses given to pools.
+    #[serde(default, rename = "allocatedIPCount", skip_serializing_if = "Option::is_none")]
+    pub allocated_ip_count: Option<u64>,
+}
+
+/// A SpiderSubnet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpiderSubnet {
+    /// Always [`API_VERSION`].
+    #[serde(default)]
+    pub api_version: String,
+    /// Always `SpiderSubnet`.
+    #[serde(default)]
+    pub kind: String,
+    /// Metadata.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// Spec.
+    #[serde(default)]
+    pub spec: SubnetSpec,
+    /// Status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<SubnetStatus>,
+}
+
+/// `SpiderReservedIP.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReservedIPSpec {
+    /// 4 or 6; derived from `ips[0]` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_version: Option<i64>,
+    /// Addresses and `a-b` ranges never handed out by any pool.
+    #[serde(default, rename = "ips")]
+    pub ips: Vec<String>,
+}
+
+/// A SpiderReservedIP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpiderReservedIP {
+    /// Always [`API_VERSION`].
+    #[serde(default)]
+    pub api_version: String,
+    /// Always `SpiderReservedIP`.
+    #[serde(default)]
+    pub kind: String,
+    /// Metadata.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// Spec.
+    #[serde(default)]
+    pub spec: ReservedIPSpec,
+}
+
+/// One NIC of a SpiderEndpoint: what it holds and where from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointInterface {
+    /// Interface name inside the pod.
+    pub interface: String,
+    /// Container (sandbox) the NIC belongs to.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// IPv4 address with prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<String>,
+    /// IPv6 address with prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
+    /// Pool of `ipv4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_pool: Option<String>,
+    /// Pool of `ipv6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_pool: Option<String>,
+    /// Gateway of `ipv4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_gateway: Option<String>,
+    /// Gateway of `ipv6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_gateway: Option<String>,
+    /// VLAN of the pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<i64>,
+    /// Routes given to the NIC (default route included unless clean gateway).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
+}
+
+/// `SpiderEndpoint.status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    /// Pod UID of the holder.
+    #[serde(default)]
+    pub uid: String,
+    /// Node of the pod.
+    #[serde(default)]
+    pub node: String,
+    /// Owner kind (`StatefulSet`, `DaemonSet`, … or `Pod`).
+    #[serde(default)]
+    pub owner_controller_type: String,
+    /// Owner name.
+    #[serde(default)]
+    pub owner_controller_name: String,
+    /// The NICs and their addresses.
+    #[serde(default)]
+    pub current: Vec<EndpointInterface>,
+}
+
+/// A SpiderEndpoint: which addresses a pod holds, per NIC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpiderEndpoint {
+    /// Always [`API_VERSION`].
+    #[serde(default)]
+    pub api_version: String,
+    /// Always `SpiderEndpoint`.
+    #[serde(default)]
+    pub kind: String,
+    /// Metadata (namespace and name of the pod).
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// Status.
+    #[serde(default)]
+    pub status: EndpointStatus,
+}
+
+fn parse_family(field: &str, v: Option<i64>) -> Result<Option<IpFamily>, ValidationError> {
+    v.map(|n| {
+        IpFamily::from_number(n).ok_or_else(|| ValidationError::field(field, n.to_string(), "must be 4 or 6"))
+    })
+    .transpose()
+}
+
+fn parse_subnet(field: &str, s: &str) -> Result<ipnet::IpNet, ValidationError> {
+    if s.is_empty() {
+        return Err(ValidationError::field(field, s, "is required, e.g. 10.6.0.0/16"));
+    }
+    s.parse()
+        .map_err(|_| ValidationError::field(field, s, "is not a CIDR like 10.6.0.0/16"))
+}
+
+fn parse_ip(field: &str, s: &str) -> Result<IpAddr, ValidationError> {
+    s.trim()
+        .parse()
+        .map_err(|_| ValidationError::field(field, s, "is not an IP address"))
+}
+
+fn parse_list(field: &str, v: &[String], family: IpFamily) -> Result<IpSet, ValidationError> {
+    IpSet::parse_list(v, Some(family)).map_err(|e| ValidationError::Invalid(format!("{field}: {e}")))
+}
+
+fn parse_routes(routes: &[RouteSpec]) -> Result<Vec<Route>, ValidationError> {
+    routes
+        .iter()
+        .map(|r| {
+            Ok(Route {
+                dst: r.dst.parse().map_err(|_| {
+                    ValidationError::field("spec.routes[].dst", &r.dst, "is not a CIDR")
+                })?,
+                gw: parse_ip("spec.routes[].gw", &r.gw)?,
+            })
+        })
+        .collect()
+}
+
+impl SpiderIPPool {
+    /// The validated core pool, or the first rule it breaks, naming field and value.
+    pub fn to_pool(&self) -> Result<Pool, ValidationError> {
+        let name = &self.metadata.name;
+        let ctx = |e: ValidationError| e.in_object("SpiderIPPool", name);
+        let declared = parse_family("spec.ipVersion", self.spec.ip_version).map_err(ctx)?;
+        let subnet = parse_subnet("spec.subnet", &self.spec.subnet).map_err(ctx)?;
+        let mut pool = Pool::new(name.clone(), subnet);
+        if let Some(d) = declared {
+            if d != pool.family {
+                return Err(ctx(ValidationError::field(
+                    "spec.ipVersion",
+                    d.number().to_string(),
+                    &format!("does not match spec.subnet {subnet}"),
+                )));
+            }
+        }
+        pool.ips = parse_list("spec.ips", &self.spec.ips, pool.family).map_err(ctx)?;
+        pool.exclude = parse_list("spec.excludeIPs", &self.spec.exclude_ips, pool.family).map_err(ctx)?;
+        pool.gateway = self
+            .spec
+            .gateway
+            .as_deref()
+            .filter(|g| !g.is_empty())
+            .map(|g| parse_ip("spec.gateway", g))
+            .transpose()
+            .map_err(ctx)?;
+        pool.routes = parse_routes(&self.spec.routes).map_err(ctx)?;
+        pool.vlan = self.spec.vlan;
+        pool.default = self.spec.default.unwrap_or(false);
+        pool.disable = self.spec.disable.unwrap_or(false);
+        pool.terminating = self.metadata.deletion_timestamp.is_some();
+        pool.node_name = self.spec.node_name.clone();
+        pool.node_affinity = self.spec.node_affinity.clone();
+        pool.namespace_name = self.spec.namespace_name.clone();
+        pool.namespace_affinity = self.spec.namespace_affinity.clone();
+        pool.pod_affinity = self.spec.pod_affinity.clone();
+        pool.multus_name = self.spec.multus_name.clone();
+        for (field, sel) in [
+            ("spec.nodeAffinity", &pool.node_affinity),
+            ("spec.namespaceAffinity", &pool.namespace_affinity),
+            ("spec.podAffinity", &pool.pod_affinity),
+        ] {
+            if let Some(s) = sel {
+                s.validate()
+                    .map_err(|e| ctx(ValidationError::Invalid(format!("{field}: {e}"))))?;
+            }
+        }
+        pool.validate(declared)
+            .map_err(|e| ValidationError::Invalid(e.to_string()))?;
+        Ok(pool)
+    }
+}
+
+impl SpiderSubnet {
+    /// The subnet's parsed spec as a pool (same rules: canonical subnet, ips inside it, gateway
+    /// outside its ips, valid routes).
+    pub fn to_pool(&self) -> Result<Pool, ValidationError> {
+        let as_pool = SpiderIPPool {
+            metadata: self.metadata.clone(),
+            spec: IPPoolSpec {
+                ip_version: self.spec.ip_version,
+                subnet: self.spec.subnet.clone(),
+                ips: self.spec.ips.clone(),
+                exclude_ips: self.spec.exclude_ips.clone(),
+                gateway: self.spec.gateway.clone(),
+                routes: self.spec.routes.clone(),
+                vlan: self.spec.vlan,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        as_pool
+            .to_pool()
+            .map_err(|e| ValidationError::Invalid(e.to_string().replacen("pool \"", "subnet \"", 1)))
+    }
+}
+
+impl SpiderReservedIP {
+    /// The reserved addresses.
+    pub fn to_set(&self) -> Result<IpSet, ValidationError> {
+        let name = &self.metadata.name;
+        let ctx = |e: ValidationError| e.in_object("SpiderReservedIP", name);
+        let declared = parse_family("spec.ipVersion", self.spec.ip_version).map_err(ctx)?;
+        let family = match declared {
+            Some(f) => f,
+            None => match self.spec.ips.first() {
+                None => {
+                    return Err(ctx(ValidationError::field("spec.ips", "[]", "must list at least one address")))
+                }
+                Some(first) => first
+                    .parse::<spiderpool_core::IpRange>()
+                    .map_err(|e| ctx(ValidationError::Invalid(format!("spec.ips: {e}"))))?
+                    .family(),
+            },
+        };
+        parse_list("spec.ips", &self.spec.ips, family).map_err(ctx)
+    }
+}
+
+/// The allocations map of `status.allocatedIPs`, serialised the way upstream stores it.
+pub fn allocated_ips_string(map: &BTreeMap<String, PoolIPAllocation>) -> String {
+    serde_json::to_string(map).expect("plain map serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(yaml: &str) -> SpiderIPPool {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn seed_pool_converts() {
+        let p = pool(
+            "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: test-ippool-6}\nspec:\n  subnet: 10.6.0.0/16\n  ips: [10.6.168.60-10.6.168.69]\n  gateway: 10.6.0.1\n  nodeAffinity:\n    matchExpressions:\n    - {key: node-subnet, operator: In, values: [subnet-6]}\n",
+        )
+        .to_pool()
+        .unwrap();
+        assert_eq!(p.total_ip_count(), 10);
+        assert_eq!(p.gateway, Some("10.6.0.1".parse().unwrap()));
+        assert!(p.node_affinity.is_some());
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("spec: {subnet: 10.6.0.0/33}", "SpiderIPPool \"p\": spec.subnet \"10.6.0.0/33\" is not a CIDR like 10.6.0.0/16"),
+            ("spec: {subnet: 10.6.0.0/16, ips: [10.6.0.9-10.6.0.1]}", "SpiderIPPool \"p\": spec.ips: IP range \"10.6.0.9-10.6.0.1\" is reversed"),
+            ("spec: {subnet: 10.6.0.0/16, ips: [10.7.0.1]}", "pool \"p\": spec.ips 10.7.0.1 is outside subnet 10.6.0.0/16"),
+            ("spec: {subnet: 10.6.0.0/16, ipVersion: 6}", "SpiderIPPool \"p\": spec.ipVersion \"6\" does not match spec.subnet 10.6.0.0/16"),
+            ("spec: {subnet: 10.6.0.0/16, ipVersion: 5}", "SpiderIPPool \"p\": spec.ipVersion \"5\" must be 4 or 6"),
+            ("spec: {subnet: 10.6.0.0/16, gateway: x}", "SpiderIPPool \"p\": spec.gateway \"x\" is not an IP address"),
+            ("spec: {subnet: 10.6.0.0/16, ips: [fd00::1]}", "SpiderIPPool \"p\": spec.ips: \"fd00::1\" is not an IPv4 address"),
+            ("spec: {ips: [10.6.0.1]}", "SpiderIPPool \"p\": spec.subnet \"\" is required"),
+            (
+                "spec: {subnet: 10.6.0.0/16, nodeAffinity: {matchExpressions: [{key: a, operator: Is}]}}",
+                "SpiderIPPool \"p\": spec.nodeAffinity: matchExpressions key \"a\": unknown operator \"Is\"",
+            ),
+        ];
+        for (spec, want) in cases {
+            let mut p = pool(spec);
+            p.metadata.name = "p".into();
+            let err = p.to_pool().unwrap_err().to_string();
+            assert!(err.starts_with(want), "{spec}: want {want:?}, got {err:?}");
+        }
+    }
+
+    #[test]
+    fn reserved_ip_family_from_first_entry() {
+        let r: SpiderReservedIP = serde_norway::from_str("metadata: {name: r}\nspec: {ips: [fd00::5-fd00::6]}").unwrap();
+        assert_eq!(r.to_set().unwrap().len(), 2);
+        let r: SpiderReservedIP = serde_norway::from_str("metadata: {name: r}\nspec: {ips: [fd00::5, 10.0.0.1]}").unwrap();
+        assert_eq!(
+            r.to_set().unwrap_err().to_string(),
+            "SpiderReservedIP \"r\": spec.ips: \"10.0.0.1\" is not an IPv6 address"
+        );
+    }
+}

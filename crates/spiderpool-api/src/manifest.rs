@@ -1,0 +1,342 @@
+//! Objects as `apply` reads them: multi-document YAML (or JSON) in, typed objects out, with a
+//! warning for each field the type does not know. Also the kinds the datastore keeps and how
+//! each is keyed.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::crd::{SpiderEndpoint, SpiderIPPool, SpiderReservedIP, SpiderSubnet, API_VERSION};
+use crate::k8s::{KubeObject, WORKLOAD_KINDS};
+use crate::meta::ObjectMeta;
+use crate::ValidationError;
+
+/// The kinds the datastore keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// SpiderIPPool.
+    IPPool,
+    /// SpiderSubnet.
+    Subnet,
+    /// SpiderReservedIP.
+    ReservedIP,
+    /// SpiderEndpoint.
+    Endpoint,
+    /// v1 Node.
+    Node,
+    /// v1 Namespace.
+    Namespace,
+    /// v1 Pod.
+    Pod,
+    /// apps/v1 and batch/v1 workloads.
+    Workload,
+    /// k8s.cni.cncf.io/v1 NetworkAttachmentDefinition.
+    NetworkAttachment,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 9] = [
+        Kind::IPPool,
+        Kind::Subnet,
+        Kind::ReservedIP,
+        Kind::Endpoint,
+        Kind::Node,
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Workload,
+        Kind::NetworkAttachment,
+    ];
+
+    /// The resource name (plural, lower case) used as the datastore's key space.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Kind::IPPool => "spiderippools",
+            Kind::Subnet => "spidersubnets",
+            Kind::ReservedIP => "spiderreservedips",
+            Kind::Endpoint => "spiderendpoints",
+            Kind::Node => "nodes",
+            Kind::Namespace => "namespaces",
+            Kind::Pod => "pods",
+            Kind::Workload => "workloads",
+            Kind::NetworkAttachment => "network-attachment-definitions",
+        }
+    }
+
+    /// Parses a resource name, singular, plural or short name, as `kubectl get` does.
+    pub fn from_cli(s: &str) -> Option<Kind> {
+        let s = s.to_ascii_lowercase();
+        Some(match s.as_str() {
+            "ippool" | "ippools" | "spiderippool" | "spiderippools" | "sp" => Kind::IPPool,
+            "subnet" | "subnets" | "spidersubnet" | "spidersubnets" | "ss" => Kind::Subnet,
+            "reservedip" | "reservedips" | "spiderreservedip" | "spiderreservedips" | "sr" => {
+                Kind::ReservedIP
+            }
+            "endpoint" | "endpoints" | "spiderendpoint" | "spiderendpoints" | "se" => Kind::Endpoint,
+            "node" | "nodes" | "no" => Kind::Node,
+            "namespace" | "namespaces" | "ns" => Kind::Namespace,
+            "pod" | "pods" | "po" => Kind::Pod,
+            "workload" | "workloads" => Kind::Workload,
+            "network-attachment-definition" | "network-attachment-definitions" | "net-attach-def" => {
+                Kind::NetworkAttachment
+            }
+            _ => return None,
+        })
+    }
+
+    /// Whether objects of this kind live in a namespace (their key is `namespace/name`).
+    pub fn namespaced(self) -> bool {
+        matches!(
+            self,
+            Kind::Endpoint | Kind::Pod | Kind::Workload | Kind::NetworkAttachment
+        )
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.resource())
+    }
+}
+
+/// One object of any supported kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// SpiderIPPool.
+    IPPool(SpiderIPPool),
+    /// SpiderSubnet.
+    Subnet(SpiderSubnet),
+    /// SpiderReservedIP.
+    ReservedIP(SpiderReservedIP),
+    /// SpiderEndpoint.
+    Endpoint(SpiderEndpoint),
+    /// Node, Namespace, Pod, workload or NetworkAttachmentDefinition.
+    Kube(Kind, KubeObject),
+}
+
+/// A parsed document and the unknown fields it carried.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// The object.
+    pub object: Object,
+    /// One line per unknown field, naming it.
+    pub warnings: Vec<String>,
+}
+
+fn typed<T: DeserializeOwned>(v: Value, what: &str) -> Result<(T, Vec<String>), ValidationError> {
+    let mut unknown = Vec::new();
+    let t = serde_ignored::deserialize(v, |path| unknown.push(path.to_string()))
+        .map_err(|e| ValidationError::Invalid(format!("{what}: {e}")))?;
+    let warnings = unknown
+        .into_iter()
+        .map(|p| format!("{what}: unknown field {p:?} ignored"))
+        .collect();
+    Ok((t, warnings))
+}
+
+impl Object {
+    /// The kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::IPPool(_) => Kind::IPPool,
+            Object::Subnet(_) => Kind::Subnet,
+            Object::ReservedIP(_) => Kind::ReservedIP,
+            Object::Endpoint(_) => Kind::Endpoint,
+            Object::Kube(k, _) => *k,
+        }
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::IPPool(o) => &o.metadata,
+            Object::Subnet(o) => &o.metadata,
+            Object::ReservedIP(o) => &o.metadata,
+            Object::Endpoint(o) => &o.metadata,
+            Object::Kube(_, o) => &o.metadata,
+        }
+    }
+
+    /// The metadata, mutable.
+    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Object::IPPool(o) => &mut o.metadata,
+            Object::Subnet(o) => &mut o.metadata,
+            Object::ReservedIP(o) => &mut o.metadata,
+            Object::Endpoint(o) => &mut o.metadata,
+            Object::Kube(_, o) => &mut o.metadata,
+        }
+    }
+
+    /// The datastore key: `name`, `namespace/name`, or for workloads `namespace/Kind/name`.
+    pub fn key(&self) -> String {
+        let m = self.metadata();
+        let ns = m.namespace.as_deref().unwrap_or("default");
+        match self {
+            Object::Kube(Kind::Workload, o) => format!("{ns}/{}/{}", o.kind, m.name),
+            o if o.kind().namespaced() => format!("{ns}/{}", m.name),
+            _ => m.name.clone(),
+        }
+    }
+
+    /// A human name: `SpiderIPPool "test-ippool-6"`.
+    pub fn describe(&self) -> String {
+        let kind = match self {
+            Object::IPPool(_) => "SpiderIPPool",
+            Object::Subnet(_) => "SpiderSubnet",
+            Object::ReservedIP(_) => "SpiderReservedIP",
+            Object::Endpoint(_) => "SpiderEndpoint",
+            Object::Kube(_, o) => o.kind.as_str(),
+        };
+        format!("{kind} {:?}", self.key())
+    }
+
+    /// The object as JSON in its Kubernetes form.
+    pub fn to_value(&self) -> Value {
+        fn v<T: Serialize>(t: &T) -> Value {
+            serde_json::to_value(t).expect("objects serialise")
+        }
+        match self {
+            Object::IPPool(o) => v(o),
+            Object::Subnet(o) => v(o),
+            Object::ReservedIP(o) => v(o),
+            Object::Endpoint(o) => v(o),
+            Object::Kube(_, o) => v(o),
+        }
+    }
+
+    /// Reads an object of `kind` back from its stored JSON.
+    pub fn from_value(kind: Kind, value: Value) -> Result<Object, ValidationError> {
+        let err = |e: serde_json::Error| ValidationError::Invalid(format!("stored {kind}: {e}"));
+        Ok(match kind {
+            Kind::IPPool => Object::IPPool(serde_json::from_value(value).map_err(err)?),
+            Kind::Subnet => Object::Subnet(serde_json::from_value(value).map_err(err)?),
+            Kind::ReservedIP => Object::ReservedIP(serde_json::from_value(value).map_err(err)?),
+            Kind::Endpoint => Object::Endpoint(serde_json::from_value(value).map_err(err)?),
+            k => Object::Kube(k, serde_json::from_value(value).map_err(err)?),
+        })
+    }
+
+    /// Reads one document already turned into JSON.
+    pub fn from_document(doc: Value) -> Result<Parsed, ValidationError> {
+        let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let what = format!("{kind} {name:?}");
+        if name.is_empty() {
+            return Err(ValidationError::Invalid(format!(
+                "{} (apiVersion {api_version:?}): metadata.name is required",
+                if kind.is_empty() { "object" } else { &kind }
+            )));
+        }
+        let (object, warnings) = match (api_version.as_str(), kind.as_str()) {
+            (API_VERSION, "SpiderIPPool") => {
+                let (o, w) = typed(doc, &what)?;
+                (Object::IPPool(o), w)
+            }
+            (API_VERSION, "SpiderSubnet") => {
+                let (o, w) = typed(doc, &what)?;
+                (Object::Subnet(o), w)
+            }
+            (API_VERSION, "SpiderReservedIP") => {
+                let (o, w) = typed(doc, &what)?;
+                (Object::ReservedIP(o), w)
+            }
+            ("v1", "Node") => kube(Kind::Node, doc, &what)?,
+            ("v1", "Namespace") => kube(Kind::Namespace, doc, &what)?,
+            ("v1", "Pod") => kube(Kind::Pod, doc, &what)?,
+            ("apps/v1" | "batch/v1", k) if WORKLOAD_KINDS.contains(&k) => kube(Kind::Workload, doc, &what)?,
+            ("k8s.cni.cncf.io/v1", "NetworkAttachmentDefinition") => {
+                kube(Kind::NetworkAttachment, doc, &what)?
+            }
+            _ => {
+                return Err(ValidationError::Invalid(format!(
+                    "{what}: unsupported apiVersion {api_version:?} kind {kind:?} (supported: \
+                     {API_VERSION} SpiderIPPool, SpiderSubnet, SpiderReservedIP; v1 Node, Namespace, Pod; \
+                     apps/v1 {}; k8s.cni.cncf.io/v1 NetworkAttachmentDefinition)",
+                    WORKLOAD_KINDS.join(", ")
+                )))
+            }
+        };
+        Ok(Parsed { object, warnings })
+    }
+}
+
+fn kube(kind: Kind, doc: Value, what: &str) -> Result<(Object, Vec<String>), ValidationError> {
+    let (o, w): (KubeObject, _) = typed(doc, what)?;
+    Ok((Object::Kube(kind, o), w))
+}
+
+/// Parses multi-document YAML (JSON is YAML too). Empty documents are skipped; an error names
+/// the document's position.
+pub fn parse_documents(text: &str) -> Result<Vec<Parsed>, ValidationError> {
+    let mut out = Vec::new();
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let doc: Value = serde::Deserialize::deserialize(de)
+            .map_err(|e| ValidationError::Invalid(format!("document {}: {e}", i + 1)))?;
+        if doc.is_null() {
+            continue;
+        }
+        if !doc.is_object() {
+            return Err(ValidationError::Invalid(format!(
+                "document {}: expected an object with apiVersion, kind and metadata, got {doc}",
+                i + 1
+            )));
+        }
+        out.push(
+            Object::from_document(doc)
+                .map_err(|e| ValidationError::Invalid(format!("document {}: {e}", i + 1)))?,
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_multi_document_yaml_with_warnings() {
+        let text = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n  labels: {node-subnet: subnet-6}\n---\n# only a comment\n---\napiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: p}\nspec:\n  subnet: 10.6.0.0/16\n  ipz: [10.6.0.1]\n";
+        let docs = parse_documents(text).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].object.kind(), Kind::Node);
+        assert_eq!(docs[0].object.metadata().labels["node-subnet"], "subnet-6");
+        assert_eq!(docs[1].object.key(), "p");
+        assert_eq!(docs[1].warnings, ["SpiderIPPool \"p\": unknown field \"spec.ipz\" ignored"]);
+    }
+
+    #[test]
+    fn errors_name_the_document() {
+        let err = parse_documents("apiVersion: v1\nkind: Node\nmetadata: {name: a}\n---\napiVersion: v9\nkind: Thing\nmetadata: {name: t}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("document 2: Thing \"t\": unsupported apiVersion \"v9\" kind \"Thing\""), "{err}");
+        let err = parse_documents("apiVersion: v1\nkind: Node\nmetadata: {}\n").unwrap_err().to_string();
+        assert_eq!(err, "document 1: Node (apiVersion \"v1\"): metadata.name is required");
+        let err = parse_documents("a: [").unwrap_err().to_string();
+        assert!(err.starts_with("document 1: "), "{err}");
+        let err = parse_documents(
+            "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: p}\nspec: {subnet: [1]}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("document 1: SpiderIPPool \"p\": invalid type"), "{err}");
+    }
+
+    #[test]
+    fn keys_of_namespaced_objects() {
+        let docs = parse_documents(
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: web, namespace: prod}\nspec: {replicas: 3}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-0}\n",
+        )
+        .unwrap();
+        assert_eq!(docs[0].object.key(), "prod/StatefulSet/web");
+        assert_eq!(docs[1].object.key(), "default/web-0");
+    }
+}
