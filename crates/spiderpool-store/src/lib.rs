@@ -1,1 +1,295 @@
-//! placeholder
+//! The Store port: where pools, subnets, reserved IPs, endpoints and the plain Kubernetes
+//! objects live, and where address claims are committed. Every write is one atomic
+//! compare-and-swap transaction on revisions, the shape that SQLite transactions, etcd
+//! `mod_revision` compares and Kubernetes `resourceVersion` updates all provide.
+//!
+//! Backends: [`memory::MemoryStore`] (tests) and [`sqlite::SqliteStore`] (the default, safe for
+//! several processes on one file). [`conformance`] holds the suite every backend must pass.
+
+pub mod conformance;
+pub mod memory;
+pub mod sqlite;
+pub mod typed;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+pub use spiderpool_api::Kind;
+use thiserror::Error;
+
+/// A datastore revision. Every committed transaction gets a higher one.
+pub type Revision = u64;
+
+/// An object as stored, with the revision of its last change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    /// The object's key within its kind.
+    pub key: String,
+    /// The object in its Kubernetes JSON form.
+    pub value: Value,
+    /// Revision of the last write of this object.
+    pub revision: Revision,
+}
+
+/// Who holds an address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Holder {
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    /// Pod UID.
+    pub pod_uid: String,
+    /// Container (sandbox) ID.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// Interface inside the pod.
+    pub nic: String,
+    /// Node of the pod.
+    #[serde(default)]
+    pub node: String,
+}
+
+/// One address held in one pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    /// The pool.
+    pub pool: String,
+    /// The address.
+    pub ip: IpAddr,
+    /// Its holder.
+    pub holder: Holder,
+    /// Revision of the claim.
+    pub revision: Revision,
+}
+
+/// The condition a write puts on the object's current state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// No condition.
+    Any,
+    /// The object must not exist.
+    Absent,
+    /// The object must exist at exactly this revision.
+    Revision(Revision),
+}
+
+/// One step of a transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Create or replace an object.
+    Put {
+        /// Kind.
+        kind: Kind,
+        /// Key.
+        key: String,
+        /// The object JSON.
+        value: Value,
+        /// Condition.
+        expect: Expect,
+    },
+    /// Delete an object.
+    Delete {
+        /// Kind.
+        kind: Kind,
+        /// Key.
+        key: String,
+        /// Condition (with `Any`, deleting a missing object is not an error).
+        expect: Expect,
+    },
+    /// Take a free address of a pool. Fails the transaction when the address is held or the
+    /// pool object changed since `pool_revision` (its spec may no longer allow it).
+    Claim {
+        /// The pool.
+        pool: String,
+        /// The address.
+        ip: IpAddr,
+        /// Who takes it.
+        holder: Holder,
+        /// Revision of the pool object the choice was made on.
+        pool_revision: Revision,
+    },
+    /// Give an address back, but only if `(container_id, nic)` still holds it: a stale release
+    /// never frees an address that went to someone else. Never fails the transaction.
+    Release {
+        /// The pool.
+        pool: String,
+        /// The address.
+        ip: IpAddr,
+        /// The holder's container.
+        container_id: String,
+        /// The holder's interface.
+        nic: String,
+    },
+}
+
+/// What went wrong in the datastore.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A condition of the transaction did not hold; nothing was written.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The datastore could not be reached or was busy; the operation may be retried.
+    #[error("datastore unavailable: {0}")]
+    Unavailable(String),
+    /// A stored value could not be read.
+    #[error("corrupt value under {key}: {message}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A datastore URL or setting is wrong.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Conflict(_) | StoreError::Unavailable(_))
+    }
+}
+
+/// Checks `expect` against the current revision of `what` (`None`: absent).
+pub(crate) fn check(expect: Expect, current: Option<Revision>, what: &str) -> Result<()> {
+    match (expect, current) {
+        (Expect::Any, _) | (Expect::Absent, None) => Ok(()),
+        (Expect::Absent, Some(r)) => Err(StoreError::Conflict(format!("{what} already exists (revision {r})"))),
+        (Expect::Revision(want), Some(r)) if want == r => Ok(()),
+        (Expect::Revision(want), Some(r)) => Err(StoreError::Conflict(format!(
+            "{what} is at revision {r}, expected {want}"
+        ))),
+        (Expect::Revision(want), None) => Err(StoreError::Conflict(format!(
+            "{what} no longer exists (expected revision {want})"
+        ))),
+    }
+}
+
+/// Result of a store call.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The datastore port. All backends pass [`conformance`].
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// One object.
+    async fn get(&self, kind: Kind, key: &str) -> Result<Option<Stored>>;
+    /// Every object of a kind, ordered by key. Values that cannot be read are logged with their
+    /// key and skipped.
+    async fn list(&self, kind: Kind) -> Result<Vec<Stored>>;
+    /// Every address held in `pool`.
+    async fn allocations(&self, pool: &str) -> Result<Vec<Allocation>>;
+    /// Number of addresses held, per pool (pools holding none are left out).
+    async fn allocation_counts(&self) -> Result<BTreeMap<String, u64>>;
+    /// Applies every op or none. Returns the new revision.
+    async fn commit(&self, ops: Vec<Op>) -> Result<Revision>;
+    /// Whether the datastore answers.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// A datastore location as the `--datastore` flag takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatastoreUrl {
+    /// `sqlite:///path/to/file.db`.
+    Sqlite(std::path::PathBuf),
+    /// `memory:` (one process only; for tests).
+    Memory,
+    /// `etcd://host:port[,host:port]?prefix=/spiderpool`.
+    Etcd {
+        /// Endpoints.
+        endpoints: Vec<String>,
+        /// Key prefix.
+        prefix: String,
+    },
+    /// `kubernetes`.
+    Kubernetes,
+}
+
+/// The default datastore.
+pub const DEFAULT_DATASTORE: &str = "sqlite:///var/lib/spiderpool/spiderpool.db";
+
+impl std::str::FromStr for DatastoreUrl {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: &str| {
+            StoreError::Config(format!(
+                "datastore {s:?}: {why} (valid: sqlite:///path/to/db, etcd://host:2379[,host:2379]?prefix=/spiderpool, kubernetes)"
+            ))
+        };
+        if let Some(path) = s.strip_prefix("sqlite://") {
+            if !path.starts_with('/') {
+                return Err(bad("the sqlite path must be absolute, e.g. sqlite:///var/lib/spiderpool/spiderpool.db"));
+            }
+            return Ok(DatastoreUrl::Sqlite(path.into()));
+        }
+        if s == "memory:" {
+            return Ok(DatastoreUrl::Memory);
+        }
+        if s == "kubernetes" {
+            return Ok(DatastoreUrl::Kubernetes);
+        }
+        if let Some(rest) = s.strip_prefix("etcd://") {
+            let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let endpoints: Vec<String> = hosts
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect();
+            if endpoints.is_empty() {
+                return Err(bad("no etcd endpoint"));
+            }
+            let prefix = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("prefix="))
+                .unwrap_or("/spiderpool")
+                .to_string();
+            return Ok(DatastoreUrl::Etcd { endpoints, prefix });
+        }
+        Err(bad("unknown scheme"))
+    }
+}
+
+/// Opens the datastore at `url`.
+pub async fn open(url: &DatastoreUrl) -> Result<Arc<dyn Store>> {
+    match url {
+        DatastoreUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path).await?)),
+        DatastoreUrl::Memory => Ok(Arc::new(memory::MemoryStore::new())),
+        DatastoreUrl::Etcd { endpoints, .. } => Err(StoreError::Config(format!(
+            "datastore etcd://{}: the etcd backend is not part of this build yet; use sqlite:///path/to/db",
+            endpoints.join(",")
+        ))),
+        DatastoreUrl::Kubernetes => Err(StoreError::Config(
+            "datastore kubernetes: the Kubernetes backend is not part of this build yet; use sqlite:///path/to/db".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_datastore_urls() {
+        assert_eq!(
+            "sqlite:///var/lib/spiderpool/spiderpool.db".parse::<DatastoreUrl>().unwrap(),
+            DatastoreUrl::Sqlite("/var/lib/spiderpool/spiderpool.db".into())
+        );
+        assert_eq!(
+            "etcd://h1:2379,h2:2379?prefix=/x".parse::<DatastoreUrl>().unwrap(),
+            DatastoreUrl::Etcd {
+                endpoints: vec!["h1:2379".into(), "h2:2379".into()],
+                prefix: "/x".into()
+            }
+        );
+        let err = "sqlite://rel.db".parse::<DatastoreUrl>().unwrap_err().to_string();
+        assert!(err.starts_with("datastore \"sqlite://rel.db\": the sqlite path must be absolute"), "{err}");
+        let err = "mysql://x".parse::<DatastoreUrl>().unwrap_err().to_string();
+        assert!(err.contains("unknown scheme"), "{err}");
+    }
+}

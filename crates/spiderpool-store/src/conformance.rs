@@ -1,0 +1,340 @@
+//! The conformance suite every Store backend must pass. Each check takes a function that opens
+//! a handle on one shared datastore (for SQLite a new connection to the same file, standing in
+//! for another process), so cross-handle races are exercised too.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::{Expect, Holder, Kind, Op, Store, StoreError};
+
+/// Runs every check of the suite.
+pub async fn run_all<F, Fut>(open: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    objects_and_conditions(open().await).await;
+    transactions_are_all_or_nothing(open().await).await;
+    claims_and_owned_releases(open().await).await;
+    concurrent_compare_and_swap(&open).await;
+    racing_claims_never_duplicate(&open).await;
+}
+
+fn put(kind: Kind, key: &str, value: serde_json::Value, expect: Expect) -> Op {
+    Op::Put {
+        kind,
+        key: key.into(),
+        value,
+        expect,
+    }
+}
+
+fn holder(container: &str, nic: &str) -> Holder {
+    Holder {
+        pod: format!("default/{container}"),
+        pod_uid: format!("uid-{container}"),
+        container_id: container.into(),
+        nic: nic.into(),
+        node: "n1".into(),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn conflict<T: std::fmt::Debug>(r: Result<T, StoreError>) -> String {
+    match r {
+        Err(StoreError::Conflict(m)) => m,
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+}
+
+/// Put, get, list and delete with every kind of condition.
+pub async fn objects_and_conditions(s: Arc<dyn Store>) {
+    let r1 = s
+        .commit(vec![put(Kind::Node, "n1", json!({"a": 1}), Expect::Absent)])
+        .await
+        .unwrap();
+    let got = s.get(Kind::Node, "n1").await.unwrap().unwrap();
+    assert_eq!((got.value, got.revision), (json!({"a": 1}), r1));
+    let m = conflict(s.commit(vec![put(Kind::Node, "n1", json!({}), Expect::Absent)]).await);
+    assert!(m.contains("nodes/n1 already exists"), "{m}");
+    let r2 = s
+        .commit(vec![put(Kind::Node, "n1", json!({"a": 2}), Expect::Revision(r1))])
+        .await
+        .unwrap();
+    assert!(r2 > r1);
+    let m = conflict(s.commit(vec![put(Kind::Node, "n1", json!({"a": 3}), Expect::Revision(r1))]).await);
+    assert!(m.contains(&format!("is at revision {r2}, expected {r1}")), "{m}");
+    assert_eq!(s.get(Kind::Node, "n1").await.unwrap().unwrap().value, json!({"a": 2}));
+    // Kinds are separate key spaces; list is ordered by key.
+    s.commit(vec![
+        put(Kind::Node, "n0", json!({}), Expect::Any),
+        put(Kind::Pod, "default/n1", json!({"pod": true}), Expect::Any),
+    ])
+    .await
+    .unwrap();
+    let keys: Vec<String> = s.list(Kind::Node).await.unwrap().into_iter().map(|o| o.key).collect();
+    assert_eq!(keys, ["n0", "n1"]);
+    assert_eq!(s.list(Kind::Pod).await.unwrap().len(), 1);
+    assert!(s.list(Kind::Endpoint).await.unwrap().is_empty());
+    let m = conflict(
+        s.commit(vec![Op::Delete {
+            kind: Kind::Node,
+            key: "n1".into(),
+            expect: Expect::Revision(r1),
+        }])
+        .await,
+    );
+    assert!(m.contains("nodes/n1"), "{m}");
+    s.commit(vec![Op::Delete {
+        kind: Kind::Node,
+        key: "n1".into(),
+        expect: Expect::Revision(r2),
+    }])
+    .await
+    .unwrap();
+    assert!(s.get(Kind::Node, "n1").await.unwrap().is_none());
+    let m = conflict(
+        s.commit(vec![Op::Delete {
+            kind: Kind::Node,
+            key: "n1".into(),
+            expect: Expect::Revision(r2),
+        }])
+        .await,
+    );
+    assert!(m.contains("no longer exists"), "{m}");
+    // Deleting what is not there without a condition is fine.
+    s.commit(vec![Op::Delete {
+        kind: Kind::Node,
+        key: "n1".into(),
+        expect: Expect::Any,
+    }])
+    .await
+    .unwrap();
+    s.ping().await.unwrap();
+}
+
+/// A failing condition anywhere leaves every op of the transaction unapplied.
+pub async fn transactions_are_all_or_nothing(s: Arc<dyn Store>) {
+    let pool_rev = s
+        .commit(vec![put(Kind::IPPool, "p", json!({"spec": {}}), Expect::Absent)])
+        .await
+        .unwrap();
+    s.commit(vec![Op::Claim {
+        pool: "p".into(),
+        ip: ip("10.0.0.2"),
+        holder: holder("c0", "eth0"),
+        pool_revision: pool_rev,
+    }])
+    .await
+    .unwrap();
+    let before = s.allocation_counts().await.unwrap();
+    conflict(
+        s.commit(vec![
+            Op::Claim {
+                pool: "p".into(),
+                ip: ip("10.0.0.1"),
+                holder: holder("c1", "eth0"),
+                pool_revision: pool_rev,
+            },
+            put(Kind::Endpoint, "default/c1", json!({}), Expect::Absent),
+            Op::Claim {
+                pool: "p".into(),
+                ip: ip("10.0.0.2"),
+                holder: holder("c1", "net1"),
+                pool_revision: pool_rev,
+            },
+        ])
+        .await,
+    );
+    assert_eq!(s.allocation_counts().await.unwrap(), before);
+    assert!(s.get(Kind::Endpoint, "default/c1").await.unwrap().is_none());
+    // One address claimed twice inside one transaction is a conflict too.
+    conflict(
+        s.commit(vec![
+            Op::Claim {
+                pool: "p".into(),
+                ip: ip("10.0.0.3"),
+                holder: holder("c1", "eth0"),
+                pool_revision: pool_rev,
+            },
+            Op::Claim {
+                pool: "p".into(),
+                ip: ip("10.0.0.3"),
+                holder: holder("c1", "net1"),
+                pool_revision: pool_rev,
+            },
+        ])
+        .await,
+    );
+    assert_eq!(s.allocation_counts().await.unwrap(), before);
+}
+
+/// Claims need a free address and an unchanged pool; releases only free what their owner holds.
+pub async fn claims_and_owned_releases(s: Arc<dyn Store>) {
+    let r = s
+        .commit(vec![put(Kind::IPPool, "p", json!({}), Expect::Absent)])
+        .await
+        .unwrap();
+    let claim = |c: &str, a: &str, rev| Op::Claim {
+        pool: "p".into(),
+        ip: ip(a),
+        holder: holder(c, "eth0"),
+        pool_revision: rev,
+    };
+    s.commit(vec![claim("c1", "10.0.0.1", r), claim("c1", "fd00::1", r)])
+        .await
+        .unwrap();
+    let m = conflict(s.commit(vec![claim("c2", "10.0.0.1", r)]).await);
+    assert!(m.contains("10.0.0.1 of pool p is already held"), "{m}");
+    // The pool changed since the choice was made.
+    let r2 = s
+        .commit(vec![put(Kind::IPPool, "p", json!({"disable": true}), Expect::Revision(r))])
+        .await
+        .unwrap();
+    let m = conflict(s.commit(vec![claim("c2", "10.0.0.2", r)]).await);
+    assert!(m.contains("spiderippools/p"), "{m}");
+    // A claim on a pool that does not exist fails.
+    conflict(
+        s.commit(vec![Op::Claim {
+            pool: "nope".into(),
+            ip: ip("10.0.0.9"),
+            holder: holder("c2", "eth0"),
+            pool_revision: r2,
+        }])
+        .await,
+    );
+    let mut allocs = s.allocations("p").await.unwrap();
+    allocs.sort_by_key(|a| a.ip);
+    assert_eq!(allocs.len(), 2);
+    assert_eq!(allocs[0].ip, ip("10.0.0.1"));
+    assert_eq!(allocs[0].holder, holder("c1", "eth0"));
+    assert_eq!(s.allocation_counts().await.unwrap(), BTreeMap::from([("p".to_string(), 2)]));
+    // A stale release (other container, other NIC) frees nothing.
+    let release = |c: &str, nic: &str, a: &str| Op::Release {
+        pool: "p".into(),
+        ip: ip(a),
+        container_id: c.into(),
+        nic: nic.into(),
+    };
+    s.commit(vec![release("c2", "eth0", "10.0.0.1"), release("c1", "net1", "10.0.0.1")])
+        .await
+        .unwrap();
+    assert_eq!(s.allocations("p").await.unwrap().len(), 2);
+    s.commit(vec![release("c1", "eth0", "10.0.0.1"), release("c1", "eth0", "fd00::1")])
+        .await
+        .unwrap();
+    assert!(s.allocations("p").await.unwrap().is_empty());
+    assert!(s.allocation_counts().await.unwrap().is_empty());
+    // Releasing again is a no-op.
+    s.commit(vec![release("c1", "eth0", "10.0.0.1")]).await.unwrap();
+    s.commit(vec![claim("c2", "10.0.0.1", r2)]).await.unwrap();
+}
+
+/// Read-modify-write with revision checks from many tasks over two handles loses no update.
+pub async fn concurrent_compare_and_swap<F, Fut>(open: &F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let handles = [open().await, open().await];
+    handles[0]
+        .commit(vec![put(Kind::Namespace, "counter", json!({"n": 0}), Expect::Absent)])
+        .await
+        .unwrap();
+    const TASKS: usize = 8;
+    const EACH: u64 = 15;
+    let mut joins = Vec::new();
+    for t in 0..TASKS {
+        let s = handles[t % 2].clone();
+        joins.push(tokio::spawn(async move {
+            let mut conflicts = 0u64;
+            for _ in 0..EACH {
+                loop {
+                    let cur = s.get(Kind::Namespace, "counter").await.unwrap().unwrap();
+                    let n = cur.value["n"].as_u64().unwrap();
+                    match s
+                        .commit(vec![put(
+                            Kind::Namespace,
+                            "counter",
+                            json!({"n": n + 1}),
+                            Expect::Revision(cur.revision),
+                        )])
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(StoreError::Conflict(_)) => conflicts += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+            conflicts
+        }));
+    }
+    for j in joins {
+        j.await.unwrap();
+    }
+    let v = handles[1].get(Kind::Namespace, "counter").await.unwrap().unwrap();
+    assert_eq!(v.value["n"].as_u64().unwrap(), TASKS as u64 * EACH);
+}
+
+/// Many tasks racing for the lowest free address of a small pool: each address goes to exactly
+/// one of them, and exactly as many win as there are addresses.
+pub async fn racing_claims_never_duplicate<F, Fut>(open: &F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let handles = [open().await, open().await];
+    let rev = handles[0]
+        .commit(vec![put(Kind::IPPool, "race", json!({}), Expect::Absent)])
+        .await
+        .unwrap();
+    const ADDRESSES: u8 = 10;
+    const TASKS: usize = 16;
+    let mut joins = Vec::new();
+    for t in 0..TASKS {
+        let s = handles[t % 2].clone();
+        joins.push(tokio::spawn(async move {
+            loop {
+                let held: HashSet<IpAddr> = s.allocations("race").await.unwrap().into_iter().map(|a| a.ip).collect();
+                let Some(free) = (1..=ADDRESSES)
+                    .map(|i| IpAddr::from([10, 9, 0, i]))
+                    .find(|a| !held.contains(a))
+                else {
+                    return None;
+                };
+                match s
+                    .commit(vec![Op::Claim {
+                        pool: "race".into(),
+                        ip: free,
+                        holder: holder(&format!("c{t}"), "eth0"),
+                        pool_revision: rev,
+                    }])
+                    .await
+                {
+                    Ok(_) => return Some(free),
+                    Err(StoreError::Conflict(_)) => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }));
+    }
+    let mut won = Vec::new();
+    for j in joins {
+        if let Some(a) = j.await.unwrap() {
+            won.push(a);
+        }
+    }
+    let unique: HashSet<_> = won.iter().collect();
+    assert_eq!(won.len(), ADDRESSES as usize, "winners: {won:?}");
+    assert_eq!(unique.len(), won.len(), "an address was handed out twice: {won:?}");
+    let stored = handles[1].allocations("race").await.unwrap();
+    assert_eq!(stored.len(), ADDRESSES as usize);
+}

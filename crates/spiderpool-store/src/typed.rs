@@ -1,0 +1,40 @@
+//! Typed access on top of the raw port: objects in, objects out, with `metadata.resourceVersion`
+//! set from the store's revision.
+
+use spiderpool_api::Object;
+
+use crate::{Kind, Result, Revision, Store, StoreError, Stored};
+
+fn decode(kind: Kind, s: Stored) -> Result<(Object, Revision)> {
+    let mut o = Object::from_value(kind, s.value).map_err(|e| StoreError::Corrupt {
+        key: format!("{kind}/{}", s.key),
+        message: e.to_string(),
+    })?;
+    o.metadata_mut().resource_version = Some(s.revision.to_string());
+    Ok((o, s.revision))
+}
+
+/// One object with its revision.
+pub async fn get(store: &dyn Store, kind: Kind, key: &str) -> Result<Option<(Object, Revision)>> {
+    store.get(kind, key).await?.map(|s| decode(kind, s)).transpose()
+}
+
+/// Every object of a kind with its revision. Objects that do not decode are logged with their
+/// key and skipped.
+pub async fn list(store: &dyn Store, kind: Kind) -> Result<Vec<(Object, Revision)>> {
+    let mut out = Vec::new();
+    for s in store.list(kind).await? {
+        match decode(kind, s) {
+            Ok(o) => out.push(o),
+            Err(e) => tracing::error!(error = %e, "skipping unreadable object"),
+        }
+    }
+    Ok(out)
+}
+
+/// The JSON to store for `o`: `resourceVersion` is the store's business, not the value's.
+pub fn to_stored_value(o: &Object) -> serde_json::Value {
+    let mut o = o.clone();
+    o.metadata_mut().resource_version = None;
+    o.to_value()
+}
