@@ -1,1 +1,121 @@
-//! placeholder
+//! The node-local Spiderpool agent: it serves the `spiderpool` CNI plugin over a unix socket,
+//! gathers pod/node/namespace facts from the datastore and its own flags, and allocates and
+//! releases addresses through the allocation service.
+
+pub mod server;
+pub mod service;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use spiderpool_core::Labels;
+use spiderpool_store::{DatastoreUrl, DEFAULT_DATASTORE};
+
+use crate::service::{IpamService, NodeIdentity};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command-line flags of `spiderpool-agent`.
+#[derive(Debug, Parser)]
+#[command(name = "spiderpool-agent", version, about = "Spiderpool IPAM agent: serves the spiderpool CNI plugin on a unix socket")]
+pub struct Args {
+    /// Name of the node this agent serves.
+    #[arg(long, env = "SPIDERPOOL_NODE_NAME")]
+    pub node_name: String,
+    /// Labels of the node, `k=v,k2=v2`; merged into its Node object.
+    #[arg(long, env = "SPIDERPOOL_NODE_LABELS", default_value = "", value_parser = parse_labels)]
+    pub node_labels: Labels,
+    /// Unix socket to serve on.
+    #[arg(long, env = "SPIDERPOOL_SOCKET", default_value = spiderpool_api::cni::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Datastore: sqlite:///path/db, etcd://host:port[,host:port]?prefix=/spiderpool or kubernetes.
+    #[arg(long, env = "SPIDERPOOL_DATASTORE", default_value = DEFAULT_DATASTORE)]
+    pub datastore: DatastoreUrl,
+    /// Log level filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, env = "SPIDERPOOL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, env = "SPIDERPOOL_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+/// Parses `k=v,k2=v2`.
+pub fn parse_labels(s: &str) -> Result<Labels, String> {
+    let mut out = Labels::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("label {pair:?} is not key=value"))?;
+        if k.is_empty() {
+            return Err(format!("label {pair:?} has an empty key"));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+impl Args {
+    /// Parses the command line and runs the agent until SIGTERM or SIGINT.
+    pub fn parse_and_run() -> anyhow::Result<()> {
+        let args = Args::parse();
+        init_tracing(&args.log_level, args.log_format);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        rt.block_on(run(args))
+    }
+}
+
+fn init_tracing(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => b.with_ansi(false).init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+/// Runs the agent.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let store = spiderpool_store::open(&args.datastore)
+        .await
+        .with_context(|| format!("opening datastore {:?}", args.datastore))?;
+    let svc = Arc::new(IpamService::new(
+        store,
+        NodeIdentity {
+            name: args.node_name.clone(),
+            labels: args.node_labels.clone(),
+        },
+    ));
+    svc.register_node()
+        .await
+        .with_context(|| format!("registering node {}", args.node_name))?;
+    let (listener, _guard) = server::bind(&args.socket)?;
+    tracing::info!(socket = %args.socket.display(), node = %args.node_name, datastore = ?args.datastore, "serving");
+    axum::serve(listener, server::router(svc))
+        .with_graceful_shutdown(shutdown())
+        .await
+        .context("serving the agent API")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

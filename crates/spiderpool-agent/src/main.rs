@@ -1,1 +1,3 @@
-fn main() {}
+fn main() -> anyhow::Result<()> {
+    spiderpool_agent::Args::parse_and_run()
+}

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// Spec versions the `spiderpool` plugin speaks.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 
 /// Default path of the agent's unix socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/spidernet/spiderpool.sock";
@@ -32,6 +32,8 @@ pub mod code {
     pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
     /// Spiderpool: no candidate pool fits the pod, or every candidate is exhausted.
     pub const NO_ADDRESS: u32 = 100;
+    /// Spiderpool CHECK: the reservation differs from `prevResult`.
+    pub const CHECK_MISMATCH: u32 = 101;
 }
 
 /// The `ipam` section of the network config.

@@ -8,6 +8,7 @@
 
 pub mod conformance;
 pub mod memory;
+pub mod objects;
 pub mod sqlite;
 pub mod typed;
 

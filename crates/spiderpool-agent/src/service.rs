@@ -1,0 +1,595 @@
+//! The allocation service: one ADD, DEL or CHECK at a time per agent. It gathers the facts (pod,
+//! namespace, node, pools, reserved addresses, holders), asks the core rules for a plan, and
+//! commits the claims together with the pod's endpoint record in one compare-and-swap
+//! transaction, retrying a bounded number of times on conflicts with other agents.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spiderpool_api::agent::{IpConfig, IpamAddArgs, IpamAddResponse, IpamDelArgs, Route};
+use spiderpool_api::annotation;
+use spiderpool_api::cni::code;
+use spiderpool_api::crd::{EndpointInterface, EndpointStatus, RouteSpec, API_VERSION};
+use spiderpool_api::{KubeObject, Object, ObjectMeta, SpiderEndpoint, ValidationError};
+use spiderpool_core::candidate::{lowest_free, AllocError, Rejected, Rejection};
+use spiderpool_core::{IpFamily, IpSet, Labels, Pool, PoolNames, Request};
+use spiderpool_store::{typed, Expect, Holder, Kind, Op, Revision, Store, StoreError};
+use thiserror::Error;
+use tokio::sync::Mutex;
+
+/// How often a transaction is retried after a conflict before the caller is told to try again.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// Why a request failed. Each variant maps to the CNI code the plugin reports.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// The allocation rules found no address.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// A request field, annotation or object is invalid.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The datastore failed or conflicts did not settle.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// CHECK: the container holds no reservation for the interface.
+    #[error("container {container_id} holds no address for interface {nic} (pod {pod})")]
+    NoReservation {
+        /// Container ID.
+        container_id: String,
+        /// Interface.
+        nic: String,
+        /// `namespace/name`.
+        pod: String,
+    },
+}
+
+impl ServiceError {
+    /// The CNI error code for this failure.
+    pub fn cni_code(&self) -> u32 {
+        match self {
+            ServiceError::Alloc(AllocError::PoolNotFound { .. }) => code::INVALID_NETWORK_CONFIG,
+            ServiceError::Alloc(_) => code::NO_ADDRESS,
+            ServiceError::Invalid(_) => code::INVALID_NETWORK_CONFIG,
+            ServiceError::Store(e) if e.is_retryable() => code::TRY_AGAIN_LATER,
+            ServiceError::Store(_) => code::IO_FAILURE,
+            ServiceError::NoReservation { .. } => code::UNKNOWN_CONTAINER,
+        }
+    }
+}
+
+type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// The agent's identity.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    /// `--node-name`.
+    pub name: String,
+    /// `--node-labels`.
+    pub labels: Labels,
+}
+
+/// The IPAM service of one agent.
+pub struct IpamService {
+    store: Arc<dyn Store>,
+    node: NodeIdentity,
+    // One request at a time inside this agent: requests never conflict with each other here,
+    // only with other agents, which the store's compare-and-swap settles.
+    serial: Mutex<()>,
+}
+
+/// Who a request is for.
+struct PodRef {
+    namespace: String,
+    name: String,
+    container_id: String,
+    nic: String,
+}
+
+impl PodRef {
+    fn new(container_id: &str, nic: &str, namespace: &str, name: &str) -> Result<Self> {
+        if container_id.is_empty() {
+            return Err(ValidationError::field("containerID", "", "is required").into());
+        }
+        if nic.is_empty() {
+            return Err(ValidationError::field("ifName", "", "is required").into());
+        }
+        // A runtime that passes no K8S_POD_* args gets one endpoint per container.
+        let (namespace, name) = match (namespace, name) {
+            (_, "") => ("default".to_string(), container_id.to_string()),
+            ("", n) => ("default".to_string(), n.to_string()),
+            (ns, n) => (ns.to_string(), n.to_string()),
+        };
+        Ok(PodRef {
+            namespace,
+            name,
+            container_id: container_id.to_string(),
+            nic: nic.to_string(),
+        })
+    }
+
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+fn endpoint_of(o: Object) -> Option<SpiderEndpoint> {
+    match o {
+        Object::Endpoint(e) => Some(e),
+        _ => None,
+    }
+}
+
+fn kube_of(o: Object) -> Option<KubeObject> {
+    match o {
+        Object::Kube(_, k) => Some(k),
+        _ => None,
+    }
+}
+
+/// The agent response for the NIC's record.
+fn response_of(nic: &EndpointInterface) -> IpamAddResponse {
+    let mut ips = Vec::new();
+    for (version, addr, pool, gw) in [
+        (4, &nic.ipv4, &nic.ipv4_pool, &nic.ipv4_gateway),
+        (6, &nic.ipv6, &nic.ipv6_pool, &nic.ipv6_gateway),
+    ] {
+        if let Some(a) = addr {
+            ips.push(IpConfig {
+                version,
+                address: a.clone(),
+                nic: nic.interface.clone(),
+                ip_pool: pool.clone().unwrap_or_default(),
+                gateway: gw.clone(),
+                vlan: nic.vlan,
+            });
+        }
+    }
+    let routes = nic
+        .routes
+        .iter()
+        .map(|r| Route {
+            if_name: nic.interface.clone(),
+            dst: r.dst.clone(),
+            gw: r.gw.clone(),
+        })
+        .collect();
+    IpamAddResponse { ips, routes }
+}
+
+/// The addresses a NIC record holds, with their pools.
+fn held(nic: &EndpointInterface) -> Vec<(String, IpAddr)> {
+    [(&nic.ipv4_pool, &nic.ipv4), (&nic.ipv6_pool, &nic.ipv6)]
+        .into_iter()
+        .filter_map(|(pool, addr)| {
+            let ip = addr.as_deref()?.split('/').next()?.parse().ok()?;
+            Some((pool.clone()?, ip))
+        })
+        .collect()
+}
+
+fn release_ops(nic: &EndpointInterface) -> Vec<Op> {
+    held(nic)
+        .into_iter()
+        .map(|(pool, ip)| Op::Release {
+            pool,
+            ip,
+            container_id: nic.container_id.clone(),
+            nic: nic.interface.clone(),
+        })
+        .collect()
+}
+
+/// An op that writes `ep` back (or deletes it when it holds no NIC), guarded by its revision.
+fn endpoint_write(key: String, ep: &SpiderEndpoint, rev: Option<Revision>) -> Op {
+    let expect = rev.map_or(Expect::Absent, Expect::Revision);
+    if ep.status.current.is_empty() {
+        Op::Delete {
+            kind: Kind::Endpoint,
+            key,
+            expect,
+        }
+    } else {
+        Op::Put {
+            kind: Kind::Endpoint,
+            key,
+            value: typed::to_stored_value(&Object::Endpoint(ep.clone())),
+            expect,
+        }
+    }
+}
+
+async fn retrying<T, F, Fut>(what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match f().await {
+            Err(ServiceError::Store(StoreError::Conflict(m))) if attempt < MAX_ATTEMPTS => {
+                tracing::debug!(attempt, conflict = %m, "{what}: retrying after a conflict");
+                // Jittered backoff keeps racing agents from colliding in lockstep.
+                let jitter = u64::from(std::process::id() % 7) + u64::from(attempt);
+                tokio::time::sleep(Duration::from_millis(2u64.pow(attempt.min(6)) + jitter)).await;
+            }
+            Err(ServiceError::Store(StoreError::Conflict(m))) => {
+                return Err(StoreError::Unavailable(format!(
+                    "{what}: gave up after {attempt} conflicting attempts, last: {m}"
+                ))
+                .into())
+            }
+            other => return other,
+        }
+    }
+}
+
+impl IpamService {
+    /// A service over `store` for the node `node`.
+    pub fn new(store: Arc<dyn Store>, node: NodeIdentity) -> Self {
+        IpamService {
+            store,
+            node,
+            serial: Mutex::new(()),
+        }
+    }
+
+    /// The datastore.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Creates or updates this agent's Node object: labels from `--node-labels` are set, other
+    /// labels are kept.
+    pub async fn register_node(&self) -> Result<()> {
+        retrying("register node", || async {
+            let cur = typed::get(self.store.as_ref(), Kind::Node, &self.node.name).await?;
+            let (mut node, expect) = match cur {
+                Some((o, rev)) => (kube_of(o).unwrap_or_default(), Expect::Revision(rev)),
+                None => (
+                    KubeObject {
+                        api_version: "v1".into(),
+                        kind: "Node".into(),
+                        metadata: ObjectMeta {
+                            name: self.node.name.clone(),
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    },
+                    Expect::Absent,
+                ),
+            };
+            let before = node.metadata.labels.clone();
+            node.metadata.labels.extend(self.node.labels.clone());
+            if expect != Expect::Absent && before == node.metadata.labels {
+                return Ok(());
+            }
+            let obj = Object::Kube(Kind::Node, node);
+            self.store
+                .commit(vec![Op::Put {
+                    kind: Kind::Node,
+                    key: self.node.name.clone(),
+                    value: typed::to_stored_value(&obj),
+                    expect,
+                }])
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether the datastore answers.
+    pub async fn healthy(&self) -> Result<()> {
+        Ok(self.store.ping().await?)
+    }
+
+    /// CNI ADD: the NIC's addresses, the same ones again when repeated.
+    pub async fn add(&self, args: &IpamAddArgs) -> Result<IpamAddResponse> {
+        let pod = PodRef::new(&args.container_id, &args.if_name, &args.pod_namespace, &args.pod_name)?;
+        let _serial = self.serial.lock().await;
+        retrying("allocate", || self.try_add(&pod, args)).await
+    }
+
+    async fn try_add(&self, pod: &PodRef, args: &IpamAddArgs) -> Result<IpamAddResponse> {
+        let store = self.store.as_ref();
+        let key = pod.key();
+        let pod_obj = typed::get(store, Kind::Pod, &key).await?.and_then(|(o, _)| kube_of(o));
+        let uid = [
+            args.pod_uid.as_str(),
+            pod_obj.as_ref().and_then(|p| p.metadata.uid.as_deref()).unwrap_or(""),
+            pod.container_id.as_str(),
+        ]
+        .into_iter()
+        .find(|s| !s.is_empty())
+        .unwrap_or_default()
+        .to_string();
+
+        let mut ep_entry = typed::get(store, Kind::Endpoint, &key)
+            .await?
+            .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)));
+        if let Some((ep, rev)) = &ep_entry {
+            if let Some(nic) = ep.status.current.iter().find(|n| n.interface == pod.nic) {
+                if nic.container_id == pod.container_id {
+                    return Ok(response_of(nic));
+                }
+            }
+            // The record belongs to an earlier incarnation of this pod or to an earlier sandbox
+            // of this NIC: give those addresses back before allocating afresh.
+            let stale: Vec<&EndpointInterface> = ep
+                .status
+                .current
+                .iter()
+                .filter(|n| ep.status.uid != uid || n.interface == pod.nic)
+                .collect();
+            if !stale.is_empty() {
+                let mut kept = ep.clone();
+                kept.status.current.retain(|n| !stale.contains(&n));
+                let mut ops: Vec<Op> = stale.iter().flat_map(|n| release_ops(n)).collect();
+                ops.push(endpoint_write(key.clone(), &kept, Some(*rev)));
+                tracing::info!(pod = %key, released = ?stale.iter().map(|n| &n.interface).collect::<Vec<_>>(), "releasing a stale record");
+                self.store.commit(ops).await?;
+                ep_entry = typed::get(store, Kind::Endpoint, &key)
+                    .await?
+                    .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)));
+            }
+        }
+
+        let (pod_labels, annotations, owner) = match &pod_obj {
+            Some(p) => (
+                p.metadata.labels.clone(),
+                p.metadata.annotations.clone(),
+                p.metadata.controller().map(|o| (o.kind.clone(), o.name.clone())),
+            ),
+            None => Default::default(),
+        };
+        for unsupported in [annotation::SUBNET, annotation::SUBNETS, annotation::IPPOOLS] {
+            if annotations.contains_key(unsupported) {
+                return Err(ValidationError::Invalid(format!(
+                    "pod {key}: annotation {unsupported} is not supported by this version; \
+                     use {} to name the pools",
+                    annotation::IPPOOL
+                ))
+                .into());
+            }
+        }
+        let pod_ippool = annotations
+            .get(annotation::IPPOOL)
+            .map(|v| annotation::parse_ippool(v))
+            .transpose()
+            .map_err(|e| ValidationError::Invalid(format!("pod {key}: {e}")))?;
+        let namespace_labels = typed::get(store, Kind::Namespace, &pod.namespace)
+            .await?
+            .map(|(o, _)| o.metadata().labels.clone())
+            .unwrap_or_default();
+        let node_labels = typed::get(store, Kind::Node, &self.node.name)
+            .await?
+            .map(|(o, _)| o.metadata().labels.clone())
+            .unwrap_or_else(|| self.node.labels.clone());
+
+        let mut pools = Vec::new();
+        let mut pool_revs = BTreeMap::new();
+        for (o, rev) in typed::list(store, Kind::IPPool).await? {
+            if let Object::IPPool(p) = o {
+                match p.to_pool() {
+                    Ok(pool) => {
+                        pool_revs.insert(pool.name.clone(), rev);
+                        pools.push(pool);
+                    }
+                    Err(e) => tracing::error!(error = %e, "skipping an invalid stored pool"),
+                }
+            }
+        }
+        let mut reserved = IpSet::new();
+        for (o, _) in typed::list(store, Kind::ReservedIP).await? {
+            if let Object::ReservedIP(r) = o {
+                match r.to_set() {
+                    Ok(s) => reserved = reserved.union(&s),
+                    Err(e) => tracing::error!(error = %e, "skipping an invalid reserved IP object"),
+                }
+            }
+        }
+
+        let req = Request {
+            nic: pod.nic.clone(),
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            pod_labels,
+            node: self.node.name.clone(),
+            node_labels,
+            namespace_labels,
+            pod_ippool,
+            cni_default: PoolNames {
+                v4: args.default_ipv4_ippool.clone(),
+                v6: args.default_ipv6_ippool.clone(),
+                clean_gateway: None,
+            },
+            cni_clean_gateway: args.clean_gateway,
+        };
+        let plan = req.plan(&pools)?;
+
+        let holder = Holder {
+            pod: key.clone(),
+            pod_uid: uid.clone(),
+            container_id: pod.container_id.clone(),
+            nic: pod.nic.clone(),
+            node: self.node.name.clone(),
+        };
+        let mut nic = EndpointInterface {
+            interface: pod.nic.clone(),
+            container_id: pod.container_id.clone(),
+            ..Default::default()
+        };
+        let mut ops = Vec::new();
+        for fp in &plan.families {
+            let (pool, ip) = self.pick(fp.family, &fp.pools, &reserved, &key).await?;
+            ops.push(Op::Claim {
+                pool: pool.name.clone(),
+                ip,
+                holder: holder.clone(),
+                pool_revision: pool_revs[&pool.name],
+            });
+            let address = Some(format!("{ip}/{}", pool.subnet.prefix_len()));
+            let gateway = pool.gateway.map(|g| g.to_string());
+            match fp.family {
+                IpFamily::V4 => {
+                    (nic.ipv4, nic.ipv4_pool, nic.ipv4_gateway) = (address, Some(pool.name.clone()), gateway);
+                }
+                IpFamily::V6 => {
+                    (nic.ipv6, nic.ipv6_pool, nic.ipv6_gateway) = (address, Some(pool.name.clone()), gateway);
+                }
+            }
+            nic.vlan = nic.vlan.or(pool.vlan);
+            if let (Some(gw), false) = (pool.gateway, plan.clean_gateway) {
+                nic.routes.push(RouteSpec {
+                    dst: match fp.family {
+                        IpFamily::V4 => "0.0.0.0/0".into(),
+                        IpFamily::V6 => "::/0".into(),
+                    },
+                    gw: gw.to_string(),
+                });
+            }
+            nic.routes.extend(pool.routes.iter().map(|r| RouteSpec {
+                dst: r.dst.to_string(),
+                gw: r.gw.to_string(),
+            }));
+        }
+
+        let (mut ep, rev) = match ep_entry {
+            Some((e, rev)) => (e, Some(rev)),
+            None => (
+                SpiderEndpoint {
+                    api_version: API_VERSION.into(),
+                    kind: "SpiderEndpoint".into(),
+                    metadata: ObjectMeta {
+                        name: pod.name.clone(),
+                        namespace: Some(pod.namespace.clone()),
+                        ..Default::default()
+                    },
+                    status: EndpointStatus::default(),
+                },
+                None,
+            ),
+        };
+        ep.status.uid = uid;
+        ep.status.node = self.node.name.clone();
+        (ep.status.owner_controller_type, ep.status.owner_controller_name) =
+            owner.unwrap_or_else(|| ("Pod".into(), pod.name.clone()));
+        ep.status.current.retain(|n| n.interface != pod.nic);
+        ep.status.current.push(nic.clone());
+        ops.push(endpoint_write(key.clone(), &ep, rev));
+        self.store.commit(ops).await?;
+        let resp = response_of(&nic);
+        tracing::info!(
+            pod = %key, container_id = %pod.container_id, nic = %pod.nic,
+            ips = ?resp.ips.iter().map(|i| (&i.address, &i.ip_pool)).collect::<Vec<_>>(),
+            "allocated"
+        );
+        Ok(resp)
+    }
+
+    /// The first candidate with a free address, and that address.
+    async fn pick<'p>(
+        &self,
+        family: IpFamily,
+        candidates: &[&'p Pool],
+        reserved: &IpSet,
+        pod: &str,
+    ) -> Result<(&'p Pool, IpAddr)> {
+        let mut rejected = Vec::new();
+        for pool in candidates {
+            let allocs = self.store.allocations(&pool.name).await?;
+            let in_use = IpSet::from_ips(allocs.iter().map(|a| a.ip));
+            if let Some(ip) = lowest_free(pool, reserved, &in_use) {
+                return Ok((pool, ip));
+            }
+            let usable = pool.usable();
+            rejected.push(Rejected {
+                pool: pool.name.clone(),
+                reason: Rejection::Exhausted {
+                    used: u64::try_from(usable.intersection(&in_use.union(reserved)).len()).unwrap_or(u64::MAX),
+                    total: pool.total_ip_count(),
+                },
+            });
+        }
+        Err(AllocError::Exhausted {
+            family,
+            pod: pod.to_string(),
+            rejected,
+        }
+        .into())
+    }
+
+    /// CNI DEL: releases what the container holds on the NIC; succeeds when there is nothing.
+    pub async fn del(&self, args: &IpamDelArgs) -> Result<()> {
+        let pod = PodRef::new(&args.container_id, &args.if_name, &args.pod_namespace, &args.pod_name)?;
+        let _serial = self.serial.lock().await;
+        retrying("release", || async {
+            let key = pod.key();
+            let Some((ep, rev)) = typed::get(self.store.as_ref(), Kind::Endpoint, &key)
+                .await?
+                .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)))
+            else {
+                tracing::info!(pod = %key, nic = %pod.nic, "nothing to release");
+                return Ok(());
+            };
+            let Some(nic) = ep
+                .status
+                .current
+                .iter()
+                .find(|n| n.interface == pod.nic && n.container_id == pod.container_id)
+            else {
+                tracing::info!(pod = %key, nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
+                return Ok(());
+            };
+            let mut ops = release_ops(nic);
+            let mut kept = ep.clone();
+            kept.status.current.retain(|n| n.interface != pod.nic);
+            ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
+            self.store.commit(ops).await?;
+            tracing::info!(pod = %key, nic = %pod.nic, released = ?held(nic), "released");
+            Ok(())
+        })
+        .await
+    }
+
+    /// CNI CHECK: the container's reservation for the NIC.
+    pub async fn check(&self, args: &IpamDelArgs) -> Result<IpamAddResponse> {
+        let pod = PodRef::new(&args.container_id, &args.if_name, &args.pod_namespace, &args.pod_name)?;
+        let key = pod.key();
+        let ep = typed::get(self.store.as_ref(), Kind::Endpoint, &key)
+            .await?
+            .and_then(|(o, _)| endpoint_of(o));
+        let nic = ep.as_ref().and_then(|e| {
+            e.status
+                .current
+                .iter()
+                .find(|n| n.interface == pod.nic && n.container_id == pod.container_id)
+        });
+        let Some(nic) = nic else {
+            return Err(ServiceError::NoReservation {
+                container_id: pod.container_id.clone(),
+                nic: pod.nic.clone(),
+                pod: key,
+            });
+        };
+        // The record must still be backed by the pools' holders.
+        for (pool, ip) in held(nic) {
+            let allocs = self.store.allocations(&pool).await?;
+            let ok = allocs
+                .iter()
+                .any(|a| a.ip == ip && a.holder.container_id == pod.container_id && a.holder.nic == pod.nic);
+            if !ok {
+                return Err(ServiceError::NoReservation {
+                    container_id: pod.container_id.clone(),
+                    nic: format!("{} ({ip} of pool {pool} is no longer held by it)", pod.nic),
+                    pod: key,
+                });
+            }
+        }
+        Ok(response_of(nic))
+    }
+}
