@@ -1,1 +1,322 @@
-//! placeholder
+//! Test-only helpers: the workspace's binaries as subprocesses (agents on their own sockets,
+//! the `spiderpool` CNI plugin with a CNI environment, `spiderpoolctl`), and network namespaces
+//! standing in for hosts and pods. Never shipped.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The directory holding the workspace's built binaries (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("SPIDERPOOL_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // Test executables live in target/<profile>/deps.
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("exe dir");
+    let dir = if deps.ends_with("deps") { deps.parent().expect("profile dir") } else { deps };
+    dir.to_path_buf()
+}
+
+/// The path of a workspace binary; panics with advice when it has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace --bins) or run cargo test --workspace",
+        p.display()
+    );
+    p
+}
+
+/// Whether the tests run as root (needed for network namespaces).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A fresh temporary directory with a datastore URL inside it.
+pub struct Sandbox {
+    /// The directory; removed on drop.
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    /// A new sandbox.
+    pub fn new() -> Self {
+        Sandbox {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// `sqlite:///…/spiderpool.db` inside the sandbox.
+    pub fn datastore(&self) -> String {
+        format!("sqlite://{}", self.dir.path().join("spiderpool.db").display())
+    }
+
+    /// A socket path inside the sandbox.
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.sock"))
+    }
+
+    /// Runs `spiderpoolctl --datastore … ARGS` with `stdin`.
+    pub fn ctl(&self, args: &[&str], stdin: &str) -> Output {
+        run(
+            Command::new(bin("spiderpoolctl"))
+                .arg("--datastore")
+                .arg(self.datastore())
+                .args(args),
+            stdin,
+        )
+    }
+
+    /// Applies YAML, panicking with the CLI's output on failure.
+    pub fn apply(&self, yaml: &str) {
+        let out = self.ctl(&["apply", "-f", "-"], yaml);
+        assert!(out.success, "apply failed:\n{}\n{}", out.stdout, out.stderr);
+    }
+
+    /// `get KIND NAME -o json` as JSON.
+    pub fn get_json(&self, kind: &str, name: &str) -> Value {
+        let out = self.ctl(&["get", kind, name, "-o", "json"], "");
+        assert!(out.success, "get {kind} {name} failed: {}", out.stderr);
+        serde_json::from_str(&out.stdout).expect("get -o json prints JSON")
+    }
+
+    /// `.status.allocatedIPCount` of a pool.
+    pub fn allocated(&self, pool: &str) -> u64 {
+        self.get_json("ippool", pool)["status"]["allocatedIPCount"]
+            .as_u64()
+            .expect("allocatedIPCount")
+    }
+
+    /// Starts an agent for `node` with `labels` (`k=v,…`) on its own socket.
+    pub fn agent(&self, node: &str, labels: &str) -> Agent {
+        Agent::start(&self.datastore(), &self.socket(node), node, labels)
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a subprocess printed and how it ended.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Exit status was 0.
+    pub success: bool,
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Output {
+    /// Standard output as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}\nstderr: {}", self.stdout, self.stderr))
+    }
+}
+
+/// Runs `cmd` to completion with `stdin`.
+pub fn run(cmd: &mut Command, stdin: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_string();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(data.as_bytes());
+    });
+    let out = child.wait_with_output().expect("wait");
+    writer.join().expect("stdin writer");
+    Output {
+        success: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A running `spiderpool-agent`, killed on drop.
+pub struct Agent {
+    child: Child,
+    /// Its socket.
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+/// Whether an agent answers `GET /v1/ipam/healthy` with 200 on `socket`.
+pub fn healthy(socket: &Path) -> bool {
+    let Ok(mut s) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s
+        .write_all(b"GET /v1/ipam/healthy HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.1 200")
+}
+
+impl Agent {
+    /// Starts an agent and waits until it is healthy.
+    pub fn start(datastore: &str, socket: &Path, node: &str, labels: &str) -> Agent {
+        let log = socket.with_extension("log");
+        let child = Command::new(bin("spiderpool-agent"))
+            .args(["--node-name", node, "--node-labels", labels, "--datastore", datastore, "--log-level", "debug"])
+            .arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"))
+            .spawn()
+            .expect("spawning spiderpool-agent");
+        let mut agent = Agent {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !healthy(socket) {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("spiderpool-agent exited with {status}:\n{}", agent.log());
+            }
+            assert!(Instant::now() < deadline, "spiderpool-agent not healthy in time:\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the agent (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One CNI invocation of the `spiderpool` plugin.
+#[derive(Debug, Clone)]
+pub struct CniCall {
+    /// `CNI_COMMAND` (None leaves it unset).
+    pub command: Option<String>,
+    /// `CNI_CONTAINERID`.
+    pub container_id: Option<String>,
+    /// `CNI_IFNAME`.
+    pub ifname: Option<String>,
+    /// `CNI_NETNS`.
+    pub netns: Option<String>,
+    /// `CNI_ARGS`.
+    pub args: String,
+    /// stdin.
+    pub stdin: String,
+}
+
+impl CniCall {
+    /// A call with the usual environment for pod `default/<pod>` and container `<container>`.
+    pub fn new(command: &str, container: &str, pod: &str, conf: &Value) -> Self {
+        CniCall {
+            command: Some(command.into()),
+            container_id: Some(container.into()),
+            ifname: Some("eth0".into()),
+            netns: Some(format!("/var/run/netns/{container}")),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container}"),
+            stdin: conf.to_string(),
+        }
+    }
+
+    /// Sets the interface.
+    pub fn ifname(mut self, ifname: &str) -> Self {
+        self.ifname = Some(ifname.into());
+        self
+    }
+
+    /// Runs the real `spiderpool` binary.
+    pub fn run(&self) -> Output {
+        let mut cmd = Command::new(bin("spiderpool"));
+        cmd.env_clear().env("CNI_PATH", "/usr/lib/cni").env("CNI_ARGS", &self.args);
+        for (k, v) in [
+            ("CNI_COMMAND", &self.command),
+            ("CNI_CONTAINERID", &self.container_id),
+            ("CNI_IFNAME", &self.ifname),
+            ("CNI_NETNS", &self.netns),
+        ] {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        run(&mut cmd, &self.stdin)
+    }
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    /// Its name under /var/run/netns.
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates the namespace (root only).
+    pub fn new(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        sh(&["ip", "netns", "add", name]);
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
+        Netns { name: name.into() }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(argv: &[&str]) -> String {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
