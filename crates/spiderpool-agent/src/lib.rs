@@ -26,7 +26,11 @@ pub enum LogFormat {
 
 /// Command-line flags of `spiderpool-agent`.
 #[derive(Debug, Parser)]
-#[command(name = "spiderpool-agent", version, about = "Spiderpool IPAM agent: serves the spiderpool CNI plugin on a unix socket")]
+#[command(
+    name = "spiderpool-agent",
+    version,
+    about = "Spiderpool IPAM agent: serves the spiderpool CNI plugin on a unix socket"
+)]
 pub struct Args {
     /// Name of the node this agent serves.
     #[arg(long, env = "SPIDERPOOL_NODE_NAME")]
@@ -44,7 +48,12 @@ pub struct Args {
     #[arg(long, env = "SPIDERPOOL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
     /// Log format.
-    #[arg(long, env = "SPIDERPOOL_LOG_FORMAT", value_enum, default_value = "plain")]
+    #[arg(
+        long,
+        env = "SPIDERPOOL_LOG_FORMAT",
+        value_enum,
+        default_value = "plain"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -78,8 +87,11 @@ impl Args {
 }
 
 fn init_tracing(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Plain => b.with_ansi(false).init(),
         LogFormat::Json => b.json().init(),

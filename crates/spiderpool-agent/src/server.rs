@@ -11,8 +11,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::de::DeserializeOwned;
-use spiderpool_api::agent::{ErrorBody, IpamAddArgs, IpamDelArgs, PATH_CHECK, PATH_HEALTHY, PATH_IP};
+use spiderpool_api::agent::{
+    ErrorBody, IpamAddArgs, IpamDelArgs, PATH_CHECK, PATH_HEALTHY, PATH_IP,
+};
 use spiderpool_api::cni::code;
 use tokio::net::UnixListener;
 
@@ -28,14 +29,12 @@ fn service_error(e: ServiceError) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, code, e.to_string())
 }
 
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            code::DECODING_FAILURE,
-            format!("request body: {e}"),
-        )
-    })
+fn bad_body(e: serde_json::Error) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        code::DECODING_FAILURE,
+        format!("request body: {e}"),
+    )
 }
 
 async fn healthy(State(svc): State<Arc<IpamService>>) -> Response {
@@ -46,9 +45,9 @@ async fn healthy(State(svc): State<Arc<IpamService>>) -> Response {
 }
 
 async fn add(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
-    let args: IpamAddArgs = match parse(&body) {
+    let args: IpamAddArgs = match serde_json::from_slice(&body) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(e) => return bad_body(e),
     };
     let span = tracing::info_span!("add", container_id = %args.container_id, pod = %format!("{}/{}", args.pod_namespace, args.pod_name), ifname = %args.if_name);
     match tracing::Instrument::instrument(svc.add(&args), span).await {
@@ -58,9 +57,9 @@ async fn add(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
 }
 
 async fn del(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
-    let args: IpamDelArgs = match parse(&body) {
+    let args: IpamDelArgs = match serde_json::from_slice(&body) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(e) => return bad_body(e),
     };
     let span = tracing::info_span!("del", container_id = %args.container_id, pod = %format!("{}/{}", args.pod_namespace, args.pod_name), ifname = %args.if_name);
     match tracing::Instrument::instrument(svc.del(&args), span).await {
@@ -70,9 +69,9 @@ async fn del(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
 }
 
 async fn check(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
-    let args: IpamDelArgs = match parse(&body) {
+    let args: IpamDelArgs = match serde_json::from_slice(&body) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(e) => return bad_body(e),
     };
     match svc.check(&args).await {
         Ok(r) => Json(r).into_response(),
@@ -101,13 +100,17 @@ impl Drop for SocketGuard {
 /// Binds the unix socket at `path`, replacing a stale one.
 pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketGuard)> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating socket directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()))
+        }
     }
-    let l = UnixListener::bind(path).with_context(|| format!("binding socket {}", path.display()))?;
+    let l =
+        UnixListener::bind(path).with_context(|| format!("binding socket {}", path.display()))?;
     Ok((l, SocketGuard(path.to_path_buf())))
 }

@@ -289,7 +289,12 @@ impl IpamService {
 
     /// CNI ADD: the NIC's addresses, the same ones again when repeated.
     pub async fn add(&self, args: &IpamAddArgs) -> Result<IpamAddResponse> {
-        let pod = PodRef::new(&args.container_id, &args.if_name, &args.pod_namespace, &args.pod_name)?;
+        let pod = PodRef::new(
+            &args.container_id,
+            &args.if_name,
+            &args.pod_namespace,
+            &args.pod_name,
+        )?;
         let _serial = self.serial.lock().await;
         retrying("allocate", || self.try_add(&pod, args)).await
     }
@@ -297,10 +302,15 @@ impl IpamService {
     async fn try_add(&self, pod: &PodRef, args: &IpamAddArgs) -> Result<IpamAddResponse> {
         let store = self.store.as_ref();
         let key = pod.key();
-        let pod_obj = typed::get(store, Kind::Pod, &key).await?.and_then(|(o, _)| kube_of(o));
+        let pod_obj = typed::get(store, Kind::Pod, &key)
+            .await?
+            .and_then(|(o, _)| kube_of(o));
         let uid = [
             args.pod_uid.as_str(),
-            pod_obj.as_ref().and_then(|p| p.metadata.uid.as_deref()).unwrap_or(""),
+            pod_obj
+                .as_ref()
+                .and_then(|p| p.metadata.uid.as_deref())
+                .unwrap_or(""),
             pod.container_id.as_str(),
         ]
         .into_iter()
@@ -342,7 +352,9 @@ impl IpamService {
             Some(p) => (
                 p.metadata.labels.clone(),
                 p.metadata.annotations.clone(),
-                p.metadata.controller().map(|o| (o.kind.clone(), o.name.clone())),
+                p.metadata
+                    .controller()
+                    .map(|o| (o.kind.clone(), o.name.clone())),
             ),
             None => Default::default(),
         };
@@ -436,10 +448,12 @@ impl IpamService {
             let gateway = pool.gateway.map(|g| g.to_string());
             match fp.family {
                 IpFamily::V4 => {
-                    (nic.ipv4, nic.ipv4_pool, nic.ipv4_gateway) = (address, Some(pool.name.clone()), gateway);
+                    (nic.ipv4, nic.ipv4_pool, nic.ipv4_gateway) =
+                        (address, Some(pool.name.clone()), gateway);
                 }
                 IpFamily::V6 => {
-                    (nic.ipv6, nic.ipv6_pool, nic.ipv6_gateway) = (address, Some(pool.name.clone()), gateway);
+                    (nic.ipv6, nic.ipv6_pool, nic.ipv6_gateway) =
+                        (address, Some(pool.name.clone()), gateway);
                 }
             }
             nic.vlan = nic.vlan.or(pool.vlan);
@@ -476,8 +490,10 @@ impl IpamService {
         };
         ep.status.uid = uid;
         ep.status.node = self.node.name.clone();
-        (ep.status.owner_controller_type, ep.status.owner_controller_name) =
-            owner.unwrap_or_else(|| ("Pod".into(), pod.name.clone()));
+        (
+            ep.status.owner_controller_type,
+            ep.status.owner_controller_name,
+        ) = owner.unwrap_or_else(|| ("Pod".into(), pod.name.clone()));
         ep.status.current.retain(|n| n.interface != pod.nic);
         ep.status.current.push(nic.clone());
         ops.push(endpoint_write(key.clone(), &ep, rev));
@@ -510,7 +526,8 @@ impl IpamService {
             rejected.push(Rejected {
                 pool: pool.name.clone(),
                 reason: Rejection::Exhausted {
-                    used: u64::try_from(usable.intersection(&in_use.union(reserved)).len()).unwrap_or(u64::MAX),
+                    used: u64::try_from(usable.intersection(&in_use.union(reserved)).len())
+                        .unwrap_or(u64::MAX),
                     total: pool.total_ip_count(),
                 },
             });
@@ -525,7 +542,12 @@ impl IpamService {
 
     /// CNI DEL: releases what the container holds on the NIC; succeeds when there is nothing.
     pub async fn del(&self, args: &IpamDelArgs) -> Result<()> {
-        let pod = PodRef::new(&args.container_id, &args.if_name, &args.pod_namespace, &args.pod_name)?;
+        let pod = PodRef::new(
+            &args.container_id,
+            &args.if_name,
+            &args.pod_namespace,
+            &args.pod_name,
+        )?;
         let _serial = self.serial.lock().await;
         retrying("release", || async {
             let key = pod.key();
@@ -558,7 +580,12 @@ impl IpamService {
 
     /// CNI CHECK: the container's reservation for the NIC.
     pub async fn check(&self, args: &IpamDelArgs) -> Result<IpamAddResponse> {
-        let pod = PodRef::new(&args.container_id, &args.if_name, &args.pod_namespace, &args.pod_name)?;
+        let pod = PodRef::new(
+            &args.container_id,
+            &args.if_name,
+            &args.pod_namespace,
+            &args.pod_name,
+        )?;
         let key = pod.key();
         let ep = typed::get(self.store.as_ref(), Kind::Endpoint, &key)
             .await?
@@ -579,9 +606,9 @@ impl IpamService {
         // The record must still be backed by the pools' holders.
         for (pool, ip) in held(nic) {
             let allocs = self.store.allocations(&pool).await?;
-            let ok = allocs
-                .iter()
-                .any(|a| a.ip == ip && a.holder.container_id == pod.container_id && a.holder.nic == pod.nic);
+            let ok = allocs.iter().any(|a| {
+                a.ip == ip && a.holder.container_id == pod.container_id && a.holder.nic == pod.nic
+            });
             if !ok {
                 return Err(ServiceError::NoReservation {
                     container_id: pod.container_id.clone(),

@@ -62,13 +62,19 @@ mod tests {
         assert!(n.v6.is_empty());
         assert_eq!(n.clean_gateway, None);
         let n = parse_ippool(r#"{"ipv6":["v6"],"cleangateway":true}"#).unwrap();
-        assert_eq!((n.v6, n.clean_gateway), (vec!["v6".to_string()], Some(true)));
+        assert_eq!(
+            (n.v6, n.clean_gateway),
+            (vec!["v6".to_string()], Some(true))
+        );
     }
 
     #[test]
     fn bad_values_are_named() {
         let err = parse_ippool(r#"{"ipv4": "p"}"#).unwrap_err().to_string();
-        assert!(err.starts_with("pod annotation ipam.spidernet.io/ippool: invalid type"), "{err}");
+        assert!(
+            err.starts_with("pod annotation ipam.spidernet.io/ippool: invalid type"),
+            "{err}"
+        );
         let err = parse_ippool(r#"{"ipv5": ["p"]}"#).unwrap_err().to_string();
         assert!(err.contains("unknown field `ipv5`"), "{err}");
         let err = parse_ippool("not json").unwrap_err().to_string();

@@ -79,13 +79,25 @@ pub struct IPPoolSpec {
 #[serde(rename_all = "camelCase")]
 pub struct IPPoolStatus {
     /// Upstream's form: a JSON object, as a string, mapping address to holder.
-    #[serde(default, rename = "allocatedIPs", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "allocatedIPs",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub allocated_ips: Option<String>,
     /// |ips − excludeIPs|.
-    #[serde(default, rename = "totalIPCount", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "totalIPCount",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub total_ip_count: Option<u64>,
     /// Addresses in use.
-    #[serde(default, rename = "allocatedIPCount", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "allocatedIPCount",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub allocated_ip_count: Option<u64>,
 }
 
@@ -154,13 +166,25 @@ pub struct SubnetSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SubnetStatus {
     /// Upstream's form: JSON (as a string) of pool name to the addresses it holds.
-    #[serde(default, rename = "controlledIPPools", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "controlledIPPools",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub controlled_ip_pools: Option<String>,
     /// |ips − excludeIPs|.
-    #[serde(default, rename = "totalIPCount", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "totalIPCount",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub total_ip_count: Option<u64>,
     /// Addresses given to pools.
-    #[serde(default, rename = "allocatedIPCount", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "allocatedIPCount",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub allocated_ip_count: Option<u64>,
 }
 
@@ -291,14 +315,19 @@ pub struct SpiderEndpoint {
 
 fn parse_family(field: &str, v: Option<i64>) -> Result<Option<IpFamily>, ValidationError> {
     v.map(|n| {
-        IpFamily::from_number(n).ok_or_else(|| ValidationError::field(field, n.to_string(), "must be 4 or 6"))
+        IpFamily::from_number(n)
+            .ok_or_else(|| ValidationError::field(field, n.to_string(), "must be 4 or 6"))
     })
     .transpose()
 }
 
 fn parse_subnet(field: &str, s: &str) -> Result<ipnet::IpNet, ValidationError> {
     if s.is_empty() {
-        return Err(ValidationError::field(field, s, "is required, e.g. 10.6.0.0/16"));
+        return Err(ValidationError::field(
+            field,
+            s,
+            "is required, e.g. 10.6.0.0/16",
+        ));
     }
     s.parse()
         .map_err(|_| ValidationError::field(field, s, "is not a CIDR like 10.6.0.0/16"))
@@ -311,7 +340,8 @@ fn parse_ip(field: &str, s: &str) -> Result<IpAddr, ValidationError> {
 }
 
 fn parse_list(field: &str, v: &[String], family: IpFamily) -> Result<IpSet, ValidationError> {
-    IpSet::parse_list(v, Some(family)).map_err(|e| ValidationError::Invalid(format!("{field}: {e}")))
+    IpSet::parse_list(v, Some(family))
+        .map_err(|e| ValidationError::Invalid(format!("{field}: {e}")))
 }
 
 fn parse_routes(routes: &[RouteSpec]) -> Result<Vec<Route>, ValidationError> {
@@ -346,7 +376,8 @@ impl SpiderIPPool {
             }
         }
         pool.ips = parse_list("spec.ips", &self.spec.ips, pool.family).map_err(ctx)?;
-        pool.exclude = parse_list("spec.excludeIPs", &self.spec.exclude_ips, pool.family).map_err(ctx)?;
+        pool.exclude =
+            parse_list("spec.excludeIPs", &self.spec.exclude_ips, pool.family).map_err(ctx)?;
         pool.gateway = self
             .spec
             .gateway
@@ -400,9 +431,9 @@ impl SpiderSubnet {
             },
             ..Default::default()
         };
-        as_pool
-            .to_pool()
-            .map_err(|e| ValidationError::Invalid(e.to_string().replacen("pool \"", "subnet \"", 1)))
+        as_pool.to_pool().map_err(|e| {
+            ValidationError::Invalid(e.to_string().replacen("pool \"", "subnet \"", 1))
+        })
     }
 }
 
@@ -416,7 +447,11 @@ impl SpiderReservedIP {
             Some(f) => f,
             None => match self.spec.ips.first() {
                 None => {
-                    return Err(ctx(ValidationError::field("spec.ips", "[]", "must list at least one address")))
+                    return Err(ctx(ValidationError::field(
+                        "spec.ips",
+                        "[]",
+                        "must list at least one address",
+                    )))
                 }
                 Some(first) => first
                     .parse::<spiderpool_core::IpRange>()
@@ -479,9 +514,12 @@ mod tests {
 
     #[test]
     fn reserved_ip_family_from_first_entry() {
-        let r: SpiderReservedIP = serde_norway::from_str("metadata: {name: r}\nspec: {ips: [fd00::5-fd00::6]}").unwrap();
+        let r: SpiderReservedIP =
+            serde_norway::from_str("metadata: {name: r}\nspec: {ips: [fd00::5-fd00::6]}").unwrap();
         assert_eq!(r.to_set().unwrap().len(), 2);
-        let r: SpiderReservedIP = serde_norway::from_str("metadata: {name: r}\nspec: {ips: [fd00::5, 10.0.0.1]}").unwrap();
+        let r: SpiderReservedIP =
+            serde_norway::from_str("metadata: {name: r}\nspec: {ips: [fd00::5, 10.0.0.1]}")
+                .unwrap();
         assert_eq!(
             r.to_set().unwrap_err().to_string(),
             "SpiderReservedIP \"r\": spec.ips: \"10.0.0.1\" is not an IPv6 address"

@@ -36,9 +36,19 @@ impl KubeObject {
 
     /// `spec.replicas` of a workload (Kubernetes defaults it to 1).
     pub fn replicas(&self) -> i64 {
-        self.spec.get("replicas").and_then(Value::as_i64).unwrap_or(1)
+        self.spec
+            .get("replicas")
+            .and_then(Value::as_i64)
+            .unwrap_or(1)
     }
 }
 
 /// The apps/v1 and batch/v1 workload kinds accepted by `apply`.
-pub const WORKLOAD_KINDS: &[&str] = &["Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "Job", "CronJob"];
+pub const WORKLOAD_KINDS: &[&str] = &[
+    "Deployment",
+    "ReplicaSet",
+    "StatefulSet",
+    "DaemonSet",
+    "Job",
+    "CronJob",
+];

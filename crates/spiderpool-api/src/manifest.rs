@@ -74,14 +74,16 @@ impl Kind {
             "reservedip" | "reservedips" | "spiderreservedip" | "spiderreservedips" | "sr" => {
                 Kind::ReservedIP
             }
-            "endpoint" | "endpoints" | "spiderendpoint" | "spiderendpoints" | "se" => Kind::Endpoint,
+            "endpoint" | "endpoints" | "spiderendpoint" | "spiderendpoints" | "se" => {
+                Kind::Endpoint
+            }
             "node" | "nodes" | "no" => Kind::Node,
             "namespace" | "namespaces" | "ns" => Kind::Namespace,
             "pod" | "pods" | "po" => Kind::Pod,
             "workload" | "workloads" => Kind::Workload,
-            "network-attachment-definition" | "network-attachment-definitions" | "net-attach-def" => {
-                Kind::NetworkAttachment
-            }
+            "network-attachment-definition"
+            | "network-attachment-definitions"
+            | "net-attach-def" => Kind::NetworkAttachment,
             _ => return None,
         })
     }
@@ -102,6 +104,8 @@ impl fmt::Display for Kind {
 }
 
 /// One object of any supported kind.
+// Objects are handled one or a few at a time, never in bulk arrays: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     /// SpiderIPPool.
@@ -221,8 +225,16 @@ impl Object {
 
     /// Reads one document already turned into JSON.
     pub fn from_document(doc: Value) -> Result<Parsed, ValidationError> {
-        let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
-        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+        let api_version = doc
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let kind = doc
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let name = doc
             .pointer("/metadata/name")
             .and_then(Value::as_str)
@@ -309,7 +321,10 @@ mod tests {
         assert_eq!(docs[0].object.kind(), Kind::Node);
         assert_eq!(docs[0].object.metadata().labels["node-subnet"], "subnet-6");
         assert_eq!(docs[1].object.key(), "p");
-        assert_eq!(docs[1].warnings, ["SpiderIPPool \"p\": unknown field \"spec.ipz\" ignored"]);
+        assert_eq!(
+            docs[1].warnings,
+            ["SpiderIPPool \"p\": unknown field \"spec.ipz\" ignored"]
+        );
     }
 
     #[test]
@@ -317,9 +332,19 @@ mod tests {
         let err = parse_documents("apiVersion: v1\nkind: Node\nmetadata: {name: a}\n---\napiVersion: v9\nkind: Thing\nmetadata: {name: t}\n")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("document 2: Thing \"t\": unsupported apiVersion \"v9\" kind \"Thing\""), "{err}");
-        let err = parse_documents("apiVersion: v1\nkind: Node\nmetadata: {}\n").unwrap_err().to_string();
-        assert_eq!(err, "document 1: Node (apiVersion \"v1\"): metadata.name is required");
+        assert!(
+            err.starts_with(
+                "document 2: Thing \"t\": unsupported apiVersion \"v9\" kind \"Thing\""
+            ),
+            "{err}"
+        );
+        let err = parse_documents("apiVersion: v1\nkind: Node\nmetadata: {}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "document 1: Node (apiVersion \"v1\"): metadata.name is required"
+        );
         let err = parse_documents("a: [").unwrap_err().to_string();
         assert!(err.starts_with("document 1: "), "{err}");
         let err = parse_documents(
@@ -327,7 +352,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.starts_with("document 1: SpiderIPPool \"p\": invalid type"), "{err}");
+        assert!(
+            err.starts_with("document 1: SpiderIPPool \"p\": invalid type"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -27,15 +27,27 @@ pub struct Reply {
 fn unreachable(socket: &Path, e: impl std::fmt::Display) -> CniError {
     CniError::new(
         code::TRY_AGAIN_LATER,
-        format!("spiderpool-agent at {} is not reachable: {e}; try again later", socket.display()),
+        format!(
+            "spiderpool-agent at {} is not reachable: {e}; try again later",
+            socket.display()
+        ),
     )
 }
 
 /// Sends `method path` with a JSON body and reads the whole reply.
-pub fn call(socket: &Path, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<Reply, CniError> {
+pub fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&impl Serialize>,
+) -> Result<Reply, CniError> {
     let mut stream = UnixStream::connect(socket).map_err(|e| unreachable(socket, e))?;
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(|e| unreachable(socket, e))?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(|e| unreachable(socket, e))?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| unreachable(socket, e))?;
+    stream
+        .set_write_timeout(Some(TIMEOUT))
+        .map_err(|e| unreachable(socket, e))?;
     let body = body
         .map(|b| serde_json::to_vec(b).expect("request serialises"))
         .unwrap_or_default();
@@ -47,14 +59,26 @@ pub fn call(socket: &Path, method: &str, path: &str, body: Option<&impl Serializ
     req.extend_from_slice(&body);
     stream.write_all(&req).map_err(|e| unreachable(socket, e))?;
     let mut raw = Vec::with_capacity(1024);
-    stream.read_to_end(&mut raw).map_err(|e| unreachable(socket, e))?;
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| unreachable(socket, e))?;
 
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
-    let bad = |why: String| CniError::new(code::IO_FAILURE, format!("bad reply from spiderpool-agent at {}: {why}", socket.display()));
+    let bad = |why: String| {
+        CniError::new(
+            code::IO_FAILURE,
+            format!(
+                "bad reply from spiderpool-agent at {}: {why}",
+                socket.display()
+            ),
+        )
+    };
     let head_len = match resp.parse(&raw) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Err(unreachable(socket, "the connection closed mid-reply")),
+        Ok(httparse::Status::Partial) => {
+            return Err(unreachable(socket, "the connection closed mid-reply"))
+        }
         Err(e) => return Err(bad(e.to_string())),
     };
     let status = resp.code.unwrap_or(0);
@@ -63,7 +87,13 @@ pub fn call(socket: &Path, method: &str, path: &str, body: Option<&impl Serializ
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
     {
         if body.len() < len {
             return Err(unreachable(socket, "the connection closed mid-reply"));
@@ -86,7 +116,10 @@ impl Reply {
         serde_json::from_slice(&self.body).map_err(|e| {
             CniError::new(
                 code::DECODING_FAILURE,
-                format!("decoding the reply of spiderpool-agent at {}: {e}", socket.display()),
+                format!(
+                    "decoding the reply of spiderpool-agent at {}: {e}",
+                    socket.display()
+                ),
             )
         })
     }

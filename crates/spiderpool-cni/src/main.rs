@@ -24,7 +24,10 @@ pub struct CniError {
 impl CniError {
     /// An error with `code`.
     pub fn new(code: u32, msg: impl Into<String>) -> Self {
-        CniError { code, msg: msg.into() }
+        CniError {
+            code,
+            msg: msg.into(),
+        }
     }
 }
 
@@ -36,7 +39,10 @@ fn main() -> ExitCode {
         Ok(_) => plugin::run(&env, &stdin),
         Err(e) => Err((
             plugin::FALLBACK_VERSION.to_string(),
-            CniError::new(spiderpool_api::cni::code::IO_FAILURE, format!("reading stdin: {e}")),
+            CniError::new(
+                spiderpool_api::cni::code::IO_FAILURE,
+                format!("reading stdin: {e}"),
+            ),
         )),
     };
     let mut out = std::io::stdout().lock();
@@ -54,7 +60,11 @@ fn main() -> ExitCode {
                 msg: e.msg,
                 details: String::new(),
             };
-            let _ = writeln!(out, "{}", serde_json::to_string(&j).expect("error serialises"));
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&j).expect("error serialises")
+            );
             ExitCode::FAILURE
         }
     }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use spiderpool_api::agent::{IpamAddArgs, IpamAddResponse, IpamDelArgs, PATH_CHECK, PATH_IP};
-use spiderpool_api::cni::{code, IpamResult, NetConf, ResultIp, ResultRoute, DEFAULT_SOCKET, SUPPORTED_VERSIONS};
+use spiderpool_api::cni::{
+    code, IpamResult, NetConf, ResultIp, ResultRoute, DEFAULT_SOCKET, SUPPORTED_VERSIONS,
+};
 
 use crate::client;
 use crate::CniError;
@@ -25,18 +27,23 @@ enum Command {
 
 impl Command {
     fn parse(s: Option<&String>) -> Result<Self, CniError> {
-        let s = s.ok_or_else(|| CniError::new(code::INVALID_ENV, "environment variable CNI_COMMAND is not set"))?;
+        let s = s.ok_or_else(|| {
+            CniError::new(
+                code::INVALID_ENV,
+                "environment variable CNI_COMMAND is not set",
+            )
+        })?;
         Ok(match s.as_str() {
             "ADD" => Command::Add,
             "DEL" => Command::Del,
             "CHECK" => Command::Check,
             "VERSION" => Command::Version,
-            other => {
-                return Err(CniError::new(
-                    code::INVALID_ENV,
-                    format!("CNI_COMMAND {other:?} is not supported (supported: ADD, DEL, CHECK, VERSION)"),
-                ))
-            }
+            other => return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_COMMAND {other:?} is not supported (supported: ADD, DEL, CHECK, VERSION)"
+                ),
+            )),
         })
     }
 }
@@ -53,14 +60,22 @@ fn required<'a>(env: &'a HashMap<String, String>, name: &str) -> Result<&'a str,
     env.get(name)
         .map(String::as_str)
         .filter(|v| !v.is_empty())
-        .ok_or_else(|| CniError::new(code::INVALID_ENV, format!("environment variable {name} is not set")))
+        .ok_or_else(|| {
+            CniError::new(
+                code::INVALID_ENV,
+                format!("environment variable {name} is not set"),
+            )
+        })
 }
 
 fn parse_cni_args(s: &str) -> Result<HashMap<String, String>, CniError> {
     let mut out = HashMap::new();
     for pair in s.split(';').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
-            CniError::new(code::INVALID_ENV, format!("CNI_ARGS entry {pair:?} is not KEY=VALUE"))
+            CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_ARGS entry {pair:?} is not KEY=VALUE"),
+            )
         })?;
         out.insert(k.to_string(), v.to_string());
     }
@@ -121,14 +136,26 @@ fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
 }
 
 fn init_logging(conf: &NetConf) {
-    let level = conf.ipam.log_level.as_deref().unwrap_or("info").to_ascii_lowercase();
-    let filter = tracing_subscriber::EnvFilter::try_new(&level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    let level = conf
+        .ipam
+        .log_level
+        .as_deref()
+        .unwrap_or("info")
+        .to_ascii_lowercase();
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
     let file = conf.ipam.log_file_path.as_deref().and_then(|p| {
         if let Some(dir) = Path::new(p).parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        std::fs::OpenOptions::new().create(true).append(true).open(p).ok()
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
     });
     let _ = match file {
         Some(f) => b.with_writer(std::sync::Mutex::new(f)).try_init(),
@@ -138,15 +165,21 @@ fn init_logging(conf: &NetConf) {
 
 /// Runs one CNI call. `Ok(Some(json))` is printed on stdout; errors carry the version to
 /// report them in.
-pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Option<Value>, (String, CniError)> {
-    let cmd = Command::parse(env.get("CNI_COMMAND")).map_err(|e| (FALLBACK_VERSION.to_string(), e))?;
+pub fn run(
+    env: &HashMap<String, String>,
+    stdin: &[u8],
+) -> Result<Option<Value>, (String, CniError)> {
+    let cmd =
+        Command::parse(env.get("CNI_COMMAND")).map_err(|e| (FALLBACK_VERSION.to_string(), e))?;
     if cmd == Command::Version {
         let asked = serde_json::from_slice::<Value>(stdin)
             .ok()
             .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
             .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
             .unwrap_or_else(|| SUPPORTED_VERSIONS.last().expect("versions").to_string());
-        return Ok(Some(json!({"cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS})));
+        return Ok(Some(
+            json!({"cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS}),
+        ));
     }
     let conf = parse_conf(stdin).map_err(|e| {
         let v = serde_json::from_slice::<Value>(stdin)
@@ -160,12 +193,19 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Option<Value>,
     init_logging(&conf);
     let with_version = |e: CniError| (version.clone(), e);
     let cenv = CniEnv::read(env, cmd).map_err(with_version)?;
-    let socket = PathBuf::from(conf.ipam.ipam_unix_socket_path.as_deref().unwrap_or(DEFAULT_SOCKET));
+    let socket = PathBuf::from(
+        conf.ipam
+            .ipam_unix_socket_path
+            .as_deref()
+            .unwrap_or(DEFAULT_SOCKET),
+    );
     tracing::debug!(command = ?cmd, container_id = %cenv.container_id, ifname = %cenv.ifname, "called");
     match cmd {
         Command::Add => add(&conf, &cenv, &socket).map(Some).map_err(with_version),
         Command::Del => del(&cenv, &socket).map(|()| None).map_err(with_version),
-        Command::Check => check(&conf, &cenv, &socket).map(|()| None).map_err(with_version),
+        Command::Check => check(&conf, &cenv, &socket)
+            .map(|()| None)
+            .map_err(with_version),
         Command::Version => unreachable!("answered above"),
     }
 }
@@ -243,10 +283,14 @@ fn check(conf: &NetConf, env: &CniEnv, socket: &Path) -> Result<(), CniError> {
     if matches!(conf.cni_version.as_str(), "0.3.0" | "0.3.1") {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
-            format!("CHECK is not defined for cniVersion {:?}; it needs 0.4.0 or later", conf.cni_version),
+            format!(
+                "CHECK is not defined for cniVersion {:?}; it needs 0.4.0 or later",
+                conf.cni_version
+            ),
         ));
     }
-    let resp: IpamAddResponse = client::call(socket, "POST", PATH_CHECK, Some(&env.del_args()))?.json(socket)?;
+    let resp: IpamAddResponse =
+        client::call(socket, "POST", PATH_CHECK, Some(&env.del_args()))?.json(socket)?;
     let held = to_result(&resp, &env.ifname)?.to_json(&conf.cni_version);
     if let Some(prev) = &conf.prev_result {
         let (want, have) = (addresses(prev), addresses(&held));

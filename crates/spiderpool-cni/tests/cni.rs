@@ -54,7 +54,10 @@ fn conf(env: &Env, version: &str, ipam: Value) -> Value {
 fn snapshot(sb: &Sandbox) -> Value {
     let strip = |mut v: Value| {
         for item in v["items"].as_array_mut().unwrap() {
-            item["metadata"].as_object_mut().unwrap().remove("resourceVersion");
+            item["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("resourceVersion");
         }
         v
     };
@@ -64,12 +67,22 @@ fn snapshot(sb: &Sandbox) -> Value {
 }
 
 fn expect_error(out: &spiderpool_testkit::Output, code: u64, needle: &str) {
-    assert!(!out.success, "expected failure, got success: {}", out.stdout);
+    assert!(
+        !out.success,
+        "expected failure, got success: {}",
+        out.stdout
+    );
     let j = out.json();
     assert_eq!(j["code"], code, "wrong code in {j}");
     let msg = j["msg"].as_str().unwrap();
-    assert!(msg.contains(needle), "message {msg:?} does not name {needle:?}");
-    assert!(j["cniVersion"].is_string(), "error JSON has cniVersion: {j}");
+    assert!(
+        msg.contains(needle),
+        "message {msg:?} does not name {needle:?}"
+    );
+    assert!(
+        j["cniVersion"].is_string(),
+        "error JSON has cniVersion: {j}"
+    );
 }
 
 #[test]
@@ -84,15 +97,24 @@ fn add_check_del_for_every_supported_version() {
         let r = add.json();
         assert_eq!(r["cniVersion"], *version);
         let ip = &r["ips"][0];
-        assert_eq!(ip["address"], "10.6.168.60/16", "{version}: lowest free address");
+        assert_eq!(
+            ip["address"], "10.6.168.60/16",
+            "{version}: lowest free address"
+        );
         assert_eq!(ip["gateway"], "10.6.0.1");
         if version.starts_with('0') {
             assert_eq!(ip["version"], "4", "{version} results carry ips[].version");
         } else {
-            assert!(ip.get("version").is_none(), "{version} results have no ips[].version");
+            assert!(
+                ip.get("version").is_none(),
+                "{version} results have no ips[].version"
+            );
         }
         assert_eq!(r["routes"], json!([{"dst": "0.0.0.0/0", "gw": "10.6.0.1"}]));
-        assert!(r.get("interfaces").is_none(), "an IPAM result has no interfaces");
+        assert!(
+            r.get("interfaces").is_none(),
+            "an IPAM result has no interfaces"
+        );
 
         // ADD repeated for the same container and NIC: the same answer, nothing more taken.
         let again = CniCall::new("ADD", &container, &pod, &c).run();
@@ -114,7 +136,11 @@ fn add_check_del_for_every_supported_version() {
         assert_eq!(del.stdout, "");
         assert_eq!(env.sb.allocated("pool-a"), 0);
         let del_again = CniCall::new("DEL", &container, &pod, &c).run();
-        assert!(del_again.success, "repeated DEL succeeds: {}", del_again.stdout);
+        assert!(
+            del_again.success,
+            "repeated DEL succeeds: {}",
+            del_again.stdout
+        );
     }
 }
 
@@ -166,7 +192,16 @@ fn bad_input_gets_the_right_code_and_leaves_the_datastore_alone() {
     let c = CniCall::new("ADD", "c1", "p1", &conf(&env, "0.2.0", json!({})));
     expect_error(&c.run(), 1, "\"0.2.0\"");
 
-    let c = CniCall::new("ADD", "c1", "p1", &conf(&env, "1.0.0", json!({"default_ipv4_ippool": ["no-such-pool"]})));
+    let c = CniCall::new(
+        "ADD",
+        "c1",
+        "p1",
+        &conf(
+            &env,
+            "1.0.0",
+            json!({"default_ipv4_ippool": ["no-such-pool"]}),
+        ),
+    );
     expect_error(&c.run(), 7, "\"no-such-pool\"");
 
     let c = CniCall::new("ADD", "c1", "p1", &conf(&env, "1.0.0", json!({})));
@@ -185,7 +220,8 @@ fn bad_input_gets_the_right_code_and_leaves_the_datastore_alone() {
     // CHECK against a prevResult that differs from the reservation.
     let mut c = CniCall::new("CHECK", "holder", "holder", &good);
     let mut with_prev = good.clone();
-    with_prev["prevResult"] = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.6.168.99/16"}]});
+    with_prev["prevResult"] =
+        json!({"cniVersion": "1.0.0", "ips": [{"address": "10.6.168.99/16"}]});
     c.stdin = with_prev.to_string();
     expect_error(&c.run(), 101, "10.6.168.99/16");
 
@@ -201,7 +237,10 @@ fn exhausted_pool_is_named() {
     let before = snapshot(&env.sb);
     let out = CniCall::new("ADD", "c2", "p2", &c).run();
     expect_error(&out, 100, "tiny: exhausted (1 of 1 addresses in use)");
-    assert!(out.json()["msg"].as_str().unwrap().starts_with("spiderpool IP allocation error: "));
+    assert!(out.json()["msg"]
+        .as_str()
+        .unwrap()
+        .starts_with("spiderpool IP allocation error: "));
     assert_eq!(snapshot(&env.sb), before);
 }
 
@@ -265,7 +304,11 @@ metadata:
     );
     let out = CniCall::new("ADD", "c-clean", "clean", &c).run();
     assert_eq!(out.json()["ips"][0]["address"], "fd00:6::11/64");
-    assert_eq!(out.json()["routes"], json!([]), "cleangateway drops the default route");
+    assert_eq!(
+        out.json()["routes"],
+        json!([]),
+        "cleangateway drops the default route"
+    );
 
     let before = snapshot(&env.sb);
     let out = CniCall::new("ADD", "c-broken", "broken", &c).run();

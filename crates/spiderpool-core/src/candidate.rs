@@ -8,8 +8,8 @@ use std::net::IpAddr;
 
 use thiserror::Error;
 
-use crate::ipset::{IpFamily, IpSet};
 use crate::ippool::Pool;
+use crate::ipset::{IpFamily, IpSet};
 use crate::selector::Labels;
 
 /// Pool names for one NIC, as a source lists them.
@@ -125,7 +125,10 @@ impl fmt::Display for Rejection {
                 write!(f, "spec.namespaceName does not list namespace {n}")
             }
             Rejection::NamespaceAffinity(n) => {
-                write!(f, "spec.namespaceAffinity does not match the labels of namespace {n}")
+                write!(
+                    f,
+                    "spec.namespaceAffinity does not match the labels of namespace {n}"
+                )
             }
             Rejection::PodAffinity(p) => {
                 write!(f, "spec.podAffinity does not match the labels of pod {p}")
@@ -301,10 +304,12 @@ impl Request {
                 rejected: Vec::new(),
             };
             for name in wanted {
-                let pool = by_name.get(name.as_str()).ok_or_else(|| AllocError::PoolNotFound {
-                    pool: name.clone(),
-                    named_by: source,
-                })?;
+                let pool = by_name
+                    .get(name.as_str())
+                    .ok_or_else(|| AllocError::PoolNotFound {
+                        pool: name.clone(),
+                        named_by: source,
+                    })?;
                 if fp.pools.iter().any(|p| p.name == pool.name) {
                     continue;
                 }
@@ -325,7 +330,8 @@ impl Request {
                 });
             }
             // Stable: pools of equal strength keep the order their source listed them in.
-            fp.pools.sort_by_key(|p| std::cmp::Reverse(affinity_strength(p)));
+            fp.pools
+                .sort_by_key(|p| std::cmp::Reverse(affinity_strength(p)));
             families.push(fp);
         }
         Ok(Plan {
@@ -421,7 +427,9 @@ mod tests {
     #[test]
     fn pool_group_follows_the_node_zone() {
         let pools = seed_pools();
-        let plan = on_node("controller-node-1", "subnet-6").plan(&pools).unwrap();
+        let plan = on_node("controller-node-1", "subnet-6")
+            .plan(&pools)
+            .unwrap();
         assert_eq!(plan.source, Source::PodIppool);
         assert_eq!(plan_names(&plan), [["test-ippool-6"]]);
         assert_eq!(
@@ -463,7 +471,10 @@ mod tests {
         req.pod_ippool = None;
         req.cni_default = names(&["cni-v4"], &[]);
         let plan = req.plan(&pools).unwrap();
-        assert_eq!((plan.source, plan_names(&plan)), (Source::CniConfig, vec![vec!["cni-v4".to_string()]]));
+        assert_eq!(
+            (plan.source, plan_names(&plan)),
+            (Source::CniConfig, vec![vec!["cni-v4".to_string()]])
+        );
         req.cni_default = PoolNames::default();
         let plan = req.plan(&pools).unwrap();
         assert_eq!(plan.source, Source::ClusterDefault);
@@ -514,7 +525,9 @@ mod tests {
     fn node_name_replaces_node_affinity() {
         let mut pools = seed_pools();
         pools[1].node_name = vec!["controller-node-1".into()];
-        let plan = on_node("controller-node-1", "subnet-6").plan(&pools).unwrap();
+        let plan = on_node("controller-node-1", "subnet-6")
+            .plan(&pools)
+            .unwrap();
         // Both fit; nodeName is the stronger binding and goes first.
         assert_eq!(plan_names(&plan), [["test-ippool-7", "test-ippool-6"]]);
     }
@@ -537,7 +550,10 @@ mod tests {
         p.exclude = IpSet::parse_list(&["10.6.168.60"], None).unwrap();
         let reserved = IpSet::parse_list(&["10.6.168.61"], None).unwrap();
         let used = IpSet::parse_list(&["10.6.168.62-10.6.168.63"], None).unwrap();
-        assert_eq!(lowest_free(&p, &reserved, &used), Some("10.6.168.64".parse().unwrap()));
+        assert_eq!(
+            lowest_free(&p, &reserved, &used),
+            Some("10.6.168.64".parse().unwrap())
+        );
         let all = IpSet::parse_list(&["10.6.168.60-10.6.168.69"], None).unwrap();
         assert_eq!(lowest_free(&p, &reserved, &all), None);
     }

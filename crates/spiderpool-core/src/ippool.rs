@@ -223,7 +223,9 @@ impl Pool {
                 return Err(bad("route family differs from the pool's"));
             }
             if r.dst.prefix_len() == 0 {
-                return Err(bad("the default route comes from spec.gateway, not spec.routes"));
+                return Err(bad(
+                    "the default route comes from spec.gateway, not spec.routes",
+                ));
             }
             if !self.subnet.contains(&r.gw) {
                 return Err(PoolError::OutsideSubnet {
@@ -276,19 +278,34 @@ pub(crate) mod tests {
         let mut cases: Vec<(Pool, &str)> = Vec::new();
         let mut p = base();
         p.ips = IpSet::parse_list(&["10.7.0.5"], None).unwrap();
-        cases.push((p, "pool \"test-ippool-6\": spec.ips 10.7.0.5 is outside subnet 10.6.0.0/16"));
+        cases.push((
+            p,
+            "pool \"test-ippool-6\": spec.ips 10.7.0.5 is outside subnet 10.6.0.0/16",
+        ));
         let mut p = base();
         p.exclude = IpSet::parse_list(&["10.8.0.1"], None).unwrap();
-        cases.push((p, "pool \"test-ippool-6\": spec.excludeIPs 10.8.0.1 is outside subnet 10.6.0.0/16"));
+        cases.push((
+            p,
+            "pool \"test-ippool-6\": spec.excludeIPs 10.8.0.1 is outside subnet 10.6.0.0/16",
+        ));
         let mut p = base();
         p.gateway = Some("10.7.0.1".parse().unwrap());
-        cases.push((p, "pool \"test-ippool-6\": spec.gateway 10.7.0.1 is outside subnet 10.6.0.0/16"));
+        cases.push((
+            p,
+            "pool \"test-ippool-6\": spec.gateway 10.7.0.1 is outside subnet 10.6.0.0/16",
+        ));
         let mut p = base();
         p.gateway = Some("10.6.168.61".parse().unwrap());
-        cases.push((p, "pool \"test-ippool-6\": spec.gateway 10.6.168.61 must not be one of spec.ips"));
+        cases.push((
+            p,
+            "pool \"test-ippool-6\": spec.gateway 10.6.168.61 must not be one of spec.ips",
+        ));
         let mut p = base();
         p.subnet = "10.6.1.0/16".parse().unwrap();
-        cases.push((p, "pool \"test-ippool-6\": spec.subnet 10.6.1.0/16 is not canonical, use 10.6.0.0/16"));
+        cases.push((
+            p,
+            "pool \"test-ippool-6\": spec.subnet 10.6.1.0/16 is not canonical, use 10.6.0.0/16",
+        ));
         let mut p = base();
         p.routes = vec![Route {
             dst: "0.0.0.0/0".parse().unwrap(),
@@ -306,6 +323,9 @@ pub(crate) mod tests {
             assert!(err.contains(want), "want {want:?}, got {err:?}");
         }
         let err = base().validate(Some(IpFamily::V6)).unwrap_err().to_string();
-        assert_eq!(err, "pool \"test-ippool-6\": spec.ipVersion 6 does not match spec.subnet 10.6.0.0/16");
+        assert_eq!(
+            err,
+            "pool \"test-ippool-6\": spec.ipVersion 6 does not match spec.subnet 10.6.0.0/16"
+        );
     }
 }

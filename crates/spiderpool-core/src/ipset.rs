@@ -257,9 +257,9 @@ impl Ranges {
     }
 
     fn len(&self) -> u128 {
-        self.0
-            .iter()
-            .fold(0u128, |acc, (s, e)| acc.saturating_add((e - s).saturating_add(1)))
+        self.0.iter().fold(0u128, |acc, (s, e)| {
+            acc.saturating_add((e - s).saturating_add(1))
+        })
     }
 }
 
@@ -435,7 +435,12 @@ mod tests {
             (" 10.0.0.0 - 10.0.1.255 ", "10.0.0.0", "10.0.1.255", 512),
             ("fd00::1", "fd00::1", "fd00::1", 1),
             ("fd00::1-fd00::ff", "fd00::1", "fd00::ff", 255),
-            ("::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", u128::MAX),
+            (
+                "::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                "::",
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                u128::MAX,
+            ),
         ];
         for (text, start, end, len) in cases {
             let r: IpRange = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
@@ -448,9 +453,18 @@ mod tests {
     #[test]
     fn rejects_bad_entries_naming_them() {
         let cases: &[(&str, &str)] = &[
-            ("10.6.168.69-10.6.168.60", "IP range \"10.6.168.69-10.6.168.60\" is reversed"),
-            ("fd00::9-fd00::1", "IP range \"fd00::9-fd00::1\" is reversed"),
-            ("10.6.0.1-fd00::1", "IP range \"10.6.0.1-fd00::1\" mixes IPv4 and IPv6"),
+            (
+                "10.6.168.69-10.6.168.60",
+                "IP range \"10.6.168.69-10.6.168.60\" is reversed",
+            ),
+            (
+                "fd00::9-fd00::1",
+                "IP range \"fd00::9-fd00::1\" is reversed",
+            ),
+            (
+                "10.6.0.1-fd00::1",
+                "IP range \"10.6.0.1-fd00::1\" mixes IPv4 and IPv6",
+            ),
             ("10.6.0.0/16", "\"10.6.0.0/16\" is not an IP address"),
             ("10.6.0.256", "\"10.6.0.256\" is not an IP address"),
             ("", "\"\" is not an IP address"),
@@ -485,9 +499,17 @@ mod tests {
     #[test]
     fn difference_and_lowest_member() {
         let pool = set(&["10.6.168.60-10.6.168.69"]);
-        let taken = set(&["10.6.168.60", "10.6.168.61", "10.6.168.63-10.6.168.64", "10.6.168.69"]);
+        let taken = set(&[
+            "10.6.168.60",
+            "10.6.168.61",
+            "10.6.168.63-10.6.168.64",
+            "10.6.168.69",
+        ]);
         let free = pool.difference(&taken);
-        assert_eq!(free.to_strings(), ["10.6.168.62", "10.6.168.65-10.6.168.68"]);
+        assert_eq!(
+            free.to_strings(),
+            ["10.6.168.62", "10.6.168.65-10.6.168.68"]
+        );
         assert_eq!(free.first(IpFamily::V4), Some(ip("10.6.168.62")));
         assert_eq!(free.len(), 5);
         assert!(free.contains(&ip("10.6.168.66")));
@@ -505,7 +527,10 @@ mod tests {
         let rest = s.difference(&set(&["10.0.0.1-10.0.0.3"]));
         assert_eq!(rest.first(IpFamily::V4), None);
         assert_eq!(rest.len(), 2);
-        assert_eq!(s.intersection(&set(&["10.0.0.2-10.0.0.9"])).to_strings(), ["10.0.0.2-10.0.0.3"]);
+        assert_eq!(
+            s.intersection(&set(&["10.0.0.2-10.0.0.9"])).to_strings(),
+            ["10.0.0.2-10.0.0.3"]
+        );
     }
 
     #[test]
@@ -534,11 +559,8 @@ mod tests {
                     .map(|_| {
                         let a = (n() % 40) as u32;
                         let b = a + (n() % 8) as u32;
-                        IpRange::new(
-                            IpAddr::V4(Ipv4Addr::from(a)),
-                            IpAddr::V4(Ipv4Addr::from(b)),
-                        )
-                        .unwrap()
+                        IpRange::new(IpAddr::V4(Ipv4Addr::from(a)), IpAddr::V4(Ipv4Addr::from(b)))
+                            .unwrap()
                     })
                     .collect();
                 IpSet::from_ranges(ranges)
@@ -548,7 +570,11 @@ mod tests {
             let d = a.difference(&b);
             for v in 0..50u32 {
                 let x = IpAddr::V4(Ipv4Addr::from(v));
-                assert_eq!(d.contains(&x), a.contains(&x) && !b.contains(&x), "{a} - {b} at {x}");
+                assert_eq!(
+                    d.contains(&x),
+                    a.contains(&x) && !b.contains(&x),
+                    "{a} - {b} at {x}"
+                );
             }
         }
     }

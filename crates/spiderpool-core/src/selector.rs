@@ -144,7 +144,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn req(key: &str, op: &str, values: &[&str]) -> Requirement {
@@ -171,9 +174,21 @@ mod tests {
             (expr(req("node-subnet", "In", &["subnet-6"])), &node6, true),
             (expr(req("node-subnet", "In", &["subnet-7"])), &node6, false),
             (expr(req("node-subnet", "In", &["subnet-6"])), &bare, false),
-            (expr(req("node-subnet", "NotIn", &["subnet-7"])), &node6, true),
-            (expr(req("node-subnet", "NotIn", &["subnet-6"])), &node6, false),
-            (expr(req("node-subnet", "NotIn", &["subnet-6"])), &bare, true),
+            (
+                expr(req("node-subnet", "NotIn", &["subnet-7"])),
+                &node6,
+                true,
+            ),
+            (
+                expr(req("node-subnet", "NotIn", &["subnet-6"])),
+                &node6,
+                false,
+            ),
+            (
+                expr(req("node-subnet", "NotIn", &["subnet-6"])),
+                &bare,
+                true,
+            ),
             (expr(req("zone", "Exists", &[])), &node6, true),
             (expr(req("zone", "Exists", &[])), &bare, false),
             (expr(req("zone", "DoesNotExist", &[])), &node6, false),
@@ -209,7 +224,10 @@ mod tests {
             "matchExpressions key \"zone\": unknown operator \"Like\" (valid: In, NotIn, Exists, DoesNotExist)"
         );
         let err = expr(req("zone", "In", &[])).validate().unwrap_err();
-        assert!(err.to_string().contains("needs at least one value"), "{err}");
+        assert!(
+            err.to_string().contains("needs at least one value"),
+            "{err}"
+        );
         let err = expr(req("zone", "Exists", &["a"])).validate().unwrap_err();
         assert!(err.to_string().contains("takes no values"), "{err}");
         assert!(expr(req("zone", "NotIn", &["a"])).validate().is_ok());
@@ -219,7 +237,10 @@ mod tests {
     fn displays_in_kubectl_syntax() {
         let s = LabelSelector {
             match_labels: [("a".to_string(), "1".to_string())].into(),
-            match_expressions: vec![req("node-subnet", "In", &["subnet-6"]), req("x", "DoesNotExist", &[])],
+            match_expressions: vec![
+                req("node-subnet", "In", &["subnet-6"]),
+                req("x", "DoesNotExist", &[]),
+            ],
         };
         assert_eq!(s.to_string(), "a=1,node-subnet in (subnet-6),!x");
     }

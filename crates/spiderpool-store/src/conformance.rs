@@ -62,16 +62,38 @@ pub async fn objects_and_conditions(s: Arc<dyn Store>) {
         .unwrap();
     let got = s.get(Kind::Node, "n1").await.unwrap().unwrap();
     assert_eq!((got.value, got.revision), (json!({"a": 1}), r1));
-    let m = conflict(s.commit(vec![put(Kind::Node, "n1", json!({}), Expect::Absent)]).await);
+    let m = conflict(
+        s.commit(vec![put(Kind::Node, "n1", json!({}), Expect::Absent)])
+            .await,
+    );
     assert!(m.contains("nodes/n1 already exists"), "{m}");
     let r2 = s
-        .commit(vec![put(Kind::Node, "n1", json!({"a": 2}), Expect::Revision(r1))])
+        .commit(vec![put(
+            Kind::Node,
+            "n1",
+            json!({"a": 2}),
+            Expect::Revision(r1),
+        )])
         .await
         .unwrap();
     assert!(r2 > r1);
-    let m = conflict(s.commit(vec![put(Kind::Node, "n1", json!({"a": 3}), Expect::Revision(r1))]).await);
-    assert!(m.contains(&format!("is at revision {r2}, expected {r1}")), "{m}");
-    assert_eq!(s.get(Kind::Node, "n1").await.unwrap().unwrap().value, json!({"a": 2}));
+    let m = conflict(
+        s.commit(vec![put(
+            Kind::Node,
+            "n1",
+            json!({"a": 3}),
+            Expect::Revision(r1),
+        )])
+        .await,
+    );
+    assert!(
+        m.contains(&format!("is at revision {r2}, expected {r1}")),
+        "{m}"
+    );
+    assert_eq!(
+        s.get(Kind::Node, "n1").await.unwrap().unwrap().value,
+        json!({"a": 2})
+    );
     // Kinds are separate key spaces; list is ordered by key.
     s.commit(vec![
         put(Kind::Node, "n0", json!({}), Expect::Any),
@@ -79,7 +101,13 @@ pub async fn objects_and_conditions(s: Arc<dyn Store>) {
     ])
     .await
     .unwrap();
-    let keys: Vec<String> = s.list(Kind::Node).await.unwrap().into_iter().map(|o| o.key).collect();
+    let keys: Vec<String> = s
+        .list(Kind::Node)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     assert_eq!(keys, ["n0", "n1"]);
     assert_eq!(s.list(Kind::Pod).await.unwrap().len(), 1);
     assert!(s.list(Kind::Endpoint).await.unwrap().is_empty());
@@ -123,7 +151,12 @@ pub async fn objects_and_conditions(s: Arc<dyn Store>) {
 /// A failing condition anywhere leaves every op of the transaction unapplied.
 pub async fn transactions_are_all_or_nothing(s: Arc<dyn Store>) {
     let pool_rev = s
-        .commit(vec![put(Kind::IPPool, "p", json!({"spec": {}}), Expect::Absent)])
+        .commit(vec![put(
+            Kind::IPPool,
+            "p",
+            json!({"spec": {}}),
+            Expect::Absent,
+        )])
         .await
         .unwrap();
     s.commit(vec![Op::Claim {
@@ -195,7 +228,12 @@ pub async fn claims_and_owned_releases(s: Arc<dyn Store>) {
     assert!(m.contains("10.0.0.1 of pool p is already held"), "{m}");
     // The pool changed since the choice was made.
     let r2 = s
-        .commit(vec![put(Kind::IPPool, "p", json!({"disable": true}), Expect::Revision(r))])
+        .commit(vec![put(
+            Kind::IPPool,
+            "p",
+            json!({"disable": true}),
+            Expect::Revision(r),
+        )])
         .await
         .unwrap();
     let m = conflict(s.commit(vec![claim("c2", "10.0.0.2", r)]).await);
@@ -215,7 +253,10 @@ pub async fn claims_and_owned_releases(s: Arc<dyn Store>) {
     assert_eq!(allocs.len(), 2);
     assert_eq!(allocs[0].ip, ip("10.0.0.1"));
     assert_eq!(allocs[0].holder, holder("c1", "eth0"));
-    assert_eq!(s.allocation_counts().await.unwrap(), BTreeMap::from([("p".to_string(), 2)]));
+    assert_eq!(
+        s.allocation_counts().await.unwrap(),
+        BTreeMap::from([("p".to_string(), 2)])
+    );
     // A stale release (other container, other NIC) frees nothing.
     let release = |c: &str, nic: &str, a: &str| Op::Release {
         pool: "p".into(),
@@ -223,17 +264,25 @@ pub async fn claims_and_owned_releases(s: Arc<dyn Store>) {
         container_id: c.into(),
         nic: nic.into(),
     };
-    s.commit(vec![release("c2", "eth0", "10.0.0.1"), release("c1", "net1", "10.0.0.1")])
-        .await
-        .unwrap();
+    s.commit(vec![
+        release("c2", "eth0", "10.0.0.1"),
+        release("c1", "net1", "10.0.0.1"),
+    ])
+    .await
+    .unwrap();
     assert_eq!(s.allocations("p").await.unwrap().len(), 2);
-    s.commit(vec![release("c1", "eth0", "10.0.0.1"), release("c1", "eth0", "fd00::1")])
-        .await
-        .unwrap();
+    s.commit(vec![
+        release("c1", "eth0", "10.0.0.1"),
+        release("c1", "eth0", "fd00::1"),
+    ])
+    .await
+    .unwrap();
     assert!(s.allocations("p").await.unwrap().is_empty());
     assert!(s.allocation_counts().await.unwrap().is_empty());
     // Releasing again is a no-op.
-    s.commit(vec![release("c1", "eth0", "10.0.0.1")]).await.unwrap();
+    s.commit(vec![release("c1", "eth0", "10.0.0.1")])
+        .await
+        .unwrap();
     s.commit(vec![claim("c2", "10.0.0.1", r2)]).await.unwrap();
 }
 
@@ -245,7 +294,12 @@ where
 {
     let handles = [open().await, open().await];
     handles[0]
-        .commit(vec![put(Kind::Namespace, "counter", json!({"n": 0}), Expect::Absent)])
+        .commit(vec![put(
+            Kind::Namespace,
+            "counter",
+            json!({"n": 0}),
+            Expect::Absent,
+        )])
         .await
         .unwrap();
     const TASKS: usize = 8;
@@ -280,7 +334,11 @@ where
     for j in joins {
         j.await.unwrap();
     }
-    let v = handles[1].get(Kind::Namespace, "counter").await.unwrap().unwrap();
+    let v = handles[1]
+        .get(Kind::Namespace, "counter")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(v.value["n"].as_u64().unwrap(), TASKS as u64 * EACH);
 }
 
@@ -303,13 +361,16 @@ where
         let s = handles[t % 2].clone();
         joins.push(tokio::spawn(async move {
             loop {
-                let held: HashSet<IpAddr> = s.allocations("race").await.unwrap().into_iter().map(|a| a.ip).collect();
-                let Some(free) = (1..=ADDRESSES)
+                let held: HashSet<IpAddr> = s
+                    .allocations("race")
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|a| a.ip)
+                    .collect();
+                let free = (1..=ADDRESSES)
                     .map(|i| IpAddr::from([10, 9, 0, i]))
-                    .find(|a| !held.contains(a))
-                else {
-                    return None;
-                };
+                    .find(|a| !held.contains(a))?;
                 match s
                     .commit(vec![Op::Claim {
                         pool: "race".into(),
@@ -334,7 +395,11 @@ where
     }
     let unique: HashSet<_> = won.iter().collect();
     assert_eq!(won.len(), ADDRESSES as usize, "winners: {won:?}");
-    assert_eq!(unique.len(), won.len(), "an address was handed out twice: {won:?}");
+    assert_eq!(
+        unique.len(),
+        won.len(),
+        "an address was handed out twice: {won:?}"
+    );
     let stored = handles[1].allocations("race").await.unwrap();
     assert_eq!(stored.len(), ADDRESSES as usize);
 }

@@ -161,7 +161,9 @@ impl StoreError {
 pub(crate) fn check(expect: Expect, current: Option<Revision>, what: &str) -> Result<()> {
     match (expect, current) {
         (Expect::Any, _) | (Expect::Absent, None) => Ok(()),
-        (Expect::Absent, Some(r)) => Err(StoreError::Conflict(format!("{what} already exists (revision {r})"))),
+        (Expect::Absent, Some(r)) => Err(StoreError::Conflict(format!(
+            "{what} already exists (revision {r})"
+        ))),
         (Expect::Revision(want), Some(r)) if want == r => Ok(()),
         (Expect::Revision(want), Some(r)) => Err(StoreError::Conflict(format!(
             "{what} is at revision {r}, expected {want}"
@@ -278,18 +280,28 @@ mod tests {
     #[test]
     fn parses_datastore_urls() {
         assert_eq!(
-            "sqlite:///var/lib/spiderpool/spiderpool.db".parse::<DatastoreUrl>().unwrap(),
+            "sqlite:///var/lib/spiderpool/spiderpool.db"
+                .parse::<DatastoreUrl>()
+                .unwrap(),
             DatastoreUrl::Sqlite("/var/lib/spiderpool/spiderpool.db".into())
         );
         assert_eq!(
-            "etcd://h1:2379,h2:2379?prefix=/x".parse::<DatastoreUrl>().unwrap(),
+            "etcd://h1:2379,h2:2379?prefix=/x"
+                .parse::<DatastoreUrl>()
+                .unwrap(),
             DatastoreUrl::Etcd {
                 endpoints: vec!["h1:2379".into(), "h2:2379".into()],
                 prefix: "/x".into()
             }
         );
-        let err = "sqlite://rel.db".parse::<DatastoreUrl>().unwrap_err().to_string();
-        assert!(err.starts_with("datastore \"sqlite://rel.db\": the sqlite path must be absolute"), "{err}");
+        let err = "sqlite://rel.db"
+            .parse::<DatastoreUrl>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("datastore \"sqlite://rel.db\": the sqlite path must be absolute"),
+            "{err}"
+        );
         let err = "mysql://x".parse::<DatastoreUrl>().unwrap_err().to_string();
         assert!(err.contains("unknown scheme"), "{err}");
     }

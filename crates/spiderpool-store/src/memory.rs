@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::{check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored};
+use crate::{
+    check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored,
+};
 
 #[derive(Default)]
 struct State {
@@ -29,16 +31,17 @@ impl MemoryStore {
     }
 }
 
-
 #[async_trait]
 impl Store for MemoryStore {
     async fn get(&self, kind: Kind, key: &str) -> Result<Option<Stored>> {
         let s = self.state.lock().expect("lock");
-        Ok(s.objects.get(&(kind, key.to_string())).map(|(v, r)| Stored {
-            key: key.to_string(),
-            value: v.clone(),
-            revision: *r,
-        }))
+        Ok(s.objects
+            .get(&(kind, key.to_string()))
+            .map(|(v, r)| Stored {
+                key: key.to_string(),
+                value: v.clone(),
+                revision: *r,
+            }))
     }
 
     async fn list(&self, kind: Kind) -> Result<Vec<Stored>> {
@@ -83,7 +86,10 @@ impl Store for MemoryStore {
         let mut claimed = std::collections::HashSet::new();
         for op in &ops {
             match op {
-                Op::Put { kind, key, expect, .. } | Op::Delete { kind, key, expect } => {
+                Op::Put {
+                    kind, key, expect, ..
+                }
+                | Op::Delete { kind, key, expect } => {
                     let cur = s.objects.get(&(*kind, key.clone())).map(|(_, r)| *r);
                     check(*expect, cur, &format!("{kind}/{key}"))?;
                 }
@@ -93,10 +99,21 @@ impl Store for MemoryStore {
                     pool_revision,
                     ..
                 } => {
-                    let cur = s.objects.get(&(Kind::IPPool, pool.clone())).map(|(_, r)| *r);
-                    check(Expect::Revision(*pool_revision), cur, &format!("spiderippools/{pool}"))?;
-                    if s.allocations.contains_key(&(pool.clone(), *ip)) || !claimed.insert((pool, ip)) {
-                        return Err(StoreError::Conflict(format!("{ip} of pool {pool} is already held")));
+                    let cur = s
+                        .objects
+                        .get(&(Kind::IPPool, pool.clone()))
+                        .map(|(_, r)| *r);
+                    check(
+                        Expect::Revision(*pool_revision),
+                        cur,
+                        &format!("spiderippools/{pool}"),
+                    )?;
+                    if s.allocations.contains_key(&(pool.clone(), *ip))
+                        || !claimed.insert((pool, ip))
+                    {
+                        return Err(StoreError::Conflict(format!(
+                            "{ip} of pool {pool} is already held"
+                        )));
                     }
                 }
                 Op::Release { .. } => {}
@@ -106,13 +123,17 @@ impl Store for MemoryStore {
         let rev = s.revision;
         for op in ops {
             match op {
-                Op::Put { kind, key, value, .. } => {
+                Op::Put {
+                    kind, key, value, ..
+                } => {
                     s.objects.insert((kind, key), (value, rev));
                 }
                 Op::Delete { kind, key, .. } => {
                     s.objects.remove(&(kind, key));
                 }
-                Op::Claim { pool, ip, holder, .. } => {
+                Op::Claim {
+                    pool, ip, holder, ..
+                } => {
                     s.allocations.insert((pool, ip), (holder, rev));
                 }
                 Op::Release {
@@ -122,8 +143,7 @@ impl Store for MemoryStore {
                     nic,
                 } => {
                     let k = (pool, ip);
-                    if s
-                        .allocations
+                    if s.allocations
                         .get(&k)
                         .is_some_and(|(h, _)| h.container_id == container_id && h.nic == nic)
                     {

@@ -69,7 +69,9 @@ async fn validate_pool(
             )));
         }
         if old.family != pool.family {
-            return Err(invalid(format!("SpiderIPPool {name:?}: spec.ipVersion is not changeable")));
+            return Err(invalid(format!(
+                "SpiderIPPool {name:?}: spec.ipVersion is not changeable"
+            )));
         }
     }
     let others = typed::list(store, Kind::IPPool).await?;
@@ -78,7 +80,9 @@ async fn validate_pool(
             continue;
         }
         if other.subnet != pool.subnet {
-            if other.subnet.contains(&pool.subnet.network()) || pool.subnet.contains(&other.subnet.network()) {
+            if other.subnet.contains(&pool.subnet.network())
+                || pool.subnet.contains(&other.subnet.network())
+            {
                 return Err(invalid(format!(
                     "SpiderIPPool {name:?}: spec.subnet {} overlaps spec.subnet {} of SpiderIPPool {:?}",
                     pool.subnet, other.subnet, other.name
@@ -130,7 +134,8 @@ async fn validate_subnet(
         if &other.name == name || other.family != s.family {
             continue;
         }
-        if other.subnet.contains(&s.subnet.network()) || s.subnet.contains(&other.subnet.network()) {
+        if other.subnet.contains(&s.subnet.network()) || s.subnet.contains(&other.subnet.network())
+        {
             return Err(invalid(format!(
                 "SpiderSubnet {name:?}: spec.subnet {} overlaps spec.subnet {} of SpiderSubnet {:?}",
                 s.subnet, other.subnet, other.name
@@ -184,7 +189,11 @@ pub async fn apply(store: &dyn Store, mut object: Object) -> Result<Applied, App
             m.creation_timestamp = old
                 .and_then(|o| o.creation_timestamp.clone())
                 .or_else(|| m.creation_timestamp.clone())
-                .or_else(|| Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()));
+                .or_else(|| {
+                    Some(
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                    )
+                });
             m.uid = m
                 .uid
                 .clone()
@@ -249,7 +258,10 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
 }
 
 /// The status of a pool as the system reports it.
-pub async fn pool_status(store: &dyn Store, pool: &SpiderIPPool) -> Result<IPPoolStatus, StoreError> {
+pub async fn pool_status(
+    store: &dyn Store,
+    pool: &SpiderIPPool,
+) -> Result<IPPoolStatus, StoreError> {
     let allocs = store.allocations(&pool.metadata.name).await?;
     let map: BTreeMap<String, PoolIPAllocation> = allocs
         .iter()
@@ -286,7 +298,10 @@ pub fn subnet_status(subnet: &SpiderSubnet, pools: &[SpiderIPPool]) -> SubnetSta
         let mine = p.ips.intersection(&usable);
         if !mine.is_empty() {
             given = given.union(&mine);
-            controlled.insert(p.name.clone(), serde_json::json!({"ips": mine.to_strings()}));
+            controlled.insert(
+                p.name.clone(),
+                serde_json::json!({"ips": mine.to_strings()}),
+            );
         }
     }
     SubnetStatus {

@@ -12,7 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::{check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored};
+use crate::{
+    check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
@@ -53,9 +55,12 @@ impl SqliteStore {
             }
             let conn = Connection::open(&p)
                 .map_err(|e| StoreError::Config(format!("datastore {}: {e}", p.display())))?;
-            conn.busy_timeout(Duration::from_secs(10)).map_err(sql_err(&p))?;
-            conn.pragma_update(None, "journal_mode", "WAL").map_err(sql_err(&p))?;
-            conn.pragma_update(None, "synchronous", "FULL").map_err(sql_err(&p))?;
+            conn.busy_timeout(Duration::from_secs(10))
+                .map_err(sql_err(&p))?;
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(sql_err(&p))?;
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(sql_err(&p))?;
             conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
                 .map_err(|e| StoreError::Config(format!("datastore {}: {e}", p.display())))?;
             Ok(conn)
@@ -75,7 +80,9 @@ impl SqliteStore {
         let conn = self.conn.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().map_err(|_| StoreError::Unavailable("connection lock poisoned".into()))?;
+            let mut c = conn
+                .lock()
+                .map_err(|_| StoreError::Unavailable("connection lock poisoned".into()))?;
             f(&mut c, &path)
         })
         .await
@@ -90,7 +97,11 @@ fn parse_value(kind: &str, key: &str, text: &str) -> Result<serde_json::Value> {
     })
 }
 
-fn row_revision(tx: &rusqlite::Transaction<'_>, kind: Kind, key: &str) -> rusqlite::Result<Option<Revision>> {
+fn row_revision(
+    tx: &rusqlite::Transaction<'_>,
+    kind: Kind,
+    key: &str,
+) -> rusqlite::Result<Option<Revision>> {
     tx.query_row(
         "SELECT revision FROM objects WHERE kind = ?1 AND key = ?2",
         params![kind.resource(), key],
@@ -99,7 +110,6 @@ fn row_revision(tx: &rusqlite::Transaction<'_>, kind: Kind, key: &str) -> rusqli
     .optional()
     .map(|o| o.map(|r| r as Revision))
 }
-
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -129,11 +139,17 @@ impl Store for SqliteStore {
     async fn list(&self, kind: Kind) -> Result<Vec<Stored>> {
         self.run(move |c, p| {
             let mut st = c
-                .prepare_cached("SELECT key, value, revision FROM objects WHERE kind = ?1 ORDER BY key")
+                .prepare_cached(
+                    "SELECT key, value, revision FROM objects WHERE kind = ?1 ORDER BY key",
+                )
                 .map_err(sql_err(p))?;
             let rows = st
                 .query_map(params![kind.resource()], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
                 })
                 .map_err(sql_err(p))?;
             let mut out = Vec::new();
@@ -195,9 +211,12 @@ impl Store for SqliteStore {
                 .prepare_cached("SELECT pool, COUNT(*) FROM allocations GROUP BY pool")
                 .map_err(sql_err(p))?;
             let rows = st
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })
                 .map_err(sql_err(p))?;
-            rows.collect::<rusqlite::Result<BTreeMap<_, _>>>().map_err(sql_err(p))
+            rows.collect::<rusqlite::Result<BTreeMap<_, _>>>()
+                .map_err(sql_err(p))
         })
         .await
     }
@@ -277,9 +296,11 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<()> {
         self.run(|c, p| {
-            c.query_row("SELECT v FROM meta WHERE k = 'revision'", [], |r| r.get::<_, i64>(0))
-                .map_err(sql_err(p))
-                .map(|_| ())
+            c.query_row("SELECT v FROM meta WHERE k = 'revision'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(sql_err(p))
+            .map(|_| ())
         })
         .await
     }

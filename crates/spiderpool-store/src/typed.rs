@@ -16,7 +16,11 @@ fn decode(kind: Kind, s: Stored) -> Result<(Object, Revision)> {
 
 /// One object with its revision.
 pub async fn get(store: &dyn Store, kind: Kind, key: &str) -> Result<Option<(Object, Revision)>> {
-    store.get(kind, key).await?.map(|s| decode(kind, s)).transpose()
+    store
+        .get(kind, key)
+        .await?
+        .map(|s| decode(kind, s))
+        .transpose()
 }
 
 /// Every object of a kind with its revision. Objects that do not decode are logged with their

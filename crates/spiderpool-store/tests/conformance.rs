@@ -32,7 +32,10 @@ async fn memory_backend_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_backend_conforms() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, check) in ["objects", "txn", "claims", "cas", "race"].iter().enumerate() {
+    for (i, check) in ["objects", "txn", "claims", "cas", "race"]
+        .iter()
+        .enumerate()
+    {
         let path = dir.path().join(format!("{i}-{check}.db"));
         let open = || {
             let path = path.clone();
@@ -74,7 +77,10 @@ async fn sqlite_keeps_everything_across_reopen() {
     };
     let s = SqliteStore::open(&path).await.unwrap();
     assert_eq!(s.allocations("p").await.unwrap().len(), 1);
-    assert_eq!(s.get(Kind::IPPool, "p").await.unwrap().unwrap().value["spec"]["subnet"], "10.6.0.0/16");
+    assert_eq!(
+        s.get(Kind::IPPool, "p").await.unwrap().unwrap().value["spec"]["subnet"],
+        "10.6.0.0/16"
+    );
     let next = s
         .commit(vec![Op::Delete {
             kind: Kind::Node,
@@ -110,7 +116,13 @@ async fn sqlite_reports_and_skips_unreadable_rows() {
         [],
     )
     .unwrap();
-    let keys: Vec<_> = s.list(Kind::Node).await.unwrap().into_iter().map(|o| o.key).collect();
+    let keys: Vec<_> = s
+        .list(Kind::Node)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     assert_eq!(keys, ["good"]);
     let err = s.get(Kind::Node, "bad").await.unwrap_err().to_string();
     assert!(err.starts_with("corrupt value under nodes/bad"), "{err}");

@@ -18,7 +18,11 @@ pub fn bin_dir() -> PathBuf {
     // Test executables live in target/<profile>/deps.
     let exe = std::env::current_exe().expect("current exe");
     let deps = exe.parent().expect("exe dir");
-    let dir = if deps.ends_with("deps") { deps.parent().expect("profile dir") } else { deps };
+    let dir = if deps.ends_with("deps") {
+        deps.parent().expect("profile dir")
+    } else {
+        deps
+    };
     dir.to_path_buf()
 }
 
@@ -58,7 +62,10 @@ impl Sandbox {
 
     /// `sqlite:///…/spiderpool.db` inside the sandbox.
     pub fn datastore(&self) -> String {
-        format!("sqlite://{}", self.dir.path().join("spiderpool.db").display())
+        format!(
+            "sqlite://{}",
+            self.dir.path().join("spiderpool.db").display()
+        )
     }
 
     /// A socket path inside the sandbox.
@@ -125,8 +132,12 @@ pub struct Output {
 impl Output {
     /// Standard output as JSON.
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}\nstderr: {}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {:?}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
     }
 }
 
@@ -167,8 +178,7 @@ pub fn healthy(socket: &Path) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s
-        .write_all(b"GET /v1/ipam/healthy HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    if s.write_all(b"GET /v1/ipam/healthy HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         .is_err()
     {
         return false;
@@ -183,7 +193,16 @@ impl Agent {
     pub fn start(datastore: &str, socket: &Path, node: &str, labels: &str) -> Agent {
         let log = socket.with_extension("log");
         let child = Command::new(bin("spiderpool-agent"))
-            .args(["--node-name", node, "--node-labels", labels, "--datastore", datastore, "--log-level", "debug"])
+            .args([
+                "--node-name",
+                node,
+                "--node-labels",
+                labels,
+                "--datastore",
+                datastore,
+                "--log-level",
+                "debug",
+            ])
             .arg("--socket")
             .arg(socket)
             .stdin(Stdio::null())
@@ -201,7 +220,11 @@ impl Agent {
             if let Ok(Some(status)) = agent.child.try_wait() {
                 panic!("spiderpool-agent exited with {status}:\n{}", agent.log());
             }
-            assert!(Instant::now() < deadline, "spiderpool-agent not healthy in time:\n{}", agent.log());
+            assert!(
+                Instant::now() < deadline,
+                "spiderpool-agent not healthy in time:\n{}",
+                agent.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         agent
@@ -264,7 +287,9 @@ impl CniCall {
     /// Runs the real `spiderpool` binary.
     pub fn run(&self) -> Output {
         let mut cmd = Command::new(bin("spiderpool"));
-        cmd.env_clear().env("CNI_PATH", "/usr/lib/cni").env("CNI_ARGS", &self.args);
+        cmd.env_clear()
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env("CNI_ARGS", &self.args);
         for (k, v) in [
             ("CNI_COMMAND", &self.command),
             ("CNI_CONTAINERID", &self.container_id),
@@ -302,7 +327,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 

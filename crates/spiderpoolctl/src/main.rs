@@ -14,7 +14,11 @@ use spiderpool_store::objects::{self, Applied};
 use spiderpool_store::{typed, DatastoreUrl, Store, DEFAULT_DATASTORE};
 
 #[derive(Debug, Parser)]
-#[command(name = "spiderpoolctl", version, about = "Manage Spiderpool IPAM objects")]
+#[command(
+    name = "spiderpoolctl",
+    version,
+    about = "Manage Spiderpool IPAM objects"
+)]
 struct Args {
     /// Datastore: sqlite:///path/db, etcd://host:port[,host:port]?prefix=/spiderpool or kubernetes.
     #[arg(long, env = "SPIDERPOOL_DATASTORE", default_value = DEFAULT_DATASTORE, global = true)]
@@ -66,7 +70,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -112,10 +119,21 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         } => {
             let kind = parse_kind(&kind)?;
             let key = name.map(|n| object_key(kind, &n, namespace.as_deref()));
-            get(store.as_ref(), kind, key.as_deref(), namespace.as_deref(), output).await?;
+            get(
+                store.as_ref(),
+                kind,
+                key.as_deref(),
+                namespace.as_deref(),
+                output,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Delete { kind, name, namespace } => {
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+        } => {
             let kind = parse_kind(&kind)?;
             let key = object_key(kind, &name, namespace.as_deref());
             objects::delete(store.as_ref(), kind, &key).await?;
@@ -142,7 +160,9 @@ fn singular(kind: Kind) -> &'static str {
 async fn apply(store: Arc<dyn Store>, file: &str) -> anyhow::Result<ExitCode> {
     let text = if file == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
         s
     } else {
         std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?
@@ -174,11 +194,19 @@ async fn apply(store: Arc<dyn Store>, file: &str) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The object with the status the system computes.
-async fn with_status(store: &dyn Store, o: Object, pools: &[spiderpool_api::SpiderIPPool]) -> anyhow::Result<Object> {
+async fn with_status(
+    store: &dyn Store,
+    o: Object,
+    pools: &[spiderpool_api::SpiderIPPool],
+) -> anyhow::Result<Object> {
     Ok(match o {
         Object::IPPool(mut p) => {
             p.status = Some(objects::pool_status(store, &p).await?);
@@ -259,14 +287,45 @@ fn s(v: Option<impl ToString>) -> String {
 fn table(kind: Kind, items: &[Object], wide: bool) -> String {
     let mut rows: Vec<Vec<String>> = Vec::new();
     let header: Vec<&str> = match (kind, wide) {
-        (Kind::IPPool, false) => vec!["NAME", "VERSION", "SUBNET", "ALLOCATED-IP-COUNT", "TOTAL-IP-COUNT", "DEFAULT", "DISABLE"],
+        (Kind::IPPool, false) => vec![
+            "NAME",
+            "VERSION",
+            "SUBNET",
+            "ALLOCATED-IP-COUNT",
+            "TOTAL-IP-COUNT",
+            "DEFAULT",
+            "DISABLE",
+        ],
         (Kind::IPPool, true) => vec![
-            "NAME", "VERSION", "SUBNET", "ALLOCATED-IP-COUNT", "TOTAL-IP-COUNT", "DEFAULT", "DISABLE", "NODENAME", "MULTUSNAME",
+            "NAME",
+            "VERSION",
+            "SUBNET",
+            "ALLOCATED-IP-COUNT",
+            "TOTAL-IP-COUNT",
+            "DEFAULT",
+            "DISABLE",
+            "NODENAME",
+            "MULTUSNAME",
             "APP-NAMESPACE",
         ],
-        (Kind::Subnet, _) => vec!["NAME", "VERSION", "SUBNET", "ALLOCATED-IP-COUNT", "TOTAL-IP-COUNT"],
+        (Kind::Subnet, _) => vec![
+            "NAME",
+            "VERSION",
+            "SUBNET",
+            "ALLOCATED-IP-COUNT",
+            "TOTAL-IP-COUNT",
+        ],
         (Kind::ReservedIP, _) => vec!["NAME", "VERSION", "IPS"],
-        (Kind::Endpoint, _) => vec!["NAMESPACE", "NAME", "INTERFACE", "IPV4POOL", "IPV4", "IPV6POOL", "IPV6", "NODE"],
+        (Kind::Endpoint, _) => vec![
+            "NAMESPACE",
+            "NAME",
+            "INTERFACE",
+            "IPV4POOL",
+            "IPV4",
+            "IPV6POOL",
+            "IPV6",
+            "NODE",
+        ],
         (Kind::Node | Kind::Namespace, _) => vec!["NAME", "LABELS"],
         (Kind::Pod, _) => vec!["NAMESPACE", "NAME", "NODE", "UID"],
         (Kind::Workload, _) => vec!["NAMESPACE", "KIND", "NAME", "REPLICAS"],
@@ -294,11 +353,9 @@ fn table(kind: Kind, items: &[Object], wide: bool) -> String {
                 if wide {
                     r.push(p.spec.node_name.join(","));
                     r.push(p.spec.multus_name.join(","));
-                    r.push(s(p
-                        .spec
-                        .pod_affinity
-                        .as_ref()
-                        .and_then(|a| a.match_labels.get("ipam.spidernet.io/app-namespace"))));
+                    r.push(s(p.spec.pod_affinity.as_ref().and_then(|a| {
+                        a.match_labels.get("ipam.spidernet.io/app-namespace")
+                    })));
                 }
                 rows.push(r);
             }
@@ -350,12 +407,19 @@ fn table(kind: Kind, items: &[Object], wide: bool) -> String {
                 m.name.clone(),
                 k.replicas().to_string(),
             ]),
-            Object::Kube(Kind::NetworkAttachment, _) => rows.push(vec![s(m.namespace.as_ref()), m.name.clone()]),
+            Object::Kube(Kind::NetworkAttachment, _) => {
+                rows.push(vec![s(m.namespace.as_ref()), m.name.clone()])
+            }
             Object::Kube(_, _) => {
-                let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let labels: Vec<String> =
+                    m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 rows.push(vec![
                     m.name.clone(),
-                    if labels.is_empty() { "<none>".into() } else { labels.join(",") },
+                    if labels.is_empty() {
+                        "<none>".into()
+                    } else {
+                        labels.join(",")
+                    },
                 ]);
             }
         }
@@ -367,7 +431,12 @@ fn table(kind: Kind, items: &[Object], wide: bool) -> String {
 fn render(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, String::len)).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {

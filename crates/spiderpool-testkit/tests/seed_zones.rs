@@ -1,0 +1,168 @@
+//! End to end: the seed's two network zones, run by `examples/seed-zones/run.sh` exactly as a
+//! user runs it (network namespaces as hosts and pods, Debian's macvlan plugin driving the real
+//! `spiderpool` binary, one agent per node, one SQLite datastore), checked from its output.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+
+use spiderpool_testkit::{bin_dir, is_root, run};
+
+/// Whether this machine can run network-namespace tests; says why not otherwise. With
+/// SPIDERPOOL_E2E_REQUIRED=1 (CI) a missing prerequisite is a failure, not a skip.
+fn e2e_prerequisites() -> bool {
+    let missing = if !is_root() {
+        Some("not running as root")
+    } else if !Path::new("/usr/lib/cni/macvlan").exists() {
+        Some("/usr/lib/cni/macvlan is missing (apt-get install containernetworking-plugins)")
+    } else if Command::new("ping").arg("-V").output().is_err() {
+        Some("ping is missing (apt-get install iputils-ping)")
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var("SPIDERPOOL_E2E_REQUIRED").as_deref() == Ok("1") => {
+            panic!("end-to-end prerequisites missing: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED: end-to-end test needs root and Debian's CNI plugins: {why}");
+            false
+        }
+    }
+}
+
+/// The lines of one `## title` section of the script's output.
+fn section<'a>(out: &'a str, title: &str) -> Vec<&'a str> {
+    out.split("\n## ")
+        .find(|s| s.starts_with(title))
+        .unwrap_or_else(|| panic!("no section {title:?} in:\n{out}"))
+        .lines()
+        .skip(1)
+        .collect()
+}
+
+/// A kubectl-style table as rows of NAME -> column -> value.
+fn table(lines: &[&str]) -> BTreeMap<String, BTreeMap<String, String>> {
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    lines[1..]
+        .iter()
+        .map(|l| {
+            let cells: Vec<&str> = l.split_whitespace().collect();
+            let row = header
+                .iter()
+                .zip(&cells)
+                .map(|(h, c)| (h.to_string(), c.to_string()))
+                .collect();
+            (cells[0].to_string(), row)
+        })
+        .collect()
+}
+
+fn in_range(ip: &str, first: &str, last: &str) -> bool {
+    let ip: Ipv4Addr = ip.parse().unwrap();
+    ip >= first.parse::<Ipv4Addr>().unwrap() && ip <= last.parse::<Ipv4Addr>().unwrap()
+}
+
+#[test]
+fn seed_two_zones_end_to_end() {
+    if !e2e_prerequisites() {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed-zones/run.sh");
+    let out = run(
+        Command::new("bash")
+            .arg(&script)
+            .env("SPIDERPOOL_BIN_DIR", bin_dir()),
+        "",
+    );
+    assert!(
+        out.success,
+        "the seed example failed:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    let stdout = &out.stdout;
+
+    // Each pod's address lies in its zone's pool.
+    let pods = table(&section(stdout, "pods: ADD"));
+    let a = &pods["test-app-j9ftl"];
+    let b = &pods["test-app-nkq5h"];
+    assert_eq!(a["NODE"], "controller-node-1");
+    assert_eq!(b["NODE"], "worker-node-1");
+    assert!(
+        in_range(&a["IP"], "10.6.168.60", "10.6.168.69"),
+        "zone-6 pod got {}",
+        a["IP"]
+    );
+    assert!(
+        in_range(&b["IP"], "10.7.168.60", "10.7.168.69"),
+        "zone-7 pod got {}",
+        b["IP"]
+    );
+
+    // The pools show 1 allocated of 10.
+    let pools = table(&section(stdout, "spiderpoolctl get spiderippool\n"));
+    for p in ["test-ippool-6", "test-ippool-7"] {
+        assert_eq!(pools[p]["ALLOCATED-IP-COUNT"], "1", "{p}");
+        assert_eq!(pools[p]["TOTAL-IP-COUNT"], "10", "{p}");
+        assert_eq!(pools[p]["DISABLE"], "false", "{p}");
+    }
+    let subnets = table(&section(stdout, "spiderpoolctl get spidersubnet"));
+    assert_eq!(subnets["subnet-6"]["TOTAL-IP-COUNT"], "10");
+
+    // The endpoints record which pool each address came from.
+    let eps = section(stdout, "spiderpoolctl get spiderendpoint");
+    assert!(
+        eps.iter()
+            .any(|l| l.contains("test-app-j9ftl") && l.contains("test-ippool-6")),
+        "{eps:?}"
+    );
+    assert!(
+        eps.iter()
+            .any(|l| l.contains("test-app-nkq5h") && l.contains("test-ippool-7")),
+        "{eps:?}"
+    );
+
+    // The cross-zone ping answers, one routed hop away.
+    let ping = section(stdout, "ping from").join("\n");
+    assert!(
+        ping.contains(&format!("from {}: icmp_seq=1 ttl=63", b["IP"])),
+        "{ping}"
+    );
+    assert!(ping.contains("2 received, 0% packet loss"), "{ping}");
+
+    // After DEL both pools show 0 allocated.
+    let after = table(&section(
+        stdout,
+        "spiderpoolctl get spiderippool (after DEL)",
+    ));
+    for p in ["test-ippool-6", "test-ippool-7"] {
+        assert_eq!(after[p]["ALLOCATED-IP-COUNT"], "0", "{p} after DEL");
+    }
+    assert!(stdout.ends_with("## done\n"));
+
+    // Nothing is left behind.
+    let netns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    for ns in [
+        "sp-router",
+        "controller-node-1",
+        "worker-node-1",
+        "test-app-j9ftl",
+        "test-app-nkq5h",
+    ] {
+        assert!(
+            !netns
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns)),
+            "{ns} left behind: {netns}"
+        );
+    }
+}
