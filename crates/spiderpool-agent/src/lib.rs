@@ -4,6 +4,7 @@
 
 pub mod server;
 pub mod service;
+pub mod view;
 
 use std::path::PathBuf;
 use std::sync::Arc;

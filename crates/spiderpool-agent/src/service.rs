@@ -3,7 +3,6 @@
 //! commits the claims together with the pod's endpoint record in one compare-and-swap
 //! transaction, retrying a bounded number of times on conflicts with other agents.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +13,12 @@ use spiderpool_api::cni::code;
 use spiderpool_api::crd::{EndpointInterface, EndpointStatus, RouteSpec, API_VERSION};
 use spiderpool_api::{KubeObject, Object, ObjectMeta, SpiderEndpoint, ValidationError};
 use spiderpool_core::candidate::{lowest_free, AllocError, Rejected, Rejection};
-use spiderpool_core::{IpFamily, IpSet, Labels, Pool, PoolNames, Request};
+use spiderpool_core::{IpFamily, Labels, Pool, PoolNames, Request};
 use spiderpool_store::{typed, Expect, Holder, Kind, Op, Revision, Store, StoreError};
 use thiserror::Error;
 use tokio::sync::Mutex;
+
+use crate::view::{View, ViewCache};
 
 /// How often a transaction is retried after a conflict before the caller is told to try again.
 const MAX_ATTEMPTS: u32 = 8;
@@ -77,8 +78,23 @@ pub struct IpamService {
     store: Arc<dyn Store>,
     node: NodeIdentity,
     // One request at a time inside this agent: requests never conflict with each other here,
-    // only with other agents, which the store's compare-and-swap settles.
-    serial: Mutex<()>,
+    // only with other agents, which the store's compare-and-swap settles. The lock also
+    // guards the cached view of the datastore.
+    state: Mutex<ViewCache>,
+}
+
+/// One address chosen for one family.
+struct Pick {
+    family: IpFamily,
+    pool: Pool,
+    pool_revision: Revision,
+    ip: IpAddr,
+}
+
+/// The addresses chosen for one NIC.
+struct Picks {
+    picks: Vec<Pick>,
+    clean_gateway: bool,
 }
 
 /// Who a request is for.
@@ -202,29 +218,30 @@ fn endpoint_write(key: String, ep: &SpiderEndpoint, rev: Option<Revision>) -> Op
     }
 }
 
-async fn retrying<T, F, Fut>(what: &str, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match f().await {
-            Err(ServiceError::Store(StoreError::Conflict(m))) if attempt < MAX_ATTEMPTS => {
-                tracing::debug!(attempt, conflict = %m, "{what}: retrying after a conflict");
-                // Jittered backoff keeps racing agents from colliding in lockstep.
-                let jitter = u64::from(std::process::id() % 7) + u64::from(attempt);
-                tokio::time::sleep(Duration::from_millis(2u64.pow(attempt.min(6)) + jitter)).await;
-            }
-            Err(ServiceError::Store(StoreError::Conflict(m))) => {
-                return Err(StoreError::Unavailable(format!(
-                    "{what}: gave up after {attempt} conflicting attempts, last: {m}"
-                ))
-                .into())
-            }
-            other => return other,
+/// What to do with the outcome of one attempt.
+enum Attempt<T> {
+    /// Return this.
+    Done(Result<T>),
+    /// Try again after this pause.
+    Retry(Duration),
+}
+
+/// Retries conflicts a bounded number of times, then tells the caller to try again later.
+fn settle<T>(what: &str, attempt: u32, r: Result<T>) -> Attempt<T> {
+    match r {
+        Err(ServiceError::Store(StoreError::Conflict(m))) if attempt < MAX_ATTEMPTS => {
+            tracing::debug!(attempt, conflict = %m, "{what}: retrying after a conflict");
+            // Jittered backoff keeps racing agents from colliding in lockstep.
+            let jitter = u64::from(std::process::id() % 7) + u64::from(attempt);
+            Attempt::Retry(Duration::from_millis(2u64.pow(attempt.min(6)) + jitter))
         }
+        Err(ServiceError::Store(StoreError::Conflict(m))) => {
+            Attempt::Done(Err(StoreError::Unavailable(format!(
+                "{what}: gave up after {attempt} conflicting attempts, last: {m}"
+            ))
+            .into()))
+        }
+        other => Attempt::Done(other),
     }
 }
 
@@ -234,7 +251,7 @@ impl IpamService {
         IpamService {
             store,
             node,
-            serial: Mutex::new(()),
+            state: Mutex::new(ViewCache::default()),
         }
     }
 
@@ -246,7 +263,18 @@ impl IpamService {
     /// Creates or updates this agent's Node object: labels from `--node-labels` are set, other
     /// labels are kept.
     pub async fn register_node(&self) -> Result<()> {
-        retrying("register node", || async {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match settle("register node", attempt, self.try_register_node().await) {
+                Attempt::Done(r) => return r,
+                Attempt::Retry(pause) => tokio::time::sleep(pause).await,
+            }
+        }
+    }
+
+    async fn try_register_node(&self) -> Result<()> {
+        {
             let cur = typed::get(self.store.as_ref(), Kind::Node, &self.node.name).await?;
             let (mut node, expect) = match cur {
                 Some((o, rev)) => (kube_of(o).unwrap_or_default(), Expect::Revision(rev)),
@@ -278,8 +306,7 @@ impl IpamService {
                 }])
                 .await?;
             Ok(())
-        })
-        .await
+        }
     }
 
     /// Whether the datastore answers.
@@ -295,11 +322,30 @@ impl IpamService {
             &args.pod_namespace,
             &args.pod_name,
         )?;
-        let _serial = self.serial.lock().await;
-        retrying("allocate", || self.try_add(&pod, args)).await
+        let mut cache = self.state.lock().await;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match settle(
+                "allocate",
+                attempt,
+                self.try_add(&pod, args, &mut cache).await,
+            ) {
+                Attempt::Done(r) => return r,
+                Attempt::Retry(pause) => {
+                    cache.invalidate();
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
     }
 
-    async fn try_add(&self, pod: &PodRef, args: &IpamAddArgs) -> Result<IpamAddResponse> {
+    async fn try_add(
+        &self,
+        pod: &PodRef,
+        args: &IpamAddArgs,
+        cache: &mut ViewCache,
+    ) -> Result<IpamAddResponse> {
         let store = self.store.as_ref();
         let key = pod.key();
         let pod_obj = typed::get(store, Kind::Pod, &key)
@@ -341,7 +387,9 @@ impl IpamService {
                 let mut ops: Vec<Op> = stale.iter().flat_map(|n| release_ops(n)).collect();
                 ops.push(endpoint_write(key.clone(), &kept, Some(*rev)));
                 tracing::info!(pod = %key, released = ?stale.iter().map(|n| &n.interface).collect::<Vec<_>>(), "releasing a stale record");
-                self.store.commit(ops).await?;
+                let released: Vec<(String, IpAddr)> = stale.iter().flat_map(|n| held(n)).collect();
+                let rev = self.store.commit(ops).await?;
+                cache.committed(rev, &[], &released);
                 ep_entry = typed::get(store, Kind::Endpoint, &key)
                     .await?
                     .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)));
@@ -373,37 +421,12 @@ impl IpamService {
             .map(|v| annotation::parse_ippool(v))
             .transpose()
             .map_err(|e| ValidationError::Invalid(format!("pod {key}: {e}")))?;
-        let namespace_labels = typed::get(store, Kind::Namespace, &pod.namespace)
+        let view = cache.current(store).await?;
+        let namespace_labels = view.namespace_labels(store, &pod.namespace).await?;
+        let node_labels = view
+            .node_labels(store, &self.node.name)
             .await?
-            .map(|(o, _)| o.metadata().labels.clone())
-            .unwrap_or_default();
-        let node_labels = typed::get(store, Kind::Node, &self.node.name)
-            .await?
-            .map(|(o, _)| o.metadata().labels.clone())
             .unwrap_or_else(|| self.node.labels.clone());
-
-        let mut pools = Vec::new();
-        let mut pool_revs = BTreeMap::new();
-        for (o, rev) in typed::list(store, Kind::IPPool).await? {
-            if let Object::IPPool(p) = o {
-                match p.to_pool() {
-                    Ok(pool) => {
-                        pool_revs.insert(pool.name.clone(), rev);
-                        pools.push(pool);
-                    }
-                    Err(e) => tracing::error!(error = %e, "skipping an invalid stored pool"),
-                }
-            }
-        }
-        let mut reserved = IpSet::new();
-        for (o, _) in typed::list(store, Kind::ReservedIP).await? {
-            if let Object::ReservedIP(r) = o {
-                match r.to_set() {
-                    Ok(s) => reserved = reserved.union(&s),
-                    Err(e) => tracing::error!(error = %e, "skipping an invalid reserved IP object"),
-                }
-            }
-        }
 
         let req = Request {
             nic: pod.nic.clone(),
@@ -421,7 +444,10 @@ impl IpamService {
             },
             cni_clean_gateway: args.clean_gateway,
         };
-        let plan = req.plan(&pools)?;
+        let pools = std::mem::take(&mut view.pools);
+        let planned = self.plan_claims(&req, &pools, view, &key).await;
+        view.pools = pools;
+        let picks = planned?;
 
         let holder = Holder {
             pod: key.clone(),
@@ -436,17 +462,25 @@ impl IpamService {
             ..Default::default()
         };
         let mut ops = Vec::new();
-        for fp in &plan.families {
-            let (pool, ip) = self.pick(fp.family, &fp.pools, &reserved, &key).await?;
+        let mut claimed = Vec::new();
+        for Pick {
+            family,
+            pool,
+            pool_revision,
+            ip,
+        } in &picks.picks
+        {
+            let (family, ip) = (*family, *ip);
             ops.push(Op::Claim {
                 pool: pool.name.clone(),
                 ip,
                 holder: holder.clone(),
-                pool_revision: pool_revs[&pool.name],
+                pool_revision: *pool_revision,
             });
+            claimed.push((pool.name.clone(), ip));
             let address = Some(format!("{ip}/{}", pool.subnet.prefix_len()));
             let gateway = pool.gateway.map(|g| g.to_string());
-            match fp.family {
+            match family {
                 IpFamily::V4 => {
                     (nic.ipv4, nic.ipv4_pool, nic.ipv4_gateway) =
                         (address, Some(pool.name.clone()), gateway);
@@ -457,9 +491,9 @@ impl IpamService {
                 }
             }
             nic.vlan = nic.vlan.or(pool.vlan);
-            if let (Some(gw), false) = (pool.gateway, plan.clean_gateway) {
+            if let (Some(gw), false) = (pool.gateway, picks.clean_gateway) {
                 nic.routes.push(RouteSpec {
-                    dst: match fp.family {
+                    dst: match family {
                         IpFamily::V4 => "0.0.0.0/0".into(),
                         IpFamily::V6 => "::/0".into(),
                     },
@@ -497,7 +531,8 @@ impl IpamService {
         ep.status.current.retain(|n| n.interface != pod.nic);
         ep.status.current.push(nic.clone());
         ops.push(endpoint_write(key.clone(), &ep, rev));
-        self.store.commit(ops).await?;
+        let revision = self.store.commit(ops).await?;
+        cache.committed(revision, &claimed, &[]);
         let resp = response_of(&nic);
         tracing::info!(
             pod = %key, container_id = %pod.container_id, nic = %pod.nic,
@@ -507,37 +542,58 @@ impl IpamService {
         Ok(resp)
     }
 
-    /// The first candidate with a free address, and that address.
-    async fn pick<'p>(
+    /// The plan for the request and, per family, the first candidate with a free address.
+    async fn plan_claims(
         &self,
-        family: IpFamily,
-        candidates: &[&'p Pool],
-        reserved: &IpSet,
+        req: &Request,
+        pools: &[Pool],
+        view: &mut View,
         pod: &str,
-    ) -> Result<(&'p Pool, IpAddr)> {
-        let mut rejected = Vec::new();
-        for pool in candidates {
-            let allocs = self.store.allocations(&pool.name).await?;
-            let in_use = IpSet::from_ips(allocs.iter().map(|a| a.ip));
-            if let Some(ip) = lowest_free(pool, reserved, &in_use) {
-                return Ok((pool, ip));
-            }
-            let usable = pool.usable();
-            rejected.push(Rejected {
-                pool: pool.name.clone(),
-                reason: Rejection::Exhausted {
-                    used: u64::try_from(usable.intersection(&in_use.union(reserved)).len())
+    ) -> Result<Picks> {
+        let plan = req.plan(pools)?;
+        let mut picks = Vec::new();
+        for fp in &plan.families {
+            let mut rejected = Vec::new();
+            let mut found = None;
+            for pool in &fp.pools {
+                view.load_held(self.store.as_ref(), &pool.name).await?;
+                let in_use = view.held(&pool.name);
+                if let Some(ip) = lowest_free(pool, &view.reserved, in_use) {
+                    found = Some(((*pool).clone(), ip));
+                    break;
+                }
+                rejected.push(Rejected {
+                    pool: pool.name.clone(),
+                    reason: Rejection::Exhausted {
+                        used: u64::try_from(
+                            pool.usable()
+                                .intersection(&in_use.union(&view.reserved))
+                                .len(),
+                        )
                         .unwrap_or(u64::MAX),
-                    total: pool.total_ip_count(),
-                },
+                        total: pool.total_ip_count(),
+                    },
+                });
+            }
+            let Some((pool, ip)) = found else {
+                return Err(AllocError::Exhausted {
+                    family: fp.family,
+                    pod: pod.to_string(),
+                    rejected,
+                }
+                .into());
+            };
+            picks.push(Pick {
+                family: fp.family,
+                pool_revision: view.pool_revs[&pool.name],
+                pool,
+                ip,
             });
         }
-        Err(AllocError::Exhausted {
-            family,
-            pod: pod.to_string(),
-            rejected,
-        }
-        .into())
+        Ok(Picks {
+            picks,
+            clean_gateway: plan.clean_gateway,
+        })
     }
 
     /// CNI DEL: releases what the container holds on the NIC; succeeds when there is nothing.
@@ -548,8 +604,19 @@ impl IpamService {
             &args.pod_namespace,
             &args.pod_name,
         )?;
-        let _serial = self.serial.lock().await;
-        retrying("release", || async {
+        let mut cache = self.state.lock().await;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match settle("release", attempt, self.try_del(&pod, &mut cache).await) {
+                Attempt::Done(r) => return r,
+                Attempt::Retry(pause) => tokio::time::sleep(pause).await,
+            }
+        }
+    }
+
+    async fn try_del(&self, pod: &PodRef, cache: &mut ViewCache) -> Result<()> {
+        {
             let key = pod.key();
             let Some((ep, rev)) = typed::get(self.store.as_ref(), Kind::Endpoint, &key)
                 .await?
@@ -571,11 +638,11 @@ impl IpamService {
             let mut kept = ep.clone();
             kept.status.current.retain(|n| n.interface != pod.nic);
             ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
-            self.store.commit(ops).await?;
+            let revision = self.store.commit(ops).await?;
+            cache.committed(revision, &[], &held(nic));
             tracing::info!(pod = %key, nic = %pod.nic, released = ?held(nic), "released");
             Ok(())
-        })
-        .await
+        }
     }
 
     /// CNI CHECK: the container's reservation for the NIC.

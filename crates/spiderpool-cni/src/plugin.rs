@@ -38,12 +38,14 @@ impl Command {
             "DEL" => Command::Del,
             "CHECK" => Command::Check,
             "VERSION" => Command::Version,
-            other => return Err(CniError::new(
-                code::INVALID_ENV,
-                format!(
+            other => {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!(
                     "CNI_COMMAND {other:?} is not supported (supported: ADD, DEL, CHECK, VERSION)"
                 ),
-            )),
+                ))
+            }
         })
     }
 }

@@ -18,6 +18,7 @@ where
     Fut: Future<Output = Arc<dyn Store>>,
 {
     objects_and_conditions(open().await).await;
+    revisions_advance_by_one(&open).await;
     transactions_are_all_or_nothing(open().await).await;
     claims_and_owned_releases(open().await).await;
     concurrent_compare_and_swap(&open).await;
@@ -148,6 +149,52 @@ pub async fn objects_and_conditions(s: Arc<dyn Store>) {
     s.ping().await.unwrap();
 }
 
+/// Every commit, from any handle, advances the datastore-wide revision by exactly one; a
+/// failed transaction does not.
+pub async fn revisions_advance_by_one<F, Fut>(open: &F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let (a, b) = (open().await, open().await);
+    let Some(start) = a.revision().await.unwrap() else {
+        return; // The backend has no datastore-wide revision; nothing to check.
+    };
+    let r1 = a
+        .commit(vec![put(Kind::Namespace, "rev-a", json!({}), Expect::Any)])
+        .await
+        .unwrap();
+    assert_eq!(r1, start + 1);
+    assert_eq!(
+        b.revision().await.unwrap(),
+        Some(r1),
+        "the other handle sees the commit"
+    );
+    let r2 = b
+        .commit(vec![Op::Delete {
+            kind: Kind::Namespace,
+            key: "never-there".into(),
+            expect: Expect::Any,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(r2, r1 + 1);
+    conflict(
+        a.commit(vec![put(
+            Kind::Namespace,
+            "rev-a",
+            json!({}),
+            Expect::Absent,
+        )])
+        .await,
+    );
+    assert_eq!(
+        a.revision().await.unwrap(),
+        Some(r2),
+        "a failed transaction leaves the revision"
+    );
+}
+
 /// A failing condition anywhere leaves every op of the transaction unapplied.
 pub async fn transactions_are_all_or_nothing(s: Arc<dyn Store>) {
     let pool_rev = s
@@ -253,6 +300,9 @@ pub async fn claims_and_owned_releases(s: Arc<dyn Store>) {
     assert_eq!(allocs.len(), 2);
     assert_eq!(allocs[0].ip, ip("10.0.0.1"));
     assert_eq!(allocs[0].holder, holder("c1", "eth0"));
+    let mut held = s.held_ips("p").await.unwrap();
+    held.sort();
+    assert_eq!(held, [ip("10.0.0.1"), ip("fd00::1")]);
     assert_eq!(
         s.allocation_counts().await.unwrap(),
         BTreeMap::from([("p".to_string(), 2)])

@@ -187,10 +187,24 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self, kind: Kind) -> Result<Vec<Stored>>;
     /// Every address held in `pool`.
     async fn allocations(&self, pool: &str) -> Result<Vec<Allocation>>;
+    /// The addresses held in `pool`, without their holders (the allocation hot path).
+    async fn held_ips(&self, pool: &str) -> Result<Vec<IpAddr>> {
+        Ok(self
+            .allocations(pool)
+            .await?
+            .into_iter()
+            .map(|a| a.ip)
+            .collect())
+    }
     /// Number of addresses held, per pool (pools holding none are left out).
     async fn allocation_counts(&self) -> Result<BTreeMap<String, u64>>;
-    /// Applies every op or none. Returns the new revision.
+    /// Applies every op or none. Returns the new revision, which is exactly one above the
+    /// revision before the transaction: a caller whose commit returns `r + 1` knows that
+    /// nothing else was written since it saw `r`.
     async fn commit(&self, ops: Vec<Op>) -> Result<Revision>;
+    /// The revision of the last committed transaction. `None` when the backend has no single
+    /// datastore-wide revision (callers must then not cache across calls).
+    async fn revision(&self) -> Result<Option<Revision>>;
     /// Whether the datastore answers.
     async fn ping(&self) -> Result<()>;
 }

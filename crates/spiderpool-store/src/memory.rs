@@ -155,6 +155,10 @@ impl Store for MemoryStore {
         Ok(rev)
     }
 
+    async fn revision(&self) -> Result<Option<Revision>> {
+        Ok(Some(self.state.lock().expect("lock").revision))
+    }
+
     async fn ping(&self) -> Result<()> {
         Ok(())
     }

@@ -90,6 +90,21 @@ impl SqliteStore {
     }
 }
 
+/// Runs a statement through the connection's statement cache.
+fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(p)
+}
+
+/// Reads one row through the connection's statement cache.
+fn one<T>(
+    c: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(p, f)
+}
+
 fn parse_value(kind: &str, key: &str, text: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
         key: format!("{kind}/{key}"),
@@ -102,7 +117,8 @@ fn row_revision(
     kind: Kind,
     key: &str,
 ) -> rusqlite::Result<Option<Revision>> {
-    tx.query_row(
+    one(
+        tx,
         "SELECT revision FROM objects WHERE kind = ?1 AND key = ?2",
         params![kind.resource(), key],
         |r| r.get::<_, i64>(0),
@@ -116,14 +132,14 @@ impl Store for SqliteStore {
     async fn get(&self, kind: Kind, key: &str) -> Result<Option<Stored>> {
         let key = key.to_string();
         self.run(move |c, p| {
-            let row = c
-                .query_row(
-                    "SELECT value, revision FROM objects WHERE kind = ?1 AND key = ?2",
-                    params![kind.resource(), key],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
-                )
-                .optional()
-                .map_err(sql_err(p))?;
+            let row = one(
+                c,
+                "SELECT value, revision FROM objects WHERE kind = ?1 AND key = ?2",
+                params![kind.resource(), key],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()
+            .map_err(sql_err(p))?;
             row.map(|(v, rev)| {
                 Ok(Stored {
                     value: parse_value(kind.resource(), &key, &v)?,
@@ -205,6 +221,31 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn held_ips(&self, pool: &str) -> Result<Vec<IpAddr>> {
+        let pool = pool.to_string();
+        self.run(move |c, p| {
+            let mut st = c
+                .prepare_cached("SELECT ip FROM allocations WHERE pool = ?1")
+                .map_err(sql_err(p))?;
+            let rows = st
+                .query_map(params![pool], |r| r.get::<_, String>(0))
+                .map_err(sql_err(p))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let ip = row.map_err(sql_err(p))?;
+                match ip.parse() {
+                    Ok(a) => out.push(a),
+                    Err(e) => tracing::error!(
+                        error = %StoreError::Corrupt { key: format!("allocations/{pool}/{ip}"), message: format!("{e}") },
+                        "skipping unreadable allocation"
+                    ),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn allocation_counts(&self) -> Result<BTreeMap<String, u64>> {
         self.run(move |c, p| {
             let mut st = c
@@ -225,15 +266,14 @@ impl Store for SqliteStore {
         self.run(move |c, p| {
             let e = sql_err(p);
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&e)?;
-            let rev: i64 = tx
-                .query_row("SELECT v FROM meta WHERE k = 'revision'", [], |r| r.get(0))
+            let rev: i64 = one(&tx, "SELECT v FROM meta WHERE k = 'revision'", [], |r| r.get(0))
                 .map_err(&e)?;
             let rev = rev + 1;
             for op in &ops {
                 match op {
                     Op::Put { kind, key, value, expect } => {
                         check(*expect, row_revision(&tx, *kind, key).map_err(&e)?, &format!("{kind}/{key}"))?;
-                        tx.execute(
+                        exec(&tx,
                             "INSERT INTO objects (kind, key, value, revision) VALUES (?1, ?2, ?3, ?4)
                              ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value, revision = excluded.revision",
                             params![kind.resource(), key, value.to_string(), rev],
@@ -242,7 +282,7 @@ impl Store for SqliteStore {
                     }
                     Op::Delete { kind, key, expect } => {
                         check(*expect, row_revision(&tx, *kind, key).map_err(&e)?, &format!("{kind}/{key}"))?;
-                        tx.execute(
+                        exec(&tx,
                             "DELETE FROM objects WHERE kind = ?1 AND key = ?2",
                             params![kind.resource(), key],
                         )
@@ -260,13 +300,13 @@ impl Store for SqliteStore {
                             &format!("spiderippools/{pool}"),
                         )?;
                         let holder = serde_json::to_string(holder).expect("holder serialises");
-                        let n = tx
-                            .execute(
-                                "INSERT INTO allocations (pool, ip, holder, revision) VALUES (?1, ?2, ?3, ?4)
-                                 ON CONFLICT (pool, ip) DO NOTHING",
-                                params![pool, ip.to_string(), holder, rev],
-                            )
-                            .map_err(&e)?;
+                        let n = exec(
+                            &tx,
+                            "INSERT INTO allocations (pool, ip, holder, revision) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (pool, ip) DO NOTHING",
+                            params![pool, ip.to_string(), holder, rev],
+                        )
+                        .map_err(&e)?;
                         if n == 0 {
                             return Err(StoreError::Conflict(format!("{ip} of pool {pool} is already held")));
                         }
@@ -277,7 +317,7 @@ impl Store for SqliteStore {
                         container_id,
                         nic,
                     } => {
-                        tx.execute(
+                        exec(&tx,
                             "DELETE FROM allocations WHERE pool = ?1 AND ip = ?2
                              AND json_extract(holder, '$.containerID') = ?3 AND json_extract(holder, '$.nic') = ?4",
                             params![pool, ip.to_string(), container_id, nic],
@@ -286,7 +326,7 @@ impl Store for SqliteStore {
                     }
                 }
             }
-            tx.execute("UPDATE meta SET v = ?1 WHERE k = 'revision'", params![rev])
+            exec(&tx, "UPDATE meta SET v = ?1 WHERE k = 'revision'", params![rev])
                 .map_err(&e)?;
             tx.commit().map_err(&e)?;
             Ok(rev as Revision)
@@ -294,14 +334,18 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn ping(&self) -> Result<()> {
+    async fn revision(&self) -> Result<Option<Revision>> {
         self.run(|c, p| {
-            c.query_row("SELECT v FROM meta WHERE k = 'revision'", [], |r| {
+            one(c, "SELECT v FROM meta WHERE k = 'revision'", [], |r| {
                 r.get::<_, i64>(0)
             })
             .map_err(sql_err(p))
-            .map(|_| ())
+            .map(|r| Some(r as Revision))
         })
         .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.revision().await.map(|_| ())
     }
 }

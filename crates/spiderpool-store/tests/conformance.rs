@@ -15,6 +15,12 @@ async fn memory_backend_conforms() {
     conformance::objects_and_conditions(Arc::new(MemoryStore::new())).await;
     conformance::transactions_are_all_or_nothing(Arc::new(MemoryStore::new())).await;
     conformance::claims_and_owned_releases(Arc::new(MemoryStore::new())).await;
+    let s: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    conformance::revisions_advance_by_one(&|| {
+        let s = s.clone();
+        async move { s }
+    })
+    .await;
     let s = shared.clone();
     conformance::concurrent_compare_and_swap(&|| {
         let s = s.clone();
@@ -32,7 +38,7 @@ async fn memory_backend_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_backend_conforms() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, check) in ["objects", "txn", "claims", "cas", "race"]
+    for (i, check) in ["objects", "revisions", "txn", "claims", "cas", "race"]
         .iter()
         .enumerate()
     {
@@ -43,6 +49,7 @@ async fn sqlite_backend_conforms() {
         };
         match *check {
             "objects" => conformance::objects_and_conditions(open().await).await,
+            "revisions" => conformance::revisions_advance_by_one(&open).await,
             "txn" => conformance::transactions_are_all_or_nothing(open().await).await,
             "claims" => conformance::claims_and_owned_releases(open().await).await,
             "cas" => conformance::concurrent_compare_and_swap(&open).await,

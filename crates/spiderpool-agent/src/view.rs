@@ -1,0 +1,157 @@
+//! The agent's cached picture of what allocation reads: validated pools, reserved addresses,
+//! the addresses held per pool, node and namespace labels. It is tagged with the datastore
+//! revision it was read at and reused only while that revision is current; the agent's own
+//! commits are folded in when their revision shows nobody else wrote in between. So a busy
+//! agent does not re-read every pool's holders per request, and the cost of an ADD does not
+//! grow with the number of addresses held.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use spiderpool_api::Object;
+use spiderpool_core::{IpSet, Labels, Pool};
+use spiderpool_store::{typed, Kind, Result, Revision, Store};
+
+/// What allocation reads, as of one revision.
+pub struct View {
+    revision: Option<Revision>,
+    /// Every valid pool.
+    pub pools: Vec<Pool>,
+    /// Revision of each pool object (claims are guarded by it).
+    pub pool_revs: BTreeMap<String, Revision>,
+    /// Union of every SpiderReservedIP.
+    pub reserved: IpSet,
+    held: HashMap<String, IpSet>,
+    namespaces: HashMap<String, Labels>,
+    nodes: HashMap<String, Option<Labels>>,
+}
+
+impl View {
+    async fn load(store: &dyn Store, revision: Option<Revision>) -> Result<View> {
+        let mut pools = Vec::new();
+        let mut pool_revs = BTreeMap::new();
+        for (o, rev) in typed::list(store, Kind::IPPool).await? {
+            if let Object::IPPool(p) = o {
+                match p.to_pool() {
+                    Ok(pool) => {
+                        pool_revs.insert(pool.name.clone(), rev);
+                        pools.push(pool);
+                    }
+                    Err(e) => tracing::error!(error = %e, "skipping an invalid stored pool"),
+                }
+            }
+        }
+        let mut reserved = IpSet::new();
+        for (o, _) in typed::list(store, Kind::ReservedIP).await? {
+            if let Object::ReservedIP(r) = o {
+                match r.to_set() {
+                    Ok(s) => reserved = reserved.union(&s),
+                    Err(e) => tracing::error!(error = %e, "skipping an invalid reserved IP object"),
+                }
+            }
+        }
+        Ok(View {
+            revision,
+            pools,
+            pool_revs,
+            reserved,
+            held: HashMap::new(),
+            namespaces: HashMap::new(),
+            nodes: HashMap::new(),
+        })
+    }
+
+    /// Reads the addresses held in `pool` unless the view has them already.
+    pub async fn load_held(&mut self, store: &dyn Store, pool: &str) -> Result<()> {
+        if !self.held.contains_key(pool) {
+            let ips = IpSet::from_ips(store.held_ips(pool).await?);
+            self.held.insert(pool.to_string(), ips);
+        }
+        Ok(())
+    }
+
+    /// The addresses held in `pool`, as loaded by [`View::load_held`] (empty otherwise).
+    pub fn held(&self, pool: &str) -> &IpSet {
+        static EMPTY: std::sync::OnceLock<IpSet> = std::sync::OnceLock::new();
+        self.held
+            .get(pool)
+            .unwrap_or_else(|| EMPTY.get_or_init(IpSet::new))
+    }
+
+    /// Labels of namespace `ns` (none when it has no Namespace object).
+    pub async fn namespace_labels(&mut self, store: &dyn Store, ns: &str) -> Result<Labels> {
+        if let Some(l) = self.namespaces.get(ns) {
+            return Ok(l.clone());
+        }
+        let labels = typed::get(store, Kind::Namespace, ns)
+            .await?
+            .map(|(o, _)| o.metadata().labels.clone())
+            .unwrap_or_default();
+        self.namespaces.insert(ns.to_string(), labels.clone());
+        Ok(labels)
+    }
+
+    /// Labels of the Node object `node`, if it exists.
+    pub async fn node_labels(&mut self, store: &dyn Store, node: &str) -> Result<Option<Labels>> {
+        if let Some(l) = self.nodes.get(node) {
+            return Ok(l.clone());
+        }
+        let labels = typed::get(store, Kind::Node, node)
+            .await?
+            .map(|(o, _)| o.metadata().labels.clone());
+        self.nodes.insert(node.to_string(), labels.clone());
+        Ok(labels)
+    }
+
+    fn apply(&mut self, claimed: &[(String, IpAddr)], released: &[(String, IpAddr)]) {
+        for (pool, ip) in claimed {
+            if let Some(set) = self.held.get_mut(pool) {
+                *set = set.union(&IpSet::from_ips([*ip]));
+            }
+        }
+        for (pool, ip) in released {
+            if let Some(set) = self.held.get_mut(pool) {
+                *set = set.difference(&IpSet::from_ips([*ip]));
+            }
+        }
+    }
+}
+
+/// The cached view, if any.
+#[derive(Default)]
+pub struct ViewCache(Option<View>);
+
+impl ViewCache {
+    /// The view as of the datastore's current revision, reusing the cached one when it is
+    /// still current.
+    pub async fn current(&mut self, store: &dyn Store) -> Result<&mut View> {
+        let now = store.revision().await?;
+        let fresh = matches!((&self.0, now), (Some(v), Some(r)) if v.revision == Some(r));
+        if !fresh {
+            self.0 = Some(View::load(store, now).await?);
+        }
+        Ok(self.0.as_mut().expect("just filled"))
+    }
+
+    /// Folds a commit of this agent into the view: kept only when `revision` shows that no
+    /// other writer came in between, dropped otherwise.
+    pub fn committed(
+        &mut self,
+        revision: Revision,
+        claimed: &[(String, IpAddr)],
+        released: &[(String, IpAddr)],
+    ) {
+        match &mut self.0 {
+            Some(v) if v.revision.is_some_and(|r| r + 1 == revision) => {
+                v.apply(claimed, released);
+                v.revision = Some(revision);
+            }
+            _ => self.0 = None,
+        }
+    }
+
+    /// Forgets the view (after a conflict or an error).
+    pub fn invalidate(&mut self) {
+        self.0 = None;
+    }
+}
