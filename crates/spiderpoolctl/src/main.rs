@@ -153,7 +153,20 @@ fn singular(kind: Kind) -> &'static str {
         Kind::Namespace => "namespace",
         Kind::Pod => "pod",
         Kind::Workload => "workload",
-        Kind::NetworkAttachment => "network-attachment-definition.k8s.cni.cncf.io",
+        Kind::NetworkAttachment => "networkattachmentdefinition.k8s.cni.cncf.io",
+    }
+}
+
+/// How kubectl names an object in its messages: `spiderippool.spiderpool.spidernet.io/p`,
+/// `daemonset.apps/test-app`, `pod/test-app-j9ftl`.
+fn resource_ref(o: &Object) -> String {
+    let name = &o.metadata().name;
+    match o {
+        Object::Kube(Kind::Workload, k) => {
+            let group = k.api_version.split('/').next().unwrap_or("apps");
+            format!("{}.{group}/{name}", k.kind.to_ascii_lowercase())
+        }
+        other => format!("{}/{name}", singular(other.kind())),
     }
 }
 
@@ -176,12 +189,10 @@ async fn apply(store: Arc<dyn Store>, file: &str) -> anyhow::Result<ExitCode> {
         for w in &doc.warnings {
             eprintln!("Warning: {w}");
         }
-        let kind = doc.object.kind();
-        let key = doc.object.key();
+        let name = resource_ref(&doc.object);
         match objects::apply(store.as_ref(), doc.object).await {
             Ok(outcome) => println!(
-                "{}/{key} {}",
-                singular(kind),
+                "{name} {}",
                 match outcome {
                     Applied::Created => "created",
                     Applied::Configured => "configured",

@@ -1,0 +1,125 @@
+//! `spiderpoolctl` as a user runs it: apply with warnings and refusals that name the bad value,
+//! kubectl-style tables and Kubernetes-form JSON/YAML, delete guarded against data loss.
+
+use serde_json::json;
+use spiderpool_testkit::{CniCall, Sandbox};
+
+const SEED_POOLS: &str = include_str!("../../../examples/seed-zones/manifests/03-ippools.yaml");
+const SEED_SUBNETS: &str = include_str!("../../../examples/seed-zones/manifests/02-subnets.yaml");
+
+fn pool(name: &str, subnet: &str, ips: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {{name: {name}}}\nspec:\n  subnet: {subnet}\n  ips: [{ips}]\n{extra}"
+    )
+}
+
+#[test]
+fn seed_objects_apply_and_print_the_seed_columns() {
+    let sb = Sandbox::new();
+    let out = sb.ctl(&["apply", "-f", "-"], &format!("{SEED_SUBNETS}\n---\n{SEED_POOLS}"));
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "spidersubnet.spiderpool.spidernet.io/subnet-6 created\nspidersubnet.spiderpool.spidernet.io/subnet-7 created\n\
+         spiderippool.spiderpool.spidernet.io/test-ippool-6 created\nspiderippool.spiderpool.spidernet.io/test-ippool-7 created\n"
+    );
+    let again = sb.ctl(&["apply", "-f", "-"], SEED_POOLS);
+    assert!(again.stdout.contains("test-ippool-6 unchanged"), "{}", again.stdout);
+
+    let table = sb.ctl(&["get", "ippool"], "").stdout;
+    assert_eq!(
+        table,
+        "NAME            VERSION   SUBNET        ALLOCATED-IP-COUNT   TOTAL-IP-COUNT   DEFAULT   DISABLE\n\
+         test-ippool-6   4         10.6.0.0/16   0                    10               false     false\n\
+         test-ippool-7   4         10.7.0.0/16   0                    10               false     false\n"
+    );
+    let subnets = sb.ctl(&["get", "spidersubnet"], "").stdout;
+    assert_eq!(
+        subnets.lines().next().unwrap(),
+        "NAME       VERSION   SUBNET        ALLOCATED-IP-COUNT   TOTAL-IP-COUNT"
+    );
+    let wide = sb.ctl(&["get", "sp", "-o", "wide"], "").stdout;
+    assert!(wide.starts_with("NAME            VERSION   SUBNET        ALLOCATED-IP-COUNT   TOTAL-IP-COUNT   DEFAULT   DISABLE   NODENAME"), "{wide}");
+
+    let j = sb.get_json("ippool", "test-ippool-6");
+    assert_eq!(j["apiVersion"], "spiderpool.spidernet.io/v2beta1");
+    assert_eq!(j["kind"], "SpiderIPPool");
+    assert_eq!(j["spec"]["nodeAffinity"]["matchExpressions"][0]["values"], json!(["subnet-6"]));
+    assert_eq!(j["status"], json!({"allocatedIPCount": 0, "totalIPCount": 10}));
+    assert!(j["metadata"]["resourceVersion"].is_string());
+    let list = sb.ctl(&["get", "ippool", "-o", "yaml"], "");
+    assert!(list.stdout.starts_with("apiVersion: v1\nitems:\n"), "{}", list.stdout);
+    assert!(list.stdout.contains("kind: List"));
+}
+
+#[test]
+fn unknown_fields_warn_and_bad_objects_are_refused_by_name() {
+    let sb = Sandbox::new();
+    let out = sb.ctl(&["apply", "-f", "-"], &pool("p", "10.6.0.0/16", "10.6.0.1-10.6.0.9", "  gatway: 10.6.0.254\n"));
+    assert!(out.success);
+    assert!(
+        out.stderr.contains("Warning: SpiderIPPool \"p\": unknown field \"spec.gatway\" ignored"),
+        "{}",
+        out.stderr
+    );
+    let cases = [
+        (pool("q", "10.6.0.0/16", "10.7.0.1", ""), "pool \"q\": spec.ips 10.7.0.1 is outside subnet 10.6.0.0/16"),
+        (pool("q", "10.6.0.0/16", "10.6.0.9-10.6.0.1", ""), "spec.ips: IP range \"10.6.0.9-10.6.0.1\" is reversed"),
+        (pool("q", "10.6.0.0/16", "10.6.0.5-10.6.0.20", ""), "SpiderIPPool \"q\": spec.ips 10.6.0.5-10.6.0.9 overlap with SpiderIPPool \"p\""),
+        (pool("q", "10.6.1.0/16", "10.6.1.1", ""), "spec.subnet 10.6.1.0/16 is not canonical, use 10.6.0.0/16"),
+        (pool("q", "10.6.0.0/24", "10.6.0.100", ""), "spec.subnet 10.6.0.0/24 overlaps spec.subnet 10.6.0.0/16 of SpiderIPPool \"p\""),
+        (pool("q", "10.8.0.0/16", "10.8.0.1", "  gateway: 10.8.0.1\n"), "spec.gateway 10.8.0.1 must not be one of spec.ips"),
+        (pool("p", "10.9.0.0/16", "10.9.0.1", ""), "SpiderIPPool \"p\": spec.subnet is not changeable (10.6.0.0/16 to 10.9.0.0/16)"),
+    ];
+    for (yaml, want) in cases {
+        let before = sb.ctl(&["get", "ippool", "-o", "json"], "").stdout;
+        let out = sb.ctl(&["apply", "-f", "-"], &yaml);
+        assert!(!out.success, "accepted:\n{yaml}");
+        assert!(out.stderr.contains(want), "want {want:?} in {:?}", out.stderr);
+        assert_eq!(sb.ctl(&["get", "ippool", "-o", "json"], "").stdout, before, "a refused apply changed the datastore");
+    }
+    let out = sb.ctl(&["apply", "-f", "-"], "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n");
+    assert!(out.stderr.contains("unsupported apiVersion \"v1\" kind \"Service\""), "{}", out.stderr);
+    let out = sb.ctl(&["get", "frobs"], "");
+    assert!(!out.success && out.stderr.contains("unknown kind \"frobs\""), "{}", out.stderr);
+    let out = spiderpool_testkit::run(
+        std::process::Command::new(spiderpool_testkit::bin("spiderpoolctl")).args(["--datastore", "mysql://x", "get", "ippool"]),
+        "",
+    );
+    assert!(out.stderr.contains("datastore \"mysql://x\": unknown scheme"), "{}", out.stderr);
+}
+
+#[test]
+fn addresses_in_use_are_never_lost() {
+    let sb = Sandbox::new();
+    sb.apply(&pool("p", "10.6.0.0/16", "10.6.0.1-10.6.0.9", ""));
+    let agent = sb.agent("n1", "");
+    let conf = json!({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "spiderpool", "ipam_unix_socket_path": agent.socket, "default_ipv4_ippool": ["p"]}});
+    assert!(CniCall::new("ADD", "c1", "web-0", &conf).run().success);
+
+    // Excluding or removing the address the pod holds is refused, naming the pod.
+    let out = sb.ctl(&["apply", "-f", "-"], &pool("p", "10.6.0.0/16", "10.6.0.1-10.6.0.9", "  excludeIPs: [10.6.0.1]\n"));
+    assert!(out.stderr.contains("cannot remove or exclude 10.6.0.1 because pod default/web-0 (interface eth0) uses it"), "{}", out.stderr);
+    let out = sb.ctl(&["apply", "-f", "-"], &pool("p", "10.6.0.0/16", "10.6.0.2-10.6.0.9", ""));
+    assert!(out.stderr.contains("pod default/web-0"), "{}", out.stderr);
+    // Shrinking around it is fine.
+    let out = sb.ctl(&["apply", "-f", "-"], &pool("p", "10.6.0.0/16", "10.6.0.1-10.6.0.5", ""));
+    assert!(out.success, "{}", out.stderr);
+
+    let out = sb.ctl(&["delete", "ippool", "p"], "");
+    assert!(!out.success);
+    assert!(out.stderr.contains("cannot delete SpiderIPPool \"p\" with 1 allocated IPs (held by default/web-0)"), "{}", out.stderr);
+    let ep = sb.ctl(&["get", "endpoint"], "").stdout;
+    assert!(ep.contains("web-0") && ep.contains("10.6.0.1/16"), "{ep}");
+    let j = sb.get_json("ippool", "p");
+    let allocated: serde_json::Value = serde_json::from_str(j["status"]["allocatedIPs"].as_str().unwrap()).unwrap();
+    assert_eq!(allocated["10.6.0.1"]["pod"], "default/web-0");
+    assert_eq!(allocated["10.6.0.1"]["interface"], "eth0");
+
+    assert!(CniCall::new("DEL", "c1", "web-0", &conf).run().success);
+    let out = sb.ctl(&["delete", "ippool", "p"], "");
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(out.stdout, "spiderippool.spiderpool.spidernet.io/p deleted\n");
+    let out = sb.ctl(&["delete", "ippool", "p"], "");
+    assert!(out.stderr.contains("spiderippools \"p\" not found"), "{}", out.stderr);
+}
