@@ -16,7 +16,10 @@ fn pool(name: &str, subnet: &str, ips: &str, extra: &str) -> String {
 #[test]
 fn seed_objects_apply_and_print_the_seed_columns() {
     let sb = Sandbox::new();
-    let out = sb.ctl(&["apply", "-f", "-"], &format!("{SEED_SUBNETS}\n---\n{SEED_POOLS}"));
+    let out = sb.ctl(
+        &["apply", "-f", "-"],
+        &format!("{SEED_SUBNETS}\n---\n{SEED_POOLS}"),
+    );
     assert!(out.success, "{}", out.stderr);
     assert_eq!(
         out.stdout,
@@ -24,7 +27,11 @@ fn seed_objects_apply_and_print_the_seed_columns() {
          spiderippool.spiderpool.spidernet.io/test-ippool-6 created\nspiderippool.spiderpool.spidernet.io/test-ippool-7 created\n"
     );
     let again = sb.ctl(&["apply", "-f", "-"], SEED_POOLS);
-    assert!(again.stdout.contains("test-ippool-6 unchanged"), "{}", again.stdout);
+    assert!(
+        again.stdout.contains("test-ippool-6 unchanged"),
+        "{}",
+        again.stdout
+    );
 
     let table = sb.ctl(&["get", "ippool"], "").stdout;
     assert_eq!(
@@ -44,49 +51,119 @@ fn seed_objects_apply_and_print_the_seed_columns() {
     let j = sb.get_json("ippool", "test-ippool-6");
     assert_eq!(j["apiVersion"], "spiderpool.spidernet.io/v2beta1");
     assert_eq!(j["kind"], "SpiderIPPool");
-    assert_eq!(j["spec"]["nodeAffinity"]["matchExpressions"][0]["values"], json!(["subnet-6"]));
-    assert_eq!(j["status"], json!({"allocatedIPCount": 0, "totalIPCount": 10}));
+    assert_eq!(
+        j["spec"]["nodeAffinity"]["matchExpressions"][0]["values"],
+        json!(["subnet-6"])
+    );
+    assert_eq!(
+        j["status"],
+        json!({"allocatedIPCount": 0, "totalIPCount": 10})
+    );
     assert!(j["metadata"]["resourceVersion"].is_string());
     let list = sb.ctl(&["get", "ippool", "-o", "yaml"], "");
-    assert!(list.stdout.starts_with("apiVersion: v1\nitems:\n"), "{}", list.stdout);
+    assert!(
+        list.stdout.starts_with("apiVersion: v1\nitems:\n"),
+        "{}",
+        list.stdout
+    );
     assert!(list.stdout.contains("kind: List"));
 }
 
 #[test]
 fn unknown_fields_warn_and_bad_objects_are_refused_by_name() {
     let sb = Sandbox::new();
-    let out = sb.ctl(&["apply", "-f", "-"], &pool("p", "10.6.0.0/16", "10.6.0.1-10.6.0.9", "  gatway: 10.6.0.254\n"));
+    let out = sb.ctl(
+        &["apply", "-f", "-"],
+        &pool(
+            "p",
+            "10.6.0.0/16",
+            "10.6.0.1-10.6.0.9",
+            "  gatway: 10.6.0.254\n",
+        ),
+    );
     assert!(out.success);
     assert!(
-        out.stderr.contains("Warning: SpiderIPPool \"p\": unknown field \"spec.gatway\" ignored"),
+        out.stderr
+            .contains("Warning: SpiderIPPool \"p\": unknown field \"spec.gatway\" ignored"),
         "{}",
         out.stderr
     );
     let cases = [
-        (pool("q", "10.6.0.0/16", "10.7.0.1", ""), "pool \"q\": spec.ips 10.7.0.1 is outside subnet 10.6.0.0/16"),
-        (pool("q", "10.6.0.0/16", "10.6.0.9-10.6.0.1", ""), "spec.ips: IP range \"10.6.0.9-10.6.0.1\" is reversed"),
-        (pool("q", "10.6.0.0/16", "10.6.0.5-10.6.0.20", ""), "SpiderIPPool \"q\": spec.ips 10.6.0.5-10.6.0.9 overlap with SpiderIPPool \"p\""),
-        (pool("q", "10.6.1.0/16", "10.6.1.1", ""), "spec.subnet 10.6.1.0/16 is not canonical, use 10.6.0.0/16"),
-        (pool("q", "10.6.0.0/24", "10.6.0.100", ""), "spec.subnet 10.6.0.0/24 overlaps spec.subnet 10.6.0.0/16 of SpiderIPPool \"p\""),
-        (pool("q", "10.8.0.0/16", "10.8.0.1", "  gateway: 10.8.0.1\n"), "spec.gateway 10.8.0.1 must not be one of spec.ips"),
-        (pool("p", "10.9.0.0/16", "10.9.0.1", ""), "SpiderIPPool \"p\": spec.subnet is not changeable (10.6.0.0/16 to 10.9.0.0/16)"),
+        (
+            pool("q", "10.6.0.0/16", "10.7.0.1", ""),
+            "pool \"q\": spec.ips 10.7.0.1 is outside subnet 10.6.0.0/16",
+        ),
+        (
+            pool("q", "10.6.0.0/16", "10.6.0.9-10.6.0.1", ""),
+            "spec.ips: IP range \"10.6.0.9-10.6.0.1\" is reversed",
+        ),
+        (
+            pool("q", "10.6.0.0/16", "10.6.0.5-10.6.0.20", ""),
+            "SpiderIPPool \"q\": spec.ips 10.6.0.5-10.6.0.9 overlap with SpiderIPPool \"p\"",
+        ),
+        (
+            pool("q", "10.6.1.0/16", "10.6.1.1", ""),
+            "spec.subnet 10.6.1.0/16 is not canonical, use 10.6.0.0/16",
+        ),
+        (
+            pool("q", "10.6.0.0/24", "10.6.0.100", ""),
+            "spec.subnet 10.6.0.0/24 overlaps spec.subnet 10.6.0.0/16 of SpiderIPPool \"p\"",
+        ),
+        (
+            pool("q", "10.8.0.0/16", "10.8.0.1", "  gateway: 10.8.0.1\n"),
+            "spec.gateway 10.8.0.1 must not be one of spec.ips",
+        ),
+        (
+            pool("p", "10.9.0.0/16", "10.9.0.1", ""),
+            "SpiderIPPool \"p\": spec.subnet is not changeable (10.6.0.0/16 to 10.9.0.0/16)",
+        ),
     ];
     for (yaml, want) in cases {
         let before = sb.ctl(&["get", "ippool", "-o", "json"], "").stdout;
         let out = sb.ctl(&["apply", "-f", "-"], &yaml);
         assert!(!out.success, "accepted:\n{yaml}");
-        assert!(out.stderr.contains(want), "want {want:?} in {:?}", out.stderr);
-        assert_eq!(sb.ctl(&["get", "ippool", "-o", "json"], "").stdout, before, "a refused apply changed the datastore");
+        assert!(
+            out.stderr.contains(want),
+            "want {want:?} in {:?}",
+            out.stderr
+        );
+        assert_eq!(
+            sb.ctl(&["get", "ippool", "-o", "json"], "").stdout,
+            before,
+            "a refused apply changed the datastore"
+        );
     }
-    let out = sb.ctl(&["apply", "-f", "-"], "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n");
-    assert!(out.stderr.contains("unsupported apiVersion \"v1\" kind \"Service\""), "{}", out.stderr);
+    let out = sb.ctl(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n",
+    );
+    assert!(
+        out.stderr
+            .contains("unsupported apiVersion \"v1\" kind \"Service\""),
+        "{}",
+        out.stderr
+    );
     let out = sb.ctl(&["get", "frobs"], "");
-    assert!(!out.success && out.stderr.contains("unknown kind \"frobs\""), "{}", out.stderr);
+    assert!(
+        !out.success && out.stderr.contains("unknown kind \"frobs\""),
+        "{}",
+        out.stderr
+    );
     let out = spiderpool_testkit::run(
-        std::process::Command::new(spiderpool_testkit::bin("spiderpoolctl")).args(["--datastore", "mysql://x", "get", "ippool"]),
+        std::process::Command::new(spiderpool_testkit::bin("spiderpoolctl")).args([
+            "--datastore",
+            "mysql://x",
+            "get",
+            "ippool",
+        ]),
         "",
     );
-    assert!(out.stderr.contains("datastore \"mysql://x\": unknown scheme"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("datastore \"mysql://x\": unknown scheme"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -98,28 +175,62 @@ fn addresses_in_use_are_never_lost() {
     assert!(CniCall::new("ADD", "c1", "web-0", &conf).run().success);
 
     // Excluding or removing the address the pod holds is refused, naming the pod.
-    let out = sb.ctl(&["apply", "-f", "-"], &pool("p", "10.6.0.0/16", "10.6.0.1-10.6.0.9", "  excludeIPs: [10.6.0.1]\n"));
-    assert!(out.stderr.contains("cannot remove or exclude 10.6.0.1 because pod default/web-0 (interface eth0) uses it"), "{}", out.stderr);
-    let out = sb.ctl(&["apply", "-f", "-"], &pool("p", "10.6.0.0/16", "10.6.0.2-10.6.0.9", ""));
+    let out = sb.ctl(
+        &["apply", "-f", "-"],
+        &pool(
+            "p",
+            "10.6.0.0/16",
+            "10.6.0.1-10.6.0.9",
+            "  excludeIPs: [10.6.0.1]\n",
+        ),
+    );
+    assert!(
+        out.stderr.contains(
+            "cannot remove or exclude 10.6.0.1 because pod default/web-0 (interface eth0) uses it"
+        ),
+        "{}",
+        out.stderr
+    );
+    let out = sb.ctl(
+        &["apply", "-f", "-"],
+        &pool("p", "10.6.0.0/16", "10.6.0.2-10.6.0.9", ""),
+    );
     assert!(out.stderr.contains("pod default/web-0"), "{}", out.stderr);
     // Shrinking around it is fine.
-    let out = sb.ctl(&["apply", "-f", "-"], &pool("p", "10.6.0.0/16", "10.6.0.1-10.6.0.5", ""));
+    let out = sb.ctl(
+        &["apply", "-f", "-"],
+        &pool("p", "10.6.0.0/16", "10.6.0.1-10.6.0.5", ""),
+    );
     assert!(out.success, "{}", out.stderr);
 
     let out = sb.ctl(&["delete", "ippool", "p"], "");
     assert!(!out.success);
-    assert!(out.stderr.contains("cannot delete SpiderIPPool \"p\" with 1 allocated IPs (held by default/web-0)"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "cannot delete SpiderIPPool \"p\" with 1 allocated IPs (held by default/web-0)"
+        ),
+        "{}",
+        out.stderr
+    );
     let ep = sb.ctl(&["get", "endpoint"], "").stdout;
     assert!(ep.contains("web-0") && ep.contains("10.6.0.1/16"), "{ep}");
     let j = sb.get_json("ippool", "p");
-    let allocated: serde_json::Value = serde_json::from_str(j["status"]["allocatedIPs"].as_str().unwrap()).unwrap();
+    let allocated: serde_json::Value =
+        serde_json::from_str(j["status"]["allocatedIPs"].as_str().unwrap()).unwrap();
     assert_eq!(allocated["10.6.0.1"]["pod"], "default/web-0");
     assert_eq!(allocated["10.6.0.1"]["interface"], "eth0");
 
     assert!(CniCall::new("DEL", "c1", "web-0", &conf).run().success);
     let out = sb.ctl(&["delete", "ippool", "p"], "");
     assert!(out.success, "{}", out.stderr);
-    assert_eq!(out.stdout, "spiderippool.spiderpool.spidernet.io/p deleted\n");
+    assert_eq!(
+        out.stdout,
+        "spiderippool.spiderpool.spidernet.io/p deleted\n"
+    );
     let out = sb.ctl(&["delete", "ippool", "p"], "");
-    assert!(out.stderr.contains("spiderippools \"p\" not found"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("spiderippools \"p\" not found"),
+        "{}",
+        out.stderr
+    );
 }
