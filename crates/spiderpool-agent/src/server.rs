@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use spiderpool_api::agent::{
-    ErrorBody, IpamAddArgs, IpamDelArgs, PATH_CHECK, PATH_HEALTHY, PATH_IP,
+    ErrorBody, IpamAddArgs, IpamDelArgs, IpamGcArgs, IpamGcResponse, IpamStatusArgs, PATH_CHECK,
+    PATH_GC, PATH_HEALTHY, PATH_IP, PATH_STATUS,
 };
 use spiderpool_api::cni::code;
 use tokio::net::UnixListener;
@@ -79,12 +80,39 @@ async fn check(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
     }
 }
 
+async fn gc(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
+    let args: IpamGcArgs = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return bad_body(e),
+    };
+    match svc.gc(&args.network, &args.valid_attachments).await {
+        Ok(released) => Json(IpamGcResponse { released }).into_response(),
+        Err(e) => service_error(e),
+    }
+}
+
+async fn status(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
+    let args: IpamStatusArgs = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return bad_body(e),
+    };
+    match svc
+        .status(&args.default_ipv4_ippool, &args.default_ipv6_ippool)
+        .await
+    {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => service_error(e),
+    }
+}
+
 /// The API's routes.
 pub fn router(svc: Arc<IpamService>) -> Router {
     Router::new()
         .route(PATH_HEALTHY, get(healthy))
         .route(PATH_IP, post(add).delete(del))
         .route(PATH_CHECK, post(check))
+        .route(PATH_GC, post(gc))
+        .route(PATH_STATUS, post(status))
         .with_state(svc)
 }
 

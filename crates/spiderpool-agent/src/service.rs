@@ -3,13 +3,14 @@
 //! commits the claims together with the pod's endpoint record in one compare-and-swap
 //! transaction, retrying a bounded number of times on conflicts with other agents.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use spiderpool_api::agent::{IpConfig, IpamAddArgs, IpamAddResponse, IpamDelArgs, Route};
 use spiderpool_api::annotation;
-use spiderpool_api::cni::code;
+use spiderpool_api::cni::{code, Attachment};
 use spiderpool_api::crd::{EndpointInterface, EndpointStatus, RouteSpec, API_VERSION};
 use spiderpool_api::{KubeObject, Object, ObjectMeta, SpiderEndpoint, ValidationError};
 use spiderpool_core::candidate::{lowest_free, AllocError, Rejected, Rejection};
@@ -36,6 +37,9 @@ pub enum ServiceError {
     /// The datastore failed or conflicts did not settle.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// STATUS: ADD cannot be served.
+    #[error("{0}")]
+    NotReady(String),
     /// CHECK: the container holds no reservation for the interface.
     #[error("container {container_id} holds no address for interface {nic} (pod {pod})")]
     NoReservation {
@@ -58,6 +62,7 @@ impl ServiceError {
             ServiceError::Store(e) if e.is_retryable() => code::TRY_AGAIN_LATER,
             ServiceError::Store(_) => code::IO_FAILURE,
             ServiceError::NoReservation { .. } => code::UNKNOWN_CONTAINER,
+            ServiceError::NotReady(_) => code::PLUGIN_NOT_AVAILABLE,
         }
     }
 }
@@ -340,6 +345,33 @@ impl IpamService {
         }
     }
 
+    /// Whether the pod belongs to a StatefulSet that still wants it (ordinal below `replicas`):
+    /// such a pod keeps its addresses across sandboxes and re-creations.
+    async fn stateful_member(
+        &self,
+        namespace: &str,
+        pod: &str,
+        owner_kind: &str,
+        owner_name: &str,
+    ) -> Result<bool> {
+        if owner_kind != "StatefulSet" {
+            return Ok(false);
+        }
+        let Some(ordinal) = pod
+            .strip_prefix(owner_name)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|o| o.parse::<i64>().ok())
+        else {
+            return Ok(false);
+        };
+        let key = format!("{namespace}/StatefulSet/{owner_name}");
+        let replicas = typed::get(self.store.as_ref(), Kind::Workload, &key)
+            .await?
+            .and_then(|(o, _)| kube_of(o))
+            .map(|w| w.replicas());
+        Ok(replicas.is_some_and(|r| ordinal < r))
+    }
+
     async fn try_add(
         &self,
         pod: &PodRef,
@@ -363,24 +395,51 @@ impl IpamService {
         .find(|s| !s.is_empty())
         .unwrap_or_default()
         .to_string();
+        let (pod_labels, annotations, owner) = match &pod_obj {
+            Some(p) => (
+                p.metadata.labels.clone(),
+                p.metadata.annotations.clone(),
+                p.metadata
+                    .controller()
+                    .map(|o| (o.kind.clone(), o.name.clone())),
+            ),
+            None => Default::default(),
+        };
+        let (owner_kind, owner_name) = owner.unwrap_or_else(|| ("Pod".into(), pod.name.clone()));
+        let member = self
+            .stateful_member(&pod.namespace, &pod.name, &owner_kind, &owner_name)
+            .await?;
 
         let mut ep_entry = typed::get(store, Kind::Endpoint, &key)
             .await?
             .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)));
+        // This NIC's record from an earlier sandbox of a StatefulSet member: its addresses are
+        // handed over if their pools are still candidates.
+        let mut previous = None;
         if let Some((ep, rev)) = &ep_entry {
             if let Some(nic) = ep.status.current.iter().find(|n| n.interface == pod.nic) {
                 if nic.container_id == pod.container_id {
                     return Ok(response_of(nic));
                 }
             }
-            // The record belongs to an earlier incarnation of this pod or to an earlier sandbox
-            // of this NIC: give those addresses back before allocating afresh.
-            let stale: Vec<&EndpointInterface> = ep
-                .status
-                .current
-                .iter()
-                .filter(|n| ep.status.uid != uid || n.interface == pod.nic)
-                .collect();
+            // Otherwise the record belongs to an earlier incarnation of this pod or an earlier
+            // sandbox of this NIC: those addresses go back before allocating afresh, except a
+            // StatefulSet member's, which wait for their own NIC's ADD.
+            let stale: Vec<&EndpointInterface> = if member {
+                previous = ep
+                    .status
+                    .current
+                    .iter()
+                    .find(|n| n.interface == pod.nic)
+                    .cloned();
+                Vec::new()
+            } else {
+                ep.status
+                    .current
+                    .iter()
+                    .filter(|n| ep.status.uid != uid || n.interface == pod.nic)
+                    .collect()
+            };
             if !stale.is_empty() {
                 let mut kept = ep.clone();
                 kept.status.current.retain(|n| !stale.contains(&n));
@@ -396,33 +455,49 @@ impl IpamService {
             }
         }
 
-        let (pod_labels, annotations, owner) = match &pod_obj {
-            Some(p) => (
-                p.metadata.labels.clone(),
-                p.metadata.annotations.clone(),
-                p.metadata
-                    .controller()
-                    .map(|o| (o.kind.clone(), o.name.clone())),
-            ),
-            None => Default::default(),
-        };
-        for unsupported in [annotation::SUBNET, annotation::SUBNETS, annotation::IPPOOLS] {
+        for unsupported in [annotation::SUBNET, annotation::SUBNETS] {
             if annotations.contains_key(unsupported) {
                 return Err(ValidationError::Invalid(format!(
-                    "pod {key}: annotation {unsupported} is not supported by this version; \
-                     use {} to name the pools",
-                    annotation::IPPOOL
+                    "pod {key}: annotation {unsupported} (SpiderSubnet auto pools) is not supported by this version; \
+                     name the pools with {} or {}",
+                    annotation::IPPOOL,
+                    annotation::IPPOOLS
                 ))
                 .into());
             }
         }
+        let in_pod = |e: ValidationError| ValidationError::Invalid(format!("pod {key}: {e}"));
+        let pod_ippools = annotations
+            .get(annotation::IPPOOLS)
+            .map(|v| annotation::parse_ippools(v, &pod.nic))
+            .transpose()
+            .map_err(in_pod)?;
         let pod_ippool = annotations
             .get(annotation::IPPOOL)
             .map(|v| annotation::parse_ippool(v))
             .transpose()
-            .map_err(|e| ValidationError::Invalid(format!("pod {key}: {e}")))?;
+            .map_err(in_pod)?;
+        let custom_routes = annotations
+            .get(annotation::ROUTES)
+            .map(|v| annotation::parse_routes(v))
+            .transpose()
+            .map_err(in_pod)?
+            .unwrap_or_default();
+        let multus_network =
+            annotation::multus_network(&annotations, &pod.namespace, &pod.nic).map_err(in_pod)?;
+
         let view = cache.current(store).await?;
-        let namespace_labels = view.namespace_labels(store, &pod.namespace).await?;
+        let (namespace_labels, namespace_annotations) =
+            view.namespace(store, &pod.namespace).await?;
+        let namespace_default = annotation::parse_namespace_default(
+            namespace_annotations
+                .get(annotation::NS_DEFAULT_IPV4)
+                .map(String::as_str),
+            namespace_annotations
+                .get(annotation::NS_DEFAULT_IPV6)
+                .map(String::as_str),
+        )
+        .map_err(|e| ValidationError::Invalid(format!("namespace {}: {e}", pod.namespace)))?;
         let node_labels = view
             .node_labels(store, &self.node.name)
             .await?
@@ -436,7 +511,10 @@ impl IpamService {
             node: self.node.name.clone(),
             node_labels,
             namespace_labels,
+            pod_ippools,
             pod_ippool,
+            namespace_default,
+            multus_network,
             cni_default: PoolNames {
                 v4: args.default_ipv4_ippool.clone(),
                 v6: args.default_ipv6_ippool.clone(),
@@ -445,7 +523,9 @@ impl IpamService {
             cni_clean_gateway: args.clean_gateway,
         };
         let pools = std::mem::take(&mut view.pools);
-        let planned = self.plan_claims(&req, &pools, view, &key).await;
+        let planned = self
+            .plan_claims(&req, &pools, view, &key, previous.as_ref())
+            .await;
         view.pools = pools;
         let picks = planned?;
 
@@ -459,9 +539,13 @@ impl IpamService {
         let mut nic = EndpointInterface {
             interface: pod.nic.clone(),
             container_id: pod.container_id.clone(),
+            network: Some(args.network.clone()).filter(|n| !n.is_empty()),
             ..Default::default()
         };
-        let mut ops = Vec::new();
+        // The previous sandbox's addresses are released first; reused ones are claimed again
+        // for the new holder in the same transaction.
+        let mut ops = previous.as_ref().map(release_ops).unwrap_or_default();
+        let released = previous.as_ref().map(held).unwrap_or_default();
         let mut claimed = Vec::new();
         for Pick {
             family,
@@ -504,6 +588,16 @@ impl IpamService {
                 dst: r.dst.to_string(),
                 gw: r.gw.to_string(),
             }));
+            // Custom routes go to the NIC whose subnet holds their gateway.
+            nic.routes.extend(
+                custom_routes
+                    .iter()
+                    .filter(|r| pool.subnet.contains(&r.gw))
+                    .map(|r| RouteSpec {
+                        dst: r.dst.to_string(),
+                        gw: r.gw.to_string(),
+                    }),
+            );
         }
 
         let (mut ep, rev) = match ep_entry {
@@ -527,32 +621,54 @@ impl IpamService {
         (
             ep.status.owner_controller_type,
             ep.status.owner_controller_name,
-        ) = owner.unwrap_or_else(|| ("Pod".into(), pod.name.clone()));
+        ) = (owner_kind, owner_name);
         ep.status.current.retain(|n| n.interface != pod.nic);
         ep.status.current.push(nic.clone());
         ops.push(endpoint_write(key.clone(), &ep, rev));
         let revision = self.store.commit(ops).await?;
-        cache.committed(revision, &claimed, &[]);
+        cache.committed(revision, &claimed, &released);
         let resp = response_of(&nic);
         tracing::info!(
             pod = %key, container_id = %pod.container_id, nic = %pod.nic,
             ips = ?resp.ips.iter().map(|i| (&i.address, &i.ip_pool)).collect::<Vec<_>>(),
+            reused = previous.is_some(),
             "allocated"
         );
         Ok(resp)
     }
 
-    /// The plan for the request and, per family, the first candidate with a free address.
+    /// The plan for the request and, per family, the address to claim: the previous
+    /// sandbox's address when its pool is still a candidate, else the first candidate's lowest
+    /// free address.
     async fn plan_claims(
         &self,
         req: &Request,
         pools: &[Pool],
         view: &mut View,
         pod: &str,
+        previous: Option<&EndpointInterface>,
     ) -> Result<Picks> {
         let plan = req.plan(pools)?;
+        let kept: Vec<(String, IpAddr)> = previous.map(held).unwrap_or_default();
         let mut picks = Vec::new();
         for fp in &plan.families {
+            let reuse = kept.iter().find(|(pool, ip)| {
+                IpFamily::of(ip) == fp.family && fp.pools.iter().any(|p| &p.name == pool)
+            });
+            if let Some((pool_name, ip)) = reuse {
+                let pool = fp
+                    .pools
+                    .iter()
+                    .find(|p| &p.name == pool_name)
+                    .expect("found above");
+                picks.push(Pick {
+                    family: fp.family,
+                    pool_revision: view.pool_revs[&pool.name],
+                    pool: (*pool).clone(),
+                    ip: *ip,
+                });
+                continue;
+            }
             let mut rejected = Vec::new();
             let mut found = None;
             for pool in &fp.pools {
@@ -634,6 +750,19 @@ impl IpamService {
                 tracing::info!(pod = %key, nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
                 return Ok(());
             };
+            if self
+                .stateful_member(
+                    &pod.namespace,
+                    &pod.name,
+                    &ep.status.owner_controller_type,
+                    &ep.status.owner_controller_name,
+                )
+                .await?
+            {
+                tracing::info!(pod = %key, nic = %pod.nic, statefulset = %ep.status.owner_controller_name,
+                    "keeping the addresses of a StatefulSet member for its next sandbox");
+                return Ok(());
+            }
             let mut ops = release_ops(nic);
             let mut kept = ep.clone();
             kept.status.current.retain(|n| n.interface != pod.nic);
@@ -685,5 +814,138 @@ impl IpamService {
             }
         }
         Ok(response_of(nic))
+    }
+
+    /// CNI GC: releases every reservation of `network` on this node whose (container,
+    /// interface) is not in `valid`, except a StatefulSet member's. Keeps going after errors
+    /// and reports them all.
+    pub async fn gc(&self, network: &str, valid: &[Attachment]) -> Result<Vec<String>> {
+        let mut cache = self.state.lock().await;
+        let store = self.store.as_ref();
+        let valid: HashSet<(&str, &str)> = valid
+            .iter()
+            .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
+            .collect();
+        let mut released = Vec::new();
+        let mut errors = Vec::new();
+        for (o, rev) in typed::list(store, Kind::Endpoint).await? {
+            let Some(ep) = endpoint_of(o) else { continue };
+            if ep.status.node != self.node.name {
+                continue;
+            }
+            let ns = ep.metadata.namespace.clone().unwrap_or_default();
+            let key = format!("{ns}/{}", ep.metadata.name);
+            let (stale, kept): (Vec<EndpointInterface>, Vec<EndpointInterface>) =
+                ep.status.current.iter().cloned().partition(|n| {
+                    n.network.as_deref().is_none_or(|net| net == network)
+                        && !valid.contains(&(n.container_id.as_str(), n.interface.as_str()))
+                });
+            if stale.is_empty() {
+                continue;
+            }
+            match self
+                .stateful_member(
+                    &ns,
+                    &ep.metadata.name,
+                    &ep.status.owner_controller_type,
+                    &ep.status.owner_controller_name,
+                )
+                .await
+            {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    errors.push(format!("{key}: {e}"));
+                    continue;
+                }
+            }
+            let mut ops: Vec<Op> = stale.iter().flat_map(release_ops).collect();
+            let mut rest = ep.clone();
+            rest.status.current = kept;
+            ops.push(endpoint_write(key.clone(), &rest, Some(rev)));
+            let freed: Vec<(String, IpAddr)> = stale.iter().flat_map(held).collect();
+            match self.store.commit(ops).await {
+                Ok(r) => {
+                    cache.committed(r, &[], &freed);
+                    for n in &stale {
+                        for (pool, ip) in held(n) {
+                            released.push(format!("{key} {} {ip} ({pool})", n.interface));
+                        }
+                    }
+                }
+                Err(e) => {
+                    cache.invalidate();
+                    errors.push(format!("{key}: {e}"));
+                }
+            }
+        }
+        tracing::info!(network, released = ?released, errors = ?errors, "garbage collected");
+        if errors.is_empty() {
+            Ok(released)
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "GC released {} reservations but failed for: {}",
+                released.len(),
+                errors.join("; ")
+            ))
+            .into())
+        }
+    }
+
+    /// CNI STATUS: whether an ADD could get an address: the datastore answers and one of the
+    /// candidate pools (the given CNI defaults, or every pool) has a free address.
+    pub async fn status(&self, v4: &[String], v6: &[String]) -> Result<()> {
+        let mut cache = self.state.lock().await;
+        let store = self.store.as_ref();
+        let view = cache
+            .current(store)
+            .await
+            .map_err(|e| ServiceError::NotReady(format!("the datastore does not answer: {e}")))?;
+        let pools = std::mem::take(&mut view.pools);
+        let r = self.any_free(&pools, view, v4, v6).await;
+        view.pools = pools;
+        r
+    }
+
+    async fn any_free(
+        &self,
+        pools: &[Pool],
+        view: &mut View,
+        v4: &[String],
+        v6: &[String],
+    ) -> Result<()> {
+        let mut names = Vec::new();
+        if v4.is_empty() && v6.is_empty() {
+            names.extend(pools.iter().map(|p| p.name.clone()));
+        } else {
+            for (family, list) in [(IpFamily::V4, v4), (IpFamily::V6, v6)] {
+                names.extend(spiderpool_core::candidate::expand_wildcards(
+                    list, pools, family,
+                )?);
+            }
+        }
+        let mut why = Vec::new();
+        for name in &names {
+            let Some(pool) = pools.iter().find(|p| &p.name == name) else {
+                why.push(format!("{name}: does not exist"));
+                continue;
+            };
+            if pool.disable || pool.terminating {
+                why.push(format!("{name}: disabled or terminating"));
+                continue;
+            }
+            view.load_held(self.store.as_ref(), name).await?;
+            if lowest_free(pool, &view.reserved, view.held(name)).is_some() {
+                return Ok(());
+            }
+            why.push(format!("{name}: exhausted"));
+        }
+        if names.is_empty() {
+            why.push("no SpiderIPPool exists".into());
+        }
+        Err(ServiceError::NotReady(format!(
+            "no IPPool can serve ADD: {}",
+            why.join("; ")
+        )))
     }
 }

@@ -22,7 +22,7 @@ pub struct View {
     /// Union of every SpiderReservedIP.
     pub reserved: IpSet,
     held: HashMap<String, IpSet>,
-    namespaces: HashMap<String, Labels>,
+    namespaces: HashMap<String, (Labels, Labels)>,
     nodes: HashMap<String, Option<Labels>>,
 }
 
@@ -78,17 +78,22 @@ impl View {
             .unwrap_or_else(|| EMPTY.get_or_init(IpSet::new))
     }
 
-    /// Labels of namespace `ns` (none when it has no Namespace object).
-    pub async fn namespace_labels(&mut self, store: &dyn Store, ns: &str) -> Result<Labels> {
+    /// Labels and annotations of namespace `ns` (empty when it has no Namespace object).
+    pub async fn namespace(&mut self, store: &dyn Store, ns: &str) -> Result<(Labels, Labels)> {
         if let Some(l) = self.namespaces.get(ns) {
             return Ok(l.clone());
         }
-        let labels = typed::get(store, Kind::Namespace, ns)
+        let meta = typed::get(store, Kind::Namespace, ns)
             .await?
-            .map(|(o, _)| o.metadata().labels.clone())
+            .map(|(o, _)| {
+                (
+                    o.metadata().labels.clone(),
+                    o.metadata().annotations.clone(),
+                )
+            })
             .unwrap_or_default();
-        self.namespaces.insert(ns.to_string(), labels.clone());
-        Ok(labels)
+        self.namespaces.insert(ns.to_string(), meta.clone());
+        Ok(meta)
     }
 
     /// Labels of the Node object `node`, if it exists.
@@ -103,15 +108,16 @@ impl View {
         Ok(labels)
     }
 
+    /// Releases first, then claims: the order of a transaction that hands an address over.
     fn apply(&mut self, claimed: &[(String, IpAddr)], released: &[(String, IpAddr)]) {
-        for (pool, ip) in claimed {
-            if let Some(set) = self.held.get_mut(pool) {
-                *set = set.union(&IpSet::from_ips([*ip]));
-            }
-        }
         for (pool, ip) in released {
             if let Some(set) = self.held.get_mut(pool) {
                 *set = set.difference(&IpSet::from_ips([*ip]));
+            }
+        }
+        for (pool, ip) in claimed {
+            if let Some(set) = self.held.get_mut(pool) {
+                *set = set.union(&IpSet::from_ips([*ip]));
             }
         }
     }

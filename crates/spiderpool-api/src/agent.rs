@@ -10,6 +10,40 @@ pub const PATH_HEALTHY: &str = "/v1/ipam/healthy";
 pub const PATH_IP: &str = "/v1/ipam/ip";
 /// `POST` verifies a container's reservation (CNI CHECK).
 pub const PATH_CHECK: &str = "/v1/ipam/check";
+/// `POST` releases every reservation of a network not in a list (CNI GC).
+pub const PATH_GC: &str = "/v1/ipam/gc";
+/// `POST` answers whether ADD can be served (CNI STATUS).
+pub const PATH_STATUS: &str = "/v1/ipam/status";
+
+/// Body of `POST /v1/ipam/gc`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamGcArgs {
+    /// The CNI network's `name`.
+    pub network: String,
+    /// Attachments still in use.
+    pub valid_attachments: Vec<crate::cni::Attachment>,
+}
+
+/// Answer of `POST /v1/ipam/gc`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamGcResponse {
+    /// `namespace/pod interface address` of each released reservation.
+    pub released: Vec<String>,
+}
+
+/// Body of `POST /v1/ipam/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamStatusArgs {
+    /// CNI-config default IPv4 pools (all pools when both lists are empty).
+    #[serde(default, rename = "defaultIPv4IPPool")]
+    pub default_ipv4_ippool: Vec<String>,
+    /// CNI-config default IPv6 pools.
+    #[serde(default, rename = "defaultIPv6IPPool")]
+    pub default_ipv6_ippool: Vec<String>,
+}
 
 /// Body of `POST /v1/ipam/ip`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +75,9 @@ pub struct IpamAddArgs {
     /// CNI-config `clean_gateway`.
     #[serde(default)]
     pub clean_gateway: bool,
+    /// The CNI network's `name` (recorded so that CNI GC can be scoped to it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
 }
 
 /// One address handed out.

@@ -17,6 +17,8 @@ pub const SUBNETS: &str = "ipam.spidernet.io/subnets";
 pub const NS_DEFAULT_IPV4: &str = "ipam.spidernet.io/default-ipv4-ippool";
 /// Namespace annotation: default IPv6 pools.
 pub const NS_DEFAULT_IPV6: &str = "ipam.spidernet.io/default-ipv6-ippool";
+/// Pod annotation: extra routes, each for the NIC whose subnet holds its gateway.
+pub const ROUTES: &str = "ipam.spidernet.io/routes";
 /// Multus: the network of the first NIC.
 pub const MULTUS_DEFAULT_NETWORK: &str = "v1.multus-cni.io/default-network";
 /// Multus: the networks of the extra NICs.
@@ -51,6 +53,167 @@ pub fn parse_ippool(value: &str) -> Result<PoolNames, ValidationError> {
     })
 }
 
+/// Parses `ipam.spidernet.io/ippools` and returns the entry for `nic`. Entries either all name
+/// their `interface` or none does; unnamed entries are positional (`eth0`, then `net1`, `net2`, …).
+pub fn parse_ippools(value: &str, nic: &str) -> Result<PoolNames, ValidationError> {
+    let bad = |m: String| ValidationError::Invalid(format!("pod annotation {IPPOOLS}: {m}"));
+    let entries: Vec<IppoolValue> = serde_json::from_str(value).map_err(|e| {
+        bad(format!(
+            "{e} in {:?} (want e.g. [{{\"interface\": \"eth0\", \"ipv4\": [\"pool-a\"]}}, {{\"interface\": \"net1\", \"ipv4\": [\"pool-b\"]}}])",
+            value.trim()
+        ))
+    })?;
+    let named = entries
+        .iter()
+        .filter(|e| e.interface.as_deref().is_some_and(|i| !i.is_empty()))
+        .count();
+    if named != 0 && named != entries.len() {
+        return Err(bad("set \"interface\" on every entry or on none".into()));
+    }
+    let index = if named == 0 {
+        let i = positional_index(nic).ok_or_else(|| {
+            bad(format!("entries without \"interface\" are positional (eth0, net1, …) and cannot name interface {nic:?}"))
+        })?;
+        (i < entries.len()).then_some(i)
+    } else {
+        let mut seen = std::collections::BTreeSet::new();
+        for e in &entries {
+            let i = e.interface.as_deref().unwrap_or_default();
+            if !seen.insert(i) {
+                return Err(bad(format!("interface {i:?} is listed twice")));
+            }
+        }
+        entries
+            .iter()
+            .position(|e| e.interface.as_deref() == Some(nic))
+    };
+    let Some(i) = index else {
+        return Err(bad(format!("no entry for interface {nic:?}")));
+    };
+    let e = &entries[i];
+    Ok(PoolNames {
+        v4: e.ipv4.clone(),
+        v6: e.ipv6.clone(),
+        clean_gateway: e.cleangateway,
+    })
+}
+
+/// The position of `nic` among a pod's interfaces as Multus names them: `eth0` is 0, `netN` is N.
+pub fn positional_index(nic: &str) -> Option<usize> {
+    if nic == "eth0" {
+        return Some(0);
+    }
+    nic.strip_prefix("net")?.parse().ok().filter(|n| *n > 0)
+}
+
+/// Parses the namespace annotations `ipam.spidernet.io/default-ipv4-ippool` and
+/// `default-ipv6-ippool` (JSON arrays of pool names).
+pub fn parse_namespace_default(
+    v4: Option<&str>,
+    v6: Option<&str>,
+) -> Result<Option<PoolNames>, ValidationError> {
+    let parse = |key: &str, v: Option<&str>| -> Result<Vec<String>, ValidationError> {
+        v.map(|v| {
+            serde_json::from_str::<Vec<String>>(v).map_err(|e| {
+                ValidationError::Invalid(format!(
+                    "namespace annotation {key}: {e} in {:?} (want e.g. [\"pool-a\", \"pool-b\"])",
+                    v.trim()
+                ))
+            })
+        })
+        .transpose()
+        .map(Option::unwrap_or_default)
+    };
+    let names = PoolNames {
+        v4: parse(NS_DEFAULT_IPV4, v4)?,
+        v6: parse(NS_DEFAULT_IPV6, v6)?,
+        clean_gateway: None,
+    };
+    Ok((!names.is_empty()).then_some(names))
+}
+
+/// One route of `ipam.spidernet.io/routes`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CustomRoute {
+    /// Destination.
+    pub dst: ipnet::IpNet,
+    /// Next hop.
+    pub gw: std::net::IpAddr,
+}
+
+/// Parses `ipam.spidernet.io/routes`, e.g. `[{"dst": "10.0.0.0/16", "gw": "10.6.0.1"}]`.
+pub fn parse_routes(value: &str) -> Result<Vec<CustomRoute>, ValidationError> {
+    serde_json::from_str(value).map_err(|e| {
+        ValidationError::Invalid(format!(
+            "pod annotation {ROUTES}: {e} in {:?} (want e.g. [{{\"dst\": \"10.0.0.0/16\", \"gw\": \"10.6.0.1\"}}])",
+            value.trim()
+        ))
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct NetworkSelection {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    interface: Option<String>,
+}
+
+/// The Multus network (`namespace/name`) that attaches `nic`: the pod's default network for
+/// `eth0`, otherwise the `k8s.v1.cni.cncf.io/networks` element naming the interface, or the
+/// N-th element for `netN`. Bare names are in the pod's namespace.
+pub fn multus_network(
+    annotations: &std::collections::BTreeMap<String, String>,
+    pod_namespace: &str,
+    nic: &str,
+) -> Result<Option<String>, ValidationError> {
+    let qualify = |ns: Option<&str>, name: &str| format!("{}/{name}", ns.unwrap_or(pod_namespace));
+    let split = |s: &str| match s.split_once('/') {
+        Some((ns, n)) => qualify(Some(ns), n),
+        None => qualify(None, s),
+    };
+    if nic == "eth0" {
+        return Ok(annotations
+            .get(MULTUS_DEFAULT_NETWORK)
+            .map(|v| split(v.trim())));
+    }
+    let Some(v) = annotations.get(MULTUS_NETWORKS) else {
+        return Ok(None);
+    };
+    let v = v.trim();
+    let list: Vec<NetworkSelection> = if v.starts_with('[') {
+        serde_json::from_str(v).map_err(|e| {
+            ValidationError::Invalid(format!("pod annotation {MULTUS_NETWORKS}: {e} in {v:?}"))
+        })?
+    } else {
+        v.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                let (net, interface) = match s.split_once('@') {
+                    Some((n, i)) => (n, Some(i.to_string())),
+                    None => (s, None),
+                };
+                let (namespace, name) = match net.split_once('/') {
+                    Some((ns, n)) => (Some(ns.to_string()), n.to_string()),
+                    None => (None, net.to_string()),
+                };
+                NetworkSelection {
+                    name,
+                    namespace,
+                    interface,
+                }
+            })
+            .collect()
+    };
+    let found = list
+        .iter()
+        .find(|n| n.interface.as_deref() == Some(nic))
+        .or_else(|| positional_index(nic).and_then(|i| list.get(i - 1)));
+    Ok(found.map(|n| qualify(n.namespace.as_deref(), &n.name)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +228,90 @@ mod tests {
         assert_eq!(
             (n.v6, n.clean_gateway),
             (vec!["v6".to_string()], Some(true))
+        );
+    }
+
+    #[test]
+    fn ippools_by_name_and_by_position() {
+        let named = r#"[{"interface":"eth0","ipv4":["a"]},{"interface":"net1","ipv4":["b"],"cleangateway":true}]"#;
+        assert_eq!(parse_ippools(named, "eth0").unwrap().v4, ["a"]);
+        let n1 = parse_ippools(named, "net1").unwrap();
+        assert_eq!(
+            (n1.v4, n1.clean_gateway),
+            (vec!["b".to_string()], Some(true))
+        );
+        let err = parse_ippools(named, "net2").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "pod annotation ipam.spidernet.io/ippools: no entry for interface \"net2\""
+        );
+        let positional = r#"[{"ipv4":["a"]},{"ipv4":["b"]}]"#;
+        assert_eq!(parse_ippools(positional, "eth0").unwrap().v4, ["a"]);
+        assert_eq!(parse_ippools(positional, "net1").unwrap().v4, ["b"]);
+        assert!(parse_ippools(positional, "net2").is_err());
+        let dup = r#"[{"interface":"eth0","ipv4":["a"]},{"interface":"eth0","ipv4":["b"]}]"#;
+        assert!(parse_ippools(dup, "eth0")
+            .unwrap_err()
+            .to_string()
+            .contains("\"eth0\" is listed twice"));
+        let mixed = r#"[{"interface":"eth0","ipv4":["a"]},{"ipv4":["b"]}]"#;
+        assert!(parse_ippools(mixed, "eth0")
+            .unwrap_err()
+            .to_string()
+            .contains("on every entry or on none"));
+    }
+
+    #[test]
+    fn namespace_defaults_routes_and_networks() {
+        let n = parse_namespace_default(Some(r#"["a","b*"]"#), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(n.v4, ["a", "b*"]);
+        assert_eq!(parse_namespace_default(None, None).unwrap(), None);
+        assert!(parse_namespace_default(Some("a"), None)
+            .unwrap_err()
+            .to_string()
+            .contains("default-ipv4-ippool"));
+        let r = parse_routes(r#"[{"dst":"10.0.0.0/16","gw":"10.6.0.1"}]"#).unwrap();
+        assert_eq!(r[0].gw.to_string(), "10.6.0.1");
+        assert!(parse_routes(r#"[{"dst":"10.0.0.0","gw":"10.6.0.1"}]"#).is_err());
+
+        let mut a = std::collections::BTreeMap::new();
+        a.insert(
+            MULTUS_DEFAULT_NETWORK.to_string(),
+            "kube-system/macvlan-conf".to_string(),
+        );
+        a.insert(
+            MULTUS_NETWORKS.to_string(),
+            "kube-system/ipvlan@net1, sriov".to_string(),
+        );
+        assert_eq!(
+            multus_network(&a, "prod", "eth0").unwrap().as_deref(),
+            Some("kube-system/macvlan-conf")
+        );
+        assert_eq!(
+            multus_network(&a, "prod", "net1").unwrap().as_deref(),
+            Some("kube-system/ipvlan")
+        );
+        assert_eq!(
+            multus_network(&a, "prod", "net2").unwrap().as_deref(),
+            Some("prod/sriov")
+        );
+        a.insert(
+            MULTUS_NETWORKS.to_string(),
+            r#"[{"name":"m","namespace":"x","interface":"ext0"}]"#.to_string(),
+        );
+        assert_eq!(
+            multus_network(&a, "prod", "ext0").unwrap().as_deref(),
+            Some("x/m")
+        );
+        assert_eq!(
+            multus_network(&a, "prod", "net1").unwrap().as_deref(),
+            Some("x/m")
+        );
+        assert_eq!(
+            multus_network(&Default::default(), "prod", "eth0").unwrap(),
+            None
         );
     }
 

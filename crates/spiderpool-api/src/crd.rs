@@ -248,6 +248,9 @@ pub struct EndpointInterface {
     /// Container (sandbox) the NIC belongs to.
     #[serde(rename = "containerID")]
     pub container_id: String,
+    /// CNI network (the config's `name`) that attached the NIC; CNI GC is per network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// IPv4 address with prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv4: Option<String>,

@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use spiderpool_api::agent::{IpamAddArgs, IpamAddResponse, IpamDelArgs, PATH_CHECK, PATH_IP};
+use spiderpool_api::agent::{
+    IpamAddArgs, IpamAddResponse, IpamDelArgs, IpamGcArgs, IpamGcResponse, IpamStatusArgs,
+    PATH_CHECK, PATH_GC, PATH_IP, PATH_STATUS,
+};
 use spiderpool_api::cni::{
     code, IpamResult, NetConf, ResultIp, ResultRoute, DEFAULT_SOCKET, SUPPORTED_VERSIONS,
 };
@@ -23,6 +26,8 @@ enum Command {
     Del,
     Check,
     Version,
+    Gc,
+    Status,
 }
 
 impl Command {
@@ -38,11 +43,13 @@ impl Command {
             "DEL" => Command::Del,
             "CHECK" => Command::Check,
             "VERSION" => Command::Version,
+            "GC" => Command::Gc,
+            "STATUS" => Command::Status,
             other => {
                 return Err(CniError::new(
                     code::INVALID_ENV,
                     format!(
-                    "CNI_COMMAND {other:?} is not supported (supported: ADD, DEL, CHECK, VERSION)"
+                    "CNI_COMMAND {other:?} is not supported (supported: ADD, DEL, CHECK, GC, STATUS, VERSION)"
                 ),
                 ))
             }
@@ -194,13 +201,18 @@ pub fn run(
     let version = conf.cni_version.clone();
     init_logging(&conf);
     let with_version = |e: CniError| (version.clone(), e);
-    let cenv = CniEnv::read(env, cmd).map_err(with_version)?;
     let socket = PathBuf::from(
         conf.ipam
             .ipam_unix_socket_path
             .as_deref()
             .unwrap_or(DEFAULT_SOCKET),
     );
+    match cmd {
+        Command::Gc => return gc(&conf, &socket).map(|()| None).map_err(with_version),
+        Command::Status => return status(&conf, &socket).map(|()| None).map_err(with_version),
+        _ => {}
+    }
+    let cenv = CniEnv::read(env, cmd).map_err(with_version)?;
     tracing::debug!(command = ?cmd, container_id = %cenv.container_id, ifname = %cenv.ifname, "called");
     match cmd {
         Command::Add => add(&conf, &cenv, &socket).map(Some).map_err(with_version),
@@ -208,7 +220,7 @@ pub fn run(
         Command::Check => check(&conf, &cenv, &socket)
             .map(|()| None)
             .map_err(with_version),
-        Command::Version => unreachable!("answered above"),
+        Command::Version | Command::Gc | Command::Status => unreachable!("answered above"),
     }
 }
 
@@ -252,6 +264,7 @@ fn add(conf: &NetConf, env: &CniEnv, socket: &Path) -> Result<Value, CniError> {
         default_ipv4_ippool: conf.ipam.default_ipv4_ippool.clone(),
         default_ipv6_ippool: conf.ipam.default_ipv6_ippool.clone(),
         clean_gateway: conf.ipam.clean_gateway,
+        network: conf.name.clone(),
     };
     let resp: IpamAddResponse = client::call(socket, "POST", PATH_IP, Some(&args))?
         .json(socket)
@@ -265,6 +278,49 @@ fn del(env: &CniEnv, socket: &Path) -> Result<(), CniError> {
     client::call(socket, "DELETE", PATH_IP, Some(&env.del_args()))?.ok(socket)?;
     tracing::info!(container_id = %env.container_id, ifname = %env.ifname, "DEL");
     Ok(())
+}
+
+fn needs_1_1(conf: &NetConf, what: &str) -> Result<(), CniError> {
+    if conf.cni_version == "1.1.0" {
+        return Ok(());
+    }
+    Err(CniError::new(
+        code::INCOMPATIBLE_VERSION,
+        format!(
+            "{what} is not defined for cniVersion {:?}; it needs 1.1.0",
+            conf.cni_version
+        ),
+    ))
+}
+
+fn gc(conf: &NetConf, socket: &Path) -> Result<(), CniError> {
+    needs_1_1(conf, "GC")?;
+    // An absent list is not an empty one: without it nothing is known to be stale.
+    let valid = conf.valid_attachments.clone().or_else(|| conf.attachments.clone()).ok_or_else(|| {
+        CniError::new(
+            code::INVALID_NETWORK_CONFIG,
+            "GC needs the list of attachments in use (cni.dev/valid-attachments); nothing was released",
+        )
+    })?;
+    let args = IpamGcArgs {
+        network: conf.name.clone(),
+        valid_attachments: valid,
+    };
+    let resp: IpamGcResponse = client::call(socket, "POST", PATH_GC, Some(&args))?.json(socket)?;
+    tracing::info!(network = %conf.name, released = ?resp.released, "GC");
+    Ok(())
+}
+
+fn status(conf: &NetConf, socket: &Path) -> Result<(), CniError> {
+    needs_1_1(conf, "STATUS")?;
+    let args = IpamStatusArgs {
+        default_ipv4_ippool: conf.ipam.default_ipv4_ippool.clone(),
+        default_ipv6_ippool: conf.ipam.default_ipv6_ippool.clone(),
+    };
+    // Whatever keeps ADD from being served, an unreachable agent included, is code 50.
+    client::call(socket, "POST", PATH_STATUS, Some(&args))
+        .and_then(|r| r.ok(socket))
+        .map_err(|e| CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg))
 }
 
 fn addresses(v: &Value) -> Vec<String> {

@@ -88,7 +88,10 @@ fn expect_error(out: &spiderpool_testkit::Output, code: u64, needle: &str) {
 #[test]
 fn add_check_del_for_every_supported_version() {
     let env = setup();
-    for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0"].iter().enumerate() {
+    for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+        .iter()
+        .enumerate()
+    {
         let c = conf(&env, version, json!({"default_ipv4_ippool": ["pool-a"]}));
         let container = format!("ctr-{i}");
         let pod = format!("pod-{i}");
@@ -153,7 +156,7 @@ fn version_lists_the_supported_versions() {
     assert!(out.success);
     assert_eq!(
         out.json(),
-        json!({"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]})
+        json!({"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]})
     );
 }
 

@@ -40,8 +40,12 @@ impl PoolNames {
 /// Where a NIC's candidate pools came from, highest priority first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// Pod annotation `ipam.spidernet.io/ippools` (the entry for this NIC).
+    PodIppools,
     /// Pod annotation `ipam.spidernet.io/ippool`.
     PodIppool,
+    /// Namespace annotations `ipam.spidernet.io/default-ipv4-ippool` / `default-ipv6-ippool`.
+    NamespaceDefault,
     /// CNI config `default_ipv4_ippool` / `default_ipv6_ippool`.
     CniConfig,
     /// Pools with `spec.default: true`.
@@ -51,7 +55,11 @@ pub enum Source {
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Source::PodIppools => "pod annotation ipam.spidernet.io/ippools",
             Source::PodIppool => "pod annotation ipam.spidernet.io/ippool",
+            Source::NamespaceDefault => {
+                "namespace annotation ipam.spidernet.io/default-ipv4-ippool/default-ipv6-ippool"
+            }
             Source::CniConfig => "CNI config default_ipv4_ippool/default_ipv6_ippool",
             Source::ClusterDefault => "cluster default pools (spec.default: true)",
         })
@@ -75,8 +83,14 @@ pub struct Request {
     pub node_labels: Labels,
     /// Labels of the pod's namespace.
     pub namespace_labels: Labels,
+    /// Pools for this NIC from the pod's `ipam.spidernet.io/ippools` annotation.
+    pub pod_ippools: Option<PoolNames>,
     /// Pools from the pod's `ipam.spidernet.io/ippool` annotation.
     pub pod_ippool: Option<PoolNames>,
+    /// Pools from the namespace's default-pool annotations.
+    pub namespace_default: Option<PoolNames>,
+    /// The Multus network (`namespace/name`) this NIC is attached by, when known.
+    pub multus_network: Option<String>,
     /// Pools from the CNI config.
     pub cni_default: PoolNames,
     /// `clean_gateway` of the CNI config.
@@ -102,6 +116,13 @@ pub enum Rejection {
     NamespaceAffinity(String),
     /// `spec.podAffinity` does not match the pod's labels.
     PodAffinity(String),
+    /// `spec.multusName` does not list the NIC's Multus network.
+    MultusName {
+        /// The interface.
+        nic: String,
+        /// Its network, if known.
+        network: Option<String>,
+    },
     /// No free address left.
     Exhausted {
         /// Addresses in use.
@@ -133,6 +154,13 @@ impl fmt::Display for Rejection {
             Rejection::PodAffinity(p) => {
                 write!(f, "spec.podAffinity does not match the labels of pod {p}")
             }
+            Rejection::MultusName { nic, network: Some(n) } => {
+                write!(f, "spec.multusName does not list network {n} of interface {nic}")
+            }
+            Rejection::MultusName { nic, network: None } => write!(
+                f,
+                "spec.multusName is set but interface {nic} has no Multus network (annotation v1.multus-cni.io/default-network or k8s.v1.cni.cncf.io/networks)"
+            ),
             Rejection::Exhausted { used, total } => {
                 write!(f, "exhausted ({used} of {total} addresses in use)")
             }
@@ -176,6 +204,24 @@ pub enum AllocError {
         pool: String,
         /// Who named it.
         named_by: Source,
+    },
+    /// The source's wildcards match no pool of the family.
+    #[error("no {family} IPPool matches {patterns:?} named by {named_by}")]
+    NoMatch {
+        /// The family.
+        family: IpFamily,
+        /// The names as listed.
+        patterns: Vec<String>,
+        /// Who listed them.
+        named_by: Source,
+    },
+    /// A pool-name wildcard does not parse.
+    #[error("pool name pattern {pattern:?} is not a valid wildcard: {why}")]
+    BadWildcard {
+        /// The pattern.
+        pattern: String,
+        /// What is wrong.
+        why: String,
     },
     /// Every candidate of one family was filtered out.
     #[error("no {family} IPPool fits pod {pod} on node {node}: {}", list(.rejected))]
@@ -262,6 +308,18 @@ impl Request {
                 return Some(Rejection::PodAffinity(self.pod_key()));
             }
         }
+        if !pool.multus_name.is_empty() {
+            let listed = self
+                .multus_network
+                .as_deref()
+                .is_some_and(|net| pool.multus_name.iter().any(|m| multus_matches(m, net)));
+            if !listed {
+                return Some(Rejection::MultusName {
+                    nic: self.nic.clone(),
+                    network: self.multus_network.clone(),
+                });
+            }
+        }
         None
     }
 
@@ -281,10 +339,17 @@ impl Request {
                 .collect(),
             clean_gateway: None,
         };
-        let (source, names) = match &self.pod_ippool {
-            Some(n) if !n.is_empty() => (Source::PodIppool, n.clone()),
-            _ if !self.cni_default.is_empty() => (Source::CniConfig, self.cni_default.clone()),
-            _ => (Source::ClusterDefault, defaults()),
+        let nonempty = |n: &Option<PoolNames>| n.as_ref().filter(|n| !n.is_empty()).cloned();
+        let (source, names) = if let Some(n) = nonempty(&self.pod_ippools) {
+            (Source::PodIppools, n)
+        } else if let Some(n) = nonempty(&self.pod_ippool) {
+            (Source::PodIppool, n)
+        } else if let Some(n) = nonempty(&self.namespace_default) {
+            (Source::NamespaceDefault, n)
+        } else if !self.cni_default.is_empty() {
+            (Source::CniConfig, self.cni_default.clone())
+        } else {
+            (Source::ClusterDefault, defaults())
         };
         if names.is_empty() {
             return Err(AllocError::NoSource {
@@ -303,7 +368,15 @@ impl Request {
                 pools: Vec::new(),
                 rejected: Vec::new(),
             };
-            for name in wanted {
+            let expanded = expand_wildcards(wanted, pools, family)?;
+            if expanded.is_empty() {
+                return Err(AllocError::NoMatch {
+                    family,
+                    patterns: wanted.to_vec(),
+                    named_by: source,
+                });
+            }
+            for name in &expanded {
                 let pool = by_name
                     .get(name.as_str())
                     .ok_or_else(|| AllocError::PoolNotFound {
@@ -340,6 +413,49 @@ impl Request {
             clean_gateway: names.clean_gateway.unwrap_or(self.cni_clean_gateway),
         })
     }
+}
+
+/// Whether a `spec.multusName` entry names `network` (`namespace/name`). A bare entry matches
+/// the network's name in any namespace.
+fn multus_matches(entry: &str, network: &str) -> bool {
+    if entry.contains('/') {
+        entry == network
+    } else {
+        network.rsplit('/').next() == Some(entry)
+    }
+}
+
+/// Whether a pool name is a shell wildcard (`*`, `?`, `[...]`).
+pub fn is_wildcard(name: &str) -> bool {
+    name.contains(['*', '?', '['])
+}
+
+/// The names with every wildcard replaced by the matching pools of `family`, in name order.
+/// A wildcard that matches nothing contributes nothing; a malformed one is an error.
+pub fn expand_wildcards(
+    names: &[String],
+    pools: &[Pool],
+    family: IpFamily,
+) -> Result<Vec<String>, AllocError> {
+    let mut out = Vec::new();
+    for name in names {
+        if !is_wildcard(name) {
+            out.push(name.clone());
+            continue;
+        }
+        let pattern = glob::Pattern::new(name).map_err(|e| AllocError::BadWildcard {
+            pattern: name.clone(),
+            why: e.msg.to_string(),
+        })?;
+        let mut matched: Vec<&str> = pools
+            .iter()
+            .filter(|p| p.family == family && pattern.matches(&p.name))
+            .map(|p| p.name.as_str())
+            .collect();
+        matched.sort_unstable();
+        out.extend(matched.into_iter().map(str::to_string));
+    }
+    Ok(out)
 }
 
 /// How specifically a pool is bound to the request: podAffinity > nodeName > nodeAffinity >
@@ -408,6 +524,7 @@ mod tests {
 
     fn on_node(node: &str, subnet: &str) -> Request {
         Request {
+            nic: "eth0".into(),
             namespace: "default".into(),
             pod: "test-app-x".into(),
             node: node.into(),
@@ -483,6 +600,93 @@ mod tests {
 
         let none = Request::default().plan(&seed_pools()).unwrap_err();
         assert!(matches!(none, AllocError::NoSource { .. }), "{none}");
+    }
+
+    #[test]
+    fn every_source_in_priority_order() {
+        let pools = vec![
+            mk_pool("a", "10.1.0.0/16", &["10.1.0.1"]),
+            mk_pool("b", "10.2.0.0/16", &["10.2.0.1"]),
+            mk_pool("c", "10.3.0.0/16", &["10.3.0.1"]),
+            mk_pool("d", "10.4.0.0/16", &["10.4.0.1"]),
+        ];
+        let mut req = on_node("n", "s");
+        req.pod_ippools = Some(names(&["a"], &[]));
+        req.pod_ippool = Some(names(&["b"], &[]));
+        req.namespace_default = Some(names(&["c"], &[]));
+        req.cni_default = names(&["d"], &[]);
+        let want = [
+            (Source::PodIppools, "a"),
+            (Source::PodIppool, "b"),
+            (Source::NamespaceDefault, "c"),
+            (Source::CniConfig, "d"),
+        ];
+        for (source, pool) in want {
+            let plan = req.plan(&pools).unwrap();
+            assert_eq!(
+                (plan.source, plan_names(&plan)),
+                (source, vec![vec![pool.to_string()]])
+            );
+            match source {
+                Source::PodIppools => req.pod_ippools = None,
+                Source::PodIppool => req.pod_ippool = None,
+                Source::NamespaceDefault => req.namespace_default = Some(PoolNames::default()),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn wildcards_expand_against_pools_of_the_family() {
+        let pools = vec![
+            mk_pool("ns-b-v4", "10.2.0.0/16", &["10.2.0.1"]),
+            mk_pool("ns-a-v4", "10.1.0.0/16", &["10.1.0.1"]),
+            mk_pool("ns-a-v6", "fd00::/64", &["fd00::1"]),
+            mk_pool("other", "10.3.0.0/16", &["10.3.0.1"]),
+        ];
+        let mut req = on_node("n", "s");
+        req.pod_ippool = Some(names(&["other", "ns-*-v?"], &["ns-[a]-*"]));
+        let plan = req.plan(&pools).unwrap();
+        assert_eq!(
+            plan_names(&plan),
+            [vec!["other", "ns-a-v4", "ns-b-v4"], vec!["ns-a-v6"]]
+        );
+        req.pod_ippool = Some(names(&["zz*"], &[]));
+        let err = req.plan(&pools).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "no IPv4 IPPool matches [\"zz*\"] named by pod annotation ipam.spidernet.io/ippool"
+        );
+        req.pod_ippool = Some(names(&["[a"], &[]));
+        let err = req.plan(&pools).unwrap_err().to_string();
+        assert!(
+            err.starts_with("pool name pattern \"[a\" is not a valid wildcard"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn multus_name_filters_only_pools_that_set_it() {
+        let mut with = mk_pool("with", "10.1.0.0/16", &["10.1.0.1"]);
+        with.multus_name = vec!["kube-system/macvlan-conf".into()];
+        let mut bare = mk_pool("bare", "10.2.0.0/16", &["10.2.0.1"]);
+        bare.multus_name = vec!["ipvlan-conf".into()];
+        let plain = mk_pool("plain", "10.3.0.0/16", &["10.3.0.1"]);
+        let pools = vec![with, bare, plain];
+        let mut req = on_node("n", "s");
+        req.pod_ippool = Some(names(&["plain", "with", "bare"], &[]));
+        req.multus_network = Some("kube-system/macvlan-conf".into());
+        let plan = req.plan(&pools).unwrap();
+        // multusName is a (weak) binding: it goes before the pool without one.
+        assert_eq!(plan_names(&plan), [["with", "plain"]]);
+        assert_eq!(
+            plan.families[0].rejected[0].reason.to_string(),
+            "spec.multusName does not list network kube-system/macvlan-conf of interface eth0"
+        );
+        req.multus_network = Some("default/ipvlan-conf".into());
+        assert_eq!(plan_names(&req.plan(&pools).unwrap()), [["bare", "plain"]]);
+        req.multus_network = None;
+        assert_eq!(plan_names(&req.plan(&pools).unwrap()), [["plain"]]);
     }
 
     #[test]

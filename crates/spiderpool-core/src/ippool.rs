@@ -55,7 +55,7 @@ pub enum PoolError {
         subnet: IpNet,
     },
     /// The gateway is one of the pool's own addresses.
-    #[error("pool {pool:?}: spec.gateway {gateway} must not be one of spec.ips")]
+    #[error("pool {pool:?}: spec.gateway {gateway} must not be one of spec.ips: add it to spec.excludeIPs or remove it from spec.ips")]
     GatewayInIps {
         /// The pool.
         pool: String,
@@ -200,7 +200,7 @@ impl Pool {
                     subnet: self.subnet,
                 });
             }
-            if self.ips.contains(&gw) {
+            if self.usable().contains(&gw) {
                 return Err(PoolError::GatewayInIps {
                     pool: pool(),
                     gateway: gw,

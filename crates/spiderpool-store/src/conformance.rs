@@ -329,6 +329,25 @@ pub async fn claims_and_owned_releases(s: Arc<dyn Store>) {
     .unwrap();
     assert!(s.allocations("p").await.unwrap().is_empty());
     assert!(s.allocation_counts().await.unwrap().is_empty());
+    // A release followed by a claim in one transaction hands an address over.
+    s.commit(vec![claim("c1", "10.0.0.7", r2)]).await.unwrap();
+    s.commit(vec![
+        release("c1", "eth0", "10.0.0.7"),
+        claim("c9", "10.0.0.7", r2),
+    ])
+    .await
+    .unwrap();
+    let holders: Vec<_> = s
+        .allocations("p")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.ip == ip("10.0.0.7"))
+        .collect();
+    assert_eq!(holders[0].holder, holder("c9", "eth0"));
+    s.commit(vec![release("c9", "eth0", "10.0.0.7")])
+        .await
+        .unwrap();
     // Releasing again is a no-op.
     s.commit(vec![release("c1", "eth0", "10.0.0.1")])
         .await

@@ -198,7 +198,9 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Number of addresses held, per pool (pools holding none are left out).
     async fn allocation_counts(&self) -> Result<BTreeMap<String, u64>>;
-    /// Applies every op or none. Returns the new revision, which is exactly one above the
+    /// Applies every op or none, in order: each op's condition is checked against the state
+    /// the earlier ops of the transaction left (so a Release followed by a Claim of the same
+    /// address hands it over). Returns the new revision, which is exactly one above the
     /// revision before the transaction: a caller whose commit returns `r + 1` knows that
     /// nothing else was written since it saw `r`.
     async fn commit(&self, ops: Vec<Op>) -> Result<Revision>;

@@ -82,59 +82,46 @@ impl Store for MemoryStore {
 
     async fn commit(&self, ops: Vec<Op>) -> Result<Revision> {
         let mut s = self.state.lock().expect("lock");
-        // Check every condition against the state before the transaction, then apply.
-        let mut claimed = std::collections::HashSet::new();
-        for op in &ops {
+        // Ops apply in order to a scratch copy, each checked against the state the earlier ops
+        // left (as inside a SQLite transaction); the copy replaces the state only if all pass.
+        let rev = s.revision + 1;
+        let mut objects = s.objects.clone();
+        let mut allocations = s.allocations.clone();
+        for op in ops {
             match op {
                 Op::Put {
-                    kind, key, expect, ..
+                    kind,
+                    key,
+                    value,
+                    expect,
+                } => {
+                    let cur = objects.get(&(kind, key.clone())).map(|(_, r)| *r);
+                    check(expect, cur, &format!("{kind}/{key}"))?;
+                    objects.insert((kind, key), (value, rev));
                 }
-                | Op::Delete { kind, key, expect } => {
-                    let cur = s.objects.get(&(*kind, key.clone())).map(|(_, r)| *r);
-                    check(*expect, cur, &format!("{kind}/{key}"))?;
+                Op::Delete { kind, key, expect } => {
+                    let cur = objects.get(&(kind, key.clone())).map(|(_, r)| *r);
+                    check(expect, cur, &format!("{kind}/{key}"))?;
+                    objects.remove(&(kind, key));
                 }
                 Op::Claim {
                     pool,
                     ip,
+                    holder,
                     pool_revision,
-                    ..
                 } => {
-                    let cur = s
-                        .objects
-                        .get(&(Kind::IPPool, pool.clone()))
-                        .map(|(_, r)| *r);
+                    let cur = objects.get(&(Kind::IPPool, pool.clone())).map(|(_, r)| *r);
                     check(
-                        Expect::Revision(*pool_revision),
+                        Expect::Revision(pool_revision),
                         cur,
                         &format!("spiderippools/{pool}"),
                     )?;
-                    if s.allocations.contains_key(&(pool.clone(), *ip))
-                        || !claimed.insert((pool, ip))
-                    {
+                    if allocations.contains_key(&(pool.clone(), ip)) {
                         return Err(StoreError::Conflict(format!(
                             "{ip} of pool {pool} is already held"
                         )));
                     }
-                }
-                Op::Release { .. } => {}
-            }
-        }
-        s.revision += 1;
-        let rev = s.revision;
-        for op in ops {
-            match op {
-                Op::Put {
-                    kind, key, value, ..
-                } => {
-                    s.objects.insert((kind, key), (value, rev));
-                }
-                Op::Delete { kind, key, .. } => {
-                    s.objects.remove(&(kind, key));
-                }
-                Op::Claim {
-                    pool, ip, holder, ..
-                } => {
-                    s.allocations.insert((pool, ip), (holder, rev));
+                    allocations.insert((pool, ip), (holder, rev));
                 }
                 Op::Release {
                     pool,
@@ -143,15 +130,18 @@ impl Store for MemoryStore {
                     nic,
                 } => {
                     let k = (pool, ip);
-                    if s.allocations
+                    if allocations
                         .get(&k)
                         .is_some_and(|(h, _)| h.container_id == container_id && h.nic == nic)
                     {
-                        s.allocations.remove(&k);
+                        allocations.remove(&k);
                     }
                 }
             }
         }
+        s.objects = objects;
+        s.allocations = allocations;
+        s.revision = rev;
         Ok(rev)
     }
 
