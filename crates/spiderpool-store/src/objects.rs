@@ -145,6 +145,27 @@ async fn validate_subnet(
     Ok(())
 }
 
+/// A pool of a SpiderSubnet's CIDR takes the subnet's gateway and routes when it sets none.
+async fn inherit_from_subnet(store: &dyn Store, pool: &mut SpiderIPPool) -> Result<(), ApplyError> {
+    let Ok(net) = pool.spec.subnet.parse::<ipnet::IpNet>() else {
+        return Ok(()); // validation names the bad subnet
+    };
+    for (o, _) in typed::list(store, Kind::Subnet).await? {
+        let Object::Subnet(sub) = o else { continue };
+        if sub.spec.subnet.parse::<ipnet::IpNet>().ok() != Some(net) {
+            continue;
+        }
+        if pool.spec.gateway.is_none() {
+            pool.spec.gateway = sub.spec.gateway.clone();
+        }
+        if pool.spec.routes.is_empty() {
+            pool.spec.routes = sub.spec.routes.clone();
+        }
+        break;
+    }
+    Ok(())
+}
+
 /// Creates or replaces `object` after checking the admission rules. The stored status,
 /// creation time and UID are kept; a new object gets them.
 pub async fn apply(store: &dyn Store, mut object: Object) -> Result<Applied, ApplyError> {
@@ -154,6 +175,9 @@ pub async fn apply(store: &dyn Store, mut object: Object) -> Result<Applied, App
             "{}: SpiderEndpoints are written by the agent only",
             object.describe()
         )));
+    }
+    if let Object::IPPool(p) = &mut object {
+        inherit_from_subnet(store, p).await?;
     }
     let key = object.key();
     for attempt in 1.. {
