@@ -547,6 +547,11 @@ impl IpamService {
         let mut ops = previous.as_ref().map(release_ops).unwrap_or_default();
         let released = previous.as_ref().map(held).unwrap_or_default();
         let mut claimed = Vec::new();
+        // With a default-route NIC named, the other NICs get no default route.
+        let clean_gateway = picks.clean_gateway
+            || annotations
+                .get(annotation::DEFAULT_ROUTE_NIC)
+                .is_some_and(|n| n.trim() != pod.nic);
         for Pick {
             family,
             pool,
@@ -575,7 +580,7 @@ impl IpamService {
                 }
             }
             nic.vlan = nic.vlan.or(pool.vlan);
-            if let (Some(gw), false) = (pool.gateway, picks.clean_gateway) {
+            if let (Some(gw), false) = (pool.gateway, clean_gateway) {
                 nic.routes.push(RouteSpec {
                     dst: match family {
                         IpFamily::V4 => "0.0.0.0/0".into(),

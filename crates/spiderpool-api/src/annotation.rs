@@ -19,6 +19,8 @@ pub const NS_DEFAULT_IPV4: &str = "ipam.spidernet.io/default-ipv4-ippool";
 pub const NS_DEFAULT_IPV6: &str = "ipam.spidernet.io/default-ipv6-ippool";
 /// Pod annotation: extra routes, each for the NIC whose subnet holds its gateway.
 pub const ROUTES: &str = "ipam.spidernet.io/routes";
+/// Pod annotation: the one NIC that gets the default route.
+pub const DEFAULT_ROUTE_NIC: &str = "ipam.spidernet.io/default-route-nic";
 /// Multus: the network of the first NIC.
 pub const MULTUS_DEFAULT_NETWORK: &str = "v1.multus-cni.io/default-network";
 /// Multus: the networks of the extra NICs.

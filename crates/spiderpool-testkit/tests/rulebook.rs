@@ -164,6 +164,39 @@ fn a00002_custom_routes_go_to_the_nic_whose_subnet_holds_the_gateway() {
 }
 
 #[test]
+fn a00012_default_route_nic_gets_the_only_default_route() {
+    let lab = Lab::new(&zones());
+    lab.sb.apply(&pod(
+        "default",
+        "r",
+        json!({
+            "ipam.spidernet.io/ippools": r#"[{"interface":"eth0","ipv4":["v4-a"]},{"interface":"net1","ipv4":["v4-b"]}]"#,
+            "ipam.spidernet.io/default-route-nic": "net1"
+        }),
+        json!({}),
+        None,
+    ));
+    assert_eq!(lab.add("r", "c1", "eth0").json()["routes"], json!([]));
+    assert_eq!(
+        lab.add("r", "c1", "net1").json()["routes"],
+        json!([{"dst": "0.0.0.0/0", "gw": "10.7.0.1"}])
+    );
+}
+
+#[test]
+fn a00008_multi_container_pod_with_a_long_spec_gets_one_address() {
+    let lab = Lab::new(&zones());
+    let containers: Vec<Value> = (0..20)
+        .map(|i| json!({"name": format!("c{i}"), "image": "nginx", "env": [{"name": "LONG", "value": "x".repeat(2000)}]}))
+        .collect();
+    let doc = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "big", "namespace": "default", "annotations": {"ipam.spidernet.io/ippool": r#"{"ipv4":["v4-a"]}"#}},
+        "spec": {"nodeName": "node-1", "containers": containers}});
+    lab.sb.apply(&doc.to_string());
+    assert_eq!(ip(&lab.add("big", "c", "eth0")), "10.6.0.10/16");
+}
+
+#[test]
 fn a00003_missing_pools_unknown_keys_and_malformed_annotations_fail() {
     let lab = Lab::new(&zones());
     let cases = [
