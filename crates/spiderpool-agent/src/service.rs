@@ -223,31 +223,34 @@ fn endpoint_write(key: String, ep: &SpiderEndpoint, rev: Option<Revision>) -> Op
     }
 }
 
-/// What to do with the outcome of one attempt.
-enum Attempt<T> {
-    /// Return this.
-    Done(Result<T>),
-    /// Try again after this pause.
-    Retry(Duration),
-}
-
-/// Retries conflicts a bounded number of times, then tells the caller to try again later.
-fn settle<T>(what: &str, attempt: u32, r: Result<T>) -> Attempt<T> {
-    match r {
-        Err(ServiceError::Store(StoreError::Conflict(m))) if attempt < MAX_ATTEMPTS => {
-            tracing::debug!(attempt, conflict = %m, "{what}: retrying after a conflict");
-            // Jittered backoff keeps racing agents from colliding in lockstep.
-            let jitter = u64::from(std::process::id() % 7) + u64::from(attempt);
-            Attempt::Retry(Duration::from_millis(2u64.pow(attempt.min(6)) + jitter))
+/// Evaluates the attempt (an expression yielding a future of `Result`) until it does not end
+/// in a conflict, a bounded number of times, then tells the caller to try again later. (A
+/// conflict means another writer moved the datastore on, so the next attempt's view, checked
+/// against the revision, is read afresh.) A macro rather than a function taking an async
+/// closure, whose futures cannot yet be proven `Send` for the server.
+macro_rules! retrying {
+    ($what:expr, $attempt:expr) => {{
+        let mut n = 0u32;
+        loop {
+            n += 1;
+            match $attempt.await {
+                Err(ServiceError::Store(StoreError::Conflict(m))) if n < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt = n, conflict = %m, "{}: retrying after a conflict", $what);
+                    // Jittered backoff keeps racing agents from colliding in lockstep.
+                    let jitter = u64::from(std::process::id() % 7) + u64::from(n);
+                    tokio::time::sleep(Duration::from_millis(2u64.pow(n.min(6)) + jitter)).await;
+                }
+                Err(ServiceError::Store(StoreError::Conflict(m))) => {
+                    break Err(StoreError::Unavailable(format!(
+                        "{}: gave up after {n} conflicting attempts, last: {m}",
+                        $what
+                    ))
+                    .into());
+                }
+                other => break other,
+            }
         }
-        Err(ServiceError::Store(StoreError::Conflict(m))) => {
-            Attempt::Done(Err(StoreError::Unavailable(format!(
-                "{what}: gave up after {attempt} conflicting attempts, last: {m}"
-            ))
-            .into()))
-        }
-        other => Attempt::Done(other),
-    }
+    }};
 }
 
 impl IpamService {
@@ -268,50 +271,41 @@ impl IpamService {
     /// Creates or updates this agent's Node object: labels from `--node-labels` are set, other
     /// labels are kept.
     pub async fn register_node(&self) -> Result<()> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match settle("register node", attempt, self.try_register_node().await) {
-                Attempt::Done(r) => return r,
-                Attempt::Retry(pause) => tokio::time::sleep(pause).await,
-            }
-        }
+        retrying!("register node", self.try_register_node())
     }
 
     async fn try_register_node(&self) -> Result<()> {
-        {
-            let cur = typed::get(self.store.as_ref(), Kind::Node, &self.node.name).await?;
-            let (mut node, expect) = match cur {
-                Some((o, rev)) => (kube_of(o).unwrap_or_default(), Expect::Revision(rev)),
-                None => (
-                    KubeObject {
-                        api_version: "v1".into(),
-                        kind: "Node".into(),
-                        metadata: ObjectMeta {
-                            name: self.node.name.clone(),
-                            ..Default::default()
-                        },
+        let cur = typed::get(self.store.as_ref(), Kind::Node, &self.node.name).await?;
+        let (mut node, expect) = match cur {
+            Some((o, rev)) => (kube_of(o).unwrap_or_default(), Expect::Revision(rev)),
+            None => (
+                KubeObject {
+                    api_version: "v1".into(),
+                    kind: "Node".into(),
+                    metadata: ObjectMeta {
+                        name: self.node.name.clone(),
                         ..Default::default()
                     },
-                    Expect::Absent,
-                ),
-            };
-            let before = node.metadata.labels.clone();
-            node.metadata.labels.extend(self.node.labels.clone());
-            if expect != Expect::Absent && before == node.metadata.labels {
-                return Ok(());
-            }
-            let obj = Object::Kube(Kind::Node, node);
-            self.store
-                .commit(vec![Op::Put {
-                    kind: Kind::Node,
-                    key: self.node.name.clone(),
-                    value: typed::to_stored_value(&obj),
-                    expect,
-                }])
-                .await?;
-            Ok(())
+                    ..Default::default()
+                },
+                Expect::Absent,
+            ),
+        };
+        let before = node.metadata.labels.clone();
+        node.metadata.labels.extend(self.node.labels.clone());
+        if expect != Expect::Absent && before == node.metadata.labels {
+            return Ok(());
         }
+        let obj = Object::Kube(Kind::Node, node);
+        self.store
+            .commit(vec![Op::Put {
+                kind: Kind::Node,
+                key: self.node.name.clone(),
+                value: typed::to_stored_value(&obj),
+                expect,
+            }])
+            .await?;
+        Ok(())
     }
 
     /// Whether the datastore answers.
@@ -328,21 +322,7 @@ impl IpamService {
             &args.pod_name,
         )?;
         let mut cache = self.state.lock().await;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match settle(
-                "allocate",
-                attempt,
-                self.try_add(&pod, args, &mut cache).await,
-            ) {
-                Attempt::Done(r) => return r,
-                Attempt::Retry(pause) => {
-                    cache.invalidate();
-                    tokio::time::sleep(pause).await;
-                }
-            }
-        }
+        retrying!("allocate", self.try_add(&pod, args, &mut cache))
     }
 
     /// Whether the pod belongs to a StatefulSet that still wants it (ordinal below `replicas`):
@@ -726,57 +706,48 @@ impl IpamService {
             &args.pod_name,
         )?;
         let mut cache = self.state.lock().await;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match settle("release", attempt, self.try_del(&pod, &mut cache).await) {
-                Attempt::Done(r) => return r,
-                Attempt::Retry(pause) => tokio::time::sleep(pause).await,
-            }
-        }
+        retrying!("release", self.try_del(&pod, &mut cache))
     }
 
     async fn try_del(&self, pod: &PodRef, cache: &mut ViewCache) -> Result<()> {
+        let key = pod.key();
+        let Some((ep, rev)) = typed::get(self.store.as_ref(), Kind::Endpoint, &key)
+            .await?
+            .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)))
+        else {
+            tracing::info!(pod = %key, nic = %pod.nic, "nothing to release");
+            return Ok(());
+        };
+        let Some(nic) = ep
+            .status
+            .current
+            .iter()
+            .find(|n| n.interface == pod.nic && n.container_id == pod.container_id)
+        else {
+            tracing::info!(pod = %key, nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
+            return Ok(());
+        };
+        if self
+            .stateful_member(
+                &pod.namespace,
+                &pod.name,
+                &ep.status.owner_controller_type,
+                &ep.status.owner_controller_name,
+            )
+            .await?
         {
-            let key = pod.key();
-            let Some((ep, rev)) = typed::get(self.store.as_ref(), Kind::Endpoint, &key)
-                .await?
-                .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)))
-            else {
-                tracing::info!(pod = %key, nic = %pod.nic, "nothing to release");
-                return Ok(());
-            };
-            let Some(nic) = ep
-                .status
-                .current
-                .iter()
-                .find(|n| n.interface == pod.nic && n.container_id == pod.container_id)
-            else {
-                tracing::info!(pod = %key, nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
-                return Ok(());
-            };
-            if self
-                .stateful_member(
-                    &pod.namespace,
-                    &pod.name,
-                    &ep.status.owner_controller_type,
-                    &ep.status.owner_controller_name,
-                )
-                .await?
-            {
-                tracing::info!(pod = %key, nic = %pod.nic, statefulset = %ep.status.owner_controller_name,
-                    "keeping the addresses of a StatefulSet member for its next sandbox");
-                return Ok(());
-            }
-            let mut ops = release_ops(nic);
-            let mut kept = ep.clone();
-            kept.status.current.retain(|n| n.interface != pod.nic);
-            ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
-            let revision = self.store.commit(ops).await?;
-            cache.committed(revision, &[], &held(nic));
-            tracing::info!(pod = %key, nic = %pod.nic, released = ?held(nic), "released");
-            Ok(())
+            tracing::info!(pod = %key, nic = %pod.nic, statefulset = %ep.status.owner_controller_name,
+                "keeping the addresses of a StatefulSet member for its next sandbox");
+            return Ok(());
         }
+        let mut ops = release_ops(nic);
+        let mut kept = ep.clone();
+        kept.status.current.retain(|n| n.interface != pod.nic);
+        ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
+        let revision = self.store.commit(ops).await?;
+        cache.committed(revision, &[], &held(nic));
+        tracing::info!(pod = %key, nic = %pod.nic, released = ?held(nic), "released");
+        Ok(())
     }
 
     /// CNI CHECK: the container's reservation for the NIC.
