@@ -321,7 +321,7 @@ fn a00010_multi_nic_by_name_and_by_position_draw_from_their_own_pools() {
     lab.sb.apply(&pod(
         "default",
         "positional",
-        json!({"ipam.spidernet.io/ippools": r#"[{"ipv4":["v4-a"]},{"ipv4":["v4-b"]}]"#}),
+        json!({"ipam.spidernet.io/ippools": r#"[{"ipv4":["v4-a"]},{"ipv4":["v4-b"]},{"ipv6":["v6-a"]}]"#}),
         json!({}),
         None,
     ));
@@ -329,6 +329,8 @@ fn a00010_multi_nic_by_name_and_by_position_draw_from_their_own_pools() {
     assert_eq!(ip(&lab.add("named", "c1", "net1")), "10.7.0.10/16");
     assert_eq!(ip(&lab.add("positional", "c2", "eth0")), "10.6.0.11/16");
     assert_eq!(ip(&lab.add("positional", "c2", "net1")), "10.7.0.11/16");
+    // net2 is listed but never added: nothing is taken for it.
+    assert_eq!(lab.sb.allocated("v6-a"), 0);
     let ep = lab.sb.get_json("endpoint", "default/named");
     let nics: Vec<&str> = ep["status"]["current"]
         .as_array()
