@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs the system packages the examples and tests use on Debian 12: the reference CNI
-# plugins (/usr/lib/cni), iproute2 for network namespaces, and ping.
+# Installs the system packages the build, examples and tests use on Debian 12: protoc (the etcd
+# client's build needs it), the reference CNI plugins (/usr/lib/cni), iproute2 for network
+# namespaces, ping, and etcd (the tests start their own servers on loopback ports).
 set -euo pipefail
-packages=(containernetworking-plugins iproute2 iputils-ping)
+packages=(protobuf-compiler containernetworking-plugins iproute2 iputils-ping etcd-server)
 sudo=""
 [ "$(id -u)" = 0 ] || sudo=sudo
 missing=()

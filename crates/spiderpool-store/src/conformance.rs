@@ -171,11 +171,7 @@ where
         "the other handle sees the commit"
     );
     let r2 = b
-        .commit(vec![Op::Delete {
-            kind: Kind::Namespace,
-            key: "never-there".into(),
-            expect: Expect::Any,
-        }])
+        .commit(vec![put(Kind::Namespace, "rev-b", json!({}), Expect::Any)])
         .await
         .unwrap();
     assert_eq!(r2, r1 + 1);

@@ -3,10 +3,11 @@
 //! compare-and-swap transaction on revisions, the shape that SQLite transactions, etcd
 //! `mod_revision` compares and Kubernetes `resourceVersion` updates all provide.
 //!
-//! Backends: [`memory::MemoryStore`] (tests) and [`sqlite::SqliteStore`] (the default, safe for
-//! several processes on one file). [`conformance`] holds the suite every backend must pass.
+//! Backends: [`memory::MemoryStore`] (tests), [`sqlite::SqliteStore`] (the default, safe for
+//! several processes on one file) and [`etcd::EtcdStore`] (many hosts). [`conformance`] holds the suite every backend must pass.
 
 pub mod conformance;
+pub mod etcd;
 pub mod memory;
 pub mod objects;
 pub mod sqlite;
@@ -200,9 +201,9 @@ pub trait Store: Send + Sync + 'static {
     async fn allocation_counts(&self) -> Result<BTreeMap<String, u64>>;
     /// Applies every op or none, in order: each op's condition is checked against the state
     /// the earlier ops of the transaction left (so a Release followed by a Claim of the same
-    /// address hands it over). Returns the new revision, which is exactly one above the
-    /// revision before the transaction: a caller whose commit returns `r + 1` knows that
-    /// nothing else was written since it saw `r`.
+    /// address hands it over). Returns the revision after the transaction; when it wrote
+    /// something that is exactly one above the revision before it, so a caller whose commit
+    /// returns `r + 1` knows that nothing else was written since it saw `r`.
     async fn commit(&self, ops: Vec<Op>) -> Result<Revision>;
     /// The revision of the last committed transaction. `None` when the backend has no single
     /// datastore-wide revision (callers must then not cache across calls).
@@ -279,10 +280,9 @@ pub async fn open(url: &DatastoreUrl) -> Result<Arc<dyn Store>> {
     match url {
         DatastoreUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path).await?)),
         DatastoreUrl::Memory => Ok(Arc::new(memory::MemoryStore::new())),
-        DatastoreUrl::Etcd { endpoints, .. } => Err(StoreError::Config(format!(
-            "datastore etcd://{}: the etcd backend is not part of this build yet; use sqlite:///path/to/db",
-            endpoints.join(",")
-        ))),
+        DatastoreUrl::Etcd { endpoints, prefix } => {
+            Ok(Arc::new(etcd::EtcdStore::connect(endpoints, prefix).await?))
+        }
         DatastoreUrl::Kubernetes => Err(StoreError::Config(
             "datastore kubernetes: the Kubernetes backend is not part of this build yet; use sqlite:///path/to/db".into(),
         )),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::json;
 use spiderpool_store::memory::MemoryStore;
 use spiderpool_store::sqlite::SqliteStore;
-use spiderpool_store::{conformance, Expect, Kind, Op, Store};
+use spiderpool_store::{conformance, DatastoreUrl, Expect, Kind, Op, Store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_backend_conforms() {
@@ -56,6 +56,98 @@ async fn sqlite_backend_conforms() {
             _ => conformance::racing_claims_never_duplicate(&open).await,
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_backend_conforms() {
+    if !spiderpool_testkit::etcd_available() {
+        return;
+    }
+    let etcd = spiderpool_testkit::Etcd::single();
+    for check in ["objects", "revisions", "txn", "claims", "cas", "race"] {
+        // Each check gets its own prefix: a fresh datastore on the same cluster.
+        let url: DatastoreUrl = etcd
+            .datastore(&format!("/conformance/{check}"))
+            .parse()
+            .unwrap();
+        let open = || {
+            let url = url.clone();
+            async move { spiderpool_store::open(&url).await.unwrap() }
+        };
+        match check {
+            "objects" => conformance::objects_and_conditions(open().await).await,
+            "revisions" => conformance::revisions_advance_by_one(&open).await,
+            "txn" => conformance::transactions_are_all_or_nothing(open().await).await,
+            "claims" => conformance::claims_and_owned_releases(open().await).await,
+            "cas" => conformance::concurrent_compare_and_swap(&open).await,
+            _ => conformance::racing_claims_never_duplicate(&open).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn etcd_unreachable_and_corrupt_values_are_reported() {
+    if !spiderpool_testkit::etcd_available() {
+        return;
+    }
+    let port = spiderpool_testkit::free_port();
+    let url: DatastoreUrl = format!("etcd://127.0.0.1:{port}").parse().unwrap();
+    let err = match spiderpool_store::open(&url).await {
+        Ok(_) => panic!("connected to nothing"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&format!("etcd 127.0.0.1:{port}")), "{err}");
+
+    let etcd = spiderpool_testkit::Etcd::single();
+    let url: DatastoreUrl = etcd.datastore("/corrupt").parse().unwrap();
+    let s = spiderpool_store::open(&url).await.unwrap();
+    s.commit(vec![Op::Put {
+        kind: Kind::Node,
+        key: "good".into(),
+        value: json!({}),
+        expect: Expect::Any,
+    }])
+    .await
+    .unwrap();
+    let DatastoreUrl::Etcd { endpoints, .. } = &url else {
+        unreachable!()
+    };
+    let mut raw = etcd_client::Client::connect(
+        endpoints
+            .iter()
+            .map(|e| format!("http://{e}"))
+            .collect::<Vec<_>>(),
+        None,
+    )
+    .await
+    .unwrap();
+    raw.put("/corrupt/objects/nodes/bad", "{not json", None)
+        .await
+        .unwrap();
+    raw.put("/corrupt/allocations/p/not-an-ip", "{}", None)
+        .await
+        .unwrap();
+    raw.put("/corrupt/allocations/p/10.0.0.1", "garbage", None)
+        .await
+        .unwrap();
+    let keys: Vec<_> = s
+        .list(Kind::Node)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(keys, ["good"]);
+    let err = s.get(Kind::Node, "bad").await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("corrupt value under /corrupt/objects/nodes/bad"),
+        "{err}"
+    );
+    assert!(s.allocations("p").await.unwrap().is_empty());
+    assert_eq!(
+        s.held_ips("p").await.unwrap(),
+        ["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+    );
 }
 
 #[tokio::test]

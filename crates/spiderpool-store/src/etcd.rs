@@ -1,0 +1,400 @@
+//! The etcd v3 backend: one key per object and one key per held address under a prefix, so a
+//! /16 pool with 60,000 holders is 60,000 small keys, not one huge value. Every transaction is
+//! one etcd `Txn` whose guards compare `mod_revision`s (the object was not changed since it was
+//! read) and `create_revision == 0` (the address is not held); etcd's own revision is the
+//! datastore revision.
+//!
+//! Layout under the prefix `P`:
+//! - `P/objects/<resource>/<key>` → the object's JSON
+//! - `P/allocations/<pool>/<ip>` → the holder's JSON
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp};
+
+use crate::{
+    check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored,
+};
+
+/// How many keys one range request reads at a time.
+const PAGE: i64 = 1000;
+
+/// A store in an etcd cluster.
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+}
+
+fn key_end(prefix: &[u8]) -> Vec<u8> {
+    // The smallest key greater than every key starting with `prefix`.
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl EtcdStore {
+    /// Connects to `endpoints` (`host:port`) and checks that the cluster answers.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
+        let joined = endpoints.join(",");
+        let urls: Vec<String> = endpoints
+            .iter()
+            .map(|e| {
+                if e.contains("://") {
+                    e.clone()
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5));
+        let client = Client::connect(&urls, Some(options))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("etcd {joined}: cannot connect: {e}")))?;
+        let store = EtcdStore {
+            client,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            endpoints: joined,
+        };
+        store.revision().await.map_err(|e| {
+            StoreError::Unavailable(format!("etcd {}: does not answer: {e}", store.endpoints))
+        })?;
+        Ok(store)
+    }
+
+    fn err(&self, e: etcd_client::Error) -> StoreError {
+        StoreError::Unavailable(format!("etcd {}: {e}", self.endpoints))
+    }
+
+    fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    fn object_key(&self, kind: Kind, key: &str) -> String {
+        format!("{}/objects/{}/{key}", self.prefix, kind.resource())
+    }
+
+    fn kind_prefix(&self, kind: Kind) -> String {
+        format!("{}/objects/{}/", self.prefix, kind.resource())
+    }
+
+    fn pool_prefix(&self, pool: &str) -> String {
+        format!("{}/allocations/{pool}/", self.prefix)
+    }
+
+    fn alloc_key(&self, pool: &str, ip: &IpAddr) -> String {
+        format!("{}{ip}", self.pool_prefix(pool))
+    }
+
+    /// Every key-value under `prefix`, in key order, read in pages.
+    async fn range(&self, prefix: &str, keys_only: bool) -> Result<Vec<KeyValue>> {
+        let mut client = self.client();
+        let end = key_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if keys_only {
+                opts = opts.with_keys_only();
+            }
+            let resp = client
+                .get(from.clone(), Some(opts))
+                .await
+                .map_err(|e| self.err(e))?;
+            let kvs = resp.kvs();
+            out.extend_from_slice(kvs);
+            match kvs.last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    fn parse_object(&self, kind: Kind, kv: &KeyValue) -> Result<Stored> {
+        let full = String::from_utf8_lossy(kv.key()).into_owned();
+        let key = full
+            .strip_prefix(&self.kind_prefix(kind))
+            .unwrap_or(&full)
+            .to_string();
+        let value = serde_json::from_slice(kv.value()).map_err(|e| StoreError::Corrupt {
+            key: full.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Stored {
+            key,
+            value,
+            revision: kv.mod_revision() as Revision,
+        })
+    }
+
+    fn parse_allocation(&self, pool: &str, kv: &KeyValue) -> Result<Allocation> {
+        let full = String::from_utf8_lossy(kv.key()).into_owned();
+        let corrupt = |message: String| StoreError::Corrupt {
+            key: full.clone(),
+            message,
+        };
+        let ip = full
+            .strip_prefix(&self.pool_prefix(pool))
+            .unwrap_or(&full)
+            .parse::<IpAddr>()
+            .map_err(|e| corrupt(format!("not an address: {e}")))?;
+        let holder: Holder =
+            serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Allocation {
+            pool: pool.to_string(),
+            ip,
+            holder,
+            revision: kv.mod_revision() as Revision,
+        })
+    }
+}
+
+/// One condition of a transaction: the etcd key, what it must be, and how to name it.
+struct Guard {
+    key: String,
+    expect: Expect,
+    what: String,
+    address: bool,
+}
+
+impl Guard {
+    fn compare(&self) -> Option<Compare> {
+        match self.expect {
+            Expect::Any => None,
+            Expect::Absent => Some(Compare::create_revision(
+                self.key.clone(),
+                CompareOp::Equal,
+                0,
+            )),
+            Expect::Revision(r) => Some(Compare::mod_revision(
+                self.key.clone(),
+                CompareOp::Equal,
+                r as i64,
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, kind: Kind, key: &str) -> Result<Option<Stored>> {
+        let mut client = self.client();
+        let resp = client
+            .get(self.object_key(kind, key), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        resp.kvs()
+            .first()
+            .map(|kv| self.parse_object(kind, kv))
+            .transpose()
+    }
+
+    async fn list(&self, kind: Kind) -> Result<Vec<Stored>> {
+        let mut out = Vec::new();
+        for kv in self.range(&self.kind_prefix(kind), false).await? {
+            match self.parse_object(kind, &kv) {
+                Ok(s) => out.push(s),
+                Err(e) => tracing::error!(error = %e, "skipping unreadable object"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn allocations(&self, pool: &str) -> Result<Vec<Allocation>> {
+        let mut out = Vec::new();
+        for kv in self.range(&self.pool_prefix(pool), false).await? {
+            match self.parse_allocation(pool, &kv) {
+                Ok(a) => out.push(a),
+                Err(e) => tracing::error!(error = %e, "skipping unreadable allocation"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn held_ips(&self, pool: &str) -> Result<Vec<IpAddr>> {
+        let prefix = self.pool_prefix(pool);
+        let mut out = Vec::new();
+        for kv in self.range(&prefix, true).await? {
+            let full = String::from_utf8_lossy(kv.key()).into_owned();
+            match full.strip_prefix(&prefix).unwrap_or(&full).parse() {
+                Ok(ip) => out.push(ip),
+                Err(e) => tracing::error!(
+                    error = %StoreError::Corrupt { key: full.clone(), message: format!("not an address: {e}") },
+                    "skipping unreadable allocation"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn allocation_counts(&self) -> Result<BTreeMap<String, u64>> {
+        let prefix = format!("{}/allocations/", self.prefix);
+        let mut out = BTreeMap::new();
+        for kv in self.range(&prefix, true).await? {
+            let full = String::from_utf8_lossy(kv.key()).into_owned();
+            if let Some((pool, _)) = full.strip_prefix(&prefix).and_then(|r| r.split_once('/')) {
+                *out.entry(pool.to_string()).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn commit(&self, ops: Vec<Op>) -> Result<Revision> {
+        let mut client = self.client();
+        // Releases are conditional per address: read the holders first, keep the releases whose
+        // holder matches, and guard each by the holder's revision. An address released and
+        // claimed again in one transaction becomes one guarded overwrite (etcd allows one write
+        // per key per transaction).
+        let mut released: HashMap<String, i64> = HashMap::new();
+        for op in &ops {
+            if let Op::Release {
+                pool,
+                ip,
+                container_id,
+                nic,
+            } = op
+            {
+                let key = self.alloc_key(pool, ip);
+                let resp = client
+                    .get(key.clone(), None)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                if let Some(kv) = resp.kvs().first() {
+                    let holder: Option<Holder> = serde_json::from_slice(kv.value()).ok();
+                    if holder.is_some_and(|h| &h.container_id == container_id && &h.nic == nic) {
+                        released.insert(key, kv.mod_revision());
+                    }
+                }
+            }
+        }
+        let mut guards: Vec<Guard> = Vec::new();
+        let mut writes = Vec::new();
+        let mut claimed = std::collections::HashSet::new();
+        for op in ops {
+            match op {
+                Op::Put {
+                    kind,
+                    key,
+                    value,
+                    expect,
+                } => {
+                    let k = self.object_key(kind, &key);
+                    guards.push(Guard {
+                        key: k.clone(),
+                        expect,
+                        what: format!("{kind}/{key}"),
+                        address: false,
+                    });
+                    writes.push(TxnOp::put(k, value.to_string(), None));
+                }
+                Op::Delete { kind, key, expect } => {
+                    let k = self.object_key(kind, &key);
+                    guards.push(Guard {
+                        key: k.clone(),
+                        expect,
+                        what: format!("{kind}/{key}"),
+                        address: false,
+                    });
+                    writes.push(TxnOp::delete(k, None));
+                }
+                Op::Claim {
+                    pool,
+                    ip,
+                    holder,
+                    pool_revision,
+                } => {
+                    let k = self.alloc_key(&pool, &ip);
+                    if !claimed.insert(k.clone()) {
+                        return Err(StoreError::Conflict(format!(
+                            "{ip} of pool {pool} is already held"
+                        )));
+                    }
+                    guards.push(Guard {
+                        key: self.object_key(Kind::IPPool, &pool),
+                        expect: Expect::Revision(pool_revision),
+                        what: format!("spiderippools/{pool}"),
+                        address: false,
+                    });
+                    guards.push(Guard {
+                        key: k.clone(),
+                        expect: match released.remove(&k) {
+                            Some(rev) => Expect::Revision(rev as Revision),
+                            None => Expect::Absent,
+                        },
+                        what: format!("{ip} of pool {pool}"),
+                        address: true,
+                    });
+                    let holder = serde_json::to_string(&holder).expect("holder serialises");
+                    writes.push(TxnOp::put(k, holder, None));
+                }
+                Op::Release { .. } => {}
+            }
+        }
+        for (k, rev) in released {
+            writes.push(TxnOp::txn(
+                Txn::new()
+                    .when(vec![Compare::mod_revision(
+                        k.clone(),
+                        CompareOp::Equal,
+                        rev,
+                    )])
+                    .and_then(vec![TxnOp::delete(k, None)]),
+            ));
+        }
+        let compares: Vec<Compare> = guards.iter().filter_map(Guard::compare).collect();
+        // On failure, read every guarded key back to say which condition failed.
+        let reads: Vec<TxnOp> = guards
+            .iter()
+            .map(|g| TxnOp::get(g.key.clone(), None))
+            .collect();
+        let resp = client
+            .txn(Txn::new().when(compares).and_then(writes).or_else(reads))
+            .await
+            .map_err(|e| self.err(e))?;
+        if !resp.succeeded() {
+            for (g, r) in guards.iter().zip(resp.op_responses()) {
+                let etcd_client::TxnOpResponse::Get(get) = r else {
+                    continue;
+                };
+                let current = get.kvs().first().map(|kv| kv.mod_revision() as Revision);
+                if g.address && current.is_some() && g.expect == Expect::Absent {
+                    return Err(StoreError::Conflict(format!("{} is already held", g.what)));
+                }
+                check(g.expect, current, &g.what)?;
+            }
+            return Err(StoreError::Conflict(
+                "a guarded key changed during the transaction".into(),
+            ));
+        }
+        Ok(resp.header().map_or(0, |h| h.revision()) as Revision)
+    }
+
+    async fn revision(&self) -> Result<Option<Revision>> {
+        let mut client = self.client();
+        let resp = client
+            .get(
+                self.prefix.clone(),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.header().map(|h| h.revision() as Revision))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.revision().await.map(|_| ())
+    }
+}
