@@ -13,13 +13,16 @@ use spiderpool_api::annotation;
 use spiderpool_api::cni::{code, Attachment};
 use spiderpool_api::crd::{EndpointInterface, EndpointStatus, RouteSpec, API_VERSION};
 use spiderpool_api::{KubeObject, Object, ObjectMeta, SpiderEndpoint, ValidationError};
-use spiderpool_core::candidate::{lowest_free, AllocError, Rejected, Rejection};
+use spiderpool_core::candidate::{free_at, lowest_free, AllocError, Rejected, Rejection};
 use spiderpool_core::{IpFamily, Labels, Pool, PoolNames, Request};
 use spiderpool_store::{typed, Expect, Holder, Kind, Op, Revision, Store, StoreError};
 use thiserror::Error;
 use tokio::sync::Mutex;
 
 use crate::view::{View, ViewCache};
+
+/// After a lost race, retries pick among this many of the lowest free addresses.
+const CONFLICT_SPREAD: u32 = 32;
 
 /// How often a transaction is retried after a conflict before the caller is told to try again.
 const MAX_ATTEMPTS: u32 = 8;
@@ -466,6 +469,7 @@ impl IpamService {
         let multus_network =
             annotation::multus_network(&annotations, &pod.namespace, &pod.nic).map_err(in_pod)?;
 
+        let skip = cache.skip(&self.node.name, CONFLICT_SPREAD);
         let view = cache.current(store).await?;
         let (namespace_labels, namespace_annotations) =
             view.namespace(store, &pod.namespace).await?;
@@ -504,7 +508,7 @@ impl IpamService {
         };
         let pools = std::mem::take(&mut view.pools);
         let planned = self
-            .plan_claims(&req, &pools, view, &key, previous.as_ref())
+            .plan_claims(&req, &pools, view, &key, previous.as_ref(), skip)
             .await;
         view.pools = pools;
         let picks = planned?;
@@ -610,7 +614,16 @@ impl IpamService {
         ep.status.current.retain(|n| n.interface != pod.nic);
         ep.status.current.push(nic.clone());
         ops.push(endpoint_write(key.clone(), &ep, rev));
-        let revision = self.store.commit(ops).await?;
+        let revision = match self.store.commit(ops).await {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e, StoreError::Conflict(_)) {
+                    cache.conflicted();
+                }
+                return Err(e.into());
+            }
+        };
+        cache.settled();
         cache.committed(revision, &claimed, &released);
         let resp = response_of(&nic);
         tracing::info!(
@@ -632,6 +645,7 @@ impl IpamService {
         view: &mut View,
         pod: &str,
         previous: Option<&EndpointInterface>,
+        skip: u128,
     ) -> Result<Picks> {
         let plan = req.plan(pools)?;
         let kept: Vec<(String, IpAddr)> = previous.map(held).unwrap_or_default();
@@ -659,7 +673,7 @@ impl IpamService {
             for pool in &fp.pools {
                 view.load_held(self.store.as_ref(), &pool.name).await?;
                 let in_use = view.held(&pool.name);
-                if let Some(ip) = lowest_free(pool, &view.reserved, in_use) {
+                if let Some(ip) = free_at(pool, &view.reserved, in_use, skip) {
                     found = Some(((*pool).clone(), ip));
                     break;
                 }

@@ -123,9 +123,9 @@ impl View {
     }
 }
 
-/// The cached view, if any.
+/// The cached view, if any, and how contended the last allocations were.
 #[derive(Default)]
-pub struct ViewCache(Option<View>);
+pub struct ViewCache(Option<View>, u32);
 
 impl ViewCache {
     /// The view as of the datastore's current revision, reusing the cached one when it is
@@ -159,5 +159,27 @@ impl ViewCache {
     /// Forgets the view (after a conflict or an error).
     pub fn invalidate(&mut self) {
         self.0 = None;
+    }
+
+    /// Notes that a commit lost a race against another writer.
+    pub fn conflicted(&mut self) {
+        self.1 = self.1.saturating_add(1);
+    }
+
+    /// Notes that a commit went through.
+    pub fn settled(&mut self) {
+        self.1 = 0;
+    }
+
+    /// How far past the lowest free address to pick: 0 normally; after lost races, an offset
+    /// derived from `seed` (the node) and the number of lost races, below `spread`.
+    pub fn skip(&self, seed: &str, spread: u32) -> u128 {
+        if self.1 == 0 {
+            return 0;
+        }
+        let h = seed.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        });
+        u128::from((h.wrapping_add(u64::from(self.1) * 7919) % u64::from(spread)) as u32)
     }
 }

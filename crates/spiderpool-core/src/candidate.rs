@@ -483,10 +483,17 @@ pub fn affinity_strength(pool: &Pool) -> u8 {
 
 /// The lowest address of `pool` that is usable, not reserved and not in use.
 pub fn lowest_free(pool: &Pool, reserved: &IpSet, in_use: &IpSet) -> Option<IpAddr> {
+    free_at(pool, reserved, in_use, 0)
+}
+
+/// The `skip`-th lowest free address of `pool` (or the highest free one when fewer are free).
+/// Retries after a conflict use a non-zero `skip` so that racing allocators spread over the
+/// lowest free addresses instead of colliding on the same one again.
+pub fn free_at(pool: &Pool, reserved: &IpSet, in_use: &IpSet, skip: u128) -> Option<IpAddr> {
     pool.usable()
         .difference(reserved)
         .difference(in_use)
-        .first(pool.family)
+        .nth_or_last(pool.family, skip)
 }
 
 #[cfg(test)]

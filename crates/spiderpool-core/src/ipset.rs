@@ -388,6 +388,24 @@ impl IpSet {
         r.0.first().map(|&(s, _)| from_u128(family, s))
     }
 
+    /// The `n`-th lowest address of `family` (0 is the lowest), or the highest one when the set
+    /// holds fewer than `n + 1`.
+    pub fn nth_or_last(&self, family: IpFamily, n: u128) -> Option<IpAddr> {
+        let r = match family {
+            IpFamily::V4 => &self.v4,
+            IpFamily::V6 => &self.v6,
+        };
+        let mut left = n;
+        for &(s, e) in &r.0 {
+            let len = (e - s).saturating_add(1);
+            if left < len {
+                return Some(from_u128(family, s + left));
+            }
+            left -= len;
+        }
+        r.0.last().map(|&(_, e)| from_u128(family, e))
+    }
+
     /// The set's ranges, IPv4 first, each in ascending order.
     pub fn ranges(&self) -> impl Iterator<Item = IpRange> + '_ {
         let v4 = self.v4.0.iter().map(|&(start, end)| IpRange {
@@ -517,6 +535,24 @@ mod tests {
         assert!(!free.contains(&ip("10.6.168.59")));
         assert_eq!(pool.difference(&pool).first(IpFamily::V4), None);
         assert!(pool.difference(&pool).is_empty());
+    }
+
+    #[test]
+    fn nth_walks_across_ranges() {
+        let s = set(&["10.0.0.1-10.0.0.2", "10.0.0.5", "10.0.0.9-10.0.0.10"]);
+        let nth = |n| s.nth_or_last(IpFamily::V4, n).unwrap().to_string();
+        assert_eq!(
+            [nth(0), nth(1), nth(2), nth(3), nth(4), nth(99)],
+            [
+                "10.0.0.1",
+                "10.0.0.2",
+                "10.0.0.5",
+                "10.0.0.9",
+                "10.0.0.10",
+                "10.0.0.10"
+            ]
+        );
+        assert_eq!(s.nth_or_last(IpFamily::V6, 0), None);
     }
 
     #[test]

@@ -13,7 +13,11 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, KeyValue, Txn, TxnOp,
+};
 
 use crate::{
     check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored,
@@ -24,9 +28,24 @@ const PAGE: i64 = 1000;
 
 /// A store in an etcd cluster.
 pub struct EtcdStore {
-    client: Client,
+    // One client per member: a request that cannot reach one member goes to the next, so a
+    // dead member does not stop allocation while the cluster keeps a quorum.
+    clients: Vec<Client>,
+    current: AtomicUsize,
     prefix: String,
     endpoints: String,
+}
+
+/// Whether an error means the member could not be reached (another one may answer).
+fn unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
+        _ => false,
+    }
 }
 
 fn key_end(prefix: &[u8]) -> Vec<u8> {
@@ -58,11 +77,18 @@ impl EtcdStore {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5));
-        let client = Client::connect(&urls, Some(options))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("etcd {joined}: cannot connect: {e}")))?;
+        let mut clients = Vec::new();
+        for url in &urls {
+            let c = Client::connect([url], Some(options.clone()))
+                .await
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("etcd {joined}: cannot connect to {url}: {e}"))
+                })?;
+            clients.push(c);
+        }
         let store = EtcdStore {
-            client,
+            clients,
+            current: AtomicUsize::new(0),
             prefix: prefix.trim_end_matches('/').to_string(),
             endpoints: joined,
         };
@@ -76,8 +102,44 @@ impl EtcdStore {
         StoreError::Unavailable(format!("etcd {}: {e}", self.endpoints))
     }
 
-    fn client(&self) -> Client {
-        self.client.clone()
+    /// Runs `f` on the member that answered last, failing over to the others when one cannot
+    /// be reached.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.clients.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match f(self.clients[i].clone()).await {
+                Ok(v) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) if unreachable(&e) => last = Some(e),
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        Err(self.err(last.expect("at least one endpoint")))
+    }
+
+    async fn kv_get(&self, key: Vec<u8>, opts: Option<GetOptions>) -> Result<GetResponse> {
+        self.call(|mut c| {
+            let (key, opts) = (key.clone(), opts.clone());
+            async move { c.get(key, opts).await }
+        })
+        .await
+    }
+
+    async fn kv_txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {
+        self.call(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
     }
 
     fn object_key(&self, kind: Kind, key: &str) -> String {
@@ -98,7 +160,6 @@ impl EtcdStore {
 
     /// Every key-value under `prefix`, in key order, read in pages.
     async fn range(&self, prefix: &str, keys_only: bool) -> Result<Vec<KeyValue>> {
-        let mut client = self.client();
         let end = key_end(prefix.as_bytes());
         let mut from = prefix.as_bytes().to_vec();
         let mut out = Vec::new();
@@ -107,10 +168,7 @@ impl EtcdStore {
             if keys_only {
                 opts = opts.with_keys_only();
             }
-            let resp = client
-                .get(from.clone(), Some(opts))
-                .await
-                .map_err(|e| self.err(e))?;
+            let resp = self.kv_get(from.clone(), Some(opts)).await?;
             let kvs = resp.kvs();
             out.extend_from_slice(kvs);
             match kvs.last() {
@@ -191,11 +249,9 @@ impl Guard {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, kind: Kind, key: &str) -> Result<Option<Stored>> {
-        let mut client = self.client();
-        let resp = client
-            .get(self.object_key(kind, key), None)
-            .await
-            .map_err(|e| self.err(e))?;
+        let resp = self
+            .kv_get(self.object_key(kind, key).into_bytes(), None)
+            .await?;
         resp.kvs()
             .first()
             .map(|kv| self.parse_object(kind, kv))
@@ -253,7 +309,6 @@ impl Store for EtcdStore {
     }
 
     async fn commit(&self, ops: Vec<Op>) -> Result<Revision> {
-        let mut client = self.client();
         // Releases are conditional per address: read the holders first, keep the releases whose
         // holder matches, and guard each by the holder's revision. An address released and
         // claimed again in one transaction becomes one guarded overwrite (etcd allows one write
@@ -268,10 +323,7 @@ impl Store for EtcdStore {
             } = op
             {
                 let key = self.alloc_key(pool, ip);
-                let resp = client
-                    .get(key.clone(), None)
-                    .await
-                    .map_err(|e| self.err(e))?;
+                let resp = self.kv_get(key.clone().into_bytes(), None).await?;
                 if let Some(kv) = resp.kvs().first() {
                     let holder: Option<Holder> = serde_json::from_slice(kv.value()).ok();
                     if holder.is_some_and(|h| &h.container_id == container_id && &h.nic == nic) {
@@ -360,10 +412,9 @@ impl Store for EtcdStore {
             .iter()
             .map(|g| TxnOp::get(g.key.clone(), None))
             .collect();
-        let resp = client
-            .txn(Txn::new().when(compares).and_then(writes).or_else(reads))
-            .await
-            .map_err(|e| self.err(e))?;
+        let resp = self
+            .kv_txn(Txn::new().when(compares).and_then(writes).or_else(reads))
+            .await?;
         if !resp.succeeded() {
             for (g, r) in guards.iter().zip(resp.op_responses()) {
                 let etcd_client::TxnOpResponse::Get(get) = r else {
@@ -383,14 +434,12 @@ impl Store for EtcdStore {
     }
 
     async fn revision(&self) -> Result<Option<Revision>> {
-        let mut client = self.client();
-        let resp = client
-            .get(
-                self.prefix.clone(),
+        let resp = self
+            .kv_get(
+                self.prefix.clone().into_bytes(),
                 Some(GetOptions::new().with_count_only()),
             )
-            .await
-            .map_err(|e| self.err(e))?;
+            .await?;
         Ok(resp.header().map(|h| h.revision() as Revision))
     }
 

@@ -75,13 +75,7 @@ impl Sandbox {
 
     /// Runs `spiderpoolctl --datastore … ARGS` with `stdin`.
     pub fn ctl(&self, args: &[&str], stdin: &str) -> Output {
-        run(
-            Command::new(bin("spiderpoolctl"))
-                .arg("--datastore")
-                .arg(self.datastore())
-                .args(args),
-            stdin,
-        )
+        ctl(&self.datastore(), args, stdin)
     }
 
     /// Applies YAML, panicking with the CLI's output on failure.
@@ -99,9 +93,7 @@ impl Sandbox {
 
     /// `.status.allocatedIPCount` of a pool.
     pub fn allocated(&self, pool: &str) -> u64 {
-        self.get_json("ippool", pool)["status"]["allocatedIPCount"]
-            .as_u64()
-            .expect("allocatedIPCount")
+        allocated(&self.datastore(), pool)
     }
 
     /// Starts an agent for `node` with `labels` (`k=v,…`) on its own socket.
@@ -114,6 +106,26 @@ impl Default for Sandbox {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Runs `spiderpoolctl --datastore DATASTORE ARGS` with `stdin`.
+pub fn ctl(datastore: &str, args: &[&str], stdin: &str) -> Output {
+    run(
+        Command::new(bin("spiderpoolctl"))
+            .arg("--datastore")
+            .arg(datastore)
+            .args(args),
+        stdin,
+    )
+}
+
+/// `.status.allocatedIPCount` of a pool in `datastore`.
+pub fn allocated(datastore: &str, pool: &str) -> u64 {
+    let out = ctl(datastore, &["get", "ippool", pool, "-o", "json"], "");
+    assert!(out.success, "get ippool {pool}: {}", out.stderr);
+    out.json()["status"]["allocatedIPCount"]
+        .as_u64()
+        .expect("allocatedIPCount")
 }
 
 /// What a subprocess printed and how it ended.
