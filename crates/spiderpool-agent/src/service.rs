@@ -17,12 +17,13 @@ use spiderpool_core::candidate::{free_at, lowest_free, AllocError, Rejected, Rej
 use spiderpool_core::{IpFamily, Labels, Pool, PoolNames, Request};
 use spiderpool_store::{typed, Expect, Holder, Kind, Op, Revision, Store, StoreError};
 use thiserror::Error;
-use tokio::sync::Mutex;
+use tokio::sync::{oneshot, Mutex};
 
 use crate::view::{View, ViewCache};
 
-/// After a lost race, retries pick among this many of the lowest free addresses.
-const CONFLICT_SPREAD: u32 = 32;
+/// While an agent keeps losing races, it takes addresses from one of this many shares of the
+/// free addresses (chosen by its node name) instead of the lowest ones.
+const CONTENTION_SHARES: u32 = 16;
 
 /// How often a transaction is retried after a conflict before the caller is told to try again.
 const MAX_ATTEMPTS: u32 = 8;
@@ -89,6 +90,44 @@ pub struct IpamService {
     // only with other agents, which the store's compare-and-swap settles. The lock also
     // guards the cached view of the datastore.
     state: Mutex<ViewCache>,
+    queue: std::sync::Mutex<Vec<PendingAdd>>,
+}
+
+/// An ADD waiting to be served.
+struct PendingAdd {
+    pod: PodRef,
+    args: IpamAddArgs,
+    reply: oneshot::Sender<Result<IpamAddResponse>>,
+}
+
+/// An ADD ready to commit.
+struct Commit {
+    ops: Vec<Op>,
+    claimed: Vec<(String, IpAddr)>,
+    released: Vec<(String, IpAddr)>,
+    resp: IpamAddResponse,
+    reused: bool,
+}
+
+impl Commit {
+    fn log(&self, pod: &PodRef) {
+        tracing::info!(
+            pod = %pod.key(), container_id = %pod.container_id, nic = %pod.nic,
+            ips = ?self.resp.ips.iter().map(|i| (&i.address, &i.ip_pool)).collect::<Vec<_>>(),
+            reused = self.reused,
+            "allocated"
+        );
+    }
+}
+
+/// Where an ADD stands before its commit.
+enum Prepared {
+    /// Already answered (a repeated ADD).
+    Done(IpamAddResponse),
+    /// Ready to commit.
+    Commit(Commit),
+    /// Needs its own transactions; leave it out of the batch.
+    Alone,
 }
 
 /// One address chosen for one family.
@@ -263,6 +302,7 @@ impl IpamService {
             store,
             node,
             state: Mutex::new(ViewCache::default()),
+            queue: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -324,8 +364,35 @@ impl IpamService {
             &args.pod_namespace,
             &args.pod_name,
         )?;
-        let mut cache = self.state.lock().await;
-        retrying!("allocate", self.try_add(&pod, args, &mut cache))
+        // Group commit: the request joins the queue; whoever holds the lock serves everything
+        // queued so far in one transaction, so concurrent ADDs on this agent cost one commit.
+        let started = std::time::Instant::now();
+        let served = |r: Result<IpamAddResponse>| {
+            tracing::debug!(
+                elapsed_us = started.elapsed().as_micros() as u64,
+                ok = r.is_ok(),
+                "ADD served"
+            );
+            r
+        };
+        let (tx, mut rx) = oneshot::channel();
+        self.queue.lock().expect("queue lock").push(PendingAdd {
+            pod,
+            args: args.clone(),
+            reply: tx,
+        });
+        loop {
+            if let Ok(r) = rx.try_recv() {
+                return served(r);
+            }
+            let mut cache = self.state.lock().await;
+            if let Ok(r) = rx.try_recv() {
+                return served(r);
+            }
+            let batch: Vec<PendingAdd> =
+                std::mem::take(&mut *self.queue.lock().expect("queue lock"));
+            self.add_batch(batch, &mut cache).await;
+        }
     }
 
     /// Whether the pod belongs to a StatefulSet that still wants it (ordinal below `replicas`):
@@ -361,6 +428,37 @@ impl IpamService {
         args: &IpamAddArgs,
         cache: &mut ViewCache,
     ) -> Result<IpamAddResponse> {
+        match self.prepare_add(pod, args, cache, false).await? {
+            Prepared::Done(resp) => Ok(resp),
+            Prepared::Commit(mut c) => {
+                let revision = match self.store.commit(std::mem::take(&mut c.ops)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if matches!(e, StoreError::Conflict(_)) {
+                            cache.conflicted();
+                        }
+                        return Err(e.into());
+                    }
+                };
+                cache.settled();
+                cache.committed(revision, &c.claimed, &c.released);
+                c.log(pod);
+                Ok(c.resp)
+            }
+            Prepared::Alone => unreachable!("only batches defer"),
+        }
+    }
+
+    /// Everything of an ADD up to its commit: the ops to commit and the answer to give once
+    /// they are in. In a batch (`batched`), work that needs a commit of its own first (a stale
+    /// record to release) is deferred with [`Prepared::Alone`].
+    async fn prepare_add(
+        &self,
+        pod: &PodRef,
+        args: &IpamAddArgs,
+        cache: &mut ViewCache,
+        batched: bool,
+    ) -> Result<Prepared> {
         let store = self.store.as_ref();
         let key = pod.key();
         let pod_obj = typed::get(store, Kind::Pod, &key)
@@ -402,7 +500,7 @@ impl IpamService {
         if let Some((ep, rev)) = &ep_entry {
             if let Some(nic) = ep.status.current.iter().find(|n| n.interface == pod.nic) {
                 if nic.container_id == pod.container_id {
-                    return Ok(response_of(nic));
+                    return Ok(Prepared::Done(response_of(nic)));
                 }
             }
             // Otherwise the record belongs to an earlier incarnation of this pod or an earlier
@@ -423,6 +521,9 @@ impl IpamService {
                     .filter(|n| ep.status.uid != uid || n.interface == pod.nic)
                     .collect()
             };
+            if !stale.is_empty() && batched {
+                return Ok(Prepared::Alone);
+            }
             if !stale.is_empty() {
                 let mut kept = ep.clone();
                 kept.status.current.retain(|n| !stale.contains(&n));
@@ -469,8 +570,13 @@ impl IpamService {
         let multus_network =
             annotation::multus_network(&annotations, &pod.namespace, &pod.nic).map_err(in_pod)?;
 
-        let skip = cache.skip(&self.node.name, CONFLICT_SPREAD);
-        let view = cache.current(store).await?;
+        let slot = cache.slot(&self.node.name, CONTENTION_SHARES);
+        // A batch works on one view from start to commit, so its members' picks all stand.
+        let view = if batched {
+            cache.pinned(store).await?
+        } else {
+            cache.current(store).await?
+        };
         let (namespace_labels, namespace_annotations) =
             view.namespace(store, &pod.namespace).await?;
         let namespace_default = annotation::parse_namespace_default(
@@ -508,7 +614,7 @@ impl IpamService {
         };
         let pools = std::mem::take(&mut view.pools);
         let planned = self
-            .plan_claims(&req, &pools, view, &key, previous.as_ref(), skip)
+            .plan_claims(&req, &pools, view, &key, previous.as_ref(), slot)
             .await;
         view.pools = pools;
         let picks = planned?;
@@ -614,25 +720,110 @@ impl IpamService {
         ep.status.current.retain(|n| n.interface != pod.nic);
         ep.status.current.push(nic.clone());
         ops.push(endpoint_write(key.clone(), &ep, rev));
-        let revision = match self.store.commit(ops).await {
-            Ok(r) => r,
-            Err(e) => {
-                if matches!(e, StoreError::Conflict(_)) {
-                    cache.conflicted();
+        Ok(Prepared::Commit(Commit {
+            ops,
+            claimed,
+            released,
+            resp: response_of(&nic),
+            reused: previous.is_some(),
+        }))
+    }
+
+    /// Serves a batch of queued ADDs: their claims and endpoint records go into one
+    /// transaction (addresses picked one after the other on the same view, so they differ).
+    /// When that transaction loses a race, each request is retried on its own.
+    async fn add_batch(&self, batch: Vec<PendingAdd>, cache: &mut ViewCache) {
+        let mut pending = batch;
+        let mut alone = Vec::new();
+        let max_ops = self.store.max_ops();
+        // A batch that loses a race is prepared again on a fresh view: each round some agent's
+        // batch wins whole, so rounds are few even when every agent contends. A batch larger
+        // than one transaction may hold continues in the next round.
+        let mut attempt = 0;
+        while pending.len() > 1 && attempt < MAX_ATTEMPTS {
+            // Start each round on the current state.
+            if let Err(e) = cache.current(self.store.as_ref()).await {
+                let msg = e.to_string();
+                for p in pending.drain(..) {
+                    let _ = p
+                        .reply
+                        .send(Err(StoreError::Unavailable(msg.clone()).into()));
                 }
-                return Err(e.into());
+                break;
             }
-        };
-        cache.settled();
-        cache.committed(revision, &claimed, &released);
-        let resp = response_of(&nic);
-        tracing::info!(
-            pod = %key, container_id = %pod.container_id, nic = %pod.nic,
-            ips = ?resp.ips.iter().map(|i| (&i.address, &i.ip_pool)).collect::<Vec<_>>(),
-            reused = previous.is_some(),
-            "allocated"
-        );
-        Ok(resp)
+            let mut staged: Vec<(PendingAdd, Commit)> = Vec::new();
+            let mut staged_ops = 0;
+            let mut next = Vec::new();
+            let mut endpoints = HashSet::new();
+            for p in std::mem::take(&mut pending) {
+                if staged_ops >= max_ops / 2 {
+                    next.push(p);
+                    continue;
+                }
+                if !endpoints.insert(p.pod.key()) {
+                    alone.push(p); // one endpoint record per transaction
+                    continue;
+                }
+                match self.prepare_add(&p.pod, &p.args, cache, true).await {
+                    Ok(Prepared::Done(resp)) => {
+                        let _ = p.reply.send(Ok(resp));
+                    }
+                    Ok(Prepared::Commit(c)) if staged_ops + c.ops.len() > max_ops => next.push(p),
+                    Ok(Prepared::Commit(c)) => {
+                        staged_ops += c.ops.len();
+                        cache.stage(&c.claimed, &c.released);
+                        staged.push((p, c));
+                    }
+                    Ok(Prepared::Alone) | Err(ServiceError::Store(StoreError::Conflict(_))) => {
+                        alone.push(p)
+                    }
+                    Err(e) => {
+                        let _ = p.reply.send(Err(e));
+                    }
+                }
+            }
+            pending = next;
+            if staged.is_empty() {
+                break; // what is left (if anything) goes one by one below
+            }
+            let ops: Vec<Op> = staged
+                .iter()
+                .flat_map(|(_, c)| c.ops.iter().cloned())
+                .collect();
+            match self.store.commit(ops).await {
+                Ok(revision) => {
+                    cache.settled();
+                    cache.staged_committed(revision);
+                    tracing::debug!(requests = staged.len(), "committed a batch");
+                    for (p, c) in staged {
+                        c.log(&p.pod);
+                        let _ = p.reply.send(Ok(c.resp));
+                    }
+                }
+                Err(StoreError::Conflict(m)) => {
+                    attempt += 1;
+                    cache.conflicted();
+                    cache.invalidate();
+                    tracing::debug!(attempt, requests = staged.len(), conflict = %m, "batch: retrying after a conflict");
+                    pending.extend(staged.into_iter().map(|(p, _)| p));
+                    let jitter = u64::from(std::process::id() % 7) + u64::from(attempt);
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) + jitter)).await;
+                }
+                Err(e) => {
+                    cache.invalidate();
+                    let msg = e.to_string();
+                    for (p, _) in staged {
+                        let _ = p
+                            .reply
+                            .send(Err(StoreError::Unavailable(msg.clone()).into()));
+                    }
+                }
+            }
+        }
+        for p in pending.into_iter().chain(alone) {
+            let r = retrying!("allocate", self.try_add(&p.pod, &p.args, cache));
+            let _ = p.reply.send(r);
+        }
     }
 
     /// The plan for the request and, per family, the address to claim: the previous
@@ -645,7 +836,7 @@ impl IpamService {
         view: &mut View,
         pod: &str,
         previous: Option<&EndpointInterface>,
-        skip: u128,
+        slot: Option<(u32, u32)>,
     ) -> Result<Picks> {
         let plan = req.plan(pools)?;
         let kept: Vec<(String, IpAddr)> = previous.map(held).unwrap_or_default();
@@ -673,7 +864,7 @@ impl IpamService {
             for pool in &fp.pools {
                 view.load_held(self.store.as_ref(), &pool.name).await?;
                 let in_use = view.held(&pool.name);
-                if let Some(ip) = free_at(pool, &view.reserved, in_use, skip) {
+                if let Some(ip) = free_at(pool, &view.reserved, in_use, slot) {
                     found = Some(((*pool).clone(), ip));
                     break;
                 }

@@ -139,6 +139,16 @@ impl ViewCache {
         Ok(self.0.as_mut().expect("just filled"))
     }
 
+    /// The view as it is, without checking the revision (read afresh only when there is none):
+    /// for the members of one batch, which must all see each other's staged picks.
+    pub async fn pinned(&mut self, store: &dyn Store) -> Result<&mut View> {
+        if self.0.is_none() {
+            let now = store.revision().await?;
+            self.0 = Some(View::load(store, now).await?);
+        }
+        Ok(self.0.as_mut().expect("just filled"))
+    }
+
     /// Folds a commit of this agent into the view: kept only when `revision` shows that no
     /// other writer came in between, dropped otherwise.
     pub fn committed(
@@ -156,6 +166,20 @@ impl ViewCache {
         }
     }
 
+    /// Applies a batch member's claims and releases to the view before they are committed, so
+    /// the next member of the batch picks other addresses.
+    pub fn stage(&mut self, claimed: &[(String, IpAddr)], released: &[(String, IpAddr)]) {
+        if let Some(v) = &mut self.0 {
+            v.apply(claimed, released);
+        }
+    }
+
+    /// The staged batch was committed at `revision`: keep the view only when nobody else wrote
+    /// in between.
+    pub fn staged_committed(&mut self, revision: Revision) {
+        self.committed(revision, &[], &[]);
+    }
+
     /// Forgets the view (after a conflict or an error).
     pub fn invalidate(&mut self) {
         self.0 = None;
@@ -163,23 +187,24 @@ impl ViewCache {
 
     /// Notes that a commit lost a race against another writer.
     pub fn conflicted(&mut self) {
-        self.1 = self.1.saturating_add(1);
+        self.1 = self.1.saturating_add(2).min(16);
     }
 
-    /// Notes that a commit went through.
+    /// Notes that a commit went through: contention is forgotten gradually, so a busy agent
+    /// keeps to its share while the race lasts.
     pub fn settled(&mut self) {
-        self.1 = 0;
+        self.1 = self.1.saturating_sub(1);
     }
 
-    /// How far past the lowest free address to pick: 0 normally; after lost races, an offset
-    /// derived from `seed` (the node) and the number of lost races, below `spread`.
-    pub fn skip(&self, seed: &str, spread: u32) -> u128 {
+    /// Which of `shares` shares of the free addresses to take from while this agent keeps
+    /// losing races (derived from `seed`, the node); `None` when it does not.
+    pub fn slot(&self, seed: &str, shares: u32) -> Option<(u32, u32)> {
         if self.1 == 0 {
-            return 0;
+            return None;
         }
         let h = seed.bytes().fold(0xcbf29ce484222325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
         });
-        u128::from((h.wrapping_add(u64::from(self.1) * 7919) % u64::from(spread)) as u32)
+        Some(((h % u64::from(shares)) as u32, shares))
     }
 }

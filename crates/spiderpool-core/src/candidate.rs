@@ -483,17 +483,30 @@ pub fn affinity_strength(pool: &Pool) -> u8 {
 
 /// The lowest address of `pool` that is usable, not reserved and not in use.
 pub fn lowest_free(pool: &Pool, reserved: &IpSet, in_use: &IpSet) -> Option<IpAddr> {
-    free_at(pool, reserved, in_use, 0)
+    free_set(pool, reserved, in_use).first(pool.family)
 }
 
-/// The `skip`-th lowest free address of `pool` (or the highest free one when fewer are free).
-/// Retries after a conflict use a non-zero `skip` so that racing allocators spread over the
-/// lowest free addresses instead of colliding on the same one again.
-pub fn free_at(pool: &Pool, reserved: &IpSet, in_use: &IpSet, skip: u128) -> Option<IpAddr> {
-    pool.usable()
-        .difference(reserved)
-        .difference(in_use)
-        .nth_or_last(pool.family, skip)
+/// The free addresses of `pool`: usable, not reserved, not in use.
+pub fn free_set(pool: &Pool, reserved: &IpSet, in_use: &IpSet) -> IpSet {
+    pool.usable().difference(reserved).difference(in_use)
+}
+
+/// The address to take from `pool`: the lowest free one, or, for an allocator that keeps
+/// losing races (`slot` = `Some((i, n))`), the lowest free one of the `i`-th of `n` equal
+/// shares of the free addresses, so that racing allocators spread out instead of colliding
+/// on the same addresses again and again.
+pub fn free_at(
+    pool: &Pool,
+    reserved: &IpSet,
+    in_use: &IpSet,
+    slot: Option<(u32, u32)>,
+) -> Option<IpAddr> {
+    let free = free_set(pool, reserved, in_use);
+    let skip = match slot {
+        Some((i, n)) if n > 0 => free.len() / u128::from(n) * u128::from(i % n),
+        _ => 0,
+    };
+    free.nth_or_last(pool.family, skip)
 }
 
 #[cfg(test)]
@@ -753,6 +766,19 @@ mod tests {
         let mut req = on_node("n", "s");
         req.pod_ippool = Some(names(&["c", "a", "b"], &[]));
         assert_eq!(plan_names(&req.plan(&pools).unwrap()), [["c", "a", "b"]]);
+    }
+
+    #[test]
+    fn contended_allocators_take_from_their_share() {
+        let p = mk_pool("p", "10.6.0.0/16", &["10.6.0.0-10.6.0.99"]);
+        let used = IpSet::parse_list(&["10.6.0.0-10.6.0.9"], None).unwrap();
+        let none = IpSet::new();
+        let at = |slot| free_at(&p, &none, &used, slot).unwrap().to_string();
+        assert_eq!(at(None), "10.6.0.10");
+        assert_eq!(at(Some((0, 4))), "10.6.0.10");
+        assert_eq!(at(Some((1, 4))), "10.6.0.32");
+        assert_eq!(at(Some((3, 4))), "10.6.0.76");
+        assert_eq!(at(Some((7, 4))), "10.6.0.76", "slots wrap");
     }
 
     #[test]

@@ -23,6 +23,9 @@ use crate::{
     check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored,
 };
 
+/// etcd's default limit on the operations of one transaction (`--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
+
 /// How many keys one range request reads at a time.
 const PAGE: i64 = 1000;
 
@@ -374,12 +377,15 @@ impl Store for EtcdStore {
                             "{ip} of pool {pool} is already held"
                         )));
                     }
-                    guards.push(Guard {
-                        key: self.object_key(Kind::IPPool, &pool),
-                        expect: Expect::Revision(pool_revision),
-                        what: format!("spiderippools/{pool}"),
-                        address: false,
-                    });
+                    let pool_key = self.object_key(Kind::IPPool, &pool);
+                    if !guards.iter().any(|g| g.key == pool_key) {
+                        guards.push(Guard {
+                            key: pool_key,
+                            expect: Expect::Revision(pool_revision),
+                            what: format!("spiderippools/{pool}"),
+                            address: false,
+                        });
+                    }
                     guards.push(Guard {
                         key: k.clone(),
                         expect: match released.remove(&k) {
@@ -431,6 +437,11 @@ impl Store for EtcdStore {
             ));
         }
         Ok(resp.header().map_or(0, |h| h.revision()) as Revision)
+    }
+
+    fn max_ops(&self) -> usize {
+        // etcd's default --max-txn-ops, with room for the guards on pools.
+        MAX_TXN_OPS - 16
     }
 
     async fn revision(&self) -> Result<Option<Revision>> {

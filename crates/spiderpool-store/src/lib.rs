@@ -205,6 +205,10 @@ pub trait Store: Send + Sync + 'static {
     /// something that is exactly one above the revision before it, so a caller whose commit
     /// returns `r + 1` knows that nothing else was written since it saw `r`.
     async fn commit(&self, ops: Vec<Op>) -> Result<Revision>;
+    /// The most ops one [`Store::commit`] may carry (etcd caps transactions; 128 by default).
+    fn max_ops(&self) -> usize {
+        usize::MAX
+    }
     /// The revision of the last committed transaction. `None` when the backend has no single
     /// datastore-wide revision (callers must then not cache across calls).
     async fn revision(&self) -> Result<Option<Revision>>;
