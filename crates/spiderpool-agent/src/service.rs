@@ -381,18 +381,23 @@ impl IpamService {
             args: args.clone(),
             reply: tx,
         });
-        loop {
-            if let Ok(r) = rx.try_recv() {
-                return served(r);
-            }
-            let mut cache = self.state.lock().await;
-            if let Ok(r) = rx.try_recv() {
-                return served(r);
-            }
-            let batch: Vec<PendingAdd> =
-                std::mem::take(&mut *self.queue.lock().expect("queue lock"));
-            self.add_batch(batch, &mut cache).await;
+        let mut cache = self.state.lock().await;
+        // Whoever held the lock before may have served this request already; otherwise this
+        // request is still queued and this holder serves it along with the others.
+        if let Ok(r) = rx.try_recv() {
+            return served(r);
         }
+        let batch: Vec<PendingAdd> = std::mem::take(&mut *self.queue.lock().expect("queue lock"));
+        self.add_batch(batch, &mut cache).await;
+        drop(cache);
+        served(rx.try_recv().unwrap_or_else(|_| {
+            // A holder that was cancelled (its client went away) mid-batch dropped the reply;
+            // whatever it committed is recorded, and a retry gets the same answer.
+            Err(
+                StoreError::Unavailable("the request was abandoned while queued; try again".into())
+                    .into(),
+            )
+        }))
     }
 
     /// Whether the pod belongs to a StatefulSet that still wants it (ordinal below `replicas`):
