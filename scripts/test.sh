@@ -8,4 +8,7 @@ if [ "$(id -u)" = 0 ]; then
   # As root nothing may skip: a missing prerequisite fails the run.
   export SPIDERPOOL_E2E_REQUIRED=1
 fi
+# The tests drive the real binaries: build them all first (cargo test alone builds only the
+# binaries of packages that have integration tests).
+cargo build --workspace --bins --locked
 cargo test --workspace --locked

@@ -180,7 +180,34 @@ fn scale(label: &str, ds: &str, dir: &Path) {
     );
 }
 
+/// The harness's own floor: 1,000 `spiderpool` processes started at once that only answer
+/// VERSION (no agent, no datastore).
+fn floor() {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..1000)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let mut c = CniCall::new("VERSION", "x", "x", &json!({"cniVersion": "1.0.0"}));
+                c.container_id = None;
+                let t = Instant::now();
+                assert!(c.run().success);
+                t.elapsed()
+            })
+        })
+        .collect();
+    let mut lat: Vec<Duration> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let total = start.elapsed();
+    lat.sort();
+    println!(
+        "floor    1000 VERSION calls at once (no agent): total {}, p50 {}, p99 {}",
+        ms(total),
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99))
+    );
+}
+
 fn main() {
+    floor();
     let dir =
         tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")).unwrap();
     let sqlite = format!("sqlite://{}", dir.path().join("race.db").display());
