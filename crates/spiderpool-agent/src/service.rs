@@ -3,7 +3,7 @@
 //! commits the claims together with the pod's endpoint record in one compare-and-swap
 //! transaction, retrying a bounded number of times on conflicts with other agents.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,6 +119,9 @@ impl Commit {
         );
     }
 }
+
+/// A pod's Pod object and endpoint record, read ahead for a batch.
+type Prefetched = (Option<(Object, Revision)>, Option<(Object, Revision)>);
 
 /// Where an ADD stands before its commit.
 enum Prepared {
@@ -433,7 +436,7 @@ impl IpamService {
         args: &IpamAddArgs,
         cache: &mut ViewCache,
     ) -> Result<IpamAddResponse> {
-        match self.prepare_add(pod, args, cache, false).await? {
+        match self.prepare_add(pod, args, cache, false, None).await? {
             Prepared::Done(resp) => Ok(resp),
             Prepared::Commit(mut c) => {
                 let revision = match self.store.commit(std::mem::take(&mut c.ops)).await {
@@ -463,12 +466,23 @@ impl IpamService {
         args: &IpamAddArgs,
         cache: &mut ViewCache,
         batched: bool,
+        prefetched: Option<Prefetched>,
     ) -> Result<Prepared> {
         let store = self.store.as_ref();
         let key = pod.key();
-        let pod_obj = typed::get(store, Kind::Pod, &key)
-            .await?
-            .and_then(|(o, _)| kube_of(o));
+        let (pod_obj, ep_read) = match prefetched {
+            Some(p) => p,
+            None => {
+                let mut both = typed::get_many(
+                    store,
+                    &[(Kind::Pod, key.clone()), (Kind::Endpoint, key.clone())],
+                )
+                .await?
+                .into_iter();
+                (both.next().flatten(), both.next().flatten())
+            }
+        };
+        let pod_obj = pod_obj.and_then(|(o, _)| kube_of(o));
         let uid = [
             args.pod_uid.as_str(),
             pod_obj
@@ -496,9 +510,7 @@ impl IpamService {
             .stateful_member(&pod.namespace, &pod.name, &owner_kind, &owner_name)
             .await?;
 
-        let mut ep_entry = typed::get(store, Kind::Endpoint, &key)
-            .await?
-            .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)));
+        let mut ep_entry = ep_read.and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)));
         // This NIC's record from an earlier sandbox of a StatefulSet member: its addresses are
         // handed over if their pools are still candidates.
         let mut previous = None;
@@ -756,6 +768,22 @@ impl IpamService {
                 }
                 break;
             }
+            // The pod and endpoint of every member, read in one round trip.
+            let keys: Vec<(Kind, String)> = pending
+                .iter()
+                .flat_map(|p| [(Kind::Pod, p.pod.key()), (Kind::Endpoint, p.pod.key())])
+                .collect();
+            let mut prefetched: HashMap<String, Prefetched> =
+                match typed::get_many(self.store.as_ref(), &keys).await {
+                    Ok(read) => {
+                        let mut it = read.into_iter();
+                        pending
+                            .iter()
+                            .map(|p| (p.pod.key(), (it.next().flatten(), it.next().flatten())))
+                            .collect()
+                    }
+                    Err(_) => HashMap::new(), // each member reads for itself
+                };
             let mut staged: Vec<(PendingAdd, Commit)> = Vec::new();
             let mut staged_ops = 0;
             let mut next = Vec::new();
@@ -769,7 +797,8 @@ impl IpamService {
                     alone.push(p); // one endpoint record per transaction
                     continue;
                 }
-                match self.prepare_add(&p.pod, &p.args, cache, true).await {
+                let pre = prefetched.remove(&p.pod.key());
+                match self.prepare_add(&p.pod, &p.args, cache, true, pre).await {
                     Ok(Prepared::Done(resp)) => {
                         let _ = p.reply.send(Ok(resp));
                     }

@@ -261,6 +261,30 @@ impl Store for EtcdStore {
             .transpose()
     }
 
+    async fn get_many(&self, keys: &[(Kind, String)]) -> Result<Vec<Option<Stored>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(MAX_TXN_OPS) {
+            let reads: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(kind, key)| TxnOp::get(self.object_key(*kind, key), None))
+                .collect();
+            let resp = self.kv_txn(Txn::new().and_then(reads)).await?;
+            for ((kind, _), r) in chunk.iter().zip(resp.op_responses()) {
+                let etcd_client::TxnOpResponse::Get(get) = r else {
+                    out.push(None);
+                    continue;
+                };
+                out.push(
+                    get.kvs()
+                        .first()
+                        .map(|kv| self.parse_object(*kind, kv))
+                        .transpose()?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
     async fn list(&self, kind: Kind) -> Result<Vec<Stored>> {
         let mut out = Vec::new();
         for kv in self.range(&self.kind_prefix(kind), false).await? {

@@ -183,6 +183,15 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub trait Store: Send + Sync + 'static {
     /// One object.
     async fn get(&self, kind: Kind, key: &str) -> Result<Option<Stored>>;
+    /// Several objects in one round trip where the backend can (etcd: one transaction of
+    /// reads); the answers are in the order of `keys`.
+    async fn get_many(&self, keys: &[(Kind, String)]) -> Result<Vec<Option<Stored>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for (kind, key) in keys {
+            out.push(self.get(*kind, key).await?);
+        }
+        Ok(out)
+    }
     /// Every object of a kind, ordered by key. Values that cannot be read are logged with their
     /// key and skipped.
     async fn list(&self, kind: Kind) -> Result<Vec<Stored>>;

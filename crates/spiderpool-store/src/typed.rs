@@ -23,6 +23,20 @@ pub async fn get(store: &dyn Store, kind: Kind, key: &str) -> Result<Option<(Obj
         .transpose()
 }
 
+/// Several objects, each with its revision, in one round trip where the backend can.
+pub async fn get_many(
+    store: &dyn Store,
+    keys: &[(Kind, String)],
+) -> Result<Vec<Option<(Object, Revision)>>> {
+    store
+        .get_many(keys)
+        .await?
+        .into_iter()
+        .zip(keys)
+        .map(|(s, (kind, _))| s.map(|s| decode(*kind, s)).transpose())
+        .collect()
+}
+
 /// Every object of a kind with its revision. Objects that do not decode are logged with their
 /// key and skipped.
 pub async fn list(store: &dyn Store, kind: Kind) -> Result<Vec<(Object, Revision)>> {
