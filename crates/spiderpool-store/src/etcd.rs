@@ -20,7 +20,8 @@ use etcd_client::{
 };
 
 use crate::{
-    check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored,
+    check, skip_unreadable, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store,
+    StoreError, Stored,
 };
 
 /// etcd's default limit on the operations of one transaction (`--max-txn-ops`).
@@ -286,25 +287,19 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, kind: Kind) -> Result<Vec<Stored>> {
-        let mut out = Vec::new();
-        for kv in self.range(&self.kind_prefix(kind), false).await? {
-            match self.parse_object(kind, &kv) {
-                Ok(s) => out.push(s),
-                Err(e) => tracing::error!(error = %e, "skipping unreadable object"),
-            }
-        }
-        Ok(out)
+        let kvs = self.range(&self.kind_prefix(kind), false).await?;
+        Ok(skip_unreadable(
+            kvs.iter().map(|kv| self.parse_object(kind, kv)),
+            "object",
+        ))
     }
 
     async fn allocations(&self, pool: &str) -> Result<Vec<Allocation>> {
-        let mut out = Vec::new();
-        for kv in self.range(&self.pool_prefix(pool), false).await? {
-            match self.parse_allocation(pool, &kv) {
-                Ok(a) => out.push(a),
-                Err(e) => tracing::error!(error = %e, "skipping unreadable allocation"),
-            }
-        }
-        Ok(out)
+        let kvs = self.range(&self.pool_prefix(pool), false).await?;
+        Ok(skip_unreadable(
+            kvs.iter().map(|kv| self.parse_allocation(pool, kv)),
+            "allocation",
+        ))
     }
 
     async fn held_ips(&self, pool: &str) -> Result<Vec<IpAddr>> {

@@ -175,6 +175,18 @@ pub(crate) fn check(expect: Expect, current: Option<Revision>, what: &str) -> Re
     }
 }
 
+/// Keeps what could be read; reports what could not (the error names its key) and skips it,
+/// so one corrupt value never takes the rest down.
+pub(crate) fn skip_unreadable<T>(items: impl IntoIterator<Item = Result<T>>, what: &str) -> Vec<T> {
+    items
+        .into_iter()
+        .filter_map(|r| {
+            r.map_err(|e| tracing::error!(error = %e, "skipping an unreadable {what}"))
+                .ok()
+        })
+        .collect()
+}
+
 /// Result of a store call.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 

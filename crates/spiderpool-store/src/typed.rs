@@ -40,14 +40,11 @@ pub async fn get_many(
 /// Every object of a kind with its revision. Objects that do not decode are logged with their
 /// key and skipped.
 pub async fn list(store: &dyn Store, kind: Kind) -> Result<Vec<(Object, Revision)>> {
-    let mut out = Vec::new();
-    for s in store.list(kind).await? {
-        match decode(kind, s) {
-            Ok(o) => out.push(o),
-            Err(e) => tracing::error!(error = %e, "skipping unreadable object"),
-        }
-    }
-    Ok(out)
+    let stored = store.list(kind).await?;
+    Ok(crate::skip_unreadable(
+        stored.into_iter().map(|s| decode(kind, s)),
+        "object",
+    ))
 }
 
 /// The JSON to store for `o`: `resourceVersion` is the store's business, not the value's.
