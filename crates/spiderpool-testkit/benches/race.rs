@@ -37,7 +37,8 @@ fn add(socket: &Path, pool: &str, i: usize) -> (bool, Duration) {
     (out.success, t.elapsed())
 }
 
-fn race(label: &str, ds: &str, dir: &Path) {
+/// `pace`: `None` starts every pod at once; `Some(d)` starts one every `d`.
+fn race(label: &str, ds: &str, dir: &Path, pace: Option<Duration>) {
     assert!(ctl(ds, &["apply", "-f", "-"], POOL_1000).success);
     let agents: Vec<Agent> = (0..10)
         .map(|i| {
@@ -54,7 +55,11 @@ fn race(label: &str, ds: &str, dir: &Path) {
     let threads: Vec<_> = (0..1000)
         .map(|i| {
             let s = sockets[i % 10].clone();
-            std::thread::spawn(move || add(&s, "race", i))
+            let at = start + pace.unwrap_or_default() * i as u32;
+            std::thread::spawn(move || {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                add(&s, "race", i)
+            })
         })
         .collect();
     let results: Vec<(bool, Duration)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
@@ -63,6 +68,11 @@ fn race(label: &str, ds: &str, dir: &Path) {
     let mut lat: Vec<Duration> = results.iter().map(|(_, d)| *d).collect();
     lat.sort();
     let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
+    if let Ok(keep) = std::env::var("SPIDERPOOL_BENCH_KEEP") {
+        for (i, l) in logs.iter().enumerate() {
+            std::fs::write(format!("{keep}/{label}-{i}.log"), l).unwrap();
+        }
+    }
     let conflicts: usize = logs
         .iter()
         .map(|l| l.matches("retrying after a conflict").count())
@@ -96,7 +106,7 @@ fn race(label: &str, ds: &str, dir: &Path) {
         })
         .collect();
     println!(
-        "{label:<8} 1000 pods / 1000 addresses / 10 agents: total {}, ADD p50 {}, p99 {} (inside the agent: p50 {}, p99 {}), failures {failures}, allocated {}, conflict retries {conflicts}, batches {} holding {} ADDs",
+        "{label:<10} 1000 pods / 1000 addresses / 10 agents: total {}, ADD p50 {}, p99 {} (inside the agent: p50 {}, p99 {}), failures {failures}, allocated {}, conflict retries {conflicts}, batches {} holding {} ADDs",
         ms(total),
         ms(pct(&lat, 0.5)),
         ms(pct(&lat, 0.99)),
@@ -211,10 +221,17 @@ fn main() {
     let dir =
         tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")).unwrap();
     let sqlite = format!("sqlite://{}", dir.path().join("race.db").display());
-    race("sqlite", &sqlite, dir.path());
+    race("sqlite", &sqlite, dir.path(), None);
     if etcd_available() {
         let etcd = Etcd::single();
-        race("etcd", &etcd.datastore("/race"), dir.path());
+        race("etcd", &etcd.datastore("/race"), dir.path(), None);
+        // The same race with pods arriving at 250 per second instead of all at once.
+        race(
+            "etcd-paced",
+            &etcd.datastore("/paced"),
+            dir.path(),
+            Some(Duration::from_millis(4)),
+        );
         scale("etcd", &etcd.datastore("/scale"), dir.path());
     }
     let sqlite_scale = format!("sqlite://{}", dir.path().join("scale.db").display());
