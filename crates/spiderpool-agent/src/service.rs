@@ -309,11 +309,6 @@ impl IpamService {
         }
     }
 
-    /// The datastore.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
     /// Creates or updates this agent's Node object: labels from `--node-labels` are set, other
     /// labels are kept.
     pub async fn register_node(&self) -> Result<()> {

@@ -37,19 +37,6 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Every kind.
-    pub const ALL: [Kind; 9] = [
-        Kind::IPPool,
-        Kind::Subnet,
-        Kind::ReservedIP,
-        Kind::Endpoint,
-        Kind::Node,
-        Kind::Namespace,
-        Kind::Pod,
-        Kind::Workload,
-        Kind::NetworkAttachment,
-    ];
-
     /// The resource name (plural, lower case) used as the datastore's key space.
     pub fn resource(self) -> &'static str {
         match self {

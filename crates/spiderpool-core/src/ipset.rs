@@ -364,11 +364,6 @@ impl IpSet {
         }
     }
 
-    /// Whether every address of `other` is in `self`.
-    pub fn is_superset(&self, other: &IpSet) -> bool {
-        other.difference(self).is_empty()
-    }
-
     /// How many addresses the set holds (saturating).
     pub fn len(&self) -> u128 {
         self.v4.len().saturating_add(self.v6.len())

@@ -297,37 +297,31 @@ fn s(v: Option<impl ToString>) -> String {
 
 fn table(kind: Kind, items: &[Object], wide: bool) -> String {
     let mut rows: Vec<Vec<String>> = Vec::new();
-    let header: Vec<&str> = match (kind, wide) {
-        (Kind::IPPool, false) => vec![
-            "NAME",
-            "VERSION",
-            "SUBNET",
-            "ALLOCATED-IP-COUNT",
-            "TOTAL-IP-COUNT",
-            "DEFAULT",
-            "DISABLE",
-        ],
-        (Kind::IPPool, true) => vec![
-            "NAME",
-            "VERSION",
-            "SUBNET",
-            "ALLOCATED-IP-COUNT",
-            "TOTAL-IP-COUNT",
-            "DEFAULT",
-            "DISABLE",
-            "NODENAME",
-            "MULTUSNAME",
-            "APP-NAMESPACE",
-        ],
-        (Kind::Subnet, _) => vec![
+    let header: Vec<&str> = match kind {
+        Kind::IPPool => {
+            let mut h = vec![
+                "NAME",
+                "VERSION",
+                "SUBNET",
+                "ALLOCATED-IP-COUNT",
+                "TOTAL-IP-COUNT",
+                "DEFAULT",
+                "DISABLE",
+            ];
+            if wide {
+                h.extend(["NODENAME", "MULTUSNAME", "APP-NAMESPACE"]);
+            }
+            h
+        }
+        Kind::Subnet => vec![
             "NAME",
             "VERSION",
             "SUBNET",
             "ALLOCATED-IP-COUNT",
             "TOTAL-IP-COUNT",
         ],
-        (Kind::ReservedIP, _) => vec!["NAME", "VERSION", "IPS"],
-        (Kind::Endpoint, _) => vec![
+        Kind::ReservedIP => vec!["NAME", "VERSION", "IPS"],
+        Kind::Endpoint => vec![
             "NAMESPACE",
             "NAME",
             "INTERFACE",
@@ -337,10 +331,10 @@ fn table(kind: Kind, items: &[Object], wide: bool) -> String {
             "IPV6",
             "NODE",
         ],
-        (Kind::Node | Kind::Namespace, _) => vec!["NAME", "LABELS"],
-        (Kind::Pod, _) => vec!["NAMESPACE", "NAME", "NODE", "UID"],
-        (Kind::Workload, _) => vec!["NAMESPACE", "KIND", "NAME", "REPLICAS"],
-        (Kind::NetworkAttachment, _) => vec!["NAMESPACE", "NAME"],
+        Kind::Node | Kind::Namespace => vec!["NAME", "LABELS"],
+        Kind::Pod => vec!["NAMESPACE", "NAME", "NODE", "UID"],
+        Kind::Workload => vec!["NAMESPACE", "KIND", "NAME", "REPLICAS"],
+        Kind::NetworkAttachment => vec!["NAMESPACE", "NAME"],
     };
     rows.push(header.iter().map(|h| h.to_string()).collect());
     for o in items {
