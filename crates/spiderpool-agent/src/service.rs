@@ -302,9 +302,9 @@ impl IpamService {
     /// A service over `store` for the node `node`.
     pub fn new(store: Arc<dyn Store>, node: NodeIdentity) -> Self {
         IpamService {
+            state: Mutex::new(ViewCache::following(store.clone())),
             store,
             node,
-            state: Mutex::new(ViewCache::default()),
             queue: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -438,7 +438,9 @@ impl IpamService {
                     Ok(r) => r,
                     Err(e) => {
                         if matches!(e, StoreError::Conflict(_)) {
-                            cache.conflicted();
+                            // The view missed what beat this commit: read it afresh.
+                            cache.conflicted(e.is_address_taken());
+                            cache.invalidate();
                         }
                         return Err(e.into());
                     }
@@ -829,11 +831,11 @@ impl IpamService {
                         let _ = p.reply.send(Ok(c.resp));
                     }
                 }
-                Err(StoreError::Conflict(m)) => {
+                Err(e @ StoreError::Conflict(_)) => {
                     attempt += 1;
-                    cache.conflicted();
+                    cache.conflicted(e.is_address_taken());
                     cache.invalidate();
-                    tracing::debug!(attempt, requests = staged.len(), conflict = %m, "batch: retrying after a conflict");
+                    tracing::debug!(attempt, requests = staged.len(), conflict = %e, "batch: retrying after a conflict");
                     pending.extend(staged.into_iter().map(|(p, _)| p));
                     let jitter = u64::from(std::process::id() % 7) + u64::from(attempt);
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt) + jitter)).await;

@@ -1,20 +1,37 @@
 //! The agent's cached picture of what allocation reads: validated pools, reserved addresses,
-//! the addresses held per pool, node and namespace labels. It is tagged with the datastore
-//! revision it was read at and reused only while that revision is current; the agent's own
-//! commits are folded in when their revision shows nobody else wrote in between. So a busy
-//! agent does not re-read every pool's holders per request, and the cost of an ADD does not
-//! grow with the number of addresses held.
+//! the addresses held per pool, node and namespace labels. So a busy agent does not re-read
+//! every pool's holders per request, and the cost of an ADD does not grow with the number of
+//! addresses held.
+//!
+//! Where the datastore can watch (etcd), a background task follows every change to the
+//! allocations and to the objects the view is made of, and each request first folds in what
+//! arrived since the last one: the view stays current without a round trip, and other agents'
+//! claims and releases cost no re-read. Elsewhere (SQLite) the view is tagged with the
+//! datastore revision it was read at and reused only while that revision is current; the
+//! agent's own commits are folded in when their revision shows nobody else wrote in between.
+//! Either way the view is only a good guess: every claim is a compare-and-swap, so a view that
+//! lags behind costs a retry, never a duplicate.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use spiderpool_api::Object;
 use spiderpool_core::{IpSet, Labels, Pool};
-use spiderpool_store::{typed, Kind, Result, Revision, Store};
+use spiderpool_store::{typed, Change, Kind, Result, Revision, Store};
+
+/// The object kinds a view is made of: a change to one of them means reading the view afresh.
+const VIEWED: [Kind; 4] = [Kind::IPPool, Kind::ReservedIP, Kind::Namespace, Kind::Node];
+
+/// How long a watched view is trusted before it is read afresh anyway: a watch that stalls
+/// without an error (a half-open connection) cannot keep the view stale for longer.
+const MAX_WATCHED_AGE: Duration = Duration::from_secs(10);
 
 /// What allocation reads, as of one revision.
 pub struct View {
     revision: Option<Revision>,
+    loaded: Instant,
     /// Every valid pool.
     pub pools: Vec<Pool>,
     /// Revision of each pool object (claims are guarded by it).
@@ -52,6 +69,7 @@ impl View {
         }
         Ok(View {
             revision,
+            loaded: Instant::now(),
             pools,
             pool_revs,
             reserved,
@@ -108,98 +126,289 @@ impl View {
         Ok(labels)
     }
 
+    /// Marks `ip` of `pool` held or free, if the view has that pool's holders.
+    fn set_held(&mut self, pool: &str, ip: IpAddr, held: bool) {
+        if let Some(set) = self.held.get_mut(pool) {
+            let one = IpSet::from_ips([ip]);
+            *set = if held {
+                set.union(&one)
+            } else {
+                set.difference(&one)
+            };
+        }
+    }
+
     /// Releases first, then claims: the order of a transaction that hands an address over.
     fn apply(&mut self, claimed: &[(String, IpAddr)], released: &[(String, IpAddr)]) {
         for (pool, ip) in released {
-            if let Some(set) = self.held.get_mut(pool) {
-                *set = set.difference(&IpSet::from_ips([*ip]));
-            }
+            self.set_held(pool, *ip, false);
         }
         for (pool, ip) in claimed {
-            if let Some(set) = self.held.get_mut(pool) {
-                *set = set.union(&IpSet::from_ips([*ip]));
+            self.set_held(pool, *ip, true);
+        }
+    }
+}
+
+/// What a datastore watch reported and the view has not folded in yet.
+#[derive(Default)]
+struct Feed {
+    /// A watch is running: while it does, the view needs no revision check.
+    live: bool,
+    /// The watch started (again): a view read before cannot be kept.
+    restarted: bool,
+    /// The latest state of each address that changed: held or not, and the revision.
+    allocations: HashMap<(String, IpAddr), (bool, Revision)>,
+    /// An object of a [`VIEWED`] kind changed.
+    objects: bool,
+}
+
+impl Feed {
+    fn merge(&mut self, changes: Vec<Change>) {
+        for c in changes {
+            match c {
+                Change::Allocation {
+                    pool,
+                    ip,
+                    held,
+                    revision,
+                } => {
+                    tracing::debug!(%pool, %ip, held, revision, "an address changed");
+                    self.allocations.insert((pool, ip), (held, revision));
+                }
+                Change::Object {
+                    kind,
+                    key,
+                    revision,
+                } => {
+                    tracing::debug!(object = %format!("{kind}/{key}"), revision, "a viewed object changed; the view will be read afresh");
+                    self.objects = true;
+                }
             }
         }
     }
 }
 
-/// The cached view, if any, and how contended the last allocations were.
+/// Follows the datastore's changes into `feed` for as long as the agent runs; returns at once
+/// when the backend cannot watch. A watch that ends is started again from the current
+/// revision, and the view is then read afresh.
+async fn follow(store: Arc<dyn Store>, feed: Arc<Mutex<Feed>>) {
+    const BACKOFF: Duration = Duration::from_millis(100);
+    let mut backoff = BACKOFF;
+    loop {
+        let started = async {
+            match store.revision().await? {
+                Some(after) => store.watch(after, &VIEWED).await,
+                None => Ok(None),
+            }
+        };
+        match started.await {
+            Ok(None) => return,
+            Ok(Some(mut changes)) => {
+                {
+                    let mut f = feed.lock().expect("feed lock");
+                    *f = Feed {
+                        live: true,
+                        restarted: true,
+                        ..Feed::default()
+                    };
+                }
+                tracing::debug!("following the datastore's changes");
+                backoff = BACKOFF;
+                while let Some(batch) = changes.recv().await {
+                    match batch {
+                        Ok(c) => feed.lock().expect("feed lock").merge(c),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the datastore watch ended; watching again");
+                            break;
+                        }
+                    }
+                }
+                feed.lock().expect("feed lock").live = false;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch the datastore; trying again"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The cached view, if any, how contended the last allocations were, and what keeps the view
+/// current.
 #[derive(Default)]
-pub struct ViewCache(Option<View>, u32);
+pub struct ViewCache {
+    view: Option<View>,
+    contention: u32,
+    /// Filled by the watch, where the datastore has one.
+    feed: Option<Arc<Mutex<Feed>>>,
+    /// This agent's own commits that the watch has not reported yet, with their revisions:
+    /// older reports of those addresses are out of date.
+    local: HashMap<(String, IpAddr), Revision>,
+    /// The addresses the batch being prepared has staged.
+    staged: Vec<(String, IpAddr)>,
+}
 
 impl ViewCache {
-    /// The view as of the datastore's current revision, reusing the cached one when it is
-    /// still current.
-    pub async fn current(&mut self, store: &dyn Store) -> Result<&mut View> {
-        let now = store.revision().await?;
-        let fresh = matches!((&self.0, now), (Some(v), Some(r)) if v.revision == Some(r));
-        if !fresh {
-            self.0 = Some(View::load(store, now).await?);
+    /// A cache kept current by following `store`'s changes, where it can watch. Must be called
+    /// inside the agent's runtime.
+    pub fn following(store: Arc<dyn Store>) -> Self {
+        let feed = Arc::new(Mutex::new(Feed::default()));
+        tokio::spawn(follow(store, feed.clone()));
+        ViewCache {
+            feed: Some(feed),
+            ..ViewCache::default()
         }
-        Ok(self.0.as_mut().expect("just filled"))
+    }
+
+    /// Folds in what the watch reported since the last call. False when no watch is live (the
+    /// view must then be checked against the datastore's revision).
+    fn drain(&mut self) -> bool {
+        let Some(feed) = &self.feed else {
+            return false;
+        };
+        let mut f = feed.lock().expect("feed lock");
+        if !f.live {
+            return false;
+        }
+        let aged = self
+            .view
+            .as_ref()
+            .is_some_and(|v| v.loaded.elapsed() > MAX_WATCHED_AGE);
+        if std::mem::take(&mut f.restarted) | std::mem::take(&mut f.objects) | aged {
+            self.view = None;
+        }
+        let allocations = std::mem::take(&mut f.allocations);
+        drop(f);
+        let Some(v) = &mut self.view else {
+            return true;
+        };
+        for ((pool, ip), (held, revision)) in allocations {
+            // What the view was read at already includes this change.
+            if v.revision.is_some_and(|r| revision <= r) {
+                continue;
+            }
+            let key = (pool, ip);
+            match self.local.get(&key) {
+                Some(&mine) if revision < mine => continue,
+                Some(_) => {
+                    self.local.remove(&key);
+                }
+                None => {}
+            }
+            v.set_held(&key.0, ip, held);
+        }
+        true
+    }
+
+    /// Whether the view is kept current by a watch.
+    fn watched(&self) -> bool {
+        self.feed
+            .as_ref()
+            .is_some_and(|f| f.lock().expect("feed lock").live)
+    }
+
+    async fn reload(&mut self, store: &dyn Store) -> Result<&mut View> {
+        let now = store.revision().await?;
+        self.local.clear();
+        Ok(self.view.insert(View::load(store, now).await?))
+    }
+
+    /// The view as of now: with a watch, the cached one with what the watch reported folded
+    /// in; otherwise the cached one only while the datastore's revision has not moved.
+    pub async fn current(&mut self, store: &dyn Store) -> Result<&mut View> {
+        if self.drain() {
+            return match self.view {
+                Some(ref mut v) => Ok(v),
+                None => self.reload(store).await,
+            };
+        }
+        let now = store.revision().await?;
+        let fresh = now.is_some() && self.view.as_ref().is_some_and(|v| v.revision == now);
+        if !fresh {
+            self.view = Some(View::load(store, now).await?);
+        }
+        Ok(self.view.as_mut().expect("just filled"))
     }
 
     /// The view as it is, without checking the revision (read afresh only when there is none):
     /// for the members of one batch, which must all see each other's staged picks.
     pub async fn pinned(&mut self, store: &dyn Store) -> Result<&mut View> {
-        if self.0.is_none() {
-            let now = store.revision().await?;
-            self.0 = Some(View::load(store, now).await?);
+        match self.view {
+            Some(ref mut v) => Ok(v),
+            None => self.reload(store).await,
         }
-        Ok(self.0.as_mut().expect("just filled"))
     }
 
-    /// Folds a commit of this agent into the view: kept only when `revision` shows that no
-    /// other writer came in between, dropped otherwise.
+    /// Folds a commit of this agent into the view. Without a watch it is kept only when
+    /// `revision` shows that no other writer came in between, and dropped otherwise.
     pub fn committed(
         &mut self,
         revision: Revision,
         claimed: &[(String, IpAddr)],
         released: &[(String, IpAddr)],
     ) {
-        match &mut self.0 {
+        let watched = self.watched();
+        match &mut self.view {
+            Some(v) if watched => {
+                v.apply(claimed, released);
+                for key in claimed.iter().chain(released) {
+                    self.local.insert(key.clone(), revision);
+                }
+            }
             Some(v) if v.revision.is_some_and(|r| r + 1 == revision) => {
                 v.apply(claimed, released);
                 v.revision = Some(revision);
             }
-            _ => self.0 = None,
+            _ => self.view = None,
         }
     }
 
     /// Applies a batch member's claims and releases to the view before they are committed, so
     /// the next member of the batch picks other addresses.
     pub fn stage(&mut self, claimed: &[(String, IpAddr)], released: &[(String, IpAddr)]) {
-        if let Some(v) = &mut self.0 {
+        if let Some(v) = &mut self.view {
             v.apply(claimed, released);
+            self.staged.extend(claimed.iter().chain(released).cloned());
         }
     }
 
-    /// The staged batch was committed at `revision`: keep the view only when nobody else wrote
-    /// in between.
+    /// The staged batch was committed at `revision`: its picks stand in the view (without a
+    /// watch, only when nobody else wrote in between).
     pub fn staged_committed(&mut self, revision: Revision) {
-        self.committed(revision, &[], &[]);
+        let staged = std::mem::take(&mut self.staged);
+        if self.watched() {
+            if self.view.is_some() {
+                self.local
+                    .extend(staged.into_iter().map(|key| (key, revision)));
+            }
+        } else {
+            self.committed(revision, &[], &[]);
+        }
     }
 
     /// Forgets the view (after a conflict or an error).
     pub fn invalidate(&mut self) {
-        self.0 = None;
+        self.view = None;
+        self.staged.clear();
     }
 
-    /// Notes that a commit lost a race against another writer.
-    pub fn conflicted(&mut self) {
-        self.1 = self.1.saturating_add(2).min(16);
+    /// Notes that a commit lost a race against another writer: with `address_taken`, a race
+    /// for an address, which counts towards contention (a changed object does not).
+    pub fn conflicted(&mut self, address_taken: bool) {
+        if address_taken {
+            self.contention = self.contention.saturating_add(2).min(16);
+        }
     }
 
     /// Notes that a commit went through: contention is forgotten gradually, so a busy agent
     /// keeps to its share while the race lasts.
     pub fn settled(&mut self) {
-        self.1 = self.1.saturating_sub(1);
+        self.contention = self.contention.saturating_sub(1);
     }
 
     /// Which of `shares` shares of the free addresses to take from while this agent keeps
     /// losing races (derived from `seed`, the node); `None` when it does not.
     pub fn slot(&self, seed: &str, shares: u32) -> Option<(u32, u32)> {
-        if self.1 == 0 {
+        if self.contention == 0 {
             return None;
         }
         let h = seed.bytes().fold(0xcbf29ce484222325u64, |h, b| {

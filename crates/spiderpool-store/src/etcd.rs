@@ -16,12 +16,13 @@ use async_trait::async_trait;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, KeyValue, Txn, TxnOp,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, GetResponse, KeyValue, Txn,
+    TxnOp, WatchOptions,
 };
 
 use crate::{
-    check, skip_unreadable, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store,
-    StoreError, Stored,
+    check, skip_unreadable, Allocation, Change, Changes, Expect, Holder, Kind, Op, Result,
+    Revision, Store, StoreError, Stored, HELD,
 };
 
 /// etcd's default limit on the operations of one transaction (`--max-txn-ops`).
@@ -224,6 +225,46 @@ impl EtcdStore {
     }
 }
 
+/// Turns the events of one watch response into changes: addresses under
+/// `<prefix>/allocations/`, objects of `kinds` under `<prefix>/objects/`.
+fn changes_of(prefix: &str, kinds: &[Kind], events: &[etcd_client::Event]) -> Vec<Change> {
+    let allocations = format!("{prefix}/allocations/");
+    let objects = format!("{prefix}/objects/");
+    let mut out = Vec::with_capacity(events.len());
+    for ev in events {
+        let Some(kv) = ev.kv() else { continue };
+        let key = String::from_utf8_lossy(kv.key());
+        let revision = kv.mod_revision() as Revision;
+        if let Some(rest) = key.strip_prefix(&allocations) {
+            match rest
+                .split_once('/')
+                .map(|(p, ip)| (p, ip.parse::<IpAddr>()))
+            {
+                Some((pool, Ok(ip))) => out.push(Change::Allocation {
+                    pool: pool.to_string(),
+                    ip,
+                    held: ev.event_type() == EventType::Put,
+                    revision,
+                }),
+                _ => tracing::error!(key = %key, "watch: skipping a key that names no address"),
+            }
+        } else if let Some(rest) = key.strip_prefix(&objects) {
+            let kind = kinds.iter().find_map(|k| {
+                let key = rest.strip_prefix(k.resource())?.strip_prefix('/')?;
+                Some((*k, key))
+            });
+            if let Some((kind, key)) = kind {
+                out.push(Change::Object {
+                    kind,
+                    key: key.to_string(),
+                    revision,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// One condition of a transaction: the etcd key, what it must be, and how to name it.
 struct Guard {
     key: String,
@@ -392,9 +433,7 @@ impl Store for EtcdStore {
                 } => {
                     let k = self.alloc_key(&pool, &ip);
                     if !claimed.insert(k.clone()) {
-                        return Err(StoreError::Conflict(format!(
-                            "{ip} of pool {pool} is already held"
-                        )));
+                        return Err(StoreError::held(&ip, &pool));
                     }
                     let pool_key = self.object_key(Kind::IPPool, &pool);
                     if !guards.iter().any(|g| g.key == pool_key) {
@@ -447,7 +486,7 @@ impl Store for EtcdStore {
                 };
                 let current = get.kvs().first().map(|kv| kv.mod_revision() as Revision);
                 if g.address && current.is_some() && g.expect == Expect::Absent {
-                    return Err(StoreError::Conflict(format!("{} is already held", g.what)));
+                    return Err(StoreError::Conflict(format!("{} {HELD}", g.what)));
                 }
                 check(g.expect, current, &g.what)?;
             }
@@ -475,5 +514,62 @@ impl Store for EtcdStore {
 
     async fn ping(&self) -> Result<()> {
         self.revision().await.map(|_| ())
+    }
+
+    async fn watch(&self, after: Revision, kinds: &[Kind]) -> Result<Option<Changes>> {
+        // One watch stream carrying a watch on the allocations and one per object kind, all
+        // from the same revision, so together they miss nothing after `after`.
+        let from = || {
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(after as i64 + 1)
+        };
+        let allocations = format!("{}/allocations/", self.prefix);
+        let mut stream = self
+            .call(|mut c| {
+                let (key, opts) = (allocations.clone(), from());
+                async move { c.watch(key, Some(opts)).await }
+            })
+            .await?;
+        for kind in kinds {
+            stream
+                .watch(self.kind_prefix(*kind), Some(from()))
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (prefix, kinds, endpoints) =
+            (self.prefix.clone(), kinds.to_vec(), self.endpoints.clone());
+        tokio::spawn(async move {
+            let ended = |why: String| {
+                Err(StoreError::Unavailable(format!(
+                    "etcd {endpoints}: watch ended: {why}"
+                )))
+            };
+            loop {
+                let msg = tokio::select! {
+                    m = stream.message() => m,
+                    () = tx.closed() => return,
+                };
+                let batch = match msg {
+                    Ok(Some(resp)) if resp.canceled() => ended(format!(
+                        "canceled ({}; compacted at {})",
+                        resp.cancel_reason(),
+                        resp.compact_revision()
+                    )),
+                    Ok(Some(resp)) => Ok(changes_of(&prefix, &kinds, resp.events())),
+                    Ok(None) => ended("the stream closed".into()),
+                    Err(e) => ended(e.to_string()),
+                };
+                let last = batch.is_err();
+                if matches!(&batch, Ok(c) if c.is_empty()) {
+                    continue;
+                }
+                if tx.send(batch).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Some(rx))
     }
 }

@@ -68,6 +68,35 @@ pub struct Allocation {
     pub revision: Revision,
 }
 
+/// One change a watch reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// An address of a pool was claimed (`held`) or released.
+    Allocation {
+        /// The pool.
+        pool: String,
+        /// The address.
+        ip: IpAddr,
+        /// Whether it is held after the change.
+        held: bool,
+        /// Revision of the change.
+        revision: Revision,
+    },
+    /// An object was written or deleted.
+    Object {
+        /// Kind.
+        kind: Kind,
+        /// Key.
+        key: String,
+        /// Revision of the change.
+        revision: Revision,
+    },
+}
+
+/// The changes of a watch, in revision order, a batch at a time. An `Err` ends the watch: what
+/// the watcher built from it must be read afresh and watched again.
+pub type Changes = tokio::sync::mpsc::Receiver<Result<Vec<Change>>>;
+
 /// The condition a write puts on the object's current state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
@@ -151,7 +180,21 @@ pub enum StoreError {
     Config(String),
 }
 
+/// How a conflict over an address another holder took first ends.
+pub(crate) const HELD: &str = "is already held";
+
 impl StoreError {
+    /// The conflict of a claim on `ip` of `pool`, which is held already.
+    pub(crate) fn held(ip: &IpAddr, pool: &str) -> Self {
+        StoreError::Conflict(format!("{ip} of pool {pool} {HELD}"))
+    }
+
+    /// Whether this is a conflict over an address someone else claimed first (rather than
+    /// over an object that changed): the mark of agents racing for the same addresses.
+    pub fn is_address_taken(&self) -> bool {
+        matches!(self, StoreError::Conflict(m) if m.ends_with(HELD))
+    }
+
     /// Whether retrying the same operation later may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Conflict(_) | StoreError::Unavailable(_))
@@ -235,6 +278,13 @@ pub trait Store: Send + Sync + 'static {
     async fn revision(&self) -> Result<Option<Revision>>;
     /// Whether the datastore answers.
     async fn ping(&self) -> Result<()>;
+    /// Every change committed after revision `after` to the allocations and to the objects of
+    /// `kinds`, for as long as the receiver is kept. `None` when the backend cannot watch
+    /// (callers then compare [`Store::revision`] instead).
+    async fn watch(&self, after: Revision, kinds: &[Kind]) -> Result<Option<Changes>> {
+        let _ = (after, kinds);
+        Ok(None)
+    }
 }
 
 /// A datastore location as the `--datastore` flag takes it.

@@ -117,9 +117,7 @@ impl Store for MemoryStore {
                         &format!("spiderippools/{pool}"),
                     )?;
                     if allocations.contains_key(&(pool.clone(), ip)) {
-                        return Err(StoreError::Conflict(format!(
-                            "{ip} of pool {pool} is already held"
-                        )));
+                        return Err(StoreError::held(&ip, &pool));
                     }
                     allocations.insert((pool, ip), (holder, rev));
                 }

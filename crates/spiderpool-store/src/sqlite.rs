@@ -308,7 +308,7 @@ impl Store for SqliteStore {
                         )
                         .map_err(&e)?;
                         if n == 0 {
-                            return Err(StoreError::Conflict(format!("{ip} of pool {pool} is already held")));
+                            return Err(StoreError::held(ip, pool));
                         }
                     }
                     Op::Release {

@@ -64,7 +64,15 @@ async fn etcd_backend_conforms() {
         return;
     }
     let etcd = spiderpool_testkit::Etcd::single();
-    for check in ["objects", "revisions", "txn", "claims", "cas", "race"] {
+    for check in [
+        "objects",
+        "revisions",
+        "txn",
+        "claims",
+        "cas",
+        "race",
+        "watch",
+    ] {
         // Each check gets its own prefix: a fresh datastore on the same cluster.
         let url: DatastoreUrl = etcd
             .datastore(&format!("/conformance/{check}"))
@@ -80,6 +88,7 @@ async fn etcd_backend_conforms() {
             "txn" => conformance::transactions_are_all_or_nothing(open().await).await,
             "claims" => conformance::claims_and_owned_releases(open().await).await,
             "cas" => conformance::concurrent_compare_and_swap(&open).await,
+            "watch" => conformance::watch_reports_every_change(open().await).await,
             _ => conformance::racing_claims_never_duplicate(&open).await,
         }
     }

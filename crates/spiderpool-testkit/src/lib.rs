@@ -50,6 +50,8 @@ pub fn is_root() -> bool {
 pub struct Sandbox {
     /// The directory; removed on drop.
     pub dir: tempfile::TempDir,
+    /// The datastore, when it is not the SQLite file inside the directory.
+    url: Option<String>,
 }
 
 impl Sandbox {
@@ -57,15 +59,26 @@ impl Sandbox {
     pub fn new() -> Self {
         Sandbox {
             dir: tempfile::tempdir().expect("tempdir"),
+            url: None,
         }
     }
 
-    /// `sqlite:///…/spiderpool.db` inside the sandbox.
+    /// A sandbox whose datastore is `url` (etcd, say) instead of its own SQLite file.
+    pub fn on(url: String) -> Self {
+        Sandbox {
+            url: Some(url),
+            ..Sandbox::new()
+        }
+    }
+
+    /// `sqlite:///…/spiderpool.db` inside the sandbox, or the URL it was made [`Sandbox::on`].
     pub fn datastore(&self) -> String {
-        format!(
-            "sqlite://{}",
-            self.dir.path().join("spiderpool.db").display()
-        )
+        self.url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                self.dir.path().join("spiderpool.db").display()
+            )
+        })
     }
 
     /// A socket path inside the sandbox.
@@ -252,6 +265,27 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the agent has logged `times` lines containing every one of `needles`
+    /// (panics with the log after 20 s).
+    pub fn wait_for_log(&self, needles: &[&str], times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            let n = log
+                .lines()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .count();
+            if n >= times {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent logged {needles:?} {n} times, not {times}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Stops the agent (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -363,6 +397,31 @@ pub fn sh(argv: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// CPU time (user + system) of process `pid` (a number or `self`) so far; with `children`, that
+/// of its children which have been waited for instead (from `/proc/<pid>/stat`, whose clock
+/// ticks are 10 ms on Linux).
+pub fn cpu_time(pid: &str, children: bool) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces: the
+    // first of them is field 3 of the line.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).copied().unwrap_or(0);
+    // utime and stime are fields 14 and 15; cutime and cstime 16 and 17.
+    let ticks = if children {
+        field(16) + field(17)
+    } else {
+        field(14) + field(15)
+    };
+    Duration::from_millis(ticks * 10)
 }
 
 /// A free TCP port on loopback (bound and released; good enough for tests).
@@ -525,6 +584,11 @@ impl Etcd {
             .map(|m| format!("127.0.0.1:{}", m.client_port))
             .collect();
         format!("etcd://{}?prefix={prefix}", hosts.join(","))
+    }
+
+    /// The process id of member `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(Child::id)
     }
 
     /// Kills member `i` with SIGKILL.

@@ -1,10 +1,31 @@
-//! Several agents on one SQLite datastore, as on one host: their cached views never hand out an
-//! address another agent holds, and changes made with the CLI while they run are seen at once.
+//! Several agents on one datastore: their cached views never hand out an address another agent
+//! holds, and changes made with the CLI while they run take effect. Each scenario runs on SQLite
+//! (agents on one host; every request checks the datastore's revision, so changes are seen at
+//! once) and on etcd (agents on many hosts; views follow a watch, so a change is seen once the
+//! watch has delivered it: the etcd runs wait for the agent to log that before going on, and
+//! changes a commit guards — the pool's own spec — are seen at once there too).
 
 use std::collections::HashSet;
 
 use serde_json::json;
-use spiderpool_testkit::{CniCall, Sandbox};
+use spiderpool_testkit::{etcd_available, Agent, CniCall, Etcd, Sandbox};
+
+/// Runs `scenario` on a SQLite sandbox and, where etcd is installed, on an etcd one; the flag
+/// says whether the datastore is watched.
+fn on_both(scenario: fn(&Sandbox, bool)) {
+    scenario(&Sandbox::new(), false);
+    if etcd_available() {
+        let etcd = Etcd::single();
+        scenario(&Sandbox::on(etcd.datastore("/agents")), true);
+    }
+}
+
+/// On a watched datastore, waits until `agent` has seen the change its log names.
+fn heard(watched: bool, agent: &Agent, needles: &[&str]) {
+    if watched {
+        agent.wait_for_log(needles, 1);
+    }
+}
 
 const POOL: &str = r#"
 apiVersion: spiderpool.spidernet.io/v2beta1
@@ -31,14 +52,25 @@ fn add(socket: &std::path::Path, i: usize) -> String {
 
 #[test]
 fn alternating_agents_never_share_an_address() {
-    let sb = Sandbox::new();
+    on_both(alternating);
+}
+
+fn alternating(sb: &Sandbox, watched: bool) {
     sb.apply(POOL);
     let a = sb.agent("node-a", "");
     let b = sb.agent("node-b", "");
     let mut seen = HashSet::new();
     for i in 0..10 {
-        let socket = if i % 2 == 0 { &a.socket } else { &b.socket };
-        let ip = add(socket, i);
+        let agent = if i % 2 == 0 { &a } else { &b };
+        if i > 0 {
+            // The other agent's last claim has reached this one.
+            heard(
+                watched,
+                agent,
+                &[&format!("ip=10.6.0.{}", 9 + i), "held=true"],
+            );
+        }
+        let ip = add(&agent.socket, i);
         assert!(seen.insert(ip.clone()), "{ip} handed out twice");
         assert_eq!(ip, format!("10.6.0.{}/16", 10 + i), "lowest free address");
     }
@@ -47,13 +79,17 @@ fn alternating_agents_never_share_an_address() {
     assert_eq!(add(&a.socket, 10), "10.6.0.20/16");
     let del = CniCall::new("DEL", "c3", "p3", &conf(&b.socket)).run();
     assert!(del.success);
+    heard(watched, &a, &["ip=10.6.0.13", "held=false"]);
     assert_eq!(add(&a.socket, 100), "10.6.0.13/16");
     assert_eq!(sb.allocated("shared"), 11);
 }
 
 #[test]
 fn concurrent_adds_through_two_agents_are_all_distinct() {
-    let sb = Sandbox::new();
+    on_both(concurrent);
+}
+
+fn concurrent(sb: &Sandbox, _watched: bool) {
     sb.apply(POOL);
     let a = sb.agent("node-a", "");
     let b = sb.agent("node-b", "");
@@ -75,19 +111,26 @@ fn concurrent_adds_through_two_agents_are_all_distinct() {
 
 #[test]
 fn pool_changes_made_while_agents_run_take_effect() {
-    let sb = Sandbox::new();
+    on_both(pool_changes);
+}
+
+fn pool_changes(sb: &Sandbox, watched: bool) {
     sb.apply(POOL);
     let a = sb.agent("node-a", "");
     assert_eq!(add(&a.socket, 0), "10.6.0.10/16");
-    // Exclude the next address and reserve the one after: the agent skips both at once.
+    // Exclude the next address: the claim is guarded by the pool's revision, so the agent
+    // skips it at once even before it hears of the change.
     sb.apply(&format!("{POOL}  excludeIPs: [10.6.0.11]\n"));
+    assert_eq!(add(&a.socket, 1), "10.6.0.12/16");
+    // Reserve the next one.
     sb.apply(
-        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderReservedIP\nmetadata: {name: r}\nspec: {ips: [10.6.0.12]}\n",
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderReservedIP\nmetadata: {name: r}\nspec: {ips: [10.6.0.13]}\n",
     );
-    assert_eq!(add(&a.socket, 1), "10.6.0.13/16");
-    // Disabled: nothing more is handed out, and the error says why.
+    heard(watched, &a, &["spiderreservedips/r"]);
+    assert_eq!(add(&a.socket, 2), "10.6.0.14/16");
+    // Disabled (again guarded): nothing more is handed out, and the error says why.
     sb.apply(&format!("{POOL}  disable: true\n"));
-    let out = CniCall::new("ADD", "c2", "p2", &conf(&a.socket)).run();
+    let out = CniCall::new("ADD", "c3", "p3", &conf(&a.socket)).run();
     assert!(!out.success);
     let msg = out.json()["msg"].as_str().unwrap().to_string();
     assert!(
@@ -100,5 +143,5 @@ fn pool_changes_made_while_agents_run_take_effect() {
             .run()
             .success
     );
-    assert_eq!(sb.allocated("shared"), 1);
+    assert_eq!(sb.allocated("shared"), 2);
 }

@@ -206,6 +206,16 @@ fn agents_killed_and_etcd_restarted_mid_storm_leave_no_duplicate() {
         }
     }
     assert_consistent(&ds);
+    // Each agent's watch ended with the restart and was started again: a change made now
+    // reaches every agent.
+    for a in &agents {
+        a.wait_for_log(&["following the datastore's changes"], 2);
+    }
+    let reserved = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderReservedIP\nmetadata: {name: after-restart}\nspec: {ips: [10.6.4.231]}\n";
+    assert!(ctl(&ds, &["apply", "-f", "-"], reserved).success);
+    for a in &agents {
+        a.wait_for_log(&["spiderreservedips/after-restart"], 1);
+    }
     // Retried by the runtime, every pod gets an address and nothing is held twice.
     for i in 0..400 {
         let out = call("ADD", &sockets[i % sockets.len()], i).run();
