@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use spiderpool_store::{Holder, Kind, Op};
-use spiderpool_testkit::{allocated, ctl, etcd_available, Agent, CniCall, Etcd};
+use spiderpool_testkit::{allocated, cpu_time, ctl, etcd_available, Agent, CniCall, Etcd};
 
 const POOL_1000: &str = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: race}\nspec:\n  subnet: 10.6.0.0/16\n  ips: [10.6.1.0-10.6.4.231]\n";
 const POOL_16: &str = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: big}\nspec:\n  subnet: 10.8.0.0/16\n  ips: [10.8.0.1-10.8.255.254]\n---\napiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: empty}\nspec:\n  subnet: 10.9.0.0/16\n  ips: [10.9.0.1-10.9.255.254]\n";
@@ -37,8 +37,18 @@ fn add(socket: &Path, pool: &str, i: usize) -> (bool, Duration) {
     (out.success, t.elapsed())
 }
 
-/// `pace`: `None` starts every pod at once; `Some(d)` starts one every `d`.
-fn race(label: &str, ds: &str, dir: &Path, pace: Option<Duration>) {
+/// Whether the run `label` is wanted: all by default, else those named in
+/// SPIDERPOOL_BENCH_ONLY (comma-separated).
+fn wanted(label: &str) -> bool {
+    std::env::var("SPIDERPOOL_BENCH_ONLY").map_or(true, |only| only.split(',').any(|l| l == label))
+}
+
+/// `pace`: `None` starts every pod at once; `Some(d)` starts one every `d`. `server`: the
+/// datastore's process, whose CPU time is reported.
+fn race(label: &str, ds: &str, dir: &Path, pace: Option<Duration>, server: Option<u32>) {
+    if !wanted(label) {
+        return;
+    }
     assert!(ctl(ds, &["apply", "-f", "-"], POOL_1000).success);
     let agents: Vec<Agent> = (0..10)
         .map(|i| {
@@ -51,6 +61,8 @@ fn race(label: &str, ds: &str, dir: &Path, pace: Option<Duration>) {
         })
         .collect();
     let sockets: Vec<PathBuf> = agents.iter().map(|a| a.socket.clone()).collect();
+    let server_cpu = || server.map_or(Duration::ZERO, |p| cpu_time(&p.to_string(), false));
+    let cpu_before = (cpu_time("self", true), server_cpu());
     let start = Instant::now();
     let threads: Vec<_> = (0..1000)
         .map(|i| {
@@ -64,6 +76,12 @@ fn race(label: &str, ds: &str, dir: &Path, pace: Option<Duration>) {
         .collect();
     let results: Vec<(bool, Duration)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     let total = start.elapsed();
+    let cpu_plugins = cpu_time("self", true) - cpu_before.0;
+    let cpu_server = server_cpu() - cpu_before.1;
+    let cpu_agents: Duration = agents
+        .iter()
+        .map(|a| cpu_time(&a.pid().to_string(), false))
+        .sum();
     let failures = results.iter().filter(|(ok, _)| !ok).count();
     let mut lat: Vec<Duration> = results.iter().map(|(_, d)| *d).collect();
     lat.sort();
@@ -116,6 +134,12 @@ fn race(label: &str, ds: &str, dir: &Path, pace: Option<Duration>) {
         batched.len(),
         batched.iter().sum::<usize>()
     );
+    println!(
+        "{label:<10} CPU time: plugin processes {}, agents {}, datastore server {}",
+        ms(cpu_plugins),
+        ms(cpu_agents),
+        ms(cpu_server)
+    );
 }
 
 /// Fills `pool` with `n` holders straight through the store (CNI would take minutes).
@@ -157,6 +181,9 @@ fn fill(ds: &str, pool: &str, n: u32) {
 }
 
 fn scale(label: &str, ds: &str, dir: &Path) {
+    if !wanted(label) {
+        return;
+    }
     assert!(ctl(ds, &["apply", "-f", "-"], POOL_16).success);
     let t = Instant::now();
     fill(ds, "big", 60_000);
@@ -180,7 +207,7 @@ fn scale(label: &str, ds: &str, dir: &Path) {
     let _agent = Agent::start(ds, &socket, "scale-node", "");
     let ready = t.elapsed();
     println!(
-        "{label:<8} /16 pool with {} held (filled in {}): ADD median {} vs empty pool {} (ratio {:.2}); restarted agent ready in {}",
+        "{label:<12} /16 pool with {} held (filled in {}): ADD median {} vs empty pool {} (ratio {:.2}); restarted agent ready in {}",
         allocated(ds, "big"),
         ms(filled),
         ms(big),
@@ -193,6 +220,9 @@ fn scale(label: &str, ds: &str, dir: &Path) {
 /// The harness's own floor: 1,000 `spiderpool` processes started at once that only answer
 /// VERSION (no agent, no datastore).
 fn floor() {
+    if !wanted("floor") {
+        return;
+    }
     let start = Instant::now();
     let threads: Vec<_> = (0..1000)
         .map(|_| {
@@ -221,19 +251,21 @@ fn main() {
     let dir =
         tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")).unwrap();
     let sqlite = format!("sqlite://{}", dir.path().join("race.db").display());
-    race("sqlite", &sqlite, dir.path(), None);
+    race("sqlite", &sqlite, dir.path(), None, None);
     if etcd_available() {
         let etcd = Etcd::single();
-        race("etcd", &etcd.datastore("/race"), dir.path(), None);
+        let pid = etcd.pid(0);
+        race("etcd", &etcd.datastore("/race"), dir.path(), None, pid);
         // The same race with pods arriving at 250 per second instead of all at once.
         race(
             "etcd-paced",
             &etcd.datastore("/paced"),
             dir.path(),
             Some(Duration::from_millis(4)),
+            pid,
         );
-        scale("etcd", &etcd.datastore("/scale"), dir.path());
+        scale("etcd-scale", &etcd.datastore("/scale"), dir.path());
     }
     let sqlite_scale = format!("sqlite://{}", dir.path().join("scale.db").display());
-    scale("sqlite", &sqlite_scale, dir.path());
+    scale("sqlite-scale", &sqlite_scale, dir.path());
 }
