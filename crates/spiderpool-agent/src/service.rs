@@ -21,10 +21,6 @@ use tokio::sync::{oneshot, Mutex};
 
 use crate::view::{View, ViewCache};
 
-/// While an agent keeps losing races, it takes addresses from one of this many shares of the
-/// free addresses (chosen by its node name) instead of the lowest ones.
-const CONTENTION_SHARES: u32 = 16;
-
 /// How often a transaction is retried after a conflict before the caller is told to try again.
 const MAX_ATTEMPTS: u32 = 8;
 
@@ -438,9 +434,8 @@ impl IpamService {
                     Ok(r) => r,
                     Err(e) => {
                         if matches!(e, StoreError::Conflict(_)) {
-                            // The view missed what beat this commit: read it afresh.
-                            cache.conflicted(e.is_address_taken());
-                            cache.invalidate();
+                            // The view missed what beat this commit.
+                            cache.conflicted(e.taken());
                         }
                         return Err(e.into());
                     }
@@ -584,7 +579,7 @@ impl IpamService {
         let multus_network =
             annotation::multus_network(&annotations, &pod.namespace, &pod.nic).map_err(in_pod)?;
 
-        let slot = cache.slot(&self.node.name, CONTENTION_SHARES);
+        let spread = cache.spread();
         // A batch works on one view from start to commit, so its members' picks all stand.
         let view = if batched {
             cache.pinned(store).await?
@@ -628,7 +623,7 @@ impl IpamService {
         };
         let pools = std::mem::take(&mut view.pools);
         let planned = self
-            .plan_claims(&req, &pools, view, &key, previous.as_ref(), slot)
+            .plan_claims(&req, &pools, view, &key, previous.as_ref(), spread)
             .await;
         view.pools = pools;
         let picks = planned?;
@@ -833,8 +828,7 @@ impl IpamService {
                 }
                 Err(e @ StoreError::Conflict(_)) => {
                     attempt += 1;
-                    cache.conflicted(e.is_address_taken());
-                    cache.invalidate();
+                    cache.conflicted(e.taken());
                     tracing::debug!(attempt, requests = staged.len(), conflict = %e, "batch: retrying after a conflict");
                     pending.extend(staged.into_iter().map(|(p, _)| p));
                     let jitter = u64::from(std::process::id() % 7) + u64::from(attempt);
@@ -867,7 +861,7 @@ impl IpamService {
         view: &mut View,
         pod: &str,
         previous: Option<&EndpointInterface>,
-        slot: Option<(u32, u32)>,
+        spread: Option<u64>,
     ) -> Result<Picks> {
         let plan = req.plan(pools)?;
         let kept: Vec<(String, IpAddr)> = previous.map(held).unwrap_or_default();
@@ -895,7 +889,7 @@ impl IpamService {
             for pool in &fp.pools {
                 view.load_held(self.store.as_ref(), &pool.name).await?;
                 let in_use = view.held(&pool.name);
-                if let Some(ip) = free_at(pool, &view.reserved, in_use, slot) {
+                if let Some(ip) = free_at(pool, &view.reserved, in_use, spread) {
                     found = Some(((*pool).clone(), ip));
                     break;
                 }

@@ -172,7 +172,7 @@ impl Feed {
                     held,
                     revision,
                 } => {
-                    tracing::debug!(%pool, %ip, held, revision, "an address changed");
+                    tracing::trace!(%pool, %ip, held, revision, "an address changed");
                     self.allocations.insert((pool, ip), (held, revision));
                 }
                 Change::Object {
@@ -243,8 +243,8 @@ pub struct ViewCache {
     /// This agent's own commits that the watch has not reported yet, with their revisions:
     /// older reports of those addresses are out of date.
     local: HashMap<(String, IpAddr), Revision>,
-    /// The addresses the batch being prepared has staged.
-    staged: Vec<(String, IpAddr)>,
+    /// The addresses the batch being prepared has staged, and whether held after it.
+    staged: Vec<(String, IpAddr, bool)>,
 }
 
 impl ViewCache {
@@ -367,7 +367,9 @@ impl ViewCache {
     pub fn stage(&mut self, claimed: &[(String, IpAddr)], released: &[(String, IpAddr)]) {
         if let Some(v) = &mut self.view {
             v.apply(claimed, released);
-            self.staged.extend(claimed.iter().chain(released).cloned());
+            let held = |held| move |(pool, ip): &(String, IpAddr)| (pool.clone(), *ip, held);
+            self.staged.extend(released.iter().map(held(false)));
+            self.staged.extend(claimed.iter().map(held(true)));
         }
     }
 
@@ -377,8 +379,11 @@ impl ViewCache {
         let staged = std::mem::take(&mut self.staged);
         if self.watched() {
             if self.view.is_some() {
-                self.local
-                    .extend(staged.into_iter().map(|key| (key, revision)));
+                self.local.extend(
+                    staged
+                        .into_iter()
+                        .map(|(pool, ip, _)| ((pool, ip), revision)),
+                );
             }
         } else {
             self.committed(revision, &[], &[]);
@@ -391,11 +396,24 @@ impl ViewCache {
         self.staged.clear();
     }
 
-    /// Notes that a commit lost a race against another writer: with `address_taken`, a race
-    /// for an address, which counts towards contention (a changed object does not).
-    pub fn conflicted(&mut self, address_taken: bool) {
-        if address_taken {
+    /// Notes that a commit lost a race against another writer. A race for an address (`taken`
+    /// names it) counts towards contention; a watched view then only needs to learn that
+    /// address early (the watch will confirm it) once the batch's staged picks are undone.
+    /// Any other conflict (an object changed) means reading the view afresh.
+    pub fn conflicted(&mut self, taken: Option<(String, IpAddr)>) {
+        if taken.is_some() {
             self.contention = self.contention.saturating_add(2).min(16);
+        }
+        let watched = self.watched();
+        let staged = std::mem::take(&mut self.staged);
+        match (taken, &mut self.view) {
+            (Some((pool, ip)), Some(v)) if watched => {
+                for (pool, ip, held) in staged.into_iter().rev() {
+                    v.set_held(&pool, ip, !held);
+                }
+                v.set_held(&pool, ip, true);
+            }
+            _ => self.view = None,
         }
     }
 
@@ -405,15 +423,126 @@ impl ViewCache {
         self.contention = self.contention.saturating_sub(1);
     }
 
-    /// Which of `shares` shares of the free addresses to take from while this agent keeps
-    /// losing races (derived from `seed`, the node); `None` when it does not.
-    pub fn slot(&self, seed: &str, shares: u32) -> Option<(u32, u32)> {
-        if self.contention == 0 {
-            return None;
+    /// While this agent keeps losing races for addresses, a random number that picks which
+    /// free address to take instead of the lowest one (see `free_at`); `None` when it does not.
+    pub fn spread(&self) -> Option<u64> {
+        use std::hash::BuildHasher;
+        // Every RandomState is seeded afresh: a cheap source of distinct random numbers.
+        (self.contention > 0)
+            .then(|| std::collections::hash_map::RandomState::new().hash_one(self.contention))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spiderpool_store::memory::MemoryStore;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn change(a: &str, held: bool, revision: Revision) -> Change {
+        Change::Allocation {
+            pool: "p".into(),
+            ip: ip(a),
+            held,
+            revision,
         }
-        let h = seed.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-        });
-        Some(((h % u64::from(shares)) as u32, shares))
+    }
+
+    /// A cache fed by hand as a live watch would feed it, over an empty store, and the
+    /// store's revision.
+    async fn watched() -> (Arc<MemoryStore>, Arc<Mutex<Feed>>, ViewCache, Revision) {
+        let store = Arc::new(MemoryStore::new());
+        let feed = Arc::new(Mutex::new(Feed {
+            live: true,
+            ..Feed::default()
+        }));
+        let cache = ViewCache {
+            feed: Some(feed.clone()),
+            ..ViewCache::default()
+        };
+        let loaded = store.revision().await.unwrap().unwrap();
+        (store, feed, cache, loaded)
+    }
+
+    async fn held(cache: &mut ViewCache, store: &dyn Store) -> Vec<String> {
+        let v = cache.current(store).await.unwrap();
+        v.load_held(store, "p").await.unwrap();
+        ["10.0.0.1", "10.0.0.2", "10.0.0.9"]
+            .into_iter()
+            .filter(|a| v.held("p").contains(&ip(a)))
+            .map(String::from)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn own_commits_stand_until_the_watch_reports_them() {
+        let (store, feed, mut cache, r0) = watched().await;
+        assert!(held(&mut cache, store.as_ref()).await.is_empty());
+        cache.committed(r0 + 5, &[("p".into(), ip("10.0.0.1"))], &[]);
+        // A report older than the commit (the address was free before) changes nothing.
+        feed.lock()
+            .unwrap()
+            .merge(vec![change("10.0.0.1", false, r0 + 3)]);
+        assert_eq!(held(&mut cache, store.as_ref()).await, ["10.0.0.1"]);
+        // The commit's own report, then a later release by someone else.
+        feed.lock()
+            .unwrap()
+            .merge(vec![change("10.0.0.1", true, r0 + 5)]);
+        assert_eq!(held(&mut cache, store.as_ref()).await, ["10.0.0.1"]);
+        feed.lock().unwrap().merge(vec![
+            change("10.0.0.1", false, r0 + 7),
+            change("10.0.0.9", true, r0 + 8),
+        ]);
+        assert_eq!(held(&mut cache, store.as_ref()).await, ["10.0.0.9"]);
+        // Reports the view was read after are already in it.
+        feed.lock()
+            .unwrap()
+            .merge(vec![change("10.0.0.2", true, r0)]);
+        assert_eq!(held(&mut cache, store.as_ref()).await, ["10.0.0.9"]);
+    }
+
+    #[tokio::test]
+    async fn a_lost_race_undoes_the_staged_batch_and_learns_the_address() {
+        let (store, _feed, mut cache, _) = watched().await;
+        assert!(held(&mut cache, store.as_ref()).await.is_empty());
+        assert_eq!(cache.spread(), None, "uncontended: the lowest free address");
+        cache.stage(&[("p".into(), ip("10.0.0.1"))], &[]);
+        cache.stage(&[("p".into(), ip("10.0.0.2"))], &[]);
+        assert_eq!(
+            held(&mut cache, store.as_ref()).await,
+            ["10.0.0.1", "10.0.0.2"]
+        );
+        cache.conflicted(Some(("p".into(), ip("10.0.0.2"))));
+        assert_eq!(held(&mut cache, store.as_ref()).await, ["10.0.0.2"]);
+        assert!(cache.spread().is_some(), "contended: spread out");
+        assert_ne!(cache.spread(), cache.spread(), "each pick its own");
+        // Any other conflict drops the view: it is read afresh (the store holds nothing).
+        cache.conflicted(None);
+        assert!(cache.view.is_none());
+        assert!(held(&mut cache, store.as_ref()).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn viewed_objects_a_restart_or_no_watch_mean_reading_afresh() {
+        let (store, feed, mut cache, _) = watched().await;
+        held(&mut cache, store.as_ref()).await;
+        cache.committed(99, &[("p".into(), ip("10.0.0.1"))], &[]);
+        feed.lock().unwrap().merge(vec![Change::Object {
+            kind: Kind::ReservedIP,
+            key: "r".into(),
+            revision: 100,
+        }]);
+        assert!(held(&mut cache, store.as_ref()).await.is_empty());
+        cache.committed(101, &[("p".into(), ip("10.0.0.1"))], &[]);
+        feed.lock().unwrap().restarted = true;
+        assert!(held(&mut cache, store.as_ref()).await.is_empty());
+        // Without a live watch, a commit that is not the next revision drops the view.
+        feed.lock().unwrap().live = false;
+        held(&mut cache, store.as_ref()).await;
+        cache.committed(1000, &[("p".into(), ip("10.0.0.1"))], &[]);
+        assert!(cache.view.is_none());
     }
 }

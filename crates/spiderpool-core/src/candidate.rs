@@ -492,18 +492,18 @@ pub fn free_set(pool: &Pool, reserved: &IpSet, in_use: &IpSet) -> IpSet {
 }
 
 /// The address to take from `pool`: the lowest free one, or, for an allocator that keeps
-/// losing races (`slot` = `Some((i, n))`), the lowest free one of the `i`-th of `n` equal
-/// shares of the free addresses, so that racing allocators spread out instead of colliding
-/// on the same addresses again and again.
+/// losing races (`spread` = `Some(r)`), the `r`-th free one (modulo their number), so that
+/// racing allocators given different `r`s spread out instead of colliding on the same
+/// addresses again and again.
 pub fn free_at(
     pool: &Pool,
     reserved: &IpSet,
     in_use: &IpSet,
-    slot: Option<(u32, u32)>,
+    spread: Option<u64>,
 ) -> Option<IpAddr> {
     let free = free_set(pool, reserved, in_use);
-    let skip = match slot {
-        Some((i, n)) if n > 0 => free.len() / u128::from(n) * u128::from(i % n),
+    let skip = match spread {
+        Some(r) if !free.is_empty() => u128::from(r) % free.len(),
         _ => 0,
     };
     free.nth_or_last(pool.family, skip)
@@ -769,16 +769,19 @@ mod tests {
     }
 
     #[test]
-    fn contended_allocators_take_from_their_share() {
+    fn contended_allocators_spread_over_the_free_addresses() {
         let p = mk_pool("p", "10.6.0.0/16", &["10.6.0.0-10.6.0.99"]);
-        let used = IpSet::parse_list(&["10.6.0.0-10.6.0.9"], None).unwrap();
+        let used = IpSet::parse_list(&["10.6.0.0-10.6.0.9", "10.6.0.50"], None).unwrap();
         let none = IpSet::new();
-        let at = |slot| free_at(&p, &none, &used, slot).unwrap().to_string();
+        let at = |spread| free_at(&p, &none, &used, spread).unwrap().to_string();
         assert_eq!(at(None), "10.6.0.10");
-        assert_eq!(at(Some((0, 4))), "10.6.0.10");
-        assert_eq!(at(Some((1, 4))), "10.6.0.32");
-        assert_eq!(at(Some((3, 4))), "10.6.0.76");
-        assert_eq!(at(Some((7, 4))), "10.6.0.76", "slots wrap");
+        assert_eq!(at(Some(0)), "10.6.0.10");
+        assert_eq!(at(Some(22)), "10.6.0.32");
+        assert_eq!(at(Some(40)), "10.6.0.51", "held addresses are skipped");
+        assert_eq!(at(Some(88)), "10.6.0.99");
+        assert_eq!(at(Some(89)), "10.6.0.10", "wraps around the 89 free ones");
+        let all = IpSet::parse_list(&["10.6.0.0-10.6.0.99"], None).unwrap();
+        assert_eq!(free_at(&p, &none, &all, Some(7)), None);
     }
 
     #[test]

@@ -268,7 +268,12 @@ pub async fn claims_and_owned_releases(s: Arc<dyn Store>) {
     s.commit(vec![claim("c1", "10.0.0.1", r), claim("c1", "fd00::1", r)])
         .await
         .unwrap();
-    let m = conflict(s.commit(vec![claim("c2", "10.0.0.1", r)]).await);
+    let e = s
+        .commit(vec![claim("c2", "10.0.0.1", r)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.taken(), Some(("p".to_string(), ip("10.0.0.1"))), "{e}");
+    let m = conflict(Err::<(), _>(e));
     assert!(m.contains("10.0.0.1 of pool p is already held"), "{m}");
     // The pool changed since the choice was made.
     let r2 = s
@@ -280,7 +285,16 @@ pub async fn claims_and_owned_releases(s: Arc<dyn Store>) {
         )])
         .await
         .unwrap();
-    let m = conflict(s.commit(vec![claim("c2", "10.0.0.2", r)]).await);
+    let e = s
+        .commit(vec![claim("c2", "10.0.0.2", r)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.taken(),
+        None,
+        "the pool changed; no address was taken: {e}"
+    );
+    let m = conflict(Err::<(), _>(e));
     assert!(m.contains("spiderippools/p"), "{m}");
     // A claim on a pool that does not exist fails.
     conflict(

@@ -189,10 +189,15 @@ impl StoreError {
         StoreError::Conflict(format!("{ip} of pool {pool} {HELD}"))
     }
 
-    /// Whether this is a conflict over an address someone else claimed first (rather than
-    /// over an object that changed): the mark of agents racing for the same addresses.
-    pub fn is_address_taken(&self) -> bool {
-        matches!(self, StoreError::Conflict(m) if m.ends_with(HELD))
+    /// The pool and address of a conflict over an address someone else claimed first (rather
+    /// than over an object that changed): the mark of agents racing for the same addresses.
+    pub fn taken(&self) -> Option<(String, IpAddr)> {
+        let StoreError::Conflict(m) = self else {
+            return None;
+        };
+        // The message `held` writes: "{ip} of pool {pool} is already held".
+        let (ip, pool) = m.strip_suffix(HELD)?.trim_end().split_once(" of pool ")?;
+        Some((pool.to_string(), ip.parse().ok()?))
     }
 
     /// Whether retrying the same operation later may succeed.

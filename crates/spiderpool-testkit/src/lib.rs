@@ -213,6 +213,10 @@ pub fn healthy(socket: &Path) -> bool {
     buf.starts_with("HTTP/1.1 200")
 }
 
+/// The agents' log level in tests (SPIDERPOOL_TEST_LOG_LEVEL overrides it): debug, and every
+/// address change the view hears of.
+pub const TEST_LOG_LEVEL: &str = "debug,spiderpool_agent::view=trace";
+
 impl Agent {
     /// Starts an agent and waits until it is healthy.
     pub fn start(datastore: &str, socket: &Path, node: &str, labels: &str) -> Agent {
@@ -225,9 +229,12 @@ impl Agent {
                 labels,
                 "--datastore",
                 datastore,
-                "--log-level",
-                "debug",
             ])
+            .arg("--log-level")
+            .arg(
+                std::env::var("SPIDERPOOL_TEST_LOG_LEVEL")
+                    .unwrap_or_else(|_| TEST_LOG_LEVEL.into()),
+            )
             .arg("--socket")
             .arg(socket)
             .stdin(Stdio::null())
