@@ -255,15 +255,34 @@ fn main() {
     if std::env::var_os("SPIDERPOOL_TEST_LOG_LEVEL").is_none() {
         std::env::set_var("SPIDERPOOL_TEST_LOG_LEVEL", "debug");
     }
-    floor();
     let dir =
         tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")).unwrap();
-    let sqlite = format!("sqlite://{}", dir.path().join("race.db").display());
-    race("sqlite", &sqlite, dir.path(), None, None);
-    if etcd_available() {
-        let etcd = Etcd::single();
-        let pid = etcd.pid(0);
-        race("etcd", &etcd.datastore("/race"), dir.path(), None, pid);
+    let etcd = etcd_available().then(Etcd::single);
+    let pid = etcd.as_ref().and_then(|e| e.pid(0));
+    // All at once is the noisiest: its rounds (floor, SQLite, etcd) are run several times,
+    // interleaved so that drift hits each alike.
+    let rounds: usize = std::env::var("SPIDERPOOL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    for round in 0..rounds {
+        floor();
+        let sqlite = format!(
+            "sqlite://{}",
+            dir.path().join(format!("race-{round}.db")).display()
+        );
+        race("sqlite", &sqlite, dir.path(), None, None);
+        if let Some(etcd) = &etcd {
+            race(
+                "etcd",
+                &etcd.datastore(&format!("/race-{round}")),
+                dir.path(),
+                None,
+                pid,
+            );
+        }
+    }
+    if let Some(etcd) = &etcd {
         // The same race with pods arriving at a steady rate instead of all at once: 250, 500
         // and 1,000 per second.
         for (label, every) in [
