@@ -13,7 +13,7 @@ use spiderpool_api::annotation;
 use spiderpool_api::cni::{code, Attachment};
 use spiderpool_api::crd::{EndpointInterface, EndpointStatus, RouteSpec, API_VERSION};
 use spiderpool_api::{KubeObject, Object, ObjectMeta, SpiderEndpoint, ValidationError};
-use spiderpool_core::candidate::{free_at, lowest_free, AllocError, Rejected, Rejection};
+use spiderpool_core::candidate::{free_at, lowest_free, AllocError, Rejected, Rejection, Spread};
 use spiderpool_core::{IpFamily, Labels, Pool, PoolNames, Request};
 use spiderpool_store::{typed, Expect, Holder, Kind, Op, Revision, Store, StoreError};
 use thiserror::Error;
@@ -440,7 +440,6 @@ impl IpamService {
                         return Err(e.into());
                     }
                 };
-                cache.settled();
                 cache.committed(revision, &c.claimed, &c.released);
                 c.log(pod);
                 Ok(c.resp)
@@ -579,7 +578,7 @@ impl IpamService {
         let multus_network =
             annotation::multus_network(&annotations, &pod.namespace, &pod.nic).map_err(in_pod)?;
 
-        let spread = cache.spread();
+        let contended = cache.contended();
         // A batch works on one view from start to commit, so its members' picks all stand.
         let view = if batched {
             cache.pinned(store).await?
@@ -621,6 +620,7 @@ impl IpamService {
             },
             cni_clean_gateway: args.clean_gateway,
         };
+        let spread = contended.then(|| view.spread(&self.node.name));
         let pools = std::mem::take(&mut view.pools);
         let planned = self
             .plan_claims(&req, &pools, view, &key, previous.as_ref(), spread)
@@ -761,6 +761,7 @@ impl IpamService {
                 break;
             }
             // The pod and endpoint of every member, read in one round trip.
+            let round = std::time::Instant::now();
             let keys: Vec<(Kind, String)> = pending
                 .iter()
                 .flat_map(|p| [(Kind::Pod, p.pod.key()), (Kind::Endpoint, p.pod.key())])
@@ -776,6 +777,7 @@ impl IpamService {
                     }
                     Err(_) => HashMap::new(), // each member reads for itself
                 };
+            let read_us = round.elapsed().as_micros() as u64;
             let mut staged: Vec<(PendingAdd, Commit)> = Vec::new();
             let mut staged_ops = 0;
             let mut next = Vec::new();
@@ -816,11 +818,17 @@ impl IpamService {
                 .iter()
                 .flat_map(|(_, c)| c.ops.iter().cloned())
                 .collect();
+            let prepared_us = round.elapsed().as_micros() as u64;
             match self.store.commit(ops).await {
                 Ok(revision) => {
-                    cache.settled();
                     cache.staged_committed(revision);
-                    tracing::debug!(requests = staged.len(), "committed a batch");
+                    tracing::debug!(
+                        requests = staged.len(),
+                        read_us,
+                        prepared_us,
+                        committed_us = round.elapsed().as_micros() as u64,
+                        "committed a batch"
+                    );
                     for (p, c) in staged {
                         c.log(&p.pod);
                         let _ = p.reply.send(Ok(c.resp));
@@ -861,7 +869,7 @@ impl IpamService {
         view: &mut View,
         pod: &str,
         previous: Option<&EndpointInterface>,
-        spread: Option<u64>,
+        spread: Option<Spread>,
     ) -> Result<Picks> {
         let plan = req.plan(pools)?;
         let kept: Vec<(String, IpAddr)> = previous.map(held).unwrap_or_default();

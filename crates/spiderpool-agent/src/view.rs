@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spiderpool_api::Object;
+use spiderpool_core::candidate::Spread;
 use spiderpool_core::{IpSet, Labels, Pool};
 use spiderpool_store::{typed, Change, Kind, Result, Revision, Store};
 
@@ -41,6 +42,8 @@ pub struct View {
     held: HashMap<String, IpSet>,
     namespaces: HashMap<String, (Labels, Labels)>,
     nodes: HashMap<String, Option<Labels>>,
+    /// Every node's name, sorted.
+    node_names: Vec<String>,
 }
 
 impl View {
@@ -67,15 +70,25 @@ impl View {
                 }
             }
         }
+        // Every node, with its labels: affinity reads this agent's, and the stripes of
+        // contended allocation are one per node.
+        let mut nodes = HashMap::new();
+        for (o, _) in typed::list(store, Kind::Node).await? {
+            let labels = o.metadata().labels.clone();
+            nodes.insert(o.metadata().name.clone(), Some(labels));
+        }
+        let mut node_names: Vec<String> = nodes.keys().cloned().collect();
+        node_names.sort();
         Ok(View {
             revision,
             loaded: Instant::now(),
+            node_names,
             pools,
             pool_revs,
             reserved,
             held: HashMap::new(),
             namespaces: HashMap::new(),
-            nodes: HashMap::new(),
+            nodes,
         })
     }
 
@@ -124,6 +137,23 @@ impl View {
             .map(|(o, _)| o.metadata().labels.clone());
         self.nodes.insert(node.to_string(), labels.clone());
         Ok(labels)
+    }
+
+    /// How `node`'s agent picks addresses while it keeps losing races: from its own stripe
+    /// (by its place among the nodes), then anywhere at random.
+    pub fn spread(&self, node: &str) -> Spread {
+        use std::hash::BuildHasher;
+        let count = u32::try_from(self.node_names.len()).unwrap_or(u32::MAX);
+        let stripe = self
+            .node_names
+            .binary_search_by(|n| n.as_str().cmp(node))
+            .ok()
+            .map(|i| (u32::try_from(i).unwrap_or(0), count));
+        Spread {
+            stripe,
+            // Every RandomState is seeded afresh: a cheap source of distinct random numbers.
+            random: std::collections::hash_map::RandomState::new().hash_one(node),
+        }
     }
 
     /// Marks `ip` of `pool` held or free, if the view has that pool's holders.
@@ -232,12 +262,17 @@ async fn follow(store: Arc<dyn Store>, feed: Arc<Mutex<Feed>>) {
     }
 }
 
+/// How long an agent keeps to its stripe of the free addresses after it lost a race for one.
+const CONTENDED_FOR: Duration = Duration::from_secs(1);
+
 /// The cached view, if any, how contended the last allocations were, and what keeps the view
 /// current.
 #[derive(Default)]
 pub struct ViewCache {
     view: Option<View>,
-    contention: u32,
+    /// Until when allocations spread out (see [`View::spread`]): set by a race lost for an
+    /// address.
+    contended_until: Option<Instant>,
     /// Filled by the watch, where the datastore has one.
     feed: Option<Arc<Mutex<Feed>>>,
     /// This agent's own commits that the watch has not reported yet, with their revisions:
@@ -397,12 +432,13 @@ impl ViewCache {
     }
 
     /// Notes that a commit lost a race against another writer. A race for an address (`taken`
-    /// names it) counts towards contention; a watched view then only needs to learn that
-    /// address early (the watch will confirm it) once the batch's staged picks are undone.
-    /// Any other conflict (an object changed) means reading the view afresh.
+    /// names it) makes the agent spread out for a while (see [`ViewCache::contended`]); a
+    /// watched view then only needs to learn that address early (the watch will confirm it)
+    /// once the batch's staged picks are undone. Any other conflict (an object changed) means
+    /// reading the view afresh.
     pub fn conflicted(&mut self, taken: Option<(String, IpAddr)>) {
         if taken.is_some() {
-            self.contention = self.contention.saturating_add(2).min(16);
+            self.contended_until = Some(Instant::now() + CONTENDED_FOR);
         }
         let watched = self.watched();
         let staged = std::mem::take(&mut self.staged);
@@ -417,19 +453,12 @@ impl ViewCache {
         }
     }
 
-    /// Notes that a commit went through: contention is forgotten gradually, so a busy agent
-    /// keeps to its share while the race lasts.
-    pub fn settled(&mut self) {
-        self.contention = self.contention.saturating_sub(1);
-    }
-
-    /// While this agent keeps losing races for addresses, a random number that picks which
-    /// free address to take instead of the lowest one (see `free_at`); `None` when it does not.
-    pub fn spread(&self) -> Option<u64> {
-        use std::hash::BuildHasher;
-        // Every RandomState is seeded afresh: a cheap source of distinct random numbers.
-        (self.contention > 0)
-            .then(|| std::collections::hash_map::RandomState::new().hash_one(self.contention))
+    /// Whether this agent lost a race for an address within the last second: it then takes
+    /// addresses from its own stripe (see [`View::spread`]) instead of the lowest free ones,
+    /// which every racing agent would try at once. The lowest free address is the rule again
+    /// once the race is over.
+    pub fn contended(&self) -> bool {
+        self.contended_until.is_some_and(|t| Instant::now() < t)
     }
 }
 
@@ -508,7 +537,7 @@ mod tests {
     async fn a_lost_race_undoes_the_staged_batch_and_learns_the_address() {
         let (store, _feed, mut cache, _) = watched().await;
         assert!(held(&mut cache, store.as_ref()).await.is_empty());
-        assert_eq!(cache.spread(), None, "uncontended: the lowest free address");
+        assert!(!cache.contended(), "uncontended: the lowest free address");
         cache.stage(&[("p".into(), ip("10.0.0.1"))], &[]);
         cache.stage(&[("p".into(), ip("10.0.0.2"))], &[]);
         assert_eq!(
@@ -517,8 +546,7 @@ mod tests {
         );
         cache.conflicted(Some(("p".into(), ip("10.0.0.2"))));
         assert_eq!(held(&mut cache, store.as_ref()).await, ["10.0.0.2"]);
-        assert!(cache.spread().is_some(), "contended: spread out");
-        assert_ne!(cache.spread(), cache.spread(), "each pick its own");
+        assert!(cache.contended(), "contended: spread out");
         // Any other conflict drops the view: it is read afresh (the store holds nothing).
         cache.conflicted(None);
         assert!(cache.view.is_none());
@@ -544,5 +572,27 @@ mod tests {
         held(&mut cache, store.as_ref()).await;
         cache.committed(1000, &[("p".into(), ip("10.0.0.1"))], &[]);
         assert!(cache.view.is_none());
+    }
+
+    #[tokio::test]
+    async fn contended_agents_take_one_stripe_per_node() {
+        let store = MemoryStore::new();
+        for n in ["node-b", "node-a", "node-c"] {
+            store
+                .commit(vec![spiderpool_store::Op::Put {
+                    kind: Kind::Node,
+                    key: n.into(),
+                    value: serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}}),
+                    expect: spiderpool_store::Expect::Absent,
+                }])
+                .await
+                .unwrap();
+        }
+        let mut cache = ViewCache::default();
+        let v = cache.current(&store).await.unwrap();
+        assert_eq!(v.spread("node-a").stripe, Some((0, 3)));
+        assert_eq!(v.spread("node-c").stripe, Some((2, 3)));
+        assert_eq!(v.spread("elsewhere").stripe, None, "no Node object");
+        assert_ne!(v.spread("node-a").random, v.spread("node-a").random);
     }
 }

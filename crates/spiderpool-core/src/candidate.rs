@@ -491,22 +491,39 @@ pub fn free_set(pool: &Pool, reserved: &IpSet, in_use: &IpSet) -> IpSet {
     pool.usable().difference(reserved).difference(in_use)
 }
 
+/// How an allocator that keeps losing races for addresses picks among the free ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spread {
+    /// `(index, count)`: the allocator's stripe, the addresses whose value is `index` modulo
+    /// `count`. Allocators given different indexes never pick the same address from it.
+    pub stripe: Option<(u32, u32)>,
+    /// Once the stripe has no free address left: which free address to take (modulo their
+    /// number), so allocators given different numbers still spread out.
+    pub random: u64,
+}
+
 /// The address to take from `pool`: the lowest free one, or, for an allocator that keeps
-/// losing races (`spread` = `Some(r)`), the `r`-th free one (modulo their number), so that
-/// racing allocators given different `r`s spread out instead of colliding on the same
-/// addresses again and again.
+/// losing races (`spread`), the lowest free one of its stripe, else a free one chosen by its
+/// random number: racing allocators then stop colliding on the same addresses again and again.
 pub fn free_at(
     pool: &Pool,
     reserved: &IpSet,
     in_use: &IpSet,
-    spread: Option<u64>,
+    spread: Option<Spread>,
 ) -> Option<IpAddr> {
     let free = free_set(pool, reserved, in_use);
-    let skip = match spread {
-        Some(r) if !free.is_empty() => u128::from(r) % free.len(),
-        _ => 0,
+    let Some(spread) = spread else {
+        return free.first(pool.family);
     };
-    free.nth_or_last(pool.family, skip)
+    if let Some((index, count)) = spread.stripe.filter(|&(_, n)| n > 1) {
+        if let Some(ip) = free.first_in_stripe(pool.family, index.into(), count.into()) {
+            return Some(ip);
+        }
+    }
+    if free.is_empty() {
+        return None;
+    }
+    free.nth_or_last(pool.family, u128::from(spread.random) % free.len())
 }
 
 #[cfg(test)]
@@ -769,19 +786,51 @@ mod tests {
     }
 
     #[test]
-    fn contended_allocators_spread_over_the_free_addresses() {
+    fn contended_allocators_take_from_their_stripe_then_anywhere() {
         let p = mk_pool("p", "10.6.0.0/16", &["10.6.0.0-10.6.0.99"]);
-        let used = IpSet::parse_list(&["10.6.0.0-10.6.0.9", "10.6.0.50"], None).unwrap();
+        let used = IpSet::parse_list(&["10.6.0.0-10.6.0.9", "10.6.0.13"], None).unwrap();
         let none = IpSet::new();
-        let at = |spread| free_at(&p, &none, &used, spread).unwrap().to_string();
-        assert_eq!(at(None), "10.6.0.10");
-        assert_eq!(at(Some(0)), "10.6.0.10");
-        assert_eq!(at(Some(22)), "10.6.0.32");
-        assert_eq!(at(Some(40)), "10.6.0.51", "held addresses are skipped");
-        assert_eq!(at(Some(88)), "10.6.0.99");
-        assert_eq!(at(Some(89)), "10.6.0.10", "wraps around the 89 free ones");
+        let at = |stripe, random| {
+            free_at(&p, &none, &used, Some(Spread { stripe, random }))
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            free_at(&p, &none, &used, None).unwrap().to_string(),
+            "10.6.0.10",
+            "uncontended: the lowest free"
+        );
+        assert_eq!(at(Some((0, 4)), 0), "10.6.0.12");
+        assert_eq!(at(Some((1, 4)), 0), "10.6.0.17", "10.6.0.13 is held");
+        assert_eq!(at(Some((3, 4)), 0), "10.6.0.11");
+        assert_eq!(at(Some((0, 1)), 5), "10.6.0.16", "one stripe is no stripe");
+        // No stripe, or none of it free: the random-th free address, wrapping around.
+        assert_eq!(at(None, 22), "10.6.0.33");
+        assert_eq!(at(None, 89), "10.6.0.10", "89 are free");
+        let stripe_full = IpSet::parse_list(&["10.6.0.0-10.6.0.98"], None).unwrap();
+        let last = free_at(
+            &p,
+            &none,
+            &stripe_full,
+            Some(Spread {
+                stripe: Some((0, 2)),
+                random: 7,
+            }),
+        );
+        assert_eq!(last.unwrap().to_string(), "10.6.0.99");
         let all = IpSet::parse_list(&["10.6.0.0-10.6.0.99"], None).unwrap();
-        assert_eq!(free_at(&p, &none, &all, Some(7)), None);
+        assert_eq!(
+            free_at(
+                &p,
+                &none,
+                &all,
+                Some(Spread {
+                    stripe: Some((1, 2)),
+                    random: 7
+                })
+            ),
+            None
+        );
     }
 
     #[test]

@@ -401,6 +401,23 @@ impl IpSet {
         r.0.last().map(|&(_, e)| from_u128(family, e))
     }
 
+    /// The lowest address of `family` whose value is `index` modulo `count`: the first of the
+    /// set in one of `count` interleaved stripes of the address space.
+    pub fn first_in_stripe(&self, family: IpFamily, index: u128, count: u128) -> Option<IpAddr> {
+        if count == 0 {
+            return None;
+        }
+        let r = match family {
+            IpFamily::V4 => &self.v4,
+            IpFamily::V6 => &self.v6,
+        };
+        let index = index % count;
+        r.0.iter().find_map(|&(s, e)| {
+            let x = s.checked_add((index + count - s % count) % count)?;
+            (x <= e).then(|| from_u128(family, x))
+        })
+    }
+
     /// The set's ranges, IPv4 first, each in ascending order.
     pub fn ranges(&self) -> impl Iterator<Item = IpRange> + '_ {
         let v4 = self.v4.0.iter().map(|&(start, end)| IpRange {

@@ -250,10 +250,14 @@ fn floor() {
 }
 
 fn main() {
-    // Debug (the conflicts and service times are counted from it), without a line per address
-    // change per agent, which would cost more than the allocations being measured.
+    // The agents' own debug lines (the conflicts and service times are counted from them),
+    // without a line per address change per agent, which would cost more than the allocations
+    // being measured.
     if std::env::var_os("SPIDERPOOL_TEST_LOG_LEVEL").is_none() {
-        std::env::set_var("SPIDERPOOL_TEST_LOG_LEVEL", "debug");
+        std::env::set_var(
+            "SPIDERPOOL_TEST_LOG_LEVEL",
+            "info,spiderpool_agent=debug,spiderpool_store=debug",
+        );
     }
     let dir =
         tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")).unwrap();

@@ -213,9 +213,11 @@ pub fn healthy(socket: &Path) -> bool {
     buf.starts_with("HTTP/1.1 200")
 }
 
-/// The agents' log level in tests (SPIDERPOOL_TEST_LOG_LEVEL overrides it): debug, and every
-/// address change the view hears of.
-pub const TEST_LOG_LEVEL: &str = "debug,spiderpool_agent::view=trace";
+/// The agents' log level in tests (SPIDERPOOL_TEST_LOG_LEVEL overrides it): debug for the
+/// project's own crates (not for the HTTP/2 and gRPC libraries, which log every frame), and
+/// every address change the view hears of.
+pub const TEST_LOG_LEVEL: &str =
+    "info,spiderpool_agent=debug,spiderpool_store=debug,spiderpool_agent::view=trace";
 
 impl Agent {
     /// Starts an agent and waits until it is healthy.
