@@ -116,6 +116,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     svc.register_node()
         .await
         .with_context(|| format!("registering node {}", args.node_name))?;
+    svc.keep_warm();
     let (listener, _guard) = server::bind(&args.socket)?;
     tracing::info!(socket = %args.socket.display(), node = %args.node_name, datastore = ?args.datastore, "serving");
     axum::serve(listener, server::router(svc))

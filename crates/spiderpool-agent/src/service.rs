@@ -305,6 +305,27 @@ impl IpamService {
         }
     }
 
+    /// Keeps the cached view read ahead of requests: now, and again whenever the datastore's
+    /// watch reports a change to the objects the view is made of, so no request waits for a
+    /// re-read those changes would otherwise cause.
+    pub fn keep_warm(self: &Arc<Self>) {
+        let svc = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(s) = svc.upgrade() else { return };
+                let stale = {
+                    let mut cache = s.state.lock().await;
+                    if let Err(e) = cache.warm(s.store.as_ref()).await {
+                        tracing::warn!(error = %e, "reading the view ahead of requests");
+                    }
+                    cache.stale()
+                };
+                drop(s);
+                stale.notified().await;
+            }
+        });
+    }
+
     /// Creates or updates this agent's Node object: labels from `--node-labels` are set, other
     /// labels are kept.
     pub async fn register_node(&self) -> Result<()> {

@@ -15,7 +15,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 use spiderpool_api::Object;
 use spiderpool_core::candidate::Spread;
@@ -221,7 +223,7 @@ impl Feed {
 /// Follows the datastore's changes into `feed` for as long as the agent runs; returns at once
 /// when the backend cannot watch. A watch that ends is started again from the current
 /// revision, and the view is then read afresh.
-async fn follow(store: Arc<dyn Store>, feed: Arc<Mutex<Feed>>) {
+async fn follow(store: Arc<dyn Store>, feed: Arc<Mutex<Feed>>, stale: Arc<Notify>) {
     const BACKOFF: Duration = Duration::from_millis(100);
     let mut backoff = BACKOFF;
     loop {
@@ -242,11 +244,18 @@ async fn follow(store: Arc<dyn Store>, feed: Arc<Mutex<Feed>>) {
                         ..Feed::default()
                     };
                 }
+                stale.notify_one();
                 tracing::debug!("following the datastore's changes");
                 backoff = BACKOFF;
                 while let Some(batch) = changes.recv().await {
                     match batch {
-                        Ok(c) => feed.lock().expect("feed lock").merge(c),
+                        Ok(c) => {
+                            let mut f = feed.lock().expect("feed lock");
+                            f.merge(c);
+                            if f.objects {
+                                stale.notify_one();
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "the datastore watch ended; watching again");
                             break;
@@ -280,6 +289,8 @@ pub struct ViewCache {
     local: HashMap<(String, IpAddr), Revision>,
     /// The addresses the batch being prepared has staged, and whether held after it.
     staged: Vec<(String, IpAddr, bool)>,
+    /// Notified when the watch reports that the view must be read afresh.
+    stale: Arc<Notify>,
 }
 
 impl ViewCache {
@@ -287,11 +298,31 @@ impl ViewCache {
     /// inside the agent's runtime.
     pub fn following(store: Arc<dyn Store>) -> Self {
         let feed = Arc::new(Mutex::new(Feed::default()));
-        tokio::spawn(follow(store, feed.clone()));
+        let stale = Arc::new(Notify::new());
+        tokio::spawn(follow(store, feed.clone(), stale.clone()));
         ViewCache {
             feed: Some(feed),
+            stale,
             ..ViewCache::default()
         }
+    }
+
+    /// Notified whenever the watch reports that the view must be read afresh (see
+    /// [`ViewCache::warm`]).
+    pub fn stale(&self) -> Arc<Notify> {
+        self.stale.clone()
+    }
+
+    /// Reads what the view lacks (after a start or a change to the objects it is made of, or
+    /// when the datastore's revision moved): the pools, reserved addresses, nodes and every
+    /// pool's holders, so the next request does not wait for them.
+    pub async fn warm(&mut self, store: &dyn Store) -> Result<()> {
+        let v = self.current(store).await?;
+        let names: Vec<String> = v.pools.iter().map(|p| p.name.clone()).collect();
+        for pool in names {
+            v.load_held(store, &pool).await?;
+        }
+        Ok(())
     }
 
     /// Folds in what the watch reported since the last call. False when no watch is live (the
@@ -594,5 +625,38 @@ mod tests {
         assert_eq!(v.spread("node-c").stripe, Some((2, 3)));
         assert_eq!(v.spread("elsewhere").stripe, None, "no Node object");
         assert_ne!(v.spread("node-a").random, v.spread("node-a").random);
+    }
+
+    #[tokio::test]
+    async fn a_warm_view_holds_every_pool_and_its_holders() {
+        let store = MemoryStore::new();
+        let pool = serde_json::json!({
+            "apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderIPPool",
+            "metadata": {"name": "p"},
+            "spec": {"subnet": "10.0.0.0/24", "ips": ["10.0.0.1-10.0.0.9"]}
+        });
+        let r = store
+            .commit(vec![spiderpool_store::Op::Put {
+                kind: Kind::IPPool,
+                key: "p".into(),
+                value: pool,
+                expect: spiderpool_store::Expect::Absent,
+            }])
+            .await
+            .unwrap();
+        store
+            .commit(vec![spiderpool_store::Op::Claim {
+                pool: "p".into(),
+                ip: ip("10.0.0.1"),
+                holder: Default::default(),
+                pool_revision: r,
+            }])
+            .await
+            .unwrap();
+        let mut cache = ViewCache::default();
+        cache.warm(&store).await.unwrap();
+        let v = cache.view.as_ref().expect("read ahead");
+        assert_eq!(v.pools.len(), 1);
+        assert!(v.held("p").contains(&ip("10.0.0.1")), "holders read ahead");
     }
 }
