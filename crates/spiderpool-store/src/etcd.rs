@@ -28,8 +28,11 @@ use crate::{
 /// etcd's default limit on the operations of one transaction (`--max-txn-ops`).
 const MAX_TXN_OPS: usize = 128;
 
-/// How many keys one range request reads at a time.
+/// How many keys one range request reads at a time: with their values (an object or holder,
+/// up to a few KiB), and keys only (tens of bytes; a /16's holders in a few requests). Both
+/// stay well below the 4 MiB a gRPC response may hold.
 const PAGE: i64 = 1000;
+const KEYS_PAGE: i64 = 10_000;
 
 /// A store in an etcd cluster.
 pub struct EtcdStore {
@@ -169,10 +172,12 @@ impl EtcdStore {
         let mut from = prefix.as_bytes().to_vec();
         let mut out = Vec::new();
         loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if keys_only {
-                opts = opts.with_keys_only();
-            }
+            let mut opts = GetOptions::new().with_range(end.clone());
+            opts = if keys_only {
+                opts.with_keys_only().with_limit(KEYS_PAGE)
+            } else {
+                opts.with_limit(PAGE)
+            };
             let resp = self.kv_get(from.clone(), Some(opts)).await?;
             let kvs = resp.kvs();
             out.extend_from_slice(kvs);

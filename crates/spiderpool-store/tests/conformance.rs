@@ -232,3 +232,47 @@ async fn unreadable_values_are_reported_and_skipped(s: &dyn Store, bad_key: &str
     );
     assert!(s.allocations("p").await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn etcd_reads_large_pools_in_pages() {
+    if !spiderpool_testkit::etcd_available() {
+        return;
+    }
+    let etcd = spiderpool_testkit::Etcd::single();
+    let url: DatastoreUrl = etcd.datastore("/pages").parse().unwrap();
+    let s = spiderpool_store::open(&url).await.unwrap();
+    let rev = s
+        .commit(vec![Op::Put {
+            kind: Kind::IPPool,
+            key: "big".into(),
+            value: json!({}),
+            expect: Expect::Absent,
+        }])
+        .await
+        .unwrap();
+    // More holders than one page of keys (10,000) and than ten pages of values (1,000 each).
+    let n: u32 = 10_500;
+    let base = u32::from(std::net::Ipv4Addr::new(10, 8, 0, 0));
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let claims = chunk
+            .iter()
+            .map(|i| Op::Claim {
+                pool: "big".into(),
+                ip: std::net::Ipv4Addr::from(base + i).into(),
+                holder: spiderpool_store::Holder {
+                    container_id: format!("c{i}"),
+                    ..Default::default()
+                },
+                pool_revision: rev,
+            })
+            .collect();
+        s.commit(claims).await.unwrap();
+    }
+    let held = s.held_ips("big").await.unwrap();
+    assert_eq!(held.len(), n as usize);
+    let distinct: std::collections::HashSet<_> = held.iter().collect();
+    assert_eq!(distinct.len(), n as usize, "no key read twice");
+    let allocations = s.allocations("big").await.unwrap();
+    assert_eq!(allocations.len(), n as usize);
+    assert_eq!(s.allocation_counts().await.unwrap()["big"], u64::from(n));
+}
