@@ -19,7 +19,7 @@ use spiderpool_store::{typed, Expect, Holder, Kind, Op, Revision, Store, StoreEr
 use thiserror::Error;
 use tokio::sync::{oneshot, Mutex};
 
-use crate::view::{View, ViewCache};
+use crate::view::{View, ViewCache, MAX_WATCHED_AGE};
 
 /// How often a transaction is retried after a conflict before the caller is told to try again.
 const MAX_ATTEMPTS: u32 = 8;
@@ -305,9 +305,9 @@ impl IpamService {
         }
     }
 
-    /// Keeps the cached view read ahead of requests: now, and again whenever the datastore's
-    /// watch reports a change to the objects the view is made of, so no request waits for a
-    /// re-read those changes would otherwise cause.
+    /// Keeps the cached view read ahead of requests: now, again whenever the datastore's watch
+    /// reports a change to the objects the view is made of, and before a watched view grows too
+    /// old to be trusted, so no request waits for a re-read those would otherwise cause.
     pub fn keep_warm(self: &Arc<Self>) {
         let svc = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -321,7 +321,10 @@ impl IpamService {
                     cache.stale()
                 };
                 drop(s);
-                stale.notified().await;
+                tokio::select! {
+                    () = stale.notified() => {}
+                    () = tokio::time::sleep(MAX_WATCHED_AGE + Duration::from_millis(10)) => {}
+                }
             }
         });
     }

@@ -15,21 +15,21 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
 
 use spiderpool_api::Object;
 use spiderpool_core::candidate::Spread;
 use spiderpool_core::{IpSet, Labels, Pool};
 use spiderpool_store::{typed, Change, Kind, Result, Revision, Store};
+use tokio::sync::Notify;
 
 /// The object kinds a view is made of: a change to one of them means reading the view afresh.
 const VIEWED: [Kind; 4] = [Kind::IPPool, Kind::ReservedIP, Kind::Namespace, Kind::Node];
 
-/// How long a watched view is trusted before it is read afresh anyway: a watch that stalls
-/// without an error (a half-open connection) cannot keep the view stale for longer.
-const MAX_WATCHED_AGE: Duration = Duration::from_secs(10);
+/// How long a watched view is trusted before it is read afresh anyway (in the background, see
+/// [`ViewCache::warm`]): the last resort against a watch that stalls without an error, which
+/// the datastore client's keep-alive pings should already have ended.
+pub const MAX_WATCHED_AGE: Duration = Duration::from_secs(300);
 
 /// What allocation reads, as of one revision.
 pub struct View {

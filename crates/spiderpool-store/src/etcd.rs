@@ -82,9 +82,13 @@ impl EtcdStore {
                 }
             })
             .collect();
+        // HTTP/2 pings, also while idle: a member that vanished without closing the connection
+        // ends the watch within seconds instead of leaving it silent.
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5));
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
         let mut clients = Vec::new();
         for url in &urls {
             let c = Client::connect([url], Some(options.clone()))
