@@ -266,8 +266,8 @@ fn endpoint_write(key: String, ep: &SpiderEndpoint, rev: Option<Revision>) -> Op
 
 /// Evaluates the attempt (an expression yielding a future of `Result`) until it does not end
 /// in a conflict, a bounded number of times, then tells the caller to try again later. (A
-/// conflict means another writer moved the datastore on, so the next attempt's view, checked
-/// against the revision, is read afresh.) A macro rather than a function taking an async
+/// conflict means another writer moved the datastore on: the next attempt's view has learnt the
+/// address that was taken, or is read afresh.) A macro rather than a function taking an async
 /// closure, whose futures cannot yet be proven `Send` for the server.
 macro_rules! retrying {
     ($what:expr, $attempt:expr) => {{

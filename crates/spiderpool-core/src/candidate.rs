@@ -511,10 +511,10 @@ pub fn free_at(
     in_use: &IpSet,
     spread: Option<Spread>,
 ) -> Option<IpAddr> {
-    let free = free_set(pool, reserved, in_use);
     let Some(spread) = spread else {
-        return free.first(pool.family);
+        return lowest_free(pool, reserved, in_use);
     };
+    let free = free_set(pool, reserved, in_use);
     if let Some((index, count)) = spread.stripe.filter(|&(_, n)| n > 1) {
         if let Some(ip) = free.first_in_stripe(pool.family, index.into(), count.into()) {
             return Some(ip);
