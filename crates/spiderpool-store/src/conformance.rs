@@ -24,6 +24,7 @@ where
     concurrent_compare_and_swap(&open).await;
     racing_claims_never_duplicate(&open).await;
     watch_reports_every_change(open().await).await;
+    no_claims_since_guards_pool_changes(open().await).await;
 }
 
 fn put(kind: Kind, key: &str, value: serde_json::Value, expect: Expect) -> Op {
@@ -485,7 +486,8 @@ where
 }
 
 /// A backend that can watch reports every change to allocations and to the watched kinds after
-/// the revision it starts from, in order, and nothing else; a backend that cannot says so.
+/// the revision it starts from, and nothing else, each key's changes in order; a backend that
+/// cannot says so.
 pub async fn watch_reports_every_change(s: Arc<dyn Store>) {
     let r0 = s.revision().await.unwrap().unwrap_or(0);
     let Some(mut changes) = s.watch(r0, &[Kind::IPPool, Kind::Node]).await.unwrap() else {
@@ -556,6 +558,10 @@ pub async fn watch_reports_every_change(s: Arc<dyn Store>) {
             .unwrap();
         got.extend(batch);
     }
+    // Each key's changes come in order; the allocations and each kind may interleave.
+    got.sort_by_key(|c| match c {
+        Change::Allocation { revision, .. } | Change::Object { revision, .. } => *revision,
+    });
     assert_eq!(got, want);
 
     // A watch from a later revision starts there.
@@ -566,4 +572,88 @@ pub async fn watch_reports_every_change(s: Arc<dyn Store>) {
         .unwrap()
         .unwrap();
     assert_eq!(first, [object(Kind::Node, "n1", r5)]);
+}
+
+/// `NoClaimsSince` fails a transaction (writing nothing) when an address of the pool was
+/// claimed after the revision, and only then: older claims and releases do not count.
+pub async fn no_claims_since_guards_pool_changes(s: Arc<dyn Store>) {
+    let r1 = s
+        .commit(vec![put(
+            Kind::IPPool,
+            "p",
+            json!({"v": 1}),
+            Expect::Absent,
+        )])
+        .await
+        .unwrap();
+    let claim = |c: &str, a: &str| Op::Claim {
+        pool: "p".into(),
+        ip: ip(a),
+        holder: holder(c, "eth0"),
+        pool_revision: r1,
+    };
+    s.commit(vec![claim("c1", "10.0.0.1"), claim("c2", "10.0.0.2")])
+        .await
+        .unwrap();
+    let since = s.revision().await.unwrap().unwrap();
+    let update = |v: i64, since| {
+        vec![
+            Op::Put {
+                kind: Kind::IPPool,
+                key: "p".into(),
+                value: json!({ "v": v }),
+                expect: Expect::Any,
+            },
+            Op::NoClaimsSince {
+                pool: "p".into(),
+                since,
+            },
+        ]
+    };
+    // A release after the revision and claims in another pool are no reason to fail.
+    s.commit(vec![Op::Release {
+        pool: "p".into(),
+        ip: ip("10.0.0.2"),
+        container_id: "c2".into(),
+        nic: "eth0".into(),
+    }])
+    .await
+    .unwrap();
+    s.commit(vec![put(Kind::IPPool, "q", json!({}), Expect::Absent)])
+        .await
+        .unwrap();
+    let rq = s.get(Kind::IPPool, "q").await.unwrap().unwrap().revision;
+    s.commit(vec![Op::Claim {
+        pool: "q".into(),
+        ip: ip("10.0.0.3"),
+        holder: holder("c3", "eth0"),
+        pool_revision: rq,
+    }])
+    .await
+    .unwrap();
+    s.commit(update(2, since)).await.unwrap();
+    // A claim after the revision is.
+    let since = s.revision().await.unwrap().unwrap();
+    let rp = s.get(Kind::IPPool, "p").await.unwrap().unwrap().revision;
+    s.commit(vec![Op::Claim {
+        pool: "p".into(),
+        ip: ip("10.0.0.9"),
+        holder: holder("c9", "eth0"),
+        pool_revision: rp,
+    }])
+    .await
+    .unwrap();
+    let m = conflict(s.commit(update(3, since)).await);
+    assert!(
+        m.contains("addresses of pool p were claimed after revision"),
+        "{m}"
+    );
+    assert_eq!(
+        s.get(Kind::IPPool, "p").await.unwrap().unwrap().value,
+        json!({"v": 2}),
+        "nothing written"
+    );
+    // Read again, the change goes through.
+    let since = s.revision().await.unwrap().unwrap();
+    s.commit(update(3, since)).await.unwrap();
 }

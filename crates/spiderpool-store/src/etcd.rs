@@ -21,8 +21,8 @@ use etcd_client::{
 };
 
 use crate::{
-    check, skip_unreadable, Allocation, Change, Changes, Expect, Holder, Kind, Op, Result,
-    Revision, Store, StoreError, Stored, HELD,
+    check, claimed_since, skip_unreadable, Allocation, Change, Changes, Expect, Holder, Kind, Op,
+    Result, Revision, Store, StoreError, Stored, HELD,
 };
 
 /// etcd's default limit on the operations of one transaction (`--max-txn-ops`).
@@ -407,6 +407,9 @@ impl Store for EtcdStore {
         let mut guards: Vec<Guard> = Vec::new();
         let mut writes = Vec::new();
         let mut claimed = std::collections::HashSet::new();
+        // Pools none of whose addresses may have been claimed after a revision: every key under
+        // the pool's allocations must be older (an empty range passes).
+        let mut quiet: Vec<(String, Revision)> = Vec::new();
         for op in ops {
             match op {
                 Op::Put {
@@ -465,6 +468,7 @@ impl Store for EtcdStore {
                     let holder = serde_json::to_string(&holder).expect("holder serialises");
                     writes.push(TxnOp::put(k, holder, None));
                 }
+                Op::NoClaimsSince { pool, since } => quiet.push((pool, since)),
                 Op::Release { .. } => {}
             }
         }
@@ -479,12 +483,28 @@ impl Store for EtcdStore {
                     .and_then(vec![TxnOp::delete(k, None)]),
             ));
         }
-        let compares: Vec<Compare> = guards.iter().filter_map(Guard::compare).collect();
-        // On failure, read every guarded key back to say which condition failed.
-        let reads: Vec<TxnOp> = guards
+        let mut compares: Vec<Compare> = guards.iter().filter_map(Guard::compare).collect();
+        compares.extend(quiet.iter().map(|(pool, since)| {
+            Compare::mod_revision(self.pool_prefix(pool), CompareOp::Less, *since as i64 + 1)
+                .with_prefix()
+        }));
+        // On failure, read every guarded key back to say which condition failed, and count
+        // the newer claims of each quiet pool.
+        let mut reads: Vec<TxnOp> = guards
             .iter()
             .map(|g| TxnOp::get(g.key.clone(), None))
             .collect();
+        reads.extend(quiet.iter().map(|(pool, since)| {
+            TxnOp::get(
+                self.pool_prefix(pool),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_count_only()
+                        .with_min_mod_revision(*since as i64 + 1),
+                ),
+            )
+        }));
         let resp = self
             .kv_txn(Txn::new().when(compares).and_then(writes).or_else(reads))
             .await?;
@@ -498,6 +518,12 @@ impl Store for EtcdStore {
                     return Err(StoreError::Conflict(format!("{} {HELD}", g.what)));
                 }
                 check(g.expect, current, &g.what)?;
+            }
+            let counts = resp.op_responses().into_iter().skip(guards.len());
+            for ((pool, since), r) in quiet.iter().zip(counts) {
+                if matches!(r, etcd_client::TxnOpResponse::Get(get) if get.count() > 0) {
+                    return Err(claimed_since(pool, *since));
+                }
             }
             return Err(StoreError::Conflict(
                 "a guarded key changed during the transaction".into(),

@@ -93,8 +93,9 @@ pub enum Change {
     },
 }
 
-/// The changes of a watch, in revision order, a batch at a time. An `Err` ends the watch: what
-/// the watcher built from it must be read afresh and watched again.
+/// The changes of a watch, a batch at a time: each key's in revision order (changes to the
+/// allocations and to each kind may interleave). An `Err` ends the watch: what the watcher
+/// built from it must be read afresh and watched again.
 pub type Changes = tokio::sync::mpsc::Receiver<Result<Vec<Change>>>;
 
 /// The condition a write puts on the object's current state.
@@ -143,6 +144,15 @@ pub enum Op {
         /// Revision of the pool object the choice was made on.
         pool_revision: Revision,
     },
+    /// Writes nothing; fails the transaction when an address of `pool` was claimed after
+    /// revision `since`. A change to a pool checked against its holders as of `since` (an
+    /// address excluded, the pool deleted) is thus never committed over a claim it did not see.
+    NoClaimsSince {
+        /// The pool.
+        pool: String,
+        /// The revision the holders were read at (or after).
+        since: Revision,
+    },
     /// Give an address back, but only if `(container_id, nic)` still holds it: a stale release
     /// never frees an address that went to someone else. Never fails the transaction.
     Release {
@@ -178,6 +188,13 @@ pub enum StoreError {
     /// A datastore URL or setting is wrong.
     #[error("{0}")]
     Config(String),
+}
+
+/// The conflict of [`Op::NoClaimsSince`].
+pub(crate) fn claimed_since(pool: &str, since: Revision) -> StoreError {
+    StoreError::Conflict(format!(
+        "addresses of pool {pool} were claimed after revision {since}, while the change was being checked"
+    ))
 }
 
 /// How a conflict over an address another holder took first ends.

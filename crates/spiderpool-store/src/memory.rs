@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::{
-    check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored,
+    check, claimed_since, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store,
+    StoreError, Stored,
 };
 
 #[derive(Default)]
@@ -120,6 +121,14 @@ impl Store for MemoryStore {
                         return Err(StoreError::held(&ip, &pool));
                     }
                     allocations.insert((pool, ip), (holder, rev));
+                }
+                Op::NoClaimsSince { pool, since } => {
+                    if allocations
+                        .iter()
+                        .any(|((p, _), (_, r))| *p == pool && *r > since)
+                    {
+                        return Err(claimed_since(&pool, since));
+                    }
                 }
                 Op::Release {
                     pool,

@@ -181,6 +181,9 @@ pub async fn apply(store: &dyn Store, mut object: Object) -> Result<Applied, App
     }
     let key = object.key();
     for attempt in 1.. {
+        // A pool is checked against its holders; the commit fails if an address was claimed
+        // after they were read (see `Op::NoClaimsSince`), and the check runs again.
+        let since = store.revision().await?;
         let current = typed::get(store, kind, &key).await?;
         match (&object, current.as_ref().map(|(o, _)| o)) {
             (Object::IPPool(new), old) => {
@@ -233,15 +236,19 @@ pub async fn apply(store: &dyn Store, mut object: Object) -> Result<Applied, App
                 return Ok(Applied::Unchanged);
             }
         }
-        match store
-            .commit(vec![Op::Put {
-                kind,
-                key: key.clone(),
-                value,
-                expect,
-            }])
-            .await
-        {
+        let mut ops = vec![Op::Put {
+            kind,
+            key: key.clone(),
+            value,
+            expect,
+        }];
+        if let (Kind::IPPool, Some(since)) = (kind, since) {
+            ops.push(Op::NoClaimsSince {
+                pool: key.clone(),
+                since,
+            });
+        }
+        match store.commit(ops).await {
             Ok(_) => return Ok(outcome),
             Err(StoreError::Conflict(_)) if attempt < 5 => continue,
             Err(e) => return Err(e.into()),
@@ -252,6 +259,7 @@ pub async fn apply(store: &dyn Store, mut object: Object) -> Result<Applied, App
 
 /// Deletes an object. A pool whose addresses are in use is kept, and the error names the pods.
 pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), ApplyError> {
+    let since = store.revision().await?;
     let Some((_, rev)) = typed::get(store, kind, key).await? else {
         return Err(ApplyError::NotFound {
             kind,
@@ -271,13 +279,19 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
             )));
         }
     }
-    store
-        .commit(vec![Op::Delete {
-            kind,
-            key: key.to_string(),
-            expect: Expect::Revision(rev),
-        }])
-        .await?;
+    let mut ops = vec![Op::Delete {
+        kind,
+        key: key.to_string(),
+        expect: Expect::Revision(rev),
+    }];
+    if let (Kind::IPPool, Some(since)) = (kind, since) {
+        // A claim that came in after the holders were read keeps the pool.
+        ops.push(Op::NoClaimsSince {
+            pool: key.to_string(),
+            since,
+        });
+    }
+    store.commit(ops).await?;
     Ok(())
 }
 

@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::{
-    check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored,
+    check, claimed_since, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store,
+    StoreError, Stored,
 };
 
 const SCHEMA: &str = "
@@ -309,6 +310,18 @@ impl Store for SqliteStore {
                         .map_err(&e)?;
                         if n == 0 {
                             return Err(StoreError::held(ip, pool));
+                        }
+                    }
+                    Op::NoClaimsSince { pool, since } => {
+                        let newer: bool = one(
+                            &tx,
+                            "SELECT EXISTS (SELECT 1 FROM allocations WHERE pool = ?1 AND revision > ?2)",
+                            params![pool, *since as i64],
+                            |r| r.get(0),
+                        )
+                        .map_err(&e)?;
+                        if newer {
+                            return Err(claimed_since(pool, *since));
                         }
                     }
                     Op::Release {

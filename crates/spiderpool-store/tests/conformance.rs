@@ -15,6 +15,7 @@ async fn memory_backend_conforms() {
     conformance::objects_and_conditions(Arc::new(MemoryStore::new())).await;
     conformance::transactions_are_all_or_nothing(Arc::new(MemoryStore::new())).await;
     conformance::claims_and_owned_releases(Arc::new(MemoryStore::new())).await;
+    conformance::no_claims_since_guards_pool_changes(Arc::new(MemoryStore::new())).await;
     let s: Arc<dyn Store> = Arc::new(MemoryStore::new());
     conformance::revisions_advance_by_one(&|| {
         let s = s.clone();
@@ -38,9 +39,17 @@ async fn memory_backend_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_backend_conforms() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, check) in ["objects", "revisions", "txn", "claims", "cas", "race"]
-        .iter()
-        .enumerate()
+    for (i, check) in [
+        "objects",
+        "revisions",
+        "txn",
+        "claims",
+        "cas",
+        "race",
+        "quiet",
+    ]
+    .iter()
+    .enumerate()
     {
         let path = dir.path().join(format!("{i}-{check}.db"));
         let open = || {
@@ -53,6 +62,7 @@ async fn sqlite_backend_conforms() {
             "txn" => conformance::transactions_are_all_or_nothing(open().await).await,
             "claims" => conformance::claims_and_owned_releases(open().await).await,
             "cas" => conformance::concurrent_compare_and_swap(&open).await,
+            "quiet" => conformance::no_claims_since_guards_pool_changes(open().await).await,
             _ => conformance::racing_claims_never_duplicate(&open).await,
         }
     }
@@ -89,6 +99,7 @@ async fn etcd_backend_conforms() {
             "claims" => conformance::claims_and_owned_releases(open().await).await,
             "cas" => conformance::concurrent_compare_and_swap(&open).await,
             "watch" => conformance::watch_reports_every_change(open().await).await,
+            "quiet" => conformance::no_claims_since_guards_pool_changes(open().await).await,
             _ => conformance::racing_claims_never_duplicate(&open).await,
         }
     }
