@@ -254,6 +254,16 @@ fn allocation_goes_on_when_one_of_three_members_dies() {
         "allocation stopped with one member down: {failed:?}"
     );
     assert_eq!(assert_consistent(&ds).len(), 100);
+    // The agents watched through the first member; they watch again through another one, and
+    // a change made now reaches them.
+    for a in &agents {
+        a.wait_for_log(&["following the datastore's changes"], 2);
+    }
+    let reserved = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderReservedIP\nmetadata: {name: member-down}\nspec: {ips: [10.6.4.231]}\n";
+    assert!(ctl(&ds, &["apply", "-f", "-"], reserved).success);
+    for a in &agents {
+        a.wait_for_log(&["spiderreservedips/member-down"], 1);
+    }
 }
 
 #[test]
