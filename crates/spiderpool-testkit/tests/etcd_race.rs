@@ -99,6 +99,23 @@ fn ten_agents_race_for_a_pool_of_exactly_1000_addresses() {
     let results = storm("DEL", &sockets, 0..1000);
     assert!(results.iter().all(|(_, o, _)| o.success), "a DEL failed");
     assert_eq!(allocated(&ds, "race"), 0);
+
+    // Every agent's view has heard of every release, its own and the others': a second race
+    // for the whole pool finds nothing held (a view still holding an address would refuse a
+    // pod with "exhausted" at the end).
+    let results = storm("ADD", &sockets, 1000..2000);
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|(_, o, _)| !o.success)
+        .map(|(i, o, _)| (i, &o.stdout))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} ADDs of the second race failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert_eq!(assert_consistent(&ds).len(), 1000);
 }
 
 /// Every address held once, every endpoint backed by its addresses, every address by an
