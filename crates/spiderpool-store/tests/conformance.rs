@@ -10,61 +10,28 @@ use spiderpool_store::{conformance, DatastoreUrl, Expect, Kind, Op, Store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_backend_conforms() {
-    let shared: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    // Each check needs its own fresh datastore, but handles inside a check share one.
-    conformance::objects_and_conditions(Arc::new(MemoryStore::new())).await;
-    conformance::transactions_are_all_or_nothing(Arc::new(MemoryStore::new())).await;
-    conformance::claims_and_owned_releases(Arc::new(MemoryStore::new())).await;
-    conformance::no_claims_since_guards_pool_changes(Arc::new(MemoryStore::new())).await;
-    let s: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    conformance::revisions_advance_by_one(&|| {
-        let s = s.clone();
-        async move { s }
-    })
-    .await;
-    let s = shared.clone();
-    conformance::concurrent_compare_and_swap(&|| {
-        let s = s.clone();
-        async move { s }
-    })
-    .await;
-    let s = shared.clone();
-    conformance::racing_claims_never_duplicate(&|| {
-        let s = s.clone();
-        async move { s }
-    })
-    .await;
+    for check in conformance::CHECKS {
+        // Every handle of one check shares one datastore.
+        let s: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        conformance::run_check(check, &|| {
+            let s = s.clone();
+            async move { s }
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_backend_conforms() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, check) in [
-        "objects",
-        "revisions",
-        "txn",
-        "claims",
-        "cas",
-        "race",
-        "quiet",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let path = dir.path().join(format!("{i}-{check}.db"));
-        let open = || {
+    for check in conformance::CHECKS {
+        // Each handle is a connection of its own to the check's file, as another process's.
+        let path = dir.path().join(format!("{check}.db"));
+        conformance::run_check(check, &|| {
             let path = path.clone();
             async move { Arc::new(SqliteStore::open(&path).await.unwrap()) as Arc<dyn Store> }
-        };
-        match *check {
-            "objects" => conformance::objects_and_conditions(open().await).await,
-            "revisions" => conformance::revisions_advance_by_one(&open).await,
-            "txn" => conformance::transactions_are_all_or_nothing(open().await).await,
-            "claims" => conformance::claims_and_owned_releases(open().await).await,
-            "cas" => conformance::concurrent_compare_and_swap(&open).await,
-            "quiet" => conformance::no_claims_since_guards_pool_changes(open().await).await,
-            _ => conformance::racing_claims_never_duplicate(&open).await,
-        }
+        })
+        .await;
     }
 }
 
@@ -74,34 +41,17 @@ async fn etcd_backend_conforms() {
         return;
     }
     let etcd = spiderpool_testkit::Etcd::single();
-    for check in [
-        "objects",
-        "revisions",
-        "txn",
-        "claims",
-        "cas",
-        "race",
-        "watch",
-    ] {
+    for check in conformance::CHECKS {
         // Each check gets its own prefix: a fresh datastore on the same cluster.
         let url: DatastoreUrl = etcd
             .datastore(&format!("/conformance/{check}"))
             .parse()
             .unwrap();
-        let open = || {
+        conformance::run_check(check, &|| {
             let url = url.clone();
             async move { spiderpool_store::open(&url).await.unwrap() }
-        };
-        match check {
-            "objects" => conformance::objects_and_conditions(open().await).await,
-            "revisions" => conformance::revisions_advance_by_one(&open).await,
-            "txn" => conformance::transactions_are_all_or_nothing(open().await).await,
-            "claims" => conformance::claims_and_owned_releases(open().await).await,
-            "cas" => conformance::concurrent_compare_and_swap(&open).await,
-            "watch" => conformance::watch_reports_every_change(open().await).await,
-            "quiet" => conformance::no_claims_since_guards_pool_changes(open().await).await,
-            _ => conformance::racing_claims_never_duplicate(&open).await,
-        }
+        })
+        .await;
     }
 }
 
