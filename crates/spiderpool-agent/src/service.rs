@@ -451,7 +451,18 @@ impl IpamService {
         args: &IpamAddArgs,
         cache: &mut ViewCache,
     ) -> Result<IpamAddResponse> {
-        match self.prepare_add(pod, args, cache, false, None).await? {
+        let prepared = match self.prepare_add(pod, args, cache, false, None).await {
+            // A watched view may not have heard yet of a change that makes room (a pool
+            // widened, an address released elsewhere): what it refuses is planned again on the
+            // view read afresh before the refusal is final.
+            Err(ServiceError::Alloc(e)) if cache.watched() => {
+                tracing::debug!(error = %e, "refused on the followed view; reading it afresh");
+                cache.invalidate();
+                self.prepare_add(pod, args, cache, false, None).await?
+            }
+            other => other?,
+        };
+        match prepared {
             Prepared::Done(resp) => Ok(resp),
             Prepared::Commit(mut c) => {
                 let revision = match self.store.commit(std::mem::take(&mut c.ops)).await {
@@ -826,9 +837,12 @@ impl IpamService {
                         cache.stage(&c.claimed, &c.released);
                         staged.push((p, c));
                     }
+                    // Refusals on a followed view are made final on its own, on a fresh view
+                    // (see try_add).
                     Ok(Prepared::Alone) | Err(ServiceError::Store(StoreError::Conflict(_))) => {
                         alone.push(p)
                     }
+                    Err(ServiceError::Alloc(_)) if cache.watched() => alone.push(p),
                     Err(e) => {
                         let _ = p.reply.send(Err(e));
                     }
@@ -1135,14 +1149,23 @@ impl IpamService {
     pub async fn status(&self, v4: &[String], v6: &[String]) -> Result<()> {
         let mut cache = self.state.lock().await;
         let store = self.store.as_ref();
-        let view = cache
-            .current(store)
-            .await
-            .map_err(|e| ServiceError::NotReady(format!("the datastore does not answer: {e}")))?;
-        let pools = std::mem::take(&mut view.pools);
-        let r = self.any_free(&pools, view, v4, v6).await;
-        view.pools = pools;
-        r
+        // As for ADD: a followed view that finds no free address is read afresh before the
+        // answer is "not ready".
+        for afresh in [false, true] {
+            if afresh {
+                cache.invalidate();
+            }
+            let view = cache.current(store).await.map_err(|e| {
+                ServiceError::NotReady(format!("the datastore does not answer: {e}"))
+            })?;
+            let pools = std::mem::take(&mut view.pools);
+            let r = self.any_free(&pools, view, v4, v6).await;
+            view.pools = pools;
+            if r.is_ok() || afresh || !cache.watched() {
+                return r;
+            }
+        }
+        unreachable!("the second pass returns")
     }
 
     async fn any_free(

@@ -365,8 +365,8 @@ impl ViewCache {
         true
     }
 
-    /// Whether the view is kept current by a watch.
-    fn watched(&self) -> bool {
+    /// Whether the view is kept current by a watch (and so may lag a little behind).
+    pub fn watched(&self) -> bool {
         self.feed
             .as_ref()
             .is_some_and(|f| f.lock().expect("feed lock").live)

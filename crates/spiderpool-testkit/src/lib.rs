@@ -52,22 +52,36 @@ pub struct Sandbox {
     pub dir: tempfile::TempDir,
     /// The datastore, when it is not the SQLite file inside the directory.
     url: Option<String>,
+    /// The sandbox's own etcd, if it has one.
+    _etcd: Option<Etcd>,
 }
 
 impl Sandbox {
-    /// A new sandbox.
+    /// A new sandbox: on its own SQLite file, or with SPIDERPOOL_TEST_DATASTORE=etcd on an etcd
+    /// of its own (so every test that uses sandboxes can run on either datastore).
     pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if std::env::var("SPIDERPOOL_TEST_DATASTORE").as_deref() == Ok("etcd") {
+            let etcd = Etcd::single();
+            return Sandbox {
+                dir,
+                url: Some(etcd.datastore("/sandbox")),
+                _etcd: Some(etcd),
+            };
+        }
         Sandbox {
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir,
             url: None,
+            _etcd: None,
         }
     }
 
     /// A sandbox whose datastore is `url` (etcd, say) instead of its own SQLite file.
     pub fn on(url: String) -> Self {
         Sandbox {
+            dir: tempfile::tempdir().expect("tempdir"),
             url: Some(url),
-            ..Sandbox::new()
+            _etcd: None,
         }
     }
 

@@ -13,7 +13,9 @@ use spiderpool_testkit::{etcd_available, Agent, CniCall, Etcd, Sandbox};
 /// Runs `scenario` on a SQLite sandbox and, where etcd is installed, on an etcd one; the flag
 /// says whether the datastore is watched.
 fn on_both(scenario: fn(&Sandbox, bool)) {
-    scenario(&Sandbox::new(), false);
+    // (SPIDERPOOL_TEST_DATASTORE=etcd makes the first one etcd too.)
+    let sb = Sandbox::new();
+    scenario(&sb, sb.datastore().starts_with("etcd://"));
     if etcd_available() {
         let etcd = Etcd::single();
         scenario(&Sandbox::on(etcd.datastore("/agents")), true);
