@@ -69,17 +69,7 @@ fn ten_agents_race_for_a_pool_of_exactly_1000_addresses() {
     let sockets: Vec<_> = agents.iter().map(|a| a.socket.clone()).collect();
 
     let results = storm("ADD", &sockets, 0..1000);
-    let failed: Vec<_> = results
-        .iter()
-        .filter(|(_, o, _)| !o.success)
-        .map(|(i, o, _)| (i, &o.stdout))
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} ADDs failed, first: {:?}",
-        failed.len(),
-        failed.first()
-    );
+    all_succeeded(&results, "first race");
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, out, _) in &results {
         if let Some(other) = seen.insert(address(out), *i) {
@@ -97,13 +87,19 @@ fn ten_agents_race_for_a_pool_of_exactly_1000_addresses() {
         .contains("race: exhausted (1000 of 1000 addresses in use)"));
 
     let results = storm("DEL", &sockets, 0..1000);
-    assert!(results.iter().all(|(_, o, _)| o.success), "a DEL failed");
+    all_succeeded(&results, "DEL of every pod");
     assert_eq!(allocated(&ds, "race"), 0);
 
     // Every agent's view has heard of every release, its own and the others': a second race
     // for the whole pool finds nothing held (a view still holding an address would refuse a
     // pod with "exhausted" at the end).
     let results = storm("ADD", &sockets, 1000..2000);
+    all_succeeded(&results, "second race");
+    assert_eq!(assert_consistent(&ds).len(), 1000);
+}
+
+/// Every call of the storm succeeded; otherwise says how many failed and how the first did.
+fn all_succeeded(results: &[(usize, Output, Duration)], what: &str) {
     let failed: Vec<_> = results
         .iter()
         .filter(|(_, o, _)| !o.success)
@@ -111,11 +107,10 @@ fn ten_agents_race_for_a_pool_of_exactly_1000_addresses() {
         .collect();
     assert!(
         failed.is_empty(),
-        "{} ADDs of the second race failed, first: {:?}",
+        "{what}: {} calls failed, first: {:?}",
         failed.len(),
         failed.first()
     );
-    assert_eq!(assert_consistent(&ds).len(), 1000);
 }
 
 /// Every address held once, every endpoint backed by its addresses, every address by an
@@ -256,20 +251,9 @@ fn allocation_goes_on_when_one_of_three_members_dies() {
     let dir = tempfile::tempdir().unwrap();
     let agents = agents(&ds, dir.path(), 2);
     let sockets: Vec<_> = agents.iter().map(|a| a.socket.clone()).collect();
-    assert!(storm("ADD", &sockets, 0..50)
-        .iter()
-        .all(|(_, o, _)| o.success));
+    all_succeeded(&storm("ADD", &sockets, 0..50), "all members up");
     etcd.kill(0);
-    let results = storm("ADD", &sockets, 50..100);
-    let failed: Vec<_> = results
-        .iter()
-        .filter(|(_, o, _)| !o.success)
-        .map(|(_, o, _)| o.stdout.clone())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "allocation stopped with one member down: {failed:?}"
-    );
+    all_succeeded(&storm("ADD", &sockets, 50..100), "one member down");
     assert_eq!(assert_consistent(&ds).len(), 100);
     // The agents watched through the first member; they watch again through another one, and
     // a change made now reaches them.
