@@ -170,6 +170,24 @@ impl EtcdStore {
         format!("{}{ip}", self.pool_prefix(pool))
     }
 
+    /// Adds the guard of a write to object `key` of `kind` and returns its etcd key.
+    fn guard_object(
+        &self,
+        guards: &mut Vec<Guard>,
+        kind: Kind,
+        key: &str,
+        expect: Expect,
+    ) -> String {
+        let k = self.object_key(kind, key);
+        guards.push(Guard {
+            key: k.clone(),
+            expect,
+            what: format!("{kind}/{key}"),
+            address: false,
+        });
+        k
+    }
+
     /// Every key-value under `prefix`, in key order, read in pages.
     async fn range(&self, prefix: &str, keys_only: bool) -> Result<Vec<KeyValue>> {
         let end = key_end(prefix.as_bytes());
@@ -418,23 +436,11 @@ impl Store for EtcdStore {
                     value,
                     expect,
                 } => {
-                    let k = self.object_key(kind, &key);
-                    guards.push(Guard {
-                        key: k.clone(),
-                        expect,
-                        what: format!("{kind}/{key}"),
-                        address: false,
-                    });
+                    let k = self.guard_object(&mut guards, kind, &key, expect);
                     writes.push(TxnOp::put(k, value.to_string(), None));
                 }
                 Op::Delete { kind, key, expect } => {
-                    let k = self.object_key(kind, &key);
-                    guards.push(Guard {
-                        key: k.clone(),
-                        expect,
-                        what: format!("{kind}/{key}"),
-                        address: false,
-                    });
+                    let k = self.guard_object(&mut guards, kind, &key, expect);
                     writes.push(TxnOp::delete(k, None));
                 }
                 Op::Claim {
