@@ -364,8 +364,14 @@ fn parse_routes(routes: &[RouteSpec]) -> Result<Vec<Route>, ValidationError> {
 impl SpiderIPPool {
     /// The validated core pool, or the first rule it breaks, naming field and value.
     pub fn to_pool(&self) -> Result<Pool, ValidationError> {
+        self.to_pool_as("SpiderIPPool", "pool")
+    }
+
+    /// [`SpiderIPPool::to_pool`] for a spec that belongs to another kind of object (a
+    /// SpiderSubnet's), so errors name that object.
+    fn to_pool_as(&self, kind: &str, object: &'static str) -> Result<Pool, ValidationError> {
         let name = &self.metadata.name;
-        let ctx = |e: ValidationError| e.in_object("SpiderIPPool", name);
+        let ctx = |e: ValidationError| e.in_object(kind, name);
         let declared = parse_family("spec.ipVersion", self.spec.ip_version).map_err(ctx)?;
         let subnet = parse_subnet("spec.subnet", &self.spec.subnet).map_err(ctx)?;
         let mut pool = Pool::new(name.clone(), subnet);
@@ -410,7 +416,7 @@ impl SpiderIPPool {
                     .map_err(|e| ctx(ValidationError::Invalid(format!("{field}: {e}"))))?;
             }
         }
-        pool.validate(declared)
+        pool.validate_as(object, declared)
             .map_err(|e| ValidationError::Invalid(e.to_string()))?;
         Ok(pool)
     }
@@ -434,9 +440,7 @@ impl SpiderSubnet {
             },
             ..Default::default()
         };
-        as_pool.to_pool().map_err(|e| {
-            ValidationError::Invalid(e.to_string().replacen("pool \"", "subnet \"", 1))
-        })
+        as_pool.to_pool_as("SpiderSubnet", "subnet")
     }
 }
 
@@ -511,6 +515,26 @@ mod tests {
             let mut p = pool(spec);
             p.metadata.name = "p".into();
             let err = p.to_pool().unwrap_err().to_string();
+            assert!(err.starts_with(want), "{spec}: want {want:?}, got {err:?}");
+        }
+    }
+
+    #[test]
+    fn subnet_errors_name_the_subnet() {
+        let cases = [
+            (
+                "spec: {subnet: 10.6.0.0/33}",
+                "SpiderSubnet \"s\": spec.subnet \"10.6.0.0/33\" is not a CIDR",
+            ),
+            (
+                "spec: {subnet: 10.6.0.0/16, ips: [10.7.0.1]}",
+                "subnet \"s\": spec.ips 10.7.0.1 is outside subnet 10.6.0.0/16",
+            ),
+        ];
+        for (spec, want) in cases {
+            let mut sub: SpiderSubnet = serde_norway::from_str(spec).unwrap();
+            sub.metadata.name = "s".into();
+            let err = sub.to_pool().unwrap_err().to_string();
             assert!(err.starts_with(want), "{spec}: want {want:?}, got {err:?}");
         }
     }

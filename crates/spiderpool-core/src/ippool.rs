@@ -18,35 +18,41 @@ pub struct Route {
     pub gw: IpAddr,
 }
 
-/// A pool spec that breaks a rule; every variant names the pool and the bad value.
+/// A pool (or subnet) spec that breaks a rule: which object, and the rule with the bad value.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{object} {name:?}: {rule}")]
+pub struct PoolError {
+    /// What the spec belongs to, as messages name it: `pool` or `subnet`.
+    pub object: &'static str,
+    /// The object's name.
+    pub name: String,
+    /// The rule broken.
+    pub rule: PoolRule,
+}
+
+/// The rule a pool spec breaks; every variant names the bad value.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
-pub enum PoolError {
+pub enum PoolRule {
     /// `spec.subnet` is not written as its network address.
-    #[error("pool {pool:?}: spec.subnet {subnet} is not canonical, use {canonical}")]
+    #[error("spec.subnet {subnet} is not canonical, use {canonical}")]
     NonCanonicalSubnet {
-        /// The pool.
-        pool: String,
         /// The subnet as written.
         subnet: IpNet,
         /// Its canonical form.
         canonical: IpNet,
     },
     /// `spec.ipVersion` disagrees with the subnet's family.
-    #[error("pool {pool:?}: spec.ipVersion {version} does not match spec.subnet {subnet}")]
+    #[error("spec.ipVersion {version} does not match spec.subnet {subnet}")]
     VersionMismatch {
-        /// The pool.
-        pool: String,
         /// The declared version.
         version: u8,
         /// The subnet.
         subnet: IpNet,
     },
     /// An address of a list lies outside `spec.subnet`.
-    #[error("pool {pool:?}: {field} {ip} is outside subnet {subnet}")]
+    #[error("{field} {ip} is outside subnet {subnet}")]
     OutsideSubnet {
-        /// The pool.
-        pool: String,
         /// `spec.ips`, `spec.excludeIPs`, `spec.gateway` or `spec.routes[].gw`.
         field: &'static str,
         /// The first offending address.
@@ -55,18 +61,14 @@ pub enum PoolError {
         subnet: IpNet,
     },
     /// The gateway is one of the pool's own addresses.
-    #[error("pool {pool:?}: spec.gateway {gateway} must not be one of spec.ips: add it to spec.excludeIPs or remove it from spec.ips")]
+    #[error("spec.gateway {gateway} must not be one of spec.ips: add it to spec.excludeIPs or remove it from spec.ips")]
     GatewayInIps {
-        /// The pool.
-        pool: String,
         /// The gateway.
         gateway: IpAddr,
     },
     /// A route of the wrong family, or a default route (the gateway gives that).
-    #[error("pool {pool:?}: spec.routes entry {dst} via {gw}: {why}")]
+    #[error("spec.routes entry {dst} via {gw}: {why}")]
     BadRoute {
-        /// The pool.
-        pool: String,
         /// Destination.
         dst: IpNet,
         /// Next hop.
@@ -75,10 +77,8 @@ pub enum PoolError {
         why: &'static str,
     },
     /// Two routes to one destination.
-    #[error("pool {pool:?}: spec.routes has {dst} twice")]
+    #[error("spec.routes has {dst} twice")]
     DuplicateRoute {
-        /// The pool.
-        pool: String,
         /// The repeated destination.
         dst: IpNet,
     },
@@ -163,18 +163,34 @@ impl Pool {
     /// Checks the rules a stored pool must satisfy on its own. `declared_version` is
     /// `spec.ipVersion` when the user wrote it.
     pub fn validate(&self, declared_version: Option<IpFamily>) -> Result<(), PoolError> {
-        let pool = || self.name.clone();
+        self.validate_as("pool", declared_version)
+    }
+
+    /// [`Pool::validate`] for a spec that belongs to `object` (`subnet` for a SpiderSubnet,
+    /// whose spec follows the same rules), so the error names it so.
+    pub fn validate_as(
+        &self,
+        object: &'static str,
+        declared_version: Option<IpFamily>,
+    ) -> Result<(), PoolError> {
+        self.check_rules(declared_version)
+            .map_err(|rule| PoolError {
+                object,
+                name: self.name.clone(),
+                rule,
+            })
+    }
+
+    fn check_rules(&self, declared_version: Option<IpFamily>) -> Result<(), PoolRule> {
         if self.subnet.trunc() != self.subnet {
-            return Err(PoolError::NonCanonicalSubnet {
-                pool: pool(),
+            return Err(PoolRule::NonCanonicalSubnet {
                 subnet: self.subnet,
                 canonical: self.subnet.trunc(),
             });
         }
         if let Some(v) = declared_version {
             if v != self.family {
-                return Err(PoolError::VersionMismatch {
-                    pool: pool(),
+                return Err(PoolRule::VersionMismatch {
                     version: v.number(),
                     subnet: self.subnet,
                 });
@@ -183,8 +199,7 @@ impl Pool {
         let net = IpSet::from_net(&self.subnet);
         for (field, set) in [("spec.ips", &self.ips), ("spec.excludeIPs", &self.exclude)] {
             if let Some(r) = set.difference(&net).ranges().next() {
-                return Err(PoolError::OutsideSubnet {
-                    pool: pool(),
+                return Err(PoolRule::OutsideSubnet {
                     field,
                     ip: r.start(),
                     subnet: self.subnet,
@@ -193,24 +208,19 @@ impl Pool {
         }
         if let Some(gw) = self.gateway {
             if !self.subnet.contains(&gw) {
-                return Err(PoolError::OutsideSubnet {
-                    pool: pool(),
+                return Err(PoolRule::OutsideSubnet {
                     field: "spec.gateway",
                     ip: gw,
                     subnet: self.subnet,
                 });
             }
             if self.usable().contains(&gw) {
-                return Err(PoolError::GatewayInIps {
-                    pool: pool(),
-                    gateway: gw,
-                });
+                return Err(PoolRule::GatewayInIps { gateway: gw });
             }
         }
         let mut seen = Vec::new();
         for r in &self.routes {
-            let bad = |why| PoolError::BadRoute {
-                pool: pool(),
+            let bad = |why| PoolRule::BadRoute {
                 dst: r.dst,
                 gw: r.gw,
                 why,
@@ -228,18 +238,14 @@ impl Pool {
                 ));
             }
             if !self.subnet.contains(&r.gw) {
-                return Err(PoolError::OutsideSubnet {
-                    pool: pool(),
+                return Err(PoolRule::OutsideSubnet {
                     field: "spec.routes[].gw",
                     ip: r.gw,
                     subnet: self.subnet,
                 });
             }
             if seen.contains(&r.dst) {
-                return Err(PoolError::DuplicateRoute {
-                    pool: pool(),
-                    dst: r.dst,
-                });
+                return Err(PoolRule::DuplicateRoute { dst: r.dst });
             }
             seen.push(r.dst);
         }

@@ -8,6 +8,6 @@ pub mod ipset;
 pub mod selector;
 
 pub use candidate::{AllocError, Plan, PoolNames, Rejected, Rejection, Request, Source};
-pub use ippool::{Pool, PoolError, Route};
+pub use ippool::{Pool, PoolError, PoolRule, Route};
 pub use ipset::{IpFamily, IpRange, IpRangeError, IpSet};
 pub use selector::{LabelSelector, Labels, Requirement, SelectorError};

@@ -1,0 +1,508 @@
+//! ADD: from a request to the ops that claim its addresses and write its endpoint record;
+//! a repeated ADD gets the same answer, a StatefulSet member its previous addresses.
+
+use std::net::IpAddr;
+
+use spiderpool_api::agent::{IpamAddArgs, IpamAddResponse};
+use spiderpool_api::annotation;
+use spiderpool_api::crd::{EndpointInterface, EndpointStatus, RouteSpec, API_VERSION};
+use spiderpool_api::{Object, ObjectMeta, SpiderEndpoint, ValidationError};
+use spiderpool_core::candidate::{free_at, AllocError, Rejected, Rejection, Spread};
+use spiderpool_core::{IpFamily, Pool, PoolNames, Request};
+use spiderpool_store::{typed, Holder, Kind, Op, Revision, StoreError};
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::view::{View, ViewCache};
+
+/// An ADD ready to commit.
+pub(super) struct Commit {
+    pub(super) ops: Vec<Op>,
+    pub(super) claimed: Vec<(String, IpAddr)>,
+    pub(super) released: Vec<(String, IpAddr)>,
+    pub(super) resp: IpamAddResponse,
+    pub(super) reused: bool,
+}
+
+impl Commit {
+    pub(super) fn log(&self, pod: &PodRef) {
+        tracing::info!(
+            pod = %pod.key(), container_id = %pod.container_id, nic = %pod.nic,
+            ips = ?self.resp.ips.iter().map(|i| (&i.address, &i.ip_pool)).collect::<Vec<_>>(),
+            reused = self.reused,
+            "allocated"
+        );
+    }
+}
+
+/// A pod's Pod object and endpoint record, read ahead for a batch.
+pub(super) type Prefetched = (Option<(Object, Revision)>, Option<(Object, Revision)>);
+
+/// Where an ADD stands before its commit.
+pub(super) enum Prepared {
+    /// Already answered (a repeated ADD).
+    Done(IpamAddResponse),
+    /// Ready to commit.
+    Commit(Commit),
+    /// Needs its own transactions; leave it out of the batch.
+    Alone,
+}
+
+/// One address chosen for one family.
+pub(super) struct Pick {
+    pub(super) family: IpFamily,
+    pub(super) pool: Pool,
+    pub(super) pool_revision: Revision,
+    pub(super) ip: IpAddr,
+}
+
+/// The addresses chosen for one NIC.
+pub(super) struct Picks {
+    pub(super) picks: Vec<Pick>,
+    pub(super) clean_gateway: bool,
+}
+
+impl IpamService {
+    /// CNI ADD: the NIC's addresses, the same ones again when repeated.
+    pub async fn add(&self, args: &IpamAddArgs) -> Result<IpamAddResponse> {
+        let pod = PodRef::of_add(args)?;
+        // Group commit: the request joins the queue; whoever holds the lock serves everything
+        // queued so far in one transaction, so concurrent ADDs on this agent cost one commit.
+        let started = std::time::Instant::now();
+        let served = |r: Result<IpamAddResponse>| {
+            tracing::debug!(
+                elapsed_us = started.elapsed().as_micros() as u64,
+                ok = r.is_ok(),
+                "ADD served"
+            );
+            r
+        };
+        let (tx, mut rx) = oneshot::channel();
+        self.queue.lock().expect("queue lock").push(PendingAdd {
+            pod,
+            args: args.clone(),
+            reply: tx,
+        });
+        let mut cache = self.state.lock().await;
+        // Whoever held the lock before may have served this request already; otherwise this
+        // request is still queued and this holder serves it along with the others.
+        if let Ok(r) = rx.try_recv() {
+            return served(r);
+        }
+        let batch: Vec<PendingAdd> = std::mem::take(&mut *self.queue.lock().expect("queue lock"));
+        self.add_batch(batch, &mut cache).await;
+        drop(cache);
+        served(rx.try_recv().unwrap_or_else(|_| {
+            // A holder that was cancelled (its client went away) mid-batch dropped the reply;
+            // whatever it committed is recorded, and a retry gets the same answer.
+            Err(
+                StoreError::Unavailable("the request was abandoned while queued; try again".into())
+                    .into(),
+            )
+        }))
+    }
+
+    pub(super) async fn try_add(
+        &self,
+        pod: &PodRef,
+        args: &IpamAddArgs,
+        cache: &mut ViewCache,
+    ) -> Result<IpamAddResponse> {
+        let prepared = match self.prepare_add(pod, args, cache, false, None).await {
+            // A watched view may not have heard yet of a change that makes room (a pool
+            // widened, an address released elsewhere): what it refuses is planned again on the
+            // view read afresh before the refusal is final.
+            Err(ServiceError::Alloc(e)) if cache.watched() => {
+                tracing::debug!(error = %e, "refused on the followed view; reading it afresh");
+                cache.invalidate();
+                self.prepare_add(pod, args, cache, false, None).await?
+            }
+            other => other?,
+        };
+        match prepared {
+            Prepared::Done(resp) => Ok(resp),
+            Prepared::Commit(mut c) => {
+                let revision = match self.store.commit(std::mem::take(&mut c.ops)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if matches!(e, StoreError::Conflict(_)) {
+                            // The view missed what beat this commit.
+                            cache.conflicted(e.taken());
+                        }
+                        return Err(e.into());
+                    }
+                };
+                cache.committed(revision, &c.claimed, &c.released);
+                c.log(pod);
+                Ok(c.resp)
+            }
+            Prepared::Alone => unreachable!("only batches defer"),
+        }
+    }
+
+    /// Everything of an ADD up to its commit: the ops to commit and the answer to give once
+    /// they are in. In a batch (`batched`), work that needs a commit of its own first (a stale
+    /// record to release) is deferred with [`Prepared::Alone`].
+    pub(super) async fn prepare_add(
+        &self,
+        pod: &PodRef,
+        args: &IpamAddArgs,
+        cache: &mut ViewCache,
+        batched: bool,
+        prefetched: Option<Prefetched>,
+    ) -> Result<Prepared> {
+        let store = self.store.as_ref();
+        let key = pod.key();
+        let (pod_obj, ep_read) = match prefetched {
+            Some(p) => p,
+            None => {
+                let mut both = typed::get_many(
+                    store,
+                    &[(Kind::Pod, key.clone()), (Kind::Endpoint, key.clone())],
+                )
+                .await?
+                .into_iter();
+                (both.next().flatten(), both.next().flatten())
+            }
+        };
+        let pod_obj = pod_obj.and_then(|(o, _)| kube_of(o));
+        let uid = [
+            args.pod_uid.as_str(),
+            pod_obj
+                .as_ref()
+                .and_then(|p| p.metadata.uid.as_deref())
+                .unwrap_or(""),
+            pod.container_id.as_str(),
+        ]
+        .into_iter()
+        .find(|s| !s.is_empty())
+        .unwrap_or_default()
+        .to_string();
+        let (pod_labels, annotations, owner) = match &pod_obj {
+            Some(p) => (
+                p.metadata.labels.clone(),
+                p.metadata.annotations.clone(),
+                p.metadata
+                    .controller()
+                    .map(|o| (o.kind.clone(), o.name.clone())),
+            ),
+            None => Default::default(),
+        };
+        let (owner_kind, owner_name) = owner.unwrap_or_else(|| ("Pod".into(), pod.name.clone()));
+        let member = self
+            .stateful_member(&pod.namespace, &pod.name, &owner_kind, &owner_name)
+            .await?;
+
+        let mut ep_entry = ep_read.and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)));
+        // This NIC's record from an earlier sandbox of a StatefulSet member: its addresses are
+        // handed over if their pools are still candidates.
+        let mut previous = None;
+        if let Some((ep, rev)) = &ep_entry {
+            if let Some(nic) = ep.status.current.iter().find(|n| n.interface == pod.nic) {
+                if nic.container_id == pod.container_id {
+                    return Ok(Prepared::Done(response_of(nic)));
+                }
+            }
+            // Otherwise the record belongs to an earlier incarnation of this pod or an earlier
+            // sandbox of this NIC: those addresses go back before allocating afresh, except a
+            // StatefulSet member's, which wait for their own NIC's ADD.
+            let stale: Vec<&EndpointInterface> = if member {
+                previous = ep
+                    .status
+                    .current
+                    .iter()
+                    .find(|n| n.interface == pod.nic)
+                    .cloned();
+                Vec::new()
+            } else {
+                ep.status
+                    .current
+                    .iter()
+                    .filter(|n| ep.status.uid != uid || n.interface == pod.nic)
+                    .collect()
+            };
+            if !stale.is_empty() && batched {
+                return Ok(Prepared::Alone);
+            }
+            if !stale.is_empty() {
+                let mut kept = ep.clone();
+                kept.status.current.retain(|n| !stale.contains(&n));
+                let mut ops: Vec<Op> = stale.iter().flat_map(|n| release_ops(n)).collect();
+                ops.push(endpoint_write(key.clone(), &kept, Some(*rev)));
+                tracing::info!(pod = %key, released = ?stale.iter().map(|n| &n.interface).collect::<Vec<_>>(), "releasing a stale record");
+                let released: Vec<(String, IpAddr)> = stale.iter().flat_map(|n| held(n)).collect();
+                let rev = self.store.commit(ops).await?;
+                cache.committed(rev, &[], &released);
+                ep_entry = typed::get(store, Kind::Endpoint, &key)
+                    .await?
+                    .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)));
+            }
+        }
+
+        for unsupported in [annotation::SUBNET, annotation::SUBNETS] {
+            if annotations.contains_key(unsupported) {
+                return Err(ValidationError::Invalid(format!(
+                    "pod {key}: annotation {unsupported} (SpiderSubnet auto pools) is not supported by this version; \
+                     name the pools with {} or {}",
+                    annotation::IPPOOL,
+                    annotation::IPPOOLS
+                ))
+                .into());
+            }
+        }
+        let in_pod = |e: ValidationError| ValidationError::Invalid(format!("pod {key}: {e}"));
+        let pod_ippools = annotations
+            .get(annotation::IPPOOLS)
+            .map(|v| annotation::parse_ippools(v, &pod.nic))
+            .transpose()
+            .map_err(in_pod)?;
+        let pod_ippool = annotations
+            .get(annotation::IPPOOL)
+            .map(|v| annotation::parse_ippool(v))
+            .transpose()
+            .map_err(in_pod)?;
+        let custom_routes = annotations
+            .get(annotation::ROUTES)
+            .map(|v| annotation::parse_routes(v))
+            .transpose()
+            .map_err(in_pod)?
+            .unwrap_or_default();
+        let multus_network =
+            annotation::multus_network(&annotations, &pod.namespace, &pod.nic).map_err(in_pod)?;
+
+        let contended = cache.contended();
+        // A batch works on one view from start to commit, so its members' picks all stand.
+        let view = if batched {
+            cache.pinned(store).await?
+        } else {
+            cache.current(store).await?
+        };
+        let (namespace_labels, namespace_annotations) =
+            view.namespace(store, &pod.namespace).await?;
+        let namespace_default = annotation::parse_namespace_default(
+            namespace_annotations
+                .get(annotation::NS_DEFAULT_IPV4)
+                .map(String::as_str),
+            namespace_annotations
+                .get(annotation::NS_DEFAULT_IPV6)
+                .map(String::as_str),
+        )
+        .map_err(|e| ValidationError::Invalid(format!("namespace {}: {e}", pod.namespace)))?;
+        let node_labels = view
+            .node_labels(store, &self.node.name)
+            .await?
+            .unwrap_or_else(|| self.node.labels.clone());
+
+        let req = Request {
+            nic: pod.nic.clone(),
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            pod_labels,
+            node: self.node.name.clone(),
+            node_labels,
+            namespace_labels,
+            pod_ippools,
+            pod_ippool,
+            namespace_default,
+            multus_network,
+            cni_default: PoolNames {
+                v4: args.default_ipv4_ippool.clone(),
+                v6: args.default_ipv6_ippool.clone(),
+                clean_gateway: None,
+            },
+            cni_clean_gateway: args.clean_gateway,
+        };
+        let spread = contended.then(|| view.spread(&self.node.name));
+        let pools = std::mem::take(&mut view.pools);
+        let planned = self
+            .plan_claims(&req, &pools, view, &key, previous.as_ref(), spread)
+            .await;
+        view.pools = pools;
+        let picks = planned?;
+
+        let holder = Holder {
+            pod: key.clone(),
+            pod_uid: uid.clone(),
+            container_id: pod.container_id.clone(),
+            nic: pod.nic.clone(),
+            node: self.node.name.clone(),
+        };
+        let mut nic = EndpointInterface {
+            interface: pod.nic.clone(),
+            container_id: pod.container_id.clone(),
+            network: Some(args.network.clone()).filter(|n| !n.is_empty()),
+            ..Default::default()
+        };
+        // The previous sandbox's addresses are released first; reused ones are claimed again
+        // for the new holder in the same transaction.
+        let mut ops = previous.as_ref().map(release_ops).unwrap_or_default();
+        let released = previous.as_ref().map(held).unwrap_or_default();
+        let mut claimed = Vec::new();
+        // With a default-route NIC named, the other NICs get no default route.
+        let clean_gateway = picks.clean_gateway
+            || annotations
+                .get(annotation::DEFAULT_ROUTE_NIC)
+                .is_some_and(|n| n.trim() != pod.nic);
+        for Pick {
+            family,
+            pool,
+            pool_revision,
+            ip,
+        } in &picks.picks
+        {
+            let (family, ip) = (*family, *ip);
+            ops.push(Op::Claim {
+                pool: pool.name.clone(),
+                ip,
+                holder: holder.clone(),
+                pool_revision: *pool_revision,
+            });
+            claimed.push((pool.name.clone(), ip));
+            let address = Some(format!("{ip}/{}", pool.subnet.prefix_len()));
+            let gateway = pool.gateway.map(|g| g.to_string());
+            match family {
+                IpFamily::V4 => {
+                    (nic.ipv4, nic.ipv4_pool, nic.ipv4_gateway) =
+                        (address, Some(pool.name.clone()), gateway);
+                }
+                IpFamily::V6 => {
+                    (nic.ipv6, nic.ipv6_pool, nic.ipv6_gateway) =
+                        (address, Some(pool.name.clone()), gateway);
+                }
+            }
+            nic.vlan = nic.vlan.or(pool.vlan);
+            if let (Some(gw), false) = (pool.gateway, clean_gateway) {
+                nic.routes.push(RouteSpec {
+                    dst: match family {
+                        IpFamily::V4 => "0.0.0.0/0".into(),
+                        IpFamily::V6 => "::/0".into(),
+                    },
+                    gw: gw.to_string(),
+                });
+            }
+            nic.routes.extend(pool.routes.iter().map(|r| RouteSpec {
+                dst: r.dst.to_string(),
+                gw: r.gw.to_string(),
+            }));
+            // Custom routes go to the NIC whose subnet holds their gateway.
+            nic.routes.extend(
+                custom_routes
+                    .iter()
+                    .filter(|r| pool.subnet.contains(&r.gw))
+                    .map(|r| RouteSpec {
+                        dst: r.dst.to_string(),
+                        gw: r.gw.to_string(),
+                    }),
+            );
+        }
+
+        let (mut ep, rev) = match ep_entry {
+            Some((e, rev)) => (e, Some(rev)),
+            None => (
+                SpiderEndpoint {
+                    api_version: API_VERSION.into(),
+                    kind: "SpiderEndpoint".into(),
+                    metadata: ObjectMeta {
+                        name: pod.name.clone(),
+                        namespace: Some(pod.namespace.clone()),
+                        ..Default::default()
+                    },
+                    status: EndpointStatus::default(),
+                },
+                None,
+            ),
+        };
+        ep.status.uid = uid;
+        ep.status.node = self.node.name.clone();
+        (
+            ep.status.owner_controller_type,
+            ep.status.owner_controller_name,
+        ) = (owner_kind, owner_name);
+        ep.status.current.retain(|n| n.interface != pod.nic);
+        ep.status.current.push(nic.clone());
+        ops.push(endpoint_write(key.clone(), &ep, rev));
+        Ok(Prepared::Commit(Commit {
+            ops,
+            claimed,
+            released,
+            resp: response_of(&nic),
+            reused: previous.is_some(),
+        }))
+    }
+
+    /// The plan for the request and, per family, the address to claim: the previous
+    /// sandbox's address when its pool is still a candidate, else the first candidate's lowest
+    /// free address.
+    pub(super) async fn plan_claims(
+        &self,
+        req: &Request,
+        pools: &[Pool],
+        view: &mut View,
+        pod: &str,
+        previous: Option<&EndpointInterface>,
+        spread: Option<Spread>,
+    ) -> Result<Picks> {
+        let plan = req.plan(pools)?;
+        let kept: Vec<(String, IpAddr)> = previous.map(held).unwrap_or_default();
+        let mut picks = Vec::new();
+        for fp in &plan.families {
+            let reuse = kept.iter().find(|(pool, ip)| {
+                IpFamily::of(ip) == fp.family && fp.pools.iter().any(|p| &p.name == pool)
+            });
+            if let Some((pool_name, ip)) = reuse {
+                let pool = fp
+                    .pools
+                    .iter()
+                    .find(|p| &p.name == pool_name)
+                    .expect("found above");
+                picks.push(Pick {
+                    family: fp.family,
+                    pool_revision: view.pool_revs[&pool.name],
+                    pool: (*pool).clone(),
+                    ip: *ip,
+                });
+                continue;
+            }
+            let mut rejected = Vec::new();
+            let mut found = None;
+            for pool in &fp.pools {
+                view.load_held(self.store.as_ref(), &pool.name).await?;
+                let in_use = view.held(&pool.name);
+                if let Some(ip) = free_at(pool, &view.reserved, in_use, spread) {
+                    found = Some(((*pool).clone(), ip));
+                    break;
+                }
+                rejected.push(Rejected {
+                    pool: pool.name.clone(),
+                    reason: Rejection::Exhausted {
+                        used: u64::try_from(
+                            pool.usable()
+                                .intersection(&in_use.union(&view.reserved))
+                                .len(),
+                        )
+                        .unwrap_or(u64::MAX),
+                        total: pool.total_ip_count(),
+                    },
+                });
+            }
+            let Some((pool, ip)) = found else {
+                return Err(AllocError::Exhausted {
+                    family: fp.family,
+                    pod: pod.to_string(),
+                    rejected,
+                }
+                .into());
+            };
+            picks.push(Pick {
+                family: fp.family,
+                pool_revision: view.pool_revs[&pool.name],
+                pool,
+                ip,
+            });
+        }
+        Ok(Picks {
+            picks,
+            clean_gateway: plan.clean_gateway,
+        })
+    }
+}

@@ -1,0 +1,145 @@
+//! Group commit: concurrent ADDs queued on one agent are prepared on one view and committed
+//! in one transaction; what loses a race or needs a commit of its own is served alone.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use spiderpool_api::agent::{IpamAddArgs, IpamAddResponse};
+use spiderpool_store::{typed, Kind, Op, StoreError};
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::view::ViewCache;
+
+/// An ADD waiting to be served.
+pub(super) struct PendingAdd {
+    pub(super) pod: PodRef,
+    pub(super) args: IpamAddArgs,
+    pub(super) reply: oneshot::Sender<Result<IpamAddResponse>>,
+}
+
+impl IpamService {
+    /// Serves a batch of queued ADDs: their claims and endpoint records go into one
+    /// transaction (addresses picked one after the other on the same view, so they differ).
+    /// When that transaction loses a race, each request is retried on its own.
+    pub(super) async fn add_batch(&self, batch: Vec<PendingAdd>, cache: &mut ViewCache) {
+        let mut pending = batch;
+        let mut alone = Vec::new();
+        let max_ops = self.store.max_ops();
+        // A batch that loses a race is prepared again on a fresh view: each round some agent's
+        // batch wins whole, so rounds are few even when every agent contends. A batch larger
+        // than one transaction may hold continues in the next round.
+        let mut attempt = 0;
+        while pending.len() > 1 && attempt < MAX_ATTEMPTS {
+            // Start each round on the current state.
+            if let Err(e) = cache.current(self.store.as_ref()).await {
+                let msg = e.to_string();
+                for p in pending.drain(..) {
+                    let _ = p
+                        .reply
+                        .send(Err(StoreError::Unavailable(msg.clone()).into()));
+                }
+                break;
+            }
+            // The pod and endpoint of every member, read in one round trip.
+            let round = std::time::Instant::now();
+            let keys: Vec<(Kind, String)> = pending
+                .iter()
+                .flat_map(|p| [(Kind::Pod, p.pod.key()), (Kind::Endpoint, p.pod.key())])
+                .collect();
+            let mut prefetched: HashMap<String, Prefetched> =
+                match typed::get_many(self.store.as_ref(), &keys).await {
+                    Ok(read) => {
+                        let mut it = read.into_iter();
+                        pending
+                            .iter()
+                            .map(|p| (p.pod.key(), (it.next().flatten(), it.next().flatten())))
+                            .collect()
+                    }
+                    Err(_) => HashMap::new(), // each member reads for itself
+                };
+            let read_us = round.elapsed().as_micros() as u64;
+            let mut staged: Vec<(PendingAdd, Commit)> = Vec::new();
+            let mut staged_ops = 0;
+            let mut next = Vec::new();
+            let mut endpoints = HashSet::new();
+            for p in std::mem::take(&mut pending) {
+                if staged_ops >= max_ops / 2 {
+                    next.push(p);
+                    continue;
+                }
+                if !endpoints.insert(p.pod.key()) {
+                    alone.push(p); // one endpoint record per transaction
+                    continue;
+                }
+                let pre = prefetched.remove(&p.pod.key());
+                match self.prepare_add(&p.pod, &p.args, cache, true, pre).await {
+                    Ok(Prepared::Done(resp)) => {
+                        let _ = p.reply.send(Ok(resp));
+                    }
+                    Ok(Prepared::Commit(c)) if staged_ops + c.ops.len() > max_ops => next.push(p),
+                    Ok(Prepared::Commit(c)) => {
+                        staged_ops += c.ops.len();
+                        cache.stage(&c.claimed, &c.released);
+                        staged.push((p, c));
+                    }
+                    // Refusals on a followed view are made final on its own, on a fresh view
+                    // (see try_add).
+                    Ok(Prepared::Alone) | Err(ServiceError::Store(StoreError::Conflict(_))) => {
+                        alone.push(p)
+                    }
+                    Err(ServiceError::Alloc(_)) if cache.watched() => alone.push(p),
+                    Err(e) => {
+                        let _ = p.reply.send(Err(e));
+                    }
+                }
+            }
+            pending = next;
+            if staged.is_empty() {
+                break; // what is left (if anything) goes one by one below
+            }
+            let ops: Vec<Op> = staged
+                .iter()
+                .flat_map(|(_, c)| c.ops.iter().cloned())
+                .collect();
+            let prepared_us = round.elapsed().as_micros() as u64;
+            match self.store.commit(ops).await {
+                Ok(revision) => {
+                    cache.staged_committed(revision);
+                    tracing::debug!(
+                        requests = staged.len(),
+                        read_us,
+                        prepared_us,
+                        committed_us = round.elapsed().as_micros() as u64,
+                        "committed a batch"
+                    );
+                    for (p, c) in staged {
+                        c.log(&p.pod);
+                        let _ = p.reply.send(Ok(c.resp));
+                    }
+                }
+                Err(e @ StoreError::Conflict(_)) => {
+                    attempt += 1;
+                    cache.conflicted(e.taken());
+                    tracing::debug!(attempt, requests = staged.len(), conflict = %e, "batch: retrying after a conflict");
+                    pending.extend(staged.into_iter().map(|(p, _)| p));
+                    let jitter = u64::from(std::process::id() % 7) + u64::from(attempt);
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) + jitter)).await;
+                }
+                Err(e) => {
+                    cache.invalidate();
+                    let msg = e.to_string();
+                    for (p, _) in staged {
+                        let _ = p
+                            .reply
+                            .send(Err(StoreError::Unavailable(msg.clone()).into()));
+                    }
+                }
+            }
+        }
+        for p in pending.into_iter().chain(alone) {
+            let r = retrying!("allocate", self.try_add(&p.pod, &p.args, cache));
+            let _ = p.reply.send(r);
+        }
+    }
+}

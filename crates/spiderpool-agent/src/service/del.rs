@@ -1,0 +1,59 @@
+//! DEL: releases what a container holds on a NIC and drops it from the endpoint record.
+
+use std::time::Duration;
+
+use spiderpool_api::agent::IpamDelArgs;
+use spiderpool_store::{typed, Kind, StoreError};
+
+use super::*;
+use crate::view::ViewCache;
+
+impl IpamService {
+    /// CNI DEL: releases what the container holds on the NIC; succeeds when there is nothing.
+    pub async fn del(&self, args: &IpamDelArgs) -> Result<()> {
+        let pod = PodRef::of_del(args)?;
+        let mut cache = self.state.lock().await;
+        retrying!("release", self.try_del(&pod, &mut cache))
+    }
+
+    pub(super) async fn try_del(&self, pod: &PodRef, cache: &mut ViewCache) -> Result<()> {
+        let key = pod.key();
+        let Some((ep, rev)) = typed::get(self.store.as_ref(), Kind::Endpoint, &key)
+            .await?
+            .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)))
+        else {
+            tracing::info!(pod = %key, nic = %pod.nic, "nothing to release");
+            return Ok(());
+        };
+        let Some(nic) = ep
+            .status
+            .current
+            .iter()
+            .find(|n| n.interface == pod.nic && n.container_id == pod.container_id)
+        else {
+            tracing::info!(pod = %key, nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
+            return Ok(());
+        };
+        if self
+            .stateful_member(
+                &pod.namespace,
+                &pod.name,
+                &ep.status.owner_controller_type,
+                &ep.status.owner_controller_name,
+            )
+            .await?
+        {
+            tracing::info!(pod = %key, nic = %pod.nic, statefulset = %ep.status.owner_controller_name,
+                "keeping the addresses of a StatefulSet member for its next sandbox");
+            return Ok(());
+        }
+        let mut ops = release_ops(nic);
+        let mut kept = ep.clone();
+        kept.status.current.retain(|n| n.interface != pod.nic);
+        ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
+        let revision = self.store.commit(ops).await?;
+        cache.committed(revision, &[], &held(nic));
+        tracing::info!(pod = %key, nic = %pod.nic, released = ?held(nic), "released");
+        Ok(())
+    }
+}

@@ -1,0 +1,95 @@
+//! The endpoint record of a pod: reading it, answering from it, and the ops that release its
+//! addresses or write it back.
+
+use std::net::IpAddr;
+
+use spiderpool_api::agent::{IpConfig, IpamAddResponse, Route};
+use spiderpool_api::crd::EndpointInterface;
+use spiderpool_api::{KubeObject, Object, SpiderEndpoint};
+use spiderpool_store::{typed, Expect, Kind, Op, Revision};
+
+pub(super) fn endpoint_of(o: Object) -> Option<SpiderEndpoint> {
+    match o {
+        Object::Endpoint(e) => Some(e),
+        _ => None,
+    }
+}
+
+pub(super) fn kube_of(o: Object) -> Option<KubeObject> {
+    match o {
+        Object::Kube(_, k) => Some(k),
+        _ => None,
+    }
+}
+
+/// The agent response for the NIC's record.
+pub(super) fn response_of(nic: &EndpointInterface) -> IpamAddResponse {
+    let mut ips = Vec::new();
+    for (version, addr, pool, gw) in [
+        (4, &nic.ipv4, &nic.ipv4_pool, &nic.ipv4_gateway),
+        (6, &nic.ipv6, &nic.ipv6_pool, &nic.ipv6_gateway),
+    ] {
+        if let Some(a) = addr {
+            ips.push(IpConfig {
+                version,
+                address: a.clone(),
+                nic: nic.interface.clone(),
+                ip_pool: pool.clone().unwrap_or_default(),
+                gateway: gw.clone(),
+                vlan: nic.vlan,
+            });
+        }
+    }
+    let routes = nic
+        .routes
+        .iter()
+        .map(|r| Route {
+            if_name: nic.interface.clone(),
+            dst: r.dst.clone(),
+            gw: r.gw.clone(),
+        })
+        .collect();
+    IpamAddResponse { ips, routes }
+}
+
+/// The addresses a NIC record holds, with their pools.
+pub(super) fn held(nic: &EndpointInterface) -> Vec<(String, IpAddr)> {
+    [(&nic.ipv4_pool, &nic.ipv4), (&nic.ipv6_pool, &nic.ipv6)]
+        .into_iter()
+        .filter_map(|(pool, addr)| {
+            let ip = addr.as_deref()?.split('/').next()?.parse().ok()?;
+            Some((pool.clone()?, ip))
+        })
+        .collect()
+}
+
+pub(super) fn release_ops(nic: &EndpointInterface) -> Vec<Op> {
+    held(nic)
+        .into_iter()
+        .map(|(pool, ip)| Op::Release {
+            pool,
+            ip,
+            container_id: nic.container_id.clone(),
+            nic: nic.interface.clone(),
+        })
+        .collect()
+}
+
+/// An op that writes `ep` back (or deletes it when it holds no NIC), guarded by its revision.
+pub(super) fn endpoint_write(key: String, ep: &SpiderEndpoint, rev: Option<Revision>) -> Op {
+    let expect = rev.map_or(Expect::Absent, Expect::Revision);
+    if ep.status.current.is_empty() {
+        Op::Delete {
+            kind: Kind::Endpoint,
+            key,
+            expect,
+        }
+    } else {
+        Op::Put {
+            kind: Kind::Endpoint,
+            key,
+            value: typed::to_stored_value(&Object::Endpoint(ep.clone())),
+            expect,
+        }
+    }
+}

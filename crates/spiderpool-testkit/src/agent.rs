@@ -1,0 +1,128 @@
+//! `spiderpool-agent` as a subprocess on its own socket, ready when it answers health.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::*;
+
+/// A running `spiderpool-agent`, killed on drop.
+pub struct Agent {
+    child: Child,
+    /// Its socket.
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+/// Whether an agent answers `GET /v1/ipam/healthy` with 200 on `socket`.
+pub fn healthy(socket: &Path) -> bool {
+    let Ok(mut s) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET /v1/ipam/healthy HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.1 200")
+}
+
+/// The agents' log level in tests (SPIDERPOOL_TEST_LOG_LEVEL overrides it): debug for the
+/// project's own crates (not for the HTTP/2 and gRPC libraries, which log every frame), and
+/// every address change the view hears of.
+pub const TEST_LOG_LEVEL: &str =
+    "info,spiderpool_agent=debug,spiderpool_store=debug,spiderpool_agent::view=trace";
+
+impl Agent {
+    /// Starts an agent and waits until it is healthy.
+    pub fn start(datastore: &str, socket: &Path, node: &str, labels: &str) -> Agent {
+        let log = socket.with_extension("log");
+        let child = Command::new(bin("spiderpool-agent"))
+            .args([
+                "--node-name",
+                node,
+                "--node-labels",
+                labels,
+                "--datastore",
+                datastore,
+            ])
+            .arg("--log-level")
+            .arg(
+                std::env::var("SPIDERPOOL_TEST_LOG_LEVEL")
+                    .unwrap_or_else(|_| TEST_LOG_LEVEL.into()),
+            )
+            .arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"))
+            .spawn()
+            .expect("spawning spiderpool-agent");
+        let mut agent = Agent {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !healthy(socket) {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("spiderpool-agent exited with {status}:\n{}", agent.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spiderpool-agent not healthy in time:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the agent has logged `times` lines containing every one of `needles`
+    /// (panics with the log after 20 s).
+    pub fn wait_for_log(&self, needles: &[&str], times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            let n = log
+                .lines()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .count();
+            if n >= times {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent logged {needles:?} {n} times, not {times}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the agent (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,63 @@
+//! One invocation of the `spiderpool` CNI plugin, with the environment a runtime would set.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::*;
+
+/// One CNI invocation of the `spiderpool` plugin.
+#[derive(Debug, Clone)]
+pub struct CniCall {
+    /// `CNI_COMMAND` (None leaves it unset).
+    pub command: Option<String>,
+    /// `CNI_CONTAINERID`.
+    pub container_id: Option<String>,
+    /// `CNI_IFNAME`.
+    pub ifname: Option<String>,
+    /// `CNI_NETNS`.
+    pub netns: Option<String>,
+    /// `CNI_ARGS`.
+    pub args: String,
+    /// stdin.
+    pub stdin: String,
+}
+
+impl CniCall {
+    /// A call with the usual environment for pod `default/<pod>` and container `<container>`.
+    pub fn new(command: &str, container: &str, pod: &str, conf: &Value) -> Self {
+        CniCall {
+            command: Some(command.into()),
+            container_id: Some(container.into()),
+            ifname: Some("eth0".into()),
+            netns: Some(format!("/var/run/netns/{container}")),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container}"),
+            stdin: conf.to_string(),
+        }
+    }
+
+    /// Sets the interface.
+    pub fn ifname(mut self, ifname: &str) -> Self {
+        self.ifname = Some(ifname.into());
+        self
+    }
+
+    /// Runs the real `spiderpool` binary.
+    pub fn run(&self) -> Output {
+        let mut cmd = Command::new(bin("spiderpool"));
+        cmd.env_clear()
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env("CNI_ARGS", &self.args);
+        for (k, v) in [
+            ("CNI_COMMAND", &self.command),
+            ("CNI_CONTAINERID", &self.container_id),
+            ("CNI_IFNAME", &self.ifname),
+            ("CNI_NETNS", &self.netns),
+        ] {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        run(&mut cmd, &self.stdin)
+    }
+}

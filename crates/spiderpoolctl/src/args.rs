@@ -1,0 +1,59 @@
+//! The command line: every flag and subcommand of `spiderpoolctl`, parsed by clap.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use spiderpool_store::{DatastoreUrl, DEFAULT_DATASTORE};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "spiderpoolctl",
+    version,
+    about = "Manage Spiderpool IPAM objects"
+)]
+pub(crate) struct Args {
+    /// Datastore: sqlite:///path/db, etcd://host:port[,host:port]?prefix=/spiderpool or kubernetes.
+    #[arg(long, env = "SPIDERPOOL_DATASTORE", default_value = DEFAULT_DATASTORE, global = true)]
+    pub(crate) datastore: DatastoreUrl,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    Wide,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create or update objects from multi-document YAML.
+    Apply {
+        /// File to read, or `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+    },
+    /// List objects of a kind, or show one.
+    Get {
+        /// ippool, subnet, reservedip, endpoint, node, namespace, pod, workload (or their
+        /// plural and short names).
+        kind: String,
+        /// Object name (`namespace/name` or `-n` for namespaced kinds).
+        name: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum)]
+        output: Option<Output>,
+        /// Namespace of namespaced objects.
+        #[arg(short = 'n', long = "namespace")]
+        namespace: Option<String>,
+    },
+    /// Delete an object.
+    Delete {
+        /// Kind, as for `get`.
+        kind: String,
+        /// Object name.
+        name: String,
+        /// Namespace of namespaced objects.
+        #[arg(short = 'n', long = "namespace")]
+        namespace: Option<String>,
+    },
+}

@@ -1,0 +1,64 @@
+//! One module per command; this one opens the datastore, dispatches, and names kinds and objects
+//! the way kubectl does in its messages.
+
+mod apply;
+mod delete;
+mod get;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use spiderpool_api::Kind;
+
+use crate::args::{Args, Command};
+
+/// Runs the parsed command line.
+pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let store = spiderpool_store::open(&args.datastore)
+        .await
+        .with_context(|| format!("opening datastore {:?}", args.datastore))?;
+    match args.command {
+        Command::Apply { file } => apply::run(store, &file).await,
+        Command::Get {
+            kind,
+            name,
+            output,
+            namespace,
+        } => get::run(store.as_ref(), &kind, name, namespace.as_deref(), output).await,
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+        } => delete::run(store.as_ref(), &kind, &name, namespace.as_deref()).await,
+    }
+}
+
+fn parse_kind(s: &str) -> anyhow::Result<Kind> {
+    Kind::from_cli(s).with_context(|| {
+        format!(
+            "unknown kind {s:?} (valid: ippool, subnet, reservedip, endpoint, node, namespace, pod, workload, network-attachment-definition)"
+        )
+    })
+}
+
+fn object_key(kind: Kind, name: &str, namespace: Option<&str>) -> String {
+    if kind.namespaced() && !name.contains('/') {
+        format!("{}/{name}", namespace.unwrap_or("default"))
+    } else {
+        name.to_string()
+    }
+}
+
+fn singular(kind: Kind) -> &'static str {
+    match kind {
+        Kind::IPPool => "spiderippool.spiderpool.spidernet.io",
+        Kind::Subnet => "spidersubnet.spiderpool.spidernet.io",
+        Kind::ReservedIP => "spiderreservedip.spiderpool.spidernet.io",
+        Kind::Endpoint => "spiderendpoint.spiderpool.spidernet.io",
+        Kind::Node => "node",
+        Kind::Namespace => "namespace",
+        Kind::Pod => "pod",
+        Kind::Workload => "workload",
+        Kind::NetworkAttachment => "networkattachmentdefinition.k8s.cni.cncf.io",
+    }
+}

@@ -1,0 +1,68 @@
+//! `apply -f FILE|-`: create or update the objects of a multi-document YAML file.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use spiderpool_api::manifest::parse_documents;
+use spiderpool_api::{Kind, Object};
+use spiderpool_store::objects::{self, Applied};
+use spiderpool_store::Store;
+
+use super::singular;
+
+pub(crate) async fn run(store: Arc<dyn Store>, file: &str) -> anyhow::Result<ExitCode> {
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?
+    };
+    let docs = parse_documents(&text).with_context(|| format!("parsing {file}"))?;
+    if docs.is_empty() {
+        bail!("{file}: no objects found");
+    }
+    let mut failed = 0;
+    for doc in docs {
+        for w in &doc.warnings {
+            eprintln!("Warning: {w}");
+        }
+        let name = resource_ref(&doc.object);
+        match objects::apply(store.as_ref(), doc.object).await {
+            Ok(outcome) => println!(
+                "{name} {}",
+                match outcome {
+                    Applied::Created => "created",
+                    Applied::Configured => "configured",
+                    Applied::Unchanged => "unchanged",
+                }
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// How kubectl names an object in its messages: `spiderippool.spiderpool.spidernet.io/p`,
+/// `daemonset.apps/test-app`, `pod/test-app-j9ftl`.
+fn resource_ref(o: &Object) -> String {
+    let name = &o.metadata().name;
+    match o {
+        Object::Kube(Kind::Workload, k) => {
+            let group = k.api_version.split('/').next().unwrap_or("apps");
+            format!("{}.{group}/{name}", k.kind.to_ascii_lowercase())
+        }
+        other => format!("{}/{name}", singular(other.kind())),
+    }
+}
