@@ -9,6 +9,7 @@ pub mod crd;
 pub mod k8s;
 pub mod manifest;
 pub mod meta;
+pub mod names;
 
 use thiserror::Error;
 
