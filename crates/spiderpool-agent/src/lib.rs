@@ -4,6 +4,7 @@
 
 pub mod server;
 pub mod service;
+pub mod socket;
 pub mod view;
 
 use std::path::PathBuf;
@@ -39,9 +40,21 @@ pub struct Args {
     /// Labels of the node, `k=v,k2=v2`; merged into its Node object.
     #[arg(long, env = "SPIDERPOOL_NODE_LABELS", default_value = "", value_parser = parse_labels)]
     pub node_labels: Labels,
-    /// Unix socket to serve on.
+    /// Unix socket to serve on. Its directory is created 0750 and the socket 0660 whatever the
+    /// umask; a path that is not a socket, or a socket another agent answers on, is refused.
     #[arg(long, env = "SPIDERPOOL_SOCKET", default_value = spiderpool_api::cni::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Group (name or number) given the socket and the directories the agent creates for it;
+    /// its members are trusted besides root and the agent's own user.
+    #[arg(long, env = "SPIDERPOOL_SOCKET_GROUP")]
+    pub socket_group: Option<socket::SocketGroup>,
+    /// Connections served at once (more wait in the listen backlog); kept below the open-file
+    /// limit.
+    #[arg(long, env = "SPIDERPOOL_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Time a client has to send a request's headers before its connection is closed.
+    #[arg(long, env = "SPIDERPOOL_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub header_timeout: std::time::Duration,
     /// Datastore: sqlite:///path/db, etcd://host:port[,host:port]?prefix=/spiderpool or kubernetes.
     #[arg(long, env = "SPIDERPOOL_DATASTORE", default_value = DEFAULT_DATASTORE)]
     pub datastore: DatastoreUrl,
@@ -117,14 +130,40 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("registering node {}", args.node_name))?;
     svc.keep_warm();
-    let (listener, _guard) = server::bind(&args.socket)?;
-    tracing::info!(socket = %args.socket.display(), node = %args.node_name, datastore = ?args.datastore, "serving");
-    axum::serve(listener, server::router(svc))
-        .with_graceful_shutdown(shutdown())
-        .await
-        .context("serving the agent API")?;
+    let (listener, _guard) = socket::bind(&args.socket, args.socket_group)?;
+    let trust = socket::Trust::new(args.socket_group);
+    let limits = server::Limits {
+        max_connections: connection_cap(args.max_connections),
+        header_timeout: args.header_timeout,
+    };
+    tracing::info!(socket = %args.socket.display(), node = %args.node_name, datastore = ?args.datastore,
+        max_connections = limits.max_connections, "serving");
+    server::serve(listener, server::router(svc), trust, limits, shutdown()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `--max-connections`, kept below the open-file limit so that the agent always has
+/// descriptors left for its datastore and a listener that can still accept.
+fn connection_cap(wanted: u32) -> usize {
+    let wanted = usize::try_from(wanted).unwrap_or(usize::MAX);
+    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => {
+            let room = usize::try_from(soft.saturating_sub(64))
+                .unwrap_or(usize::MAX)
+                .max(1);
+            if room < wanted {
+                tracing::warn!(
+                    wanted,
+                    open_file_limit = soft,
+                    cap = room,
+                    "fewer connections than --max-connections: the open-file limit is low"
+                );
+            }
+            wanted.min(room)
+        }
+        Err(_) => wanted,
+    }
 }
 
 async fn shutdown() {

@@ -1,24 +1,30 @@
 //! The agent's HTTP/JSON API on its unix socket. Bodies are parsed here so that a malformed one
-//! gets the same error shape (`{"code", "message"}`) as every other failure.
+//! gets the same error shape (`{"code", "message"}`) as every other failure. Connections are
+//! capped and must send their headers in time, so slow or broken clients cannot starve the
+//! plugins; each request is served in a task of its own, so a client that goes away drops only
+//! its own answer, never the batch its request joined.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use spiderpool_api::agent::{
     ErrorBody, IpamAddArgs, IpamDelArgs, IpamGcArgs, IpamGcResponse, IpamStatusArgs, PATH_CHECK,
     PATH_GC, PATH_HEALTHY, PATH_IP, PATH_STATUS,
 };
 use spiderpool_api::cni::code;
 use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
 
 use crate::service::{IpamService, ServiceError};
+use crate::socket::Trust;
 
 fn error(status: StatusCode, code: u32, message: String) -> Response {
     (status, Json(ErrorBody { code, message })).into_response()
@@ -27,7 +33,35 @@ fn error(status: StatusCode, code: u32, message: String) -> Response {
 fn service_error(e: ServiceError) -> Response {
     let code = e.cni_code();
     tracing::warn!(code, error = %e, "request failed");
-    error(StatusCode::INTERNAL_SERVER_ERROR, code, e.to_string())
+    error(http_status(&e), code, e.to_string())
+}
+
+/// The HTTP status that goes with a failure (the CNI code in the body is what the plugin uses).
+fn http_status(e: &ServiceError) -> StatusCode {
+    match e {
+        ServiceError::InUse { .. } => StatusCode::CONFLICT,
+        _ => match e.cni_code() {
+            code::INVALID_ENV | code::DECODING_FAILURE | code::INVALID_NETWORK_CONFIG => {
+                StatusCode::BAD_REQUEST
+            }
+            code::UNKNOWN_CONTAINER => StatusCode::NOT_FOUND,
+            code::NO_ADDRESS => StatusCode::CONFLICT,
+            code::TRY_AGAIN_LATER | code::PLUGIN_NOT_AVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        },
+    }
+}
+
+/// Runs `work` in a task of its own and waits for it: when the client goes away the handler is
+/// dropped, but the work (and the batch it may be serving for others) goes on to its end.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::spawn(work).await.unwrap_or_else(|e| {
+        Err(ServiceError::Store(
+            spiderpool_store::StoreError::Unavailable(format!("the request's task failed: {e}")),
+        ))
+    })
 }
 
 fn bad_body(e: serde_json::Error) -> Response {
@@ -51,7 +85,8 @@ async fn add(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
         Err(e) => return bad_body(e),
     };
     let span = tracing::info_span!("add", container_id = %args.container_id, pod = %format!("{}/{}", args.pod_namespace, args.pod_name), ifname = %args.if_name);
-    match tracing::Instrument::instrument(svc.add(&args), span).await {
+    let work = async move { svc.add(&args).await };
+    match detached(tracing::Instrument::instrument(work, span)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => service_error(e),
     }
@@ -63,7 +98,8 @@ async fn del(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
         Err(e) => return bad_body(e),
     };
     let span = tracing::info_span!("del", container_id = %args.container_id, pod = %format!("{}/{}", args.pod_namespace, args.pod_name), ifname = %args.if_name);
-    match tracing::Instrument::instrument(svc.del(&args), span).await {
+    let work = async move { svc.del(&args).await };
+    match detached(tracing::Instrument::instrument(work, span)).await {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => service_error(e),
     }
@@ -85,7 +121,7 @@ async fn gc(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
         Ok(a) => a,
         Err(e) => return bad_body(e),
     };
-    match svc.gc(&args.network, &args.valid_attachments).await {
+    match detached(async move { svc.gc(&args.network, &args.valid_attachments).await }).await {
         Ok(released) => Json(IpamGcResponse { released }).into_response(),
         Err(e) => service_error(e),
     }
@@ -116,29 +152,74 @@ pub fn router(svc: Arc<IpamService>) -> Router {
         .with_state(svc)
 }
 
-/// A bound socket that removes its file when dropped.
-pub struct SocketGuard(PathBuf);
-
-impl Drop for SocketGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// Limits on clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time a connection has to send a request's headers.
+    pub header_timeout: Duration,
 }
 
-/// Binds the unix socket at `path`, replacing a stale one.
-pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketGuard)> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+/// Serves `router` on `listener` until `shutdown` completes: only trusted peers reach the
+/// routes (others get 403 with the reason), at most `limits.max_connections` at a time.
+pub async fn serve(
+    listener: UnixListener,
+    router: Router,
+    trust: Trust,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let http = Arc::new(http);
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait for connections to end.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    drop(slot);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = match trust.check(&stream) {
+            Ok(()) => router.clone(),
+            Err(why) => {
+                tracing::warn!(reason = %why, "refusing an untrusted client");
+                forbidden(why)
+            }
+        };
+        let http = http.clone();
+        tokio::spawn(async move {
+            let conn =
+                http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+            drop(slot);
+        });
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing stale socket {}", path.display()))
-        }
-    }
-    let l =
-        UnixListener::bind(path).with_context(|| format!("binding socket {}", path.display()))?;
-    Ok((l, SocketGuard(path.to_path_buf())))
+    // Let the requests in progress finish (briefly): their clients are waiting for answers.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(Duration::from_secs(10), slots.acquire_many(all)).await;
+}
+
+/// The routes an untrusted peer gets: every request answered 403 with the reason.
+fn forbidden(why: String) -> Router {
+    Router::new().fallback(move || {
+        let why = why.clone();
+        async move { error(StatusCode::FORBIDDEN, code::IO_FAILURE, why) }
+    })
 }

@@ -29,6 +29,23 @@ pub enum ServiceError {
     /// A request field, annotation or object is invalid.
     #[error(transparent)]
     Invalid(#[from] ValidationError),
+    /// A CNI argument (container ID, interface, pod namespace or name, pod UID) is malformed or
+    /// names another pod.
+    #[error("{0}")]
+    BadArgs(ValidationError),
+    /// The pod's addresses are held by another incarnation of it (another pod UID) that nothing
+    /// says is gone: they are not taken from it.
+    #[error("pod {pod} is held by pod UID {holder_uid:?} ({detail}), not by {uid:?}; release it first (CNI DEL or GC of that sandbox, or `spiderpoolctl delete endpoint {pod}`), or apply the Pod object with the new metadata.uid")]
+    InUse {
+        /// `namespace/name`.
+        pod: String,
+        /// The UID of this request.
+        uid: String,
+        /// The UID the endpoint record holds the addresses for.
+        holder_uid: String,
+        /// What it holds where.
+        detail: String,
+    },
     /// The datastore failed or conflicts did not settle.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -68,6 +85,8 @@ impl ServiceError {
             ServiceError::Alloc(AllocError::PoolNotFound { .. }) => code::INVALID_NETWORK_CONFIG,
             ServiceError::Alloc(_) => code::NO_ADDRESS,
             ServiceError::Invalid(_) => code::INVALID_NETWORK_CONFIG,
+            ServiceError::BadArgs(_) => code::INVALID_ENV,
+            ServiceError::InUse { .. } => code::TRY_AGAIN_LATER,
             ServiceError::Store(e) if e.is_retryable() => code::TRY_AGAIN_LATER,
             ServiceError::Store(_) => code::IO_FAILURE,
             ServiceError::NoReservation { .. } | ServiceError::NotHeld { .. } => {
@@ -143,7 +162,7 @@ mod status;
 use add::{Commit, Prefetched, Prepared};
 use batch::PendingAdd;
 use pod::PodRef;
-use record::{endpoint_of, endpoint_write, held, kube_of, release_ops, response_of};
+use record::{endpoint_of, endpoint_write, held, kube_of, record_of, release_ops, response_of};
 
 impl IpamService {
     /// A service over `store` for the node `node`.

@@ -3,12 +3,14 @@
 //! the agent and controller, so every entry point guards the datastore the same way.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use serde_json::Value;
 use spiderpool_api::crd::{allocated_ips_string, IPPoolStatus, PoolIPAllocation, SubnetStatus};
-use spiderpool_api::{Object, SpiderIPPool, SpiderSubnet, ValidationError};
+use spiderpool_api::{names, Object, SpiderEndpoint, SpiderIPPool, SpiderSubnet, ValidationError};
 use spiderpool_core::{IpSet, Pool};
 
-use crate::{typed, Expect, Kind, Op, Store, StoreError};
+use crate::{typed, Allocation, Expect, Kind, Op, Revision, Store, StoreError, Stored};
 
 /// Why an apply or delete was refused.
 #[derive(Debug, thiserror::Error)]
@@ -166,9 +168,15 @@ async fn inherit_from_subnet(store: &dyn Store, pool: &mut SpiderIPPool) -> Resu
     Ok(())
 }
 
-/// Creates or replaces `object` after checking the admission rules. The stored status,
-/// creation time and UID are kept; a new object gets them.
-pub async fn apply(store: &dyn Store, mut object: Object) -> Result<Applied, ApplyError> {
+/// What applying one object writes, and what that does to it.
+struct Planned {
+    ops: Vec<Op>,
+    outcome: Applied,
+}
+
+/// Checks `object` against the admission rules on `store` and says what applying it writes.
+/// The stored status, creation time and UID are kept; a new object gets them.
+async fn plan(store: &dyn Store, mut object: Object) -> Result<Planned, ApplyError> {
     let kind = object.kind();
     if kind == Kind::Endpoint {
         return Err(invalid(format!(
@@ -176,77 +184,106 @@ pub async fn apply(store: &dyn Store, mut object: Object) -> Result<Applied, App
             object.describe()
         )));
     }
+    validate_names(&object)?;
     if let Object::IPPool(p) = &mut object {
         inherit_from_subnet(store, p).await?;
     }
     let key = object.key();
-    for attempt in 1.. {
-        // A pool is checked against its holders; the commit fails if an address was claimed
-        // after they were read (see `Op::NoClaimsSince`), and the check runs again.
-        let since = store.revision().await?;
-        let current = typed::get(store, kind, &key).await?;
-        match (&object, current.as_ref().map(|(o, _)| o)) {
-            (Object::IPPool(new), old) => {
-                let old = match old {
-                    Some(Object::IPPool(p)) => Some(p),
-                    _ => None,
-                };
-                validate_pool(store, new, old).await?;
-            }
-            (Object::Subnet(new), old) => {
-                let old = match old {
-                    Some(Object::Subnet(s)) => Some(s),
-                    _ => None,
-                };
-                validate_subnet(store, new, old).await?;
-            }
-            (Object::ReservedIP(r), _) => {
-                r.to_set()?;
-            }
-            _ => {}
+    // A pool is checked against its holders; the commit fails if an address was claimed
+    // after they were read (see `Op::NoClaimsSince`), and the check runs again.
+    let since = store.revision().await?;
+    let current = typed::get(store, kind, &key).await?;
+    match (&object, current.as_ref().map(|(o, _)| o)) {
+        (Object::IPPool(new), old) => {
+            let old = match old {
+                Some(Object::IPPool(p)) => Some(p),
+                _ => None,
+            };
+            validate_pool(store, new, old).await?;
         }
-        let (expect, outcome) = match &current {
-            None => (Expect::Absent, Applied::Created),
-            Some((_, rev)) => (Expect::Revision(*rev), Applied::Configured),
-        };
-        {
-            let m = object.metadata_mut();
-            let old = current.as_ref().map(|(o, _)| o.metadata());
-            m.resource_version = None;
-            m.creation_timestamp = old
-                .and_then(|o| o.creation_timestamp.clone())
-                .or_else(|| m.creation_timestamp.clone())
-                .or_else(|| {
-                    Some(
-                        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-                    )
-                });
-            m.uid = m
-                .uid
-                .clone()
-                .or_else(|| old.and_then(|o| o.uid.clone()))
-                .or_else(|| Some(uuid::Uuid::new_v4().to_string()));
-            if kind.namespaced() && m.namespace.is_none() {
-                m.namespace = Some("default".into());
-            }
+        (Object::Subnet(new), old) => {
+            let old = match old {
+                Some(Object::Subnet(s)) => Some(s),
+                _ => None,
+            };
+            validate_subnet(store, new, old).await?;
         }
-        let value = typed::to_stored_value(&object);
-        if let Some((old, _)) = &current {
-            if typed::to_stored_value(old) == value {
-                return Ok(Applied::Unchanged);
-            }
+        (Object::ReservedIP(r), _) => {
+            r.to_set()?;
         }
-        let mut ops = vec![Op::Put {
-            kind,
-            key: key.clone(),
-            value,
-            expect,
-        }];
-        if let (Kind::IPPool, Some(since)) = (kind, since) {
-            ops.push(Op::NoClaimsSince {
-                pool: key.clone(),
-                since,
+        _ => {}
+    }
+    let (expect, outcome) = match &current {
+        None => (Expect::Absent, Applied::Created),
+        Some((_, rev)) => (Expect::Revision(*rev), Applied::Configured),
+    };
+    {
+        let m = object.metadata_mut();
+        let old = current.as_ref().map(|(o, _)| o.metadata());
+        m.resource_version = None;
+        m.creation_timestamp = old
+            .and_then(|o| o.creation_timestamp.clone())
+            .or_else(|| m.creation_timestamp.clone())
+            .or_else(|| {
+                Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string())
             });
+        m.uid = m
+            .uid
+            .clone()
+            .or_else(|| old.and_then(|o| o.uid.clone()))
+            .or_else(|| Some(uuid::Uuid::new_v4().to_string()));
+        if kind.namespaced() && m.namespace.is_none() {
+            m.namespace = Some("default".into());
+        }
+    }
+    let value = typed::to_stored_value(&object);
+    if let Some((old, _)) = &current {
+        if typed::to_stored_value(old) == value {
+            return Ok(Planned {
+                ops: Vec::new(),
+                outcome: Applied::Unchanged,
+            });
+        }
+    }
+    let mut ops = vec![Op::Put {
+        kind,
+        key: key.clone(),
+        value,
+        expect,
+    }];
+    if let (Kind::IPPool, Some(since)) = (kind, since) {
+        ops.push(Op::NoClaimsSince {
+            pool: key.clone(),
+            since,
+        });
+    }
+    Ok(Planned { ops, outcome })
+}
+
+/// Kubernetes' name rules: a Namespace's name and every object's namespace are DNS-1123
+/// labels, other names DNS-1123 subdomains, so no name can be two keys or break a table row.
+fn validate_names(object: &Object) -> Result<(), ApplyError> {
+    let m = object.metadata();
+    let in_object =
+        |e: ValidationError| ValidationError::Invalid(format!("{}: {e}", object.describe()));
+    if object.kind() == Kind::Namespace {
+        names::dns1123_label("metadata.name", &m.name).map_err(in_object)?;
+    } else {
+        names::dns1123_subdomain("metadata.name", &m.name).map_err(in_object)?;
+    }
+    if let Some(ns) = &m.namespace {
+        names::dns1123_label("metadata.namespace", ns).map_err(in_object)?;
+    }
+    Ok(())
+}
+
+/// Creates or replaces `object` after checking the admission rules. The stored status,
+/// creation time and UID are kept; a new object gets them.
+pub async fn apply(store: &dyn Store, object: Object) -> Result<Applied, ApplyError> {
+    for attempt in 1.. {
+        let Planned { ops, outcome } = plan(store, object.clone()).await?;
+        if ops.is_empty() {
+            return Ok(outcome);
         }
         match store.commit(ops).await {
             Ok(_) => return Ok(outcome),
@@ -257,10 +294,160 @@ pub async fn apply(store: &dyn Store, mut object: Object) -> Result<Applied, App
     unreachable!("the loop returns")
 }
 
+/// Why [`apply_all`] applied nothing: the object at `index` (0-based) was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct ApplyAllError {
+    /// The refused object's position in the input; `None` when no single object is to blame
+    /// (the datastore failed, or the whole would not fit one transaction).
+    pub index: Option<usize>,
+    /// Why.
+    pub error: ApplyError,
+}
+
+/// Applies every object or none: each is checked against the datastore as the objects before
+/// it leave it, and all are written in one transaction (retried when another writer came
+/// between). The same object may appear only once.
+pub async fn apply_all(
+    store: Arc<dyn Store>,
+    objects: Vec<Object>,
+) -> Result<Vec<Applied>, ApplyAllError> {
+    let at = |index: usize| {
+        move |error: ApplyError| ApplyAllError {
+            index: Some(index),
+            error,
+        }
+    };
+    let whole = |error: ApplyError| ApplyAllError { index: None, error };
+    let mut seen = BTreeMap::new();
+    for (i, o) in objects.iter().enumerate() {
+        if let Some(first) = seen.insert((o.kind(), o.key()), i) {
+            return Err(at(i)(invalid(format!(
+                "{} is also document {} of the input; name each object once",
+                o.describe(),
+                first + 1
+            ))));
+        }
+    }
+    for attempt in 1.. {
+        let staged = Arc::new(Staged {
+            base: store.clone(),
+            objects: std::sync::Mutex::new(BTreeMap::new()),
+        });
+        let mut ops = Vec::new();
+        let mut outcomes = Vec::new();
+        for (i, o) in objects.iter().enumerate() {
+            let planned = plan(staged.as_ref(), o.clone()).await.map_err(at(i))?;
+            staged.stage(&planned.ops);
+            ops.extend(planned.ops);
+            outcomes.push(planned.outcome);
+        }
+        if ops.is_empty() {
+            return Ok(outcomes);
+        }
+        if ops.len() > store.max_ops() {
+            return Err(whole(invalid(format!(
+                "these {} objects need {} datastore operations, more than the {} this datastore \
+                 commits at once; nothing was applied: apply them in smaller files",
+                objects.len(),
+                ops.len(),
+                store.max_ops()
+            ))));
+        }
+        match store.commit(ops).await {
+            Ok(_) => return Ok(outcomes),
+            Err(StoreError::Conflict(_)) if attempt < 5 => continue,
+            Err(e) => return Err(whole(e.into())),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// The datastore as an apply in progress sees it: the base store with the objects staged by
+/// the earlier documents put over it. Read-only.
+struct Staged {
+    base: Arc<dyn Store>,
+    objects: std::sync::Mutex<BTreeMap<(Kind, String), Value>>,
+}
+
+impl Staged {
+    fn stage(&self, ops: &[Op]) {
+        let mut objects = self.objects.lock().expect("staged objects");
+        for op in ops {
+            if let Op::Put {
+                kind, key, value, ..
+            } = op
+            {
+                objects.insert((*kind, key.clone()), value.clone());
+            }
+        }
+    }
+
+    fn staged(&self, kind: Kind) -> Vec<Stored> {
+        let objects = self.objects.lock().expect("staged objects");
+        objects
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|((_, key), value)| Stored {
+                key: key.clone(),
+                value: value.clone(),
+                revision: 0,
+            })
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Staged {
+    async fn get(&self, kind: Kind, key: &str) -> crate::Result<Option<Stored>> {
+        if let Some(s) = self.staged(kind).into_iter().find(|s| s.key == key) {
+            return Ok(Some(s));
+        }
+        self.base.get(kind, key).await
+    }
+
+    async fn list(&self, kind: Kind) -> crate::Result<Vec<Stored>> {
+        let staged = self.staged(kind);
+        let mut all: Vec<Stored> = self
+            .base
+            .list(kind)
+            .await?
+            .into_iter()
+            .filter(|b| !staged.iter().any(|s| s.key == b.key))
+            .collect();
+        all.extend(staged);
+        Ok(all)
+    }
+
+    async fn allocations(&self, pool: &str) -> crate::Result<Vec<Allocation>> {
+        self.base.allocations(pool).await
+    }
+
+    async fn allocation_counts(&self) -> crate::Result<BTreeMap<String, u64>> {
+        self.base.allocation_counts().await
+    }
+
+    async fn commit(&self, _ops: Vec<Op>) -> crate::Result<Revision> {
+        Err(StoreError::Unavailable(
+            "an apply in progress commits all it staged at once, not piece by piece".into(),
+        ))
+    }
+
+    async fn revision(&self) -> crate::Result<Option<Revision>> {
+        self.base.revision().await
+    }
+
+    async fn ping(&self) -> crate::Result<()> {
+        self.base.ping().await
+    }
+}
+
 /// Deletes an object. A pool whose addresses are in use is kept, and the error names the pods.
+/// Deleting a SpiderEndpoint releases the addresses it records in the same transaction (only
+/// those its containers still hold), so none is left held without a record.
 pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), ApplyError> {
     let since = store.revision().await?;
-    let Some((_, rev)) = typed::get(store, kind, key).await? else {
+    let Some((object, rev)) = typed::get(store, kind, key).await? else {
         return Err(ApplyError::NotFound {
             kind,
             key: key.to_string(),
@@ -279,11 +466,15 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
             )));
         }
     }
-    let mut ops = vec![Op::Delete {
+    let mut ops = match &object {
+        Object::Endpoint(ep) => endpoint_releases(ep),
+        _ => Vec::new(),
+    };
+    ops.push(Op::Delete {
         kind,
         key: key.to_string(),
         expect: Expect::Revision(rev),
-    }];
+    });
     if let (Kind::IPPool, Some(since)) = (kind, since) {
         // A claim that came in after the holders were read keeps the pool.
         ops.push(Op::NoClaimsSince {
@@ -293,6 +484,75 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
     }
     store.commit(ops).await?;
     Ok(())
+}
+
+/// Release ops for every address an endpoint records, owned by the container and NIC it
+/// records them for.
+fn endpoint_releases(ep: &SpiderEndpoint) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for nic in &ep.status.current {
+        for (pool, addr) in [(&nic.ipv4_pool, &nic.ipv4), (&nic.ipv6_pool, &nic.ipv6)] {
+            let ip = addr
+                .as_deref()
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse().ok());
+            if let (Some(pool), Some(ip)) = (pool, ip) {
+                ops.push(Op::Release {
+                    pool: pool.clone(),
+                    ip,
+                    container_id: nic.container_id.clone(),
+                    nic: nic.interface.clone(),
+                });
+            }
+        }
+    }
+    ops
+}
+
+/// Releases `ip` of `pool` when no endpoint records it for its holder: the repair for an
+/// address held without a record. An address its pod's endpoint still records is refused
+/// (release it with CNI DEL or by deleting the endpoint). Returns the holder released.
+pub async fn release_unrecorded(
+    store: &dyn Store,
+    pool: &str,
+    ip: std::net::IpAddr,
+) -> Result<crate::Holder, ApplyError> {
+    let Some(a) = store
+        .allocations(pool)
+        .await?
+        .into_iter()
+        .find(|a| a.ip == ip)
+    else {
+        return Err(invalid(format!(
+            "{ip} of SpiderIPPool {pool:?} is not held by anyone"
+        )));
+    };
+    let h = &a.holder;
+    if let Some((Object::Endpoint(ep), _)) = typed::get(store, Kind::Endpoint, &h.pod).await? {
+        let recorded = endpoint_releases(&ep).into_iter().any(|op| {
+            matches!(op, Op::Release { pool: p, ip: i, container_id, nic }
+                if p == pool && i == ip && container_id == h.container_id && nic == h.nic)
+        });
+        if recorded {
+            return Err(invalid(format!(
+                "{ip} of SpiderIPPool {pool:?} is recorded in the endpoint of pod {} (container {}, interface {}): \
+                 release it with CNI DEL or `spiderpoolctl delete endpoint {}`",
+                h.pod, h.container_id, h.nic, h.pod
+            )));
+        }
+    }
+    // The release is owned by the holder read above: if the address has gone to someone else
+    // since, nothing is freed. (A holder without a record never gains one: a repeated ADD of
+    // its container finds no record and takes another address.)
+    store
+        .commit(vec![Op::Release {
+            pool: pool.to_string(),
+            ip,
+            container_id: h.container_id.clone(),
+            nic: h.nic.clone(),
+        }])
+        .await?;
+    Ok(a.holder)
 }
 
 /// The status of a pool as the system reports it.

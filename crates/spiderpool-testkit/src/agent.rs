@@ -41,8 +41,31 @@ pub const TEST_LOG_LEVEL: &str =
 impl Agent {
     /// Starts an agent and waits until it is healthy.
     pub fn start(datastore: &str, socket: &Path, node: &str, labels: &str) -> Agent {
+        Self::start_with(datastore, socket, node, labels, &[], None)
+    }
+
+    /// [`Agent::start`] with more flags, and under `umask` (octal, e.g. `000`) when given.
+    pub fn start_with(
+        datastore: &str,
+        socket: &Path,
+        node: &str,
+        labels: &str,
+        extra: &[&str],
+        umask: Option<&str>,
+    ) -> Agent {
         let log = socket.with_extension("log");
-        let child = Command::new(bin("spiderpool-agent"))
+        let mut cmd = match umask {
+            Some(m) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("umask {m} && exec \"$0\" \"$@\""))
+                    .arg(bin("spiderpool-agent"));
+                c
+            }
+            None => Command::new(bin("spiderpool-agent")),
+        };
+        let child = cmd
+            .args(extra)
             .args([
                 "--node-name",
                 node,

@@ -26,7 +26,10 @@ pub(crate) enum Output {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Create or update objects from multi-document YAML.
+    /// Create or update objects from multi-document YAML: all of them or none. Every object is
+    /// checked against the datastore as the documents before it leave it, and all are written
+    /// in one transaction; when one is refused, the error names its document and nothing is
+    /// applied.
     Apply {
         /// File to read, or `-` for stdin.
         #[arg(short = 'f', long = "filename")]
@@ -46,7 +49,10 @@ pub(crate) enum Command {
         #[arg(short = 'n', long = "namespace")]
         namespace: Option<String>,
     },
-    /// Delete an object.
+    /// Address-space repairs.
+    #[command(subcommand)]
+    Ipam(Ipam),
+    /// Delete an object. Deleting a SpiderEndpoint releases the addresses it records.
     Delete {
         /// Kind, as for `get`.
         kind: String,
@@ -55,5 +61,18 @@ pub(crate) enum Command {
         /// Namespace of namespaced objects.
         #[arg(short = 'n', long = "namespace")]
         namespace: Option<String>,
+    },
+}
+
+/// `spiderpoolctl ipam …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Ipam {
+    /// Release an address that is held without an endpoint recording it (an address its pod's
+    /// endpoint records is refused: use CNI DEL or `delete endpoint`).
+    Release {
+        /// The pool.
+        pool: String,
+        /// The address.
+        ip: std::net::IpAddr,
     },
 }

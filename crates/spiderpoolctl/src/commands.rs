@@ -4,6 +4,7 @@
 mod apply;
 mod delete;
 mod get;
+mod ipam;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             output,
             namespace,
         } => get::run(store.as_ref(), &kind, name, namespace.as_deref(), output).await,
+        Command::Ipam(cmd) => ipam::run(store.as_ref(), cmd).await,
         Command::Delete {
             kind,
             name,

@@ -166,18 +166,18 @@ impl IpamService {
             }
         };
         let pod_obj = pod_obj.and_then(|(o, _)| kube_of(o));
-        let uid = [
-            args.pod_uid.as_str(),
-            pod_obj
-                .as_ref()
-                .and_then(|p| p.metadata.uid.as_deref())
-                .unwrap_or(""),
-            pod.container_id.as_str(),
-        ]
-        .into_iter()
-        .find(|s| !s.is_empty())
-        .unwrap_or_default()
-        .to_string();
+        let object_uid = pod_obj
+            .as_ref()
+            .and_then(|p| p.metadata.uid.as_deref())
+            .filter(|u| !u.is_empty());
+        // The stored Pod object says which incarnation of the pod is live when it names the
+        // request's UID: then any other incarnation's record is stale.
+        let confirmed_live = object_uid.is_some_and(|u| u == args.pod_uid);
+        let uid = match (args.pod_uid.as_str(), object_uid) {
+            ("", Some(u)) => u.to_string(),
+            ("", None) if pod.bare => pod.container_id.clone(),
+            (arg, _) => arg.to_string(),
+        };
         let (pod_labels, annotations, owner) = match &pod_obj {
             Some(p) => (
                 p.metadata.labels.clone(),
@@ -205,7 +205,29 @@ impl IpamService {
             }
             // Otherwise the record belongs to an earlier incarnation of this pod or an earlier
             // sandbox of this NIC: those addresses go back before allocating afresh, except a
-            // StatefulSet member's, which wait for their own NIC's ADD.
+            // StatefulSet member's, which wait for their own NIC's ADD. Another incarnation's
+            // addresses are only taken back when the Pod object says this one is live.
+            let holder_uid = record_uid(ep);
+            let other_incarnation = holder_uid.is_some_and(|h| h != uid);
+            if other_incarnation && !member && !confirmed_live {
+                return Err(ServiceError::InUse {
+                    pod: key,
+                    uid,
+                    holder_uid: holder_uid.unwrap_or_default().to_string(),
+                    detail: ep
+                        .status
+                        .current
+                        .iter()
+                        .map(|n| {
+                            format!(
+                                "{} of container {} on node {}",
+                                n.interface, n.container_id, ep.status.node
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
             let stale: Vec<&EndpointInterface> = if member {
                 previous = ep
                     .status
@@ -218,7 +240,7 @@ impl IpamService {
                 ep.status
                     .current
                     .iter()
-                    .filter(|n| ep.status.uid != uid || n.interface == pod.nic)
+                    .filter(|n| other_incarnation || n.interface == pod.nic)
                     .collect()
             };
             if !stale.is_empty() && batched {
@@ -505,4 +527,12 @@ impl IpamService {
             clean_gateway: plan.clean_gateway,
         })
     }
+}
+
+/// The pod UID an endpoint record holds its addresses for, when it is known: an earlier version
+/// recorded a container's ID where the runtime gave no UID, which says nothing.
+fn record_uid(ep: &SpiderEndpoint) -> Option<&str> {
+    let uid = ep.status.uid.as_str();
+    let legacy = ep.status.current.iter().any(|n| n.container_id == uid);
+    (!uid.is_empty() && !legacy).then_some(uid)
 }

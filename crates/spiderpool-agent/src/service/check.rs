@@ -1,7 +1,6 @@
 //! CHECK: the container's reservation for a NIC, as the record and the pools' holders say.
 
 use spiderpool_api::agent::{IpamAddResponse, IpamDelArgs};
-use spiderpool_store::{typed, Kind};
 
 use super::*;
 
@@ -9,25 +8,15 @@ impl IpamService {
     /// CNI CHECK: the container's reservation for the NIC.
     pub async fn check(&self, args: &IpamDelArgs) -> Result<IpamAddResponse> {
         let pod = PodRef::of_del(args)?;
-        let key = pod.key();
-        let ep = typed::get(self.store.as_ref(), Kind::Endpoint, &key)
-            .await?
-            .and_then(|(o, _)| endpoint_of(o));
-        let nic = ep.as_ref().and_then(|e| {
-            e.status
-                .current
-                .iter()
-                .find(|n| n.interface == pod.nic && n.container_id == pod.container_id)
-        });
-        let Some(nic) = nic else {
+        let Some((key, _, _, nic)) = record_of(self.store.as_ref(), &pod).await? else {
             return Err(ServiceError::NoReservation {
                 container_id: pod.container_id.clone(),
                 nic: pod.nic.clone(),
-                pod: key,
+                pod: pod.key(),
             });
         };
         // The record must still be backed by the pools' holders.
-        for (pool, ip) in held(nic) {
+        for (pool, ip) in held(&nic) {
             let allocs = self.store.allocations(&pool).await?;
             let ok = allocs.iter().any(|a| {
                 a.ip == ip && a.holder.container_id == pod.container_id && a.holder.nic == pod.nic
@@ -42,6 +31,6 @@ impl IpamService {
                 });
             }
         }
-        Ok(response_of(nic))
+        Ok(response_of(&nic))
     }
 }

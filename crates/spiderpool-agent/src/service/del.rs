@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use spiderpool_api::agent::IpamDelArgs;
-use spiderpool_store::{typed, Kind, StoreError};
+use spiderpool_store::StoreError;
 
 use super::*;
 use crate::view::ViewCache;
@@ -17,21 +17,8 @@ impl IpamService {
     }
 
     pub(super) async fn try_del(&self, pod: &PodRef, cache: &mut ViewCache) -> Result<()> {
-        let key = pod.key();
-        let Some((ep, rev)) = typed::get(self.store.as_ref(), Kind::Endpoint, &key)
-            .await?
-            .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)))
-        else {
-            tracing::info!(pod = %key, nic = %pod.nic, "nothing to release");
-            return Ok(());
-        };
-        let Some(nic) = ep
-            .status
-            .current
-            .iter()
-            .find(|n| n.interface == pod.nic && n.container_id == pod.container_id)
-        else {
-            tracing::info!(pod = %key, nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
+        let Some((key, ep, rev, nic)) = record_of(self.store.as_ref(), pod).await? else {
+            tracing::info!(pod = %pod.key(), nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
             return Ok(());
         };
         if self
@@ -47,13 +34,13 @@ impl IpamService {
                 "keeping the addresses of a StatefulSet member for its next sandbox");
             return Ok(());
         }
-        let mut ops = release_ops(nic);
+        let mut ops = release_ops(&nic);
         let mut kept = ep.clone();
         kept.status.current.retain(|n| n.interface != pod.nic);
         ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
         let revision = self.store.commit(ops).await?;
-        cache.committed(revision, &[], &held(nic));
-        tracing::info!(pod = %key, nic = %pod.nic, released = ?held(nic), "released");
+        cache.committed(revision, &[], &held(&nic));
+        tracing::info!(pod = %key, nic = %pod.nic, released = ?held(&nic), "released");
         Ok(())
     }
 }

@@ -1,9 +1,15 @@
-//! Who a request is for: the pod key and the container and NIC inside it.
+//! Who a request is for: the pod key and the container and NIC inside it. Every part is checked
+//! before it becomes a key (Kubernetes' name rules, libcni's container-ID and interface rules),
+//! so two different requests can never share one key, and a container without Kubernetes
+//! arguments lives in a key space of its own that no pod can name.
 
 use spiderpool_api::agent::{IpamAddArgs, IpamDelArgs};
-use spiderpool_api::ValidationError;
+use spiderpool_api::names;
 
 use super::*;
+
+/// The namespace part of a bare container's key: not a DNS-1123 label, so no pod can have it.
+pub(super) const BARE_NAMESPACE: &str = "_container";
 
 /// Who a request is for.
 pub(super) struct PodRef {
@@ -11,6 +17,8 @@ pub(super) struct PodRef {
     pub(super) name: String,
     pub(super) container_id: String,
     pub(super) nic: String,
+    /// No `K8S_POD_NAME` came: the container is its own "pod", keyed by its ID.
+    pub(super) bare: bool,
 }
 
 impl PodRef {
@@ -35,27 +43,37 @@ impl PodRef {
     }
 
     fn new(container_id: &str, nic: &str, namespace: &str, name: &str) -> Result<Self> {
-        if container_id.is_empty() {
-            return Err(ValidationError::field("containerID", "", "is required").into());
-        }
-        if nic.is_empty() {
-            return Err(ValidationError::field("ifName", "", "is required").into());
-        }
-        // A runtime that passes no K8S_POD_* args gets one endpoint per container.
-        let (namespace, name) = match (namespace, name) {
-            (_, "") => ("default".to_string(), container_id.to_string()),
-            ("", n) => ("default".to_string(), n.to_string()),
-            (ns, n) => (ns.to_string(), n.to_string()),
+        names::container_id(container_id).map_err(ServiceError::BadArgs)?;
+        names::interface_name(nic).map_err(ServiceError::BadArgs)?;
+        let bare = name.is_empty();
+        let (namespace, name) = if bare {
+            (BARE_NAMESPACE.to_string(), container_id.to_string())
+        } else {
+            let namespace = if namespace.is_empty() {
+                "default"
+            } else {
+                namespace
+            };
+            names::dns1123_label("K8S_POD_NAMESPACE", namespace).map_err(ServiceError::BadArgs)?;
+            names::dns1123_subdomain("K8S_POD_NAME", name).map_err(ServiceError::BadArgs)?;
+            (namespace.to_string(), name.to_string())
         };
         Ok(PodRef {
             namespace,
             name,
             container_id: container_id.to_string(),
             nic: nic.to_string(),
+            bare,
         })
     }
 
     pub(super) fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Where an earlier version kept this bare container's record (`default/<container ID>`),
+    /// so that its addresses can still be released and checked.
+    pub(super) fn legacy_key(&self) -> Option<String> {
+        self.bare.then(|| format!("default/{}", self.container_id))
     }
 }

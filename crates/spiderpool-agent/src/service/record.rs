@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use spiderpool_api::agent::{IpConfig, IpamAddResponse, Route};
 use spiderpool_api::crd::EndpointInterface;
 use spiderpool_api::{KubeObject, Object, SpiderEndpoint};
-use spiderpool_store::{typed, Expect, Kind, Op, Revision};
+use spiderpool_store::{typed, Expect, Kind, Op, Revision, Store};
+
+use super::{PodRef, Result};
 
 pub(super) fn endpoint_of(o: Object) -> Option<SpiderEndpoint> {
     match o {
@@ -92,4 +94,30 @@ pub(super) fn endpoint_write(key: String, ep: &SpiderEndpoint, rev: Option<Revis
             expect,
         }
     }
+}
+
+/// The endpoint record of the pod a DEL or CHECK names, with its key, its revision and the
+/// request's NIC in it, when it holds the request's container on that NIC. A bare container's record written by
+/// an earlier version (under `default/<container ID>`) counts when it holds that container.
+pub(super) async fn record_of(
+    store: &dyn Store,
+    pod: &PodRef,
+) -> Result<Option<(String, SpiderEndpoint, Revision, EndpointInterface)>> {
+    for key in std::iter::once(pod.key()).chain(pod.legacy_key()) {
+        let found = typed::get(store, Kind::Endpoint, &key)
+            .await?
+            .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)));
+        if let Some((ep, rev)) = found {
+            let nic = ep
+                .status
+                .current
+                .iter()
+                .find(|n| n.interface == pod.nic && n.container_id == pod.container_id)
+                .cloned();
+            if let Some(nic) = nic {
+                return Ok(Some((key, ep, rev, nic)));
+            }
+        }
+    }
+    Ok(None)
 }

@@ -26,32 +26,32 @@ pub(crate) async fn run(store: Arc<dyn Store>, file: &str) -> anyhow::Result<Exi
     if docs.is_empty() {
         bail!("{file}: no objects found");
     }
-    let mut failed = 0;
-    for doc in docs {
-        for w in &doc.warnings {
-            eprintln!("Warning: {w}");
-        }
-        let name = resource_ref(&doc.object);
-        match objects::apply(store.as_ref(), doc.object).await {
-            Ok(outcome) => println!(
-                "{name} {}",
-                match outcome {
+    for w in docs.iter().flat_map(|d| &d.warnings) {
+        eprintln!("Warning: {w}");
+    }
+    let names: Vec<String> = docs.iter().map(|d| resource_ref(&d.object)).collect();
+    let objects = docs.into_iter().map(|d| d.object).collect();
+    match objects::apply_all(store, objects).await {
+        Ok(outcomes) => {
+            for (name, outcome) in names.iter().zip(outcomes) {
+                let what = match outcome {
                     Applied::Created => "created",
                     Applied::Configured => "configured",
                     Applied::Unchanged => "unchanged",
-                }
-            ),
-            Err(e) => {
-                failed += 1;
-                eprintln!("error: {e}");
+                };
+                println!("{name} {what}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            match e.index {
+                Some(i) => eprintln!("error: document {} ({}): {}", i + 1, names[i], e.error),
+                None => eprintln!("error: {}", e.error),
+            }
+            eprintln!("nothing was applied ({} objects in {file})", names.len());
+            Ok(ExitCode::FAILURE)
         }
     }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 /// How kubectl names an object in its messages: `spiderippool.spiderpool.spidernet.io/p`,
