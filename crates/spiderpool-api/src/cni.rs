@@ -48,6 +48,17 @@ pub struct IpamConf {
     /// Where the plugin logs; stderr when unset or unwritable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_file_path: Option<String>,
+    /// Rotate the log file once it is larger than this many MB (upstream default 100). Kept as
+    /// the JSON given, so the plugin can refuse a bad value by name (code 7) instead of failing
+    /// the whole decode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file_max_size: Option<Value>,
+    /// Remove rotated log files older than this many days (upstream default 30); JSON as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file_max_age: Option<Value>,
+    /// Keep at most this many rotated log files (upstream default 10); JSON as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file_max_count: Option<Value>,
     /// CNI-config default IPv4 pools.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub default_ipv4_ippool: Vec<String>,
@@ -217,5 +228,19 @@ mod tests {
         assert_eq!(c.ipam.default_ipv4_ippool, ["a"]);
         assert!(c.ipam.clean_gateway);
         assert_eq!(c.valid_attachments.unwrap()[0].container_id, "c1");
+    }
+
+    #[test]
+    fn log_rotation_keys_are_kept_as_given() {
+        let c: NetConf = serde_json::from_str(
+            r#"{"cniVersion":"1.0.0","ipam":{"log_file_path":"/l","log_file_max_size":1,"log_file_max_age":"x","log_file_max_count":-3}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ipam.log_file_max_size, Some(json!(1)));
+        assert_eq!(c.ipam.log_file_max_age, Some(json!("x")));
+        assert_eq!(c.ipam.log_file_max_count, Some(json!(-3)));
+        let unset: NetConf =
+            serde_json::from_str(r#"{"ipam":{"log_file_max_size":null}}"#).unwrap();
+        assert_eq!(unset.ipam.log_file_max_size, None);
     }
 }

@@ -10,7 +10,16 @@ use spiderpool_cni::{plugin, CniError};
 fn main() -> ExitCode {
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
-    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    // `std::env::vars` panics on a value that is not UTF-8; such a value is read lossily here
+    // and then refused by the checks it fails (a container ID with U+FFFD in it, say).
+    let env: std::collections::HashMap<String, String> = std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
     let outcome = match read {
         Ok(_) => plugin::run(&env, &stdin),
         Err(e) => Err((

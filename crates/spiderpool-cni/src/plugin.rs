@@ -1,5 +1,5 @@
-//! The CNI call as one command enum: environment and stdin checked, the agent asked, the result
-//! shaped for the requested spec version.
+//! The CNI call as one command enum: environment and stdin checked (by pure, public parsers),
+//! the agent asked, the result shaped for the requested spec version.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,33 +12,42 @@ use spiderpool_api::agent::{
 use spiderpool_api::cni::{
     code, IpamResult, NetConf, ResultIp, ResultRoute, DEFAULT_SOCKET, SUPPORTED_VERSIONS,
 };
+use spiderpool_api::{names, ValidationError};
 
 use crate::client;
-use crate::CniError;
+use crate::log_file::LogFile;
+use crate::{excerpt, CniError};
 
 /// Version used in an error reply before the config's own version is known.
 pub const FALLBACK_VERSION: &str = "1.0.0";
 
 /// The CNI verbs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Command {
+pub enum Command {
+    /// ADD: allocate.
     Add,
+    /// DEL: release.
     Del,
+    /// CHECK: the reservation is still held (and matches `prevResult`).
     Check,
+    /// VERSION: the spec versions spoken.
     Version,
+    /// GC (1.1.0): release what the runtime no longer uses.
     Gc,
+    /// STATUS (1.1.0): whether ADD can be served.
     Status,
 }
 
 impl Command {
-    fn parse(s: Option<&String>) -> Result<Self, CniError> {
+    /// `CNI_COMMAND`; unset or unknown is code 4 naming the value. Pure.
+    pub fn parse(s: Option<&str>) -> Result<Self, CniError> {
         let s = s.ok_or_else(|| {
             CniError::new(
                 code::INVALID_ENV,
                 "environment variable CNI_COMMAND is not set",
             )
         })?;
-        Ok(match s.as_str() {
+        Ok(match s {
             "ADD" => Command::Add,
             "DEL" => Command::Del,
             "CHECK" => Command::Check,
@@ -57,12 +66,17 @@ impl Command {
     }
 }
 
-/// The `CNI_*` environment of one call.
-struct CniEnv {
-    container_id: String,
-    netns: String,
-    ifname: String,
-    args: HashMap<String, String>,
+/// The `CNI_*` environment of one ADD, DEL or CHECK, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniEnv {
+    /// `CNI_CONTAINERID`, as libcni accepts it.
+    pub container_id: String,
+    /// `CNI_NETNS` (may be empty on DEL).
+    pub netns: String,
+    /// `CNI_IFNAME`, as the kernel accepts it.
+    pub ifname: String,
+    /// `CNI_ARGS` as key/value pairs.
+    pub args: HashMap<String, String>,
 }
 
 fn required<'a>(env: &'a HashMap<String, String>, name: &str) -> Result<&'a str, CniError> {
@@ -77,7 +91,16 @@ fn required<'a>(env: &'a HashMap<String, String>, name: &str) -> Result<&'a str,
         })
 }
 
-fn parse_cni_args(s: &str) -> Result<HashMap<String, String>, CniError> {
+fn invalid_env(name: &str, e: ValidationError) -> CniError {
+    CniError::new(
+        code::INVALID_ENV,
+        format!("environment variable {name}: {e}"),
+    )
+}
+
+/// `CNI_ARGS` (`K=V;K2=V2`) as key/value pairs, the last of a repeated key winning; an entry
+/// without `=` is code 4 naming it. Pure.
+pub fn parse_cni_args(s: &str) -> Result<HashMap<String, String>, CniError> {
     let mut out = HashMap::new();
     for pair in s.split(';').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
@@ -92,18 +115,34 @@ fn parse_cni_args(s: &str) -> Result<HashMap<String, String>, CniError> {
 }
 
 impl CniEnv {
-    fn read(env: &HashMap<String, String>, cmd: Command) -> Result<Self, CniError> {
-        let container_id = required(env, "CNI_CONTAINERID")?.to_string();
-        let ifname = required(env, "CNI_IFNAME")?.to_string();
+    /// Reads and checks the environment of `cmd` (ADD, DEL or CHECK) as libcni does before it
+    /// calls a plugin: `CNI_CONTAINERID` and `CNI_IFNAME` set and well-formed, `CNI_NETNS` set
+    /// for ADD and CHECK, `CNI_ARGS` well-formed with `K8S_POD_NAMESPACE` a DNS-1123 label and
+    /// `K8S_POD_NAME` a DNS-1123 subdomain when given. Anything else is code 4 naming the
+    /// variable and its value. Pure.
+    pub fn read(env: &HashMap<String, String>, cmd: Command) -> Result<Self, CniError> {
+        let container_id = required(env, "CNI_CONTAINERID")?;
+        names::container_id(container_id).map_err(|e| invalid_env("CNI_CONTAINERID", e))?;
+        let ifname = required(env, "CNI_IFNAME")?;
+        names::interface_name(ifname).map_err(|e| invalid_env("CNI_IFNAME", e))?;
         let netns = match cmd {
             Command::Add | Command::Check => required(env, "CNI_NETNS")?.to_string(),
             _ => env.get("CNI_NETNS").cloned().unwrap_or_default(),
         };
         let args = parse_cni_args(env.get("CNI_ARGS").map(String::as_str).unwrap_or(""))?;
+        let given = |k: &str| args.get(k).map(String::as_str).filter(|v| !v.is_empty());
+        if let Some(ns) = given("K8S_POD_NAMESPACE") {
+            names::dns1123_label("K8S_POD_NAMESPACE", ns)
+                .map_err(|e| invalid_env("CNI_ARGS", e))?;
+        }
+        if let Some(name) = given("K8S_POD_NAME") {
+            names::dns1123_subdomain("K8S_POD_NAME", name)
+                .map_err(|e| invalid_env("CNI_ARGS", e))?;
+        }
         Ok(CniEnv {
-            container_id,
+            container_id: container_id.to_string(),
             netns,
-            ifname,
+            ifname: ifname.to_string(),
             args,
         })
     }
@@ -124,7 +163,10 @@ impl CniEnv {
     }
 }
 
-fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
+/// The network configuration on stdin: decoded (code 6 otherwise), its `cniVersion` one this
+/// plugin speaks (code 1), its log rotation keys whole numbers (code 7, see
+/// [`LogFile::from_ipam`]). Pure.
+pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
     let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
         CniError::new(
             code::DECODING_FAILURE,
@@ -141,7 +183,52 @@ fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
             ),
         ));
     }
+    LogFile::from_ipam(&conf.ipam)?;
     Ok(conf)
+}
+
+/// The version an error is reported in: the config's `cniVersion` if this plugin speaks it,
+/// [`FALLBACK_VERSION`] otherwise (stdin unreadable included). Pure.
+pub fn reply_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| FALLBACK_VERSION.to_string())
+}
+
+/// The addresses of a CHECK's `prevResult`, sorted. A `prevResult` that is not a result (not a
+/// JSON object, `ips` not an array, an entry without a string `address`) is a decoding failure
+/// (code 6) naming what was found. Pure.
+pub fn prev_result_addresses(prev: &Value) -> Result<Vec<String>, CniError> {
+    let bad = |what: &str, v: &Value, why: &str| {
+        CniError::new(
+            code::DECODING_FAILURE,
+            format!("decoding prevResult: {what} {} {why}", excerpt(v)),
+        )
+    };
+    let obj = prev
+        .as_object()
+        .ok_or_else(|| bad("prevResult", prev, "is not a JSON object"))?;
+    let mut out = Vec::new();
+    match obj.get("ips") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(ips)) => {
+            for (i, ip) in ips.iter().enumerate() {
+                let address = ip.get("address").and_then(Value::as_str).ok_or_else(|| {
+                    bad(
+                        &format!("prevResult.ips[{i}]"),
+                        ip,
+                        "is not an object with a string \"address\"",
+                    )
+                })?;
+                out.push(address.to_string());
+            }
+        }
+        Some(other) => return Err(bad("prevResult.ips", other, "is not a JSON array")),
+    }
+    out.sort();
+    Ok(out)
 }
 
 fn init_logging(conf: &NetConf) {
@@ -156,16 +243,11 @@ fn init_logging(conf: &NetConf) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false);
-    let file = conf.ipam.log_file_path.as_deref().and_then(|p| {
-        if let Some(dir) = Path::new(p).parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-    });
+    // parse_conf has checked the rotation keys; an unwritable file means stderr.
+    let file = LogFile::from_ipam(&conf.ipam)
+        .ok()
+        .flatten()
+        .and_then(|l| l.open().ok());
     let _ = match file {
         Some(f) => b.with_writer(std::sync::Mutex::new(f)).try_init(),
         None => b.with_writer(std::io::stderr).try_init(),
@@ -178,8 +260,8 @@ pub fn run(
     env: &HashMap<String, String>,
     stdin: &[u8],
 ) -> Result<Option<Value>, (String, CniError)> {
-    let cmd =
-        Command::parse(env.get("CNI_COMMAND")).map_err(|e| (FALLBACK_VERSION.to_string(), e))?;
+    let cmd = Command::parse(env.get("CNI_COMMAND").map(String::as_str))
+        .map_err(|e| (FALLBACK_VERSION.to_string(), e))?;
     if cmd == Command::Version {
         let asked = serde_json::from_slice::<Value>(stdin)
             .ok()
@@ -190,16 +272,21 @@ pub fn run(
             json!({"cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS}),
         ));
     }
-    let conf = parse_conf(stdin).map_err(|e| {
-        let v = serde_json::from_slice::<Value>(stdin)
-            .ok()
-            .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
-            .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
-            .unwrap_or_else(|| FALLBACK_VERSION.to_string());
-        (v, e)
-    })?;
+    // As libcni does, the environment is judged before the config: a bad container ID or
+    // interface name is refused whatever stdin holds. The config is still read so that the
+    // refusal lands in the configured log.
+    let cenv = match cmd {
+        Command::Add | Command::Del | Command::Check => Some(CniEnv::read(env, cmd)),
+        Command::Version | Command::Gc | Command::Status => None,
+    };
+    let conf = parse_conf(stdin);
+    if let Ok(conf) = &conf {
+        init_logging(conf);
+    }
+    let early = |e: CniError| (reply_version(stdin), e);
+    let cenv = cenv.transpose().map_err(early)?;
+    let conf = conf.map_err(early)?;
     let version = conf.cni_version.clone();
-    init_logging(&conf);
     let with_version = |e: CniError| (version.clone(), e);
     let socket = PathBuf::from(
         conf.ipam
@@ -207,12 +294,14 @@ pub fn run(
             .as_deref()
             .unwrap_or(DEFAULT_SOCKET),
     );
-    match cmd {
-        Command::Gc => return gc(&conf, &socket).map(|()| None).map_err(with_version),
-        Command::Status => return status(&conf, &socket).map(|()| None).map_err(with_version),
-        _ => {}
-    }
-    let cenv = CniEnv::read(env, cmd).map_err(with_version)?;
+    let Some(cenv) = cenv else {
+        // GC and STATUS are about the network, not one container.
+        let done = match cmd {
+            Command::Gc => gc(&conf, &socket),
+            _ => status(&conf, &socket),
+        };
+        return done.map(|()| None).map_err(with_version);
+    };
     tracing::debug!(command = ?cmd, container_id = %cenv.container_id, ifname = %cenv.ifname, "called");
     match cmd {
         Command::Add => add(&conf, &cenv, &socket).map(Some).map_err(with_version),
@@ -347,11 +436,17 @@ fn check(conf: &NetConf, env: &CniEnv, socket: &Path) -> Result<(), CniError> {
             ),
         ));
     }
+    // A prevResult that cannot be read is a decoding failure, found before the agent is asked.
+    let want = conf
+        .prev_result
+        .as_ref()
+        .map(prev_result_addresses)
+        .transpose()?;
     let resp: IpamAddResponse =
         client::call(socket, "POST", PATH_CHECK, Some(&env.del_args()))?.json(socket)?;
     let held = to_result(&resp, &env.ifname)?.to_json(&conf.cni_version);
-    if let Some(prev) = &conf.prev_result {
-        let (want, have) = (addresses(prev), addresses(&held));
+    if let Some(want) = want {
+        let have = addresses(&held);
         if want != have {
             return Err(CniError::new(
                 code::CHECK_MISMATCH,
@@ -363,4 +458,141 @@ fn check(conf: &NetConf, env: &CniEnv, socket: &Path) -> Result<(), CniError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn env_is_checked_as_libcni_checks_it() {
+        let ok = |args: &str| {
+            env(&[
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", "/n"),
+                ("CNI_ARGS", args),
+            ])
+        };
+        let e = CniEnv::read(&ok("K8S_POD_NAMESPACE=;K8S_POD_NAME=web-0"), Command::Add).unwrap();
+        assert_eq!(e.args["K8S_POD_NAME"], "web-0");
+        assert!(
+            CniEnv::read(&ok(""), Command::Del).is_ok(),
+            "pod keys are optional"
+        );
+        for (args, needle) in [
+            (
+                "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b/c",
+                "K8S_POD_NAME \"b/c\"",
+            ),
+            (
+                "K8S_POD_NAMESPACE=a/b;K8S_POD_NAME=c",
+                "K8S_POD_NAMESPACE \"a/b\"",
+            ),
+            ("K8S_POD_NAME", "\"K8S_POD_NAME\""),
+        ] {
+            let e = CniEnv::read(&ok(args), Command::Check).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV);
+            assert!(e.msg.contains(needle), "{}", e.msg);
+        }
+        let mut bad = ok("");
+        bad.insert("CNI_CONTAINERID".into(), "a/b".into());
+        let e = CniEnv::read(&bad, Command::Del).unwrap_err();
+        assert!(
+            e.msg.contains("CNI_CONTAINERID") && e.msg.contains("\"a/b\""),
+            "{}",
+            e.msg
+        );
+        let mut bad = ok("");
+        bad.insert("CNI_IFNAME".into(), "../x".into());
+        let e = CniEnv::read(&bad, Command::Add).unwrap_err();
+        assert!(
+            e.msg.contains("CNI_IFNAME") && e.msg.contains("\"../x\""),
+            "{}",
+            e.msg
+        );
+    }
+
+    #[test]
+    fn prev_result_must_be_a_result() {
+        let ok = json!({"ips": [{"address": "b"}, {"address": "a"}]});
+        assert_eq!(prev_result_addresses(&ok).unwrap(), ["a", "b"]);
+        assert_eq!(
+            prev_result_addresses(&json!({})).unwrap(),
+            Vec::<String>::new()
+        );
+        let long = "é".repeat(500);
+        for bad in [
+            json!("x"),
+            json!(1),
+            json!({"ips": {}}),
+            json!({"ips": [{"address": 1}]}),
+            json!(long),
+        ] {
+            let e = prev_result_addresses(&bad).unwrap_err();
+            assert_eq!(e.code, code::DECODING_FAILURE);
+            assert!(e.msg.starts_with("decoding prevResult"), "{}", e.msg);
+        }
+    }
+
+    /// Inputs a fuzzer would try first: multi-byte characters at every cut, control bytes,
+    /// odd JSON. Every parser answers, none panics.
+    #[test]
+    fn parsers_never_panic() {
+        let nasty = [
+            "",
+            ";",
+            "=",
+            ";;=;",
+            "é",
+            "😀=😀",
+            "a=b=c",
+            "\0",
+            "\n=\n",
+            "K8S_POD_NAME=",
+            "K8S_POD_NAMESPACE=😀;K8S_POD_NAME=é.é",
+            "x y\"'é😀;",
+        ];
+        let long = "😀".repeat(300);
+        for s in nasty.iter().copied().chain([long.as_str()]) {
+            let _ = Command::parse(Some(s));
+            let _ = parse_cni_args(s);
+            for cmd in [Command::Add, Command::Del, Command::Check] {
+                let e = env(&[
+                    ("CNI_CONTAINERID", s),
+                    ("CNI_IFNAME", s),
+                    ("CNI_NETNS", s),
+                    ("CNI_ARGS", s),
+                ]);
+                let _ = CniEnv::read(&e, cmd);
+            }
+            for stdin in [
+                s.to_string(),
+                json!({"cniVersion": s, "ipam": {"log_file_path": s, "log_file_max_size": s}})
+                    .to_string(),
+                json!({"cniVersion": "1.0.0", "prevResult": s, "ipam": {"log_file_max_count": -1}})
+                    .to_string(),
+            ] {
+                let _ = parse_conf(stdin.as_bytes());
+                let _ = reply_version(stdin.as_bytes());
+            }
+            let _ = prev_result_addresses(&json!(s));
+        }
+        for bytes in [
+            &b"\xff\xfe"[..],
+            b"{\"cniVersion\":\"1.0.0\",\"ipam\":\xff}",
+            b"[",
+            b"null",
+        ] {
+            let _ = parse_conf(bytes);
+            let _ = reply_version(bytes);
+        }
+    }
 }

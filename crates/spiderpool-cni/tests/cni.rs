@@ -340,3 +340,276 @@ fn stale_del_from_an_old_container_frees_nothing() {
     let other = CniCall::new("ADD", "sandbox-3", "other", &c).run();
     assert_eq!(other.json()["ips"][0]["address"], "10.6.168.61/16");
 }
+
+/// `text` as Rust's `{:?}` shows it in a message, without the quotes.
+fn shown(text: &str) -> String {
+    let q = format!("{text:?}");
+    q[1..q.len() - 1].to_string()
+}
+
+#[test]
+fn malformed_container_ids_and_ifnames_are_refused_before_anything_else() {
+    let env = setup();
+    let good = conf(&env, "1.0.0", json!({"default_ipv4_ippool": ["pool-a"]}));
+    // The victim: a pod whose address a malformed call must not touch.
+    assert!(CniCall::new("ADD", "holder", "holder", &good).run().success);
+    let before = snapshot(&env.sb);
+    let long = "a".repeat(4096);
+    let ids = [
+        ("a/b", shown("a/b")),
+        ("holder\n", shown("holder\n")),
+        ("a\nb", shown("a\nb")),
+        (long.as_str(), shown(&long[..32])),
+        ("x y\"'é😀;", shown("x y\"'é😀;")),
+        ("../holder", shown("../holder")),
+    ];
+    let ifnames = ["twenty-characters-xx", "../x"];
+    for cmd in ["ADD", "DEL", "CHECK"] {
+        for (id, needle) in &ids {
+            let out = CniCall::new(cmd, id, "holder", &good).run();
+            expect_error(&out, 4, needle);
+            expect_error(&out, 4, "CNI_CONTAINERID");
+        }
+        for ifname in ifnames {
+            let out = CniCall::new(cmd, "holder", "holder", &good)
+                .ifname(ifname)
+                .run();
+            expect_error(&out, 4, &format!("{ifname:?}"));
+            expect_error(&out, 4, "CNI_IFNAME");
+        }
+    }
+    // The environment is judged first, as libcni judges it: broken stdin does not hide it.
+    let mut c = CniCall::new("ADD", "a/b", "p1", &good);
+    c.stdin = "{\"cniVersion\": ".into();
+    expect_error(&c.run(), 4, "\"a/b\"");
+
+    assert_eq!(
+        env.sb.allocated("pool-a"),
+        1,
+        "the victim keeps its address"
+    );
+    assert_eq!(snapshot(&env.sb), before, "bad input changed the datastore");
+    let check = CniCall::new("CHECK", "holder", "holder", &good).run();
+    assert!(check.success, "the victim still holds: {}", check.stdout);
+}
+
+#[test]
+fn malformed_pod_namespace_and_name_in_cni_args_are_refused() {
+    let env = setup();
+    let good = conf(&env, "1.0.0", json!({"default_ipv4_ippool": ["pool-a"]}));
+    assert!(CniCall::new("ADD", "holder", "holder", &good).run().success);
+    let before = snapshot(&env.sb);
+    for cmd in ["ADD", "DEL", "CHECK"] {
+        for (args, key, value) in [
+            (
+                "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b/c",
+                "K8S_POD_NAME",
+                "\"b/c\"",
+            ),
+            (
+                "K8S_POD_NAMESPACE=a/b;K8S_POD_NAME=c",
+                "K8S_POD_NAMESPACE",
+                "\"a/b\"",
+            ),
+            (
+                "K8S_POD_NAMESPACE=default;K8S_POD_NAME=Holder",
+                "K8S_POD_NAME",
+                "\"Holder\"",
+            ),
+        ] {
+            let mut c = CniCall::new(cmd, "holder", "holder", &good);
+            c.args = format!("IgnoreUnknown=1;{args};K8S_POD_INFRA_CONTAINER_ID=holder");
+            let out = c.run();
+            // Refused by the plugin itself, which names the variable it read the value from.
+            expect_error(&out, 4, "CNI_ARGS");
+            expect_error(&out, 4, key);
+            expect_error(&out, 4, value);
+        }
+    }
+
+    assert_eq!(
+        env.sb.allocated("pool-a"),
+        1,
+        "the victim keeps its address"
+    );
+    assert_eq!(snapshot(&env.sb), before, "bad input changed the datastore");
+}
+
+#[test]
+fn check_with_a_prev_result_that_is_not_a_result_is_a_decoding_failure() {
+    let env = setup();
+    let good = conf(&env, "1.0.0", json!({"default_ipv4_ippool": ["pool-a"]}));
+    assert!(CniCall::new("ADD", "holder", "holder", &good).run().success);
+    let before = snapshot(&env.sb);
+    for (prev, needle) in [
+        (json!("10.6.168.60/16"), "prevResult \"10.6.168.60/16\""),
+        (json!(42), "prevResult 42"),
+        (json!([1, 2]), "prevResult [1,2]"),
+        (
+            json!({"ips": "10.6.168.60/16"}),
+            "prevResult.ips \"10.6.168.60/16\"",
+        ),
+        (json!({"ips": [7]}), "prevResult.ips[0] 7"),
+    ] {
+        let mut c = CniCall::new("CHECK", "holder", "holder", &good);
+        let mut with_prev = good.clone();
+        with_prev["prevResult"] = prev;
+        c.stdin = with_prev.to_string();
+        let out = c.run();
+        expect_error(&out, 6, needle);
+        expect_error(&out, 6, "decoding");
+    }
+    assert_eq!(snapshot(&env.sb), before, "bad input changed the datastore");
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn numbered(path: &std::path::Path, n: u32) -> std::path::PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    s.into()
+}
+
+#[test]
+fn the_log_file_is_rotated_past_its_max_size_and_keeps_max_count() {
+    let env = setup();
+    let dir = env.sb.dir.path().join("log");
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("spiderpool.log");
+    let filler = "x".repeat(1024 * 1024 + 10);
+    std::fs::write(&path, &filler).unwrap();
+    std::fs::write(numbered(&path, 1), "old-1").unwrap();
+    std::fs::write(numbered(&path, 2), "old-2").unwrap();
+    let c = conf(
+        &env,
+        "1.0.0",
+        json!({"default_ipv4_ippool": ["pool-a"], "log_file_path": path,
+               "log_file_max_size": 1, "log_file_max_count": 2}),
+    );
+    let add = CniCall::new("ADD", "c1", "p1", &c).run();
+    assert!(add.success, "{}{}", add.stdout, add.stderr);
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert_eq!(read(&numbered(&path, 1)), filler, "the full file became .1");
+    assert_eq!(read(&numbered(&path, 2)), "old-1");
+    assert!(
+        !numbered(&path, 3).exists(),
+        "at most log_file_max_count rotated files"
+    );
+    let fresh = read(&path);
+    assert!(
+        fresh.contains("ADD"),
+        "the call logged to a new file: {fresh:?}"
+    );
+    assert_eq!(mode(&path), 0o600);
+
+    // Below the size, the file is appended to, not rotated.
+    assert!(CniCall::new("DEL", "c1", "p1", &c).run().success);
+    assert_eq!(read(&numbered(&path, 1)), filler);
+    assert!(read(&path).starts_with(&fresh) && read(&path).len() > fresh.len());
+
+    // Rotated files untouched for longer than log_file_max_age days are removed.
+    let aged = dir.join("aged.log");
+    std::fs::write(&aged, "small").unwrap();
+    let forty_days = std::time::Duration::from_secs(40 * 86_400);
+    for (n, old) in [(1, false), (2, true), (3, true)] {
+        let f = std::fs::File::create(numbered(&aged, n)).unwrap();
+        if old {
+            f.set_modified(std::time::SystemTime::now() - forty_days)
+                .unwrap();
+        }
+    }
+    let c = conf(
+        &env,
+        "1.0.0",
+        json!({"log_file_path": aged, "log_file_max_age": 30}),
+    );
+    assert!(CniCall::new("DEL", "c2", "p2", &c).run().success);
+    assert!(numbered(&aged, 1).exists(), "a fresh rotated file stays");
+    assert!(!numbered(&aged, 2).exists() && !numbered(&aged, 3).exists());
+    assert_eq!(
+        read(&aged).get(..5),
+        Some("small"),
+        "no rotation below the size"
+    );
+}
+
+#[test]
+fn bad_log_rotation_values_are_invalid_config_naming_key_and_value() {
+    let env = setup();
+    let good = conf(&env, "1.0.0", json!({"default_ipv4_ippool": ["pool-a"]}));
+    assert!(CniCall::new("ADD", "holder", "holder", &good).run().success);
+    let before = snapshot(&env.sb);
+    let log = env.sb.dir.path().join("bad.log");
+    for (key, value, needle) in [
+        ("log_file_max_size", json!(-1), "log_file_max_size -1"),
+        (
+            "log_file_max_size",
+            json!("100"),
+            "log_file_max_size \"100\"",
+        ),
+        ("log_file_max_age", json!(1.5), "log_file_max_age 1.5"),
+        ("log_file_max_age", json!("x"), "log_file_max_age \"x\""),
+        ("log_file_max_count", json!(-3), "log_file_max_count -3"),
+    ] {
+        let c = conf(
+            &env,
+            "1.0.0",
+            json!({"default_ipv4_ippool": ["pool-a"], "log_file_path": log, key: value}),
+        );
+        for cmd in ["ADD", "DEL"] {
+            let who = if cmd == "ADD" { "c1" } else { "holder" };
+            expect_error(&CniCall::new(cmd, who, who, &c).run(), 7, needle);
+        }
+    }
+    assert!(!log.exists(), "a refused config opens no log file");
+    assert_eq!(
+        env.sb.allocated("pool-a"),
+        1,
+        "the victim keeps its address"
+    );
+    assert_eq!(snapshot(&env.sb), before, "bad input changed the datastore");
+}
+
+#[test]
+fn the_log_file_and_its_directories_get_fixed_modes_whatever_the_umask() {
+    let env = setup();
+    let top = env.sb.dir.path().join("logs");
+    let path = top.join("spidernet").join("spiderpool.log");
+    let c = conf(
+        &env,
+        "1.0.0",
+        json!({"default_ipv4_ippool": ["pool-a"], "log_file_path": path}),
+    );
+    let call = CniCall::new("ADD", "c1", "p1", &c);
+    // The runtime's umask 000 would make 0777 directories and a 0666 file.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "umask 000; exec \"$0\""])
+        .arg(spiderpool_testkit::bin("spiderpool"))
+        .env_clear()
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env("CNI_ARGS", &call.args);
+    for (k, v) in [
+        ("CNI_COMMAND", &call.command),
+        ("CNI_CONTAINERID", &call.container_id),
+        ("CNI_IFNAME", &call.ifname),
+        ("CNI_NETNS", &call.netns),
+    ] {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    let out = spiderpool_testkit::run(&mut cmd, &call.stdin);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.json()["ips"][0]["address"], "10.6.168.60/16");
+    assert_eq!(mode(&top), 0o750);
+    assert_eq!(mode(&top.join("spidernet")), 0o750);
+    assert_eq!(mode(&path), 0o600);
+    assert!(std::fs::read_to_string(&path).unwrap().contains("ADD"));
+}

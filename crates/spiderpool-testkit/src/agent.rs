@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use crate::*;
 
 /// A running `spiderpool-agent`, killed on drop.
@@ -53,7 +55,19 @@ impl Agent {
         extra: &[&str],
         umask: Option<&str>,
     ) -> Agent {
-        let log = socket.with_extension("log");
+        // Beside the socket, or in the nearest directory that exists when the agent is to
+        // create the socket's own.
+        let dir = socket
+            .ancestors()
+            .skip(1)
+            .find(|d| d.is_dir())
+            .unwrap_or(Path::new("/tmp"));
+        let log = dir.join(
+            socket
+                .with_extension("log")
+                .file_name()
+                .expect("socket file name"),
+        );
         let mut cmd = match umask {
             Some(m) => {
                 let mut c = Command::new("sh");
@@ -148,4 +162,31 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// One HTTP/1.1 request to the agent's API on `socket`, as the plugin would send it: the status
+/// and the body (JSON when it is JSON, else a string); status 0 when the agent could not be
+/// reached or closed the connection without an answer.
+pub fn request(socket: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let Ok(mut s) = UnixStream::connect(socket) else {
+        return (0, Value::Null);
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, Value::Null);
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let value = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.into()));
+    (status, value)
 }

@@ -12,7 +12,7 @@ mod sandbox;
 use std::path::PathBuf;
 use std::process::Command;
 
-pub use agent::{healthy, Agent, TEST_LOG_LEVEL};
+pub use agent::{healthy, request, Agent, TEST_LOG_LEVEL};
 pub use cni::CniCall;
 pub use etcd::{etcd_available, Etcd};
 pub use netns::Netns;
