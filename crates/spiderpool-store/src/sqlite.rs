@@ -49,10 +49,37 @@ impl SqliteStore {
         let path = path.to_path_buf();
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    StoreError::Config(format!("datastore directory {}: {e}", dir.display()))
-                })?;
+            // Whoever can write the file can hand out any address: directories the store
+            // creates are 0750 and a new database file 0600 at most, whatever the umask (which
+            // can only take permissions away); SQLite gives its -wal and -shm files the
+            // database file's mode.
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o750)
+                    .create(dir)
+                    .map_err(|e| {
+                        StoreError::Config(format!("datastore directory {}: {e}", dir.display()))
+                    })?;
+            }
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&p)
+                {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        return Err(StoreError::Config(format!(
+                            "datastore {}: {e}",
+                            p.display()
+                        )))
+                    }
+                }
             }
             let conn = Connection::open(&p)
                 .map_err(|e| StoreError::Config(format!("datastore {}: {e}", p.display())))?;

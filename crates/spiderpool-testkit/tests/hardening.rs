@@ -367,10 +367,7 @@ fn slow_clients_do_not_starve_the_plugin() {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut buf = Vec::new();
         let n = s.read_to_end(&mut buf);
-        assert!(
-            n.is_ok(),
-            "the agent closed the slow connection: {n:?}"
-        );
+        assert!(n.is_ok(), "the agent closed the slow connection: {n:?}");
     }
 }
 
@@ -519,4 +516,32 @@ fn apply_is_all_or_nothing_and_checks_names() {
     let out = sb.ctl(&["apply", "-f", "-"], &[good(1), good(2)].concat());
     assert!(out.success, "{}", out.stderr);
     assert_eq!(out.stdout.matches("created").count(), 2);
+}
+
+#[test]
+fn the_sqlite_datastore_is_not_left_open_by_the_umask() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lib/spiderpool/spiderpool.db");
+    let out = run(
+        Command::new("sh")
+            .arg("-c")
+            .arg("umask 000 && exec \"$0\" \"$@\"")
+            .arg(bin("spiderpoolctl"))
+            .arg("--datastore")
+            .arg(format!("sqlite://{}", db.display()))
+            .args(["apply", "-f", "-"]),
+        POOL,
+    );
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(mode(&db), 0o600);
+    for d in [dir.path().join("lib"), dir.path().join("lib/spiderpool")] {
+        assert_eq!(mode(&d), 0o750, "{}", d.display());
+    }
+    // SQLite's companion files follow the database file.
+    for f in ["spiderpool.db-wal", "spiderpool.db-shm"] {
+        let f = dir.path().join("lib/spiderpool").join(f);
+        if f.exists() {
+            assert_eq!(mode(&f) & 0o077, 0, "{}", f.display());
+        }
+    }
 }
