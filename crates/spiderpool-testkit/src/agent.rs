@@ -46,14 +46,15 @@ impl Agent {
         Self::start_with(datastore, socket, node, labels, &[], None)
     }
 
-    /// [`Agent::start`] with more flags, and under `umask` (octal, e.g. `000`) when given.
+    /// [`Agent::start`] with more flags, and after the shell commands `prelude` when given
+    /// (`umask 000`, `ulimit -n 300`).
     pub fn start_with(
         datastore: &str,
         socket: &Path,
         node: &str,
         labels: &str,
         extra: &[&str],
-        umask: Option<&str>,
+        prelude: Option<&str>,
     ) -> Agent {
         // Beside the socket, or in the nearest directory that exists when the agent is to
         // create the socket's own.
@@ -68,11 +69,11 @@ impl Agent {
                 .file_name()
                 .expect("socket file name"),
         );
-        let mut cmd = match umask {
-            Some(m) => {
+        let mut cmd = match prelude {
+            Some(p) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
-                    .arg(format!("umask {m} && exec \"$0\" \"$@\""))
+                    .arg(format!("{p} && exec \"$0\" \"$@\""))
                     .arg(bin("spiderpool-agent"));
                 c
             }
