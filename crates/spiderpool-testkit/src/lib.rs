@@ -3,6 +3,7 @@
 //! standing in for hosts and pods. Never shipped.
 
 mod agent;
+mod cluster;
 mod cni;
 mod etcd;
 mod netns;
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 pub use agent::{healthy, request, Agent, TEST_LOG_LEVEL};
+pub use cluster::{kube_bin, ControlPlane};
 pub use cni::CniCall;
 pub use etcd::{etcd_available, Etcd};
 pub use netns::Netns;

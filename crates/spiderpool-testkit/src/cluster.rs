@@ -1,0 +1,323 @@
+//! A real Kubernetes control plane on loopback for the tests: etcd 3.6, kube-apiserver (client
+//! certificates, RBAC) and, when a test needs workloads, kube-controller-manager and
+//! kube-scheduler, all built from their Go modules by `scripts/kube-tools.sh` (its bin
+//! directory in `SPIDERPOOL_KUBE_BIN`). Certificates are made with Debian's openssl; everything
+//! lives in a temporary directory and is stopped and removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::*;
+
+/// The directory of the control plane's binaries: `SPIDERPOOL_KUBE_BIN`, which
+/// `scripts/test.sh` sets from `scripts/kube-tools.sh`. `None` (with the reason printed) when
+/// it is not set; with SPIDERPOOL_E2E_REQUIRED=1 (CI) that is a failure, not a skip.
+pub fn kube_bin() -> Option<PathBuf> {
+    let dir = std::env::var_os("SPIDERPOOL_KUBE_BIN").map(PathBuf::from);
+    if let Some(d) = dir.filter(|d| d.join("kube-apiserver").exists()) {
+        return Some(d);
+    }
+    let why = "SPIDERPOOL_KUBE_BIN does not name the control plane's bin directory \
+               (export SPIDERPOOL_KUBE_BIN=$(scripts/kube-tools.sh | tail -n 1))";
+    assert!(
+        std::env::var("SPIDERPOOL_E2E_REQUIRED").as_deref() != Ok("1"),
+        "{why}"
+    );
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+/// A running control plane, stopped and removed on drop.
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    children: Vec<(String, Child)>,
+    /// The admin kubeconfig (client certificate in `system:masters`).
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:PORT`.
+    pub server: String,
+}
+
+impl ControlPlane {
+    /// etcd and kube-apiserver, ready to serve; with `workloads`, also kube-controller-manager
+    /// and kube-scheduler, so Deployments, DaemonSets and StatefulSets get pods placed on
+    /// nodes.
+    pub fn start(bin: &Path, workloads: bool) -> ControlPlane {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cp = ControlPlane {
+            kubeconfig: dir.path().join("admin.kubeconfig"),
+            server: String::new(),
+            dir,
+            bin: bin.to_path_buf(),
+            children: Vec::new(),
+        };
+        let pki = cp.dir.path().join("pki");
+        make_pki(&pki);
+        let etcd_port = free_port();
+        let peer_port = free_port();
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        cp.spawn(
+            "etcd",
+            &[
+                "--name=default",
+                &format!("--data-dir={}", cp.dir.path().join("etcd").display()),
+                &format!("--listen-client-urls={etcd_url}"),
+                &format!("--advertise-client-urls={etcd_url}"),
+                &format!("--listen-peer-urls={peer_url}"),
+                &format!("--initial-advertise-peer-urls={peer_url}"),
+                &format!("--initial-cluster=default={peer_url}"),
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+        );
+        let api_port = free_port();
+        cp.server = format!("https://127.0.0.1:{api_port}");
+        let p = |f: &str| pki.join(f).display().to_string();
+        cp.spawn(
+            "kube-apiserver",
+            &[
+                &format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                &format!("--secure-port={api_port}"),
+                &format!("--tls-cert-file={}", p("apiserver.crt")),
+                &format!("--tls-private-key-file={}", p("apiserver.key")),
+                &format!(
+                    "--cert-dir={}",
+                    cp.dir.path().join("apiserver-certs").display()
+                ),
+                &format!("--client-ca-file={}", p("ca.crt")),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                &format!("--service-account-key-file={}", p("sa.pub")),
+                &format!("--service-account-signing-key-file={}", p("sa.key")),
+                "--service-cluster-ip-range=10.233.0.0/18",
+                "--authorization-mode=RBAC",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",
+                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
+                "--v=0",
+            ],
+        );
+        write_kubeconfig(&cp.kubeconfig, &cp.server, &pki);
+        cp.wait_ready();
+        if workloads {
+            let kc = format!("--kubeconfig={}", cp.kubeconfig.display());
+            cp.spawn(
+                "kube-controller-manager",
+                &[
+                    &kc,
+                    "--leader-elect=false",
+                    "--controllers=*,-node-lifecycle-controller",
+                    "--secure-port=0",
+                    &format!("--service-account-private-key-file={}", p("sa.key")),
+                    &format!("--root-ca-file={}", p("ca.crt")),
+                    "--use-service-account-credentials=false",
+                    "--v=0",
+                ],
+            );
+            cp.spawn(
+                "kube-scheduler",
+                &[&kc, "--leader-elect=false", "--secure-port=0", "--v=0"],
+            );
+        }
+        cp
+    }
+
+    fn spawn(&mut self, component: &str, args: &[&str]) {
+        let log = self.dir.path().join(format!("{component}.log"));
+        let child = Command::new(self.bin.join(component))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("component log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {component}: {e}"));
+        self.children.push((component.to_string(), child));
+    }
+
+    /// What `component` logged so far.
+    pub fn log(&self, component: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{component}.log")))
+            .unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            for (name, child) in &mut self.children {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+                        .unwrap_or_default();
+                    panic!("{name} exited with {status}:\n{log}");
+                }
+            }
+            let out = self.kubectl(&["get", "--raw", "/readyz"], "");
+            if out.success && out.stdout.trim() == "ok" {
+                // The default namespace is made by a controller inside the apiserver.
+                if self.kubectl(&["get", "namespace", "default"], "").success {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver not ready in time:\n{}\n{}",
+                out.stderr,
+                self.log("kube-apiserver")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs the real kubectl against the control plane as its admin.
+    pub fn kubectl(&self, args: &[&str], stdin: &str) -> Output {
+        run(
+            Command::new(self.bin.join("kubectl"))
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args),
+            stdin,
+        )
+    }
+
+    /// [`ControlPlane::kubectl`], panicking with its output when it fails.
+    pub fn kubectl_ok(&self, args: &[&str], stdin: &str) -> String {
+        let out = self.kubectl(args, stdin);
+        assert!(
+            out.success,
+            "kubectl {args:?} failed:\n{}{}",
+            out.stdout, out.stderr
+        );
+        out.stdout
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Stop in reverse order: the components before the apiserver before etcd.
+        for (_, child) in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A CA, the apiserver's serving certificate (IP SAN 127.0.0.1), an admin client certificate
+/// in `system:masters`, and the service-account key pair, with openssl.
+fn make_pki(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("pki dir");
+    let ossl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("running openssl (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    ossl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-days",
+                "7",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-subj",
+                "/CN=spiderpool-test-ca",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            ],
+        ]
+        .concat(),
+    );
+    let sign = |name: &str, subj: &str, ext: &str| {
+        let (key, csr, crt, extf) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        ossl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", &key, "-out", &csr, "-subj", subj],
+            ]
+            .concat(),
+        );
+        std::fs::write(dir.join(&extf), ext).expect("ext file");
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "7",
+            "-out",
+            &crt,
+            "-extfile",
+            &extf,
+        ]);
+    };
+    sign(
+        "apiserver",
+        "/CN=kube-apiserver",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.233.0.1\n",
+    );
+    sign(
+        "admin",
+        "/O=system:masters/CN=admin",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    );
+    ossl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-out",
+        "sa.key",
+    ]);
+    ossl(&["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
+}
+
+/// An admin kubeconfig with the certificates embedded.
+fn write_kubeconfig(path: &Path, server: &str, pki: &Path) {
+    use std::fmt::Write as _;
+    let b64 = |f: &str| {
+        use base64::Engine as _;
+        let data = std::fs::read(pki.join(f)).expect("pki file");
+        base64::engine::general_purpose::STANDARD.encode(data)
+    };
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: local\n  context: {{cluster: local, user: admin}}\ncurrent-context: local\n",
+        b64("ca.crt"),
+        b64("admin.crt"),
+        b64("admin.key"),
+    );
+    std::fs::write(path, s).expect("kubeconfig");
+}
