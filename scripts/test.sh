@@ -8,6 +8,10 @@ if [ "$(id -u)" = 0 ]; then
   # As root nothing may skip: a missing prerequisite fails the run.
   export SPIDERPOOL_E2E_REQUIRED=1
 fi
+# The control plane of the Kubernetes-mode tests, and the etcd 3.6 of the etcd-mode tests, built
+# from their Go modules (cached outside the checkout after the first build).
+SPIDERPOOL_KUBE_BIN=$(./scripts/kube-tools.sh | tail -n 1)
+export SPIDERPOOL_KUBE_BIN
 # The tests drive the real binaries: build them all first (cargo test alone builds only the
 # binaries of packages that have integration tests).
 cargo build --workspace --bins --locked

@@ -1,23 +1,38 @@
 //! etcd clusters of one or more members on loopback ports, started and removed by the tests.
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::*;
 
-/// Whether Debian's `etcd` is installed; says how to get it otherwise. With
+/// Whether etcd ([`etcd_binary`]) can be run; says how to get it otherwise. With
 /// SPIDERPOOL_E2E_REQUIRED=1 (CI) its absence is a failure, not a skip.
 pub fn etcd_available() -> bool {
-    if Command::new("etcd").arg("--version").output().is_ok() {
+    if Command::new(etcd_binary())
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
         return true;
     }
+    let why = "etcd is missing: export SPIDERPOOL_KUBE_BIN=$(scripts/kube-tools.sh | tail -n 1)";
     assert!(
         std::env::var("SPIDERPOOL_E2E_REQUIRED").as_deref() != Ok("1"),
-        "etcd is missing (apt-get install etcd-server)"
+        "{why}"
     );
-    eprintln!("SKIPPED: etcd is missing (apt-get install etcd-server)");
+    eprintln!("SKIPPED: {why}");
     false
+}
+
+/// The etcd the tests run: the 3.6 built with the control plane (`SPIDERPOOL_KUBE_BIN`, see
+/// `scripts/kube-tools.sh`), else whatever `etcd` the PATH has.
+pub fn etcd_binary() -> PathBuf {
+    std::env::var_os("SPIDERPOOL_KUBE_BIN")
+        .map(|d| PathBuf::from(d).join("etcd"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("etcd"))
 }
 
 /// One etcd member started by the test, with its data in a temporary directory.
@@ -79,7 +94,7 @@ impl Etcd {
             std::fs::File::create(self.dir.path().join(format!("{}.log", m.name))).expect("log");
         let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new("etcd")
+        let child = Command::new(etcd_binary())
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")

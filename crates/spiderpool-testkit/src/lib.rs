@@ -16,7 +16,7 @@ use std::process::Command;
 pub use agent::{healthy, request, Agent, TEST_LOG_LEVEL};
 pub use cluster::{kube_bin, ControlPlane};
 pub use cni::CniCall;
-pub use etcd::{etcd_available, Etcd};
+pub use etcd::{etcd_available, etcd_binary, Etcd};
 pub use netns::Netns;
 pub use process::{cpu_time, free_port, run, sh, Output};
 pub use sandbox::{allocated, ctl, Sandbox};
