@@ -16,6 +16,7 @@ pub const API_VERSION: &str = "spiderpool.spidernet.io/v2beta1";
 
 /// A route entry of a pool or subnet spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct RouteSpec {
     /// Destination CIDR.
     pub dst: String,
@@ -23,9 +24,32 @@ pub struct RouteSpec {
     pub gw: String,
 }
 
-/// `SpiderIPPool.spec`.
+/// `SpiderIPPool.spec`. With the `kube` feature it also defines the CRD (`deploy/crds/`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "spiderpool.spidernet.io",
+        version = "v2beta1",
+        kind = "SpiderIPPool",
+        root = "SpiderIPPoolResource",
+        plural = "spiderippools",
+        shortname = "sp",
+        category = "spiderpool",
+        status = "IPPoolStatus",
+        printcolumn = r#"{"name":"VERSION","type":"string","jsonPath":".spec.ipVersion"}"#,
+        printcolumn = r#"{"name":"SUBNET","type":"string","jsonPath":".spec.subnet"}"#,
+        printcolumn = r#"{"name":"ALLOCATED-IP-COUNT","type":"integer","jsonPath":".status.allocatedIPCount"}"#,
+        printcolumn = r#"{"name":"TOTAL-IP-COUNT","type":"integer","jsonPath":".status.totalIPCount"}"#,
+        printcolumn = r#"{"name":"DEFAULT","type":"boolean","jsonPath":".spec.default"}"#,
+        printcolumn = r#"{"name":"DISABLE","type":"boolean","jsonPath":".spec.disable"}"#,
+        printcolumn = r#"{"name":"NodeName","type":"string","jsonPath":".spec.nodeName","priority":10}"#,
+        printcolumn = r#"{"name":"MultusName","type":"string","jsonPath":".spec.multusName","priority":10}"#,
+        printcolumn = r#"{"name":"APP-NAMESPACE","type":"string","jsonPath":".spec.podAffinity.matchLabels['ipam\\.spidernet\\.io/app\\-namespace']","priority":10}"#
+    )
+)]
 pub struct IPPoolSpec {
     /// 4 or 6; derived from `subnet` when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,15 +74,27 @@ pub struct IPPoolSpec {
     pub vlan: Option<i64>,
     /// Pods whose labels match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "kube",
+        schemars(with = "Option<crate::kube::LabelSelectorSchema>")
+    )]
     pub pod_affinity: Option<LabelSelector>,
     /// Namespaces whose labels match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "kube",
+        schemars(with = "Option<crate::kube::LabelSelectorSchema>")
+    )]
     pub namespace_affinity: Option<LabelSelector>,
     /// Namespaces by name (replaces `namespaceAffinity`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespace_name: Vec<String>,
     /// Nodes whose labels match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "kube",
+        schemars(with = "Option<crate::kube::LabelSelectorSchema>")
+    )]
     pub node_affinity: Option<LabelSelector>,
     /// Nodes by name (replaces `nodeAffinity`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -68,14 +104,17 @@ pub struct IPPoolSpec {
     pub multus_name: Vec<String>,
     /// A cluster default pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(extend("default" = false)))]
     pub default: Option<bool>,
     /// Hands out nothing while true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kube", schemars(extend("default" = false)))]
     pub disable: Option<bool>,
 }
 
 /// `SpiderIPPool.status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct IPPoolStatus {
     /// Upstream's form: a JSON object, as a string, mapping address to holder.
@@ -134,9 +173,27 @@ pub struct SpiderIPPool {
     pub status: Option<IPPoolStatus>,
 }
 
-/// `SpiderSubnet.spec`.
+/// `SpiderSubnet.spec`. With the `kube` feature it also defines the CRD (`deploy/crds/`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "spiderpool.spidernet.io",
+        version = "v2beta1",
+        kind = "SpiderSubnet",
+        root = "SpiderSubnetResource",
+        plural = "spidersubnets",
+        shortname = "ss",
+        category = "spiderpool",
+        status = "SubnetStatus",
+        printcolumn = r#"{"name":"VERSION","type":"string","jsonPath":".spec.ipVersion"}"#,
+        printcolumn = r#"{"name":"SUBNET","type":"string","jsonPath":".spec.subnet"}"#,
+        printcolumn = r#"{"name":"ALLOCATED-IP-COUNT","type":"integer","jsonPath":".status.allocatedIPCount"}"#,
+        printcolumn = r#"{"name":"TOTAL-IP-COUNT","type":"integer","jsonPath":".status.totalIPCount"}"#
+    )
+)]
 pub struct SubnetSpec {
     /// 4 or 6; derived from `subnet` when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -163,6 +220,7 @@ pub struct SubnetSpec {
 
 /// `SpiderSubnet.status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct SubnetStatus {
     /// Upstream's form: JSON (as a string) of pool name to the addresses it holds.
@@ -209,9 +267,23 @@ pub struct SpiderSubnet {
     pub status: Option<SubnetStatus>,
 }
 
-/// `SpiderReservedIP.spec`.
+/// `SpiderReservedIP.spec`. With the `kube` feature it also defines the CRD (`deploy/crds/`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "spiderpool.spidernet.io",
+        version = "v2beta1",
+        kind = "SpiderReservedIP",
+        root = "SpiderReservedIPResource",
+        plural = "spiderreservedips",
+        shortname = "sr",
+        category = "spiderpool",
+        printcolumn = r#"{"name":"VERSION","type":"string","jsonPath":".spec.ipVersion"}"#
+    )
+)]
 pub struct ReservedIPSpec {
     /// 4 or 6; derived from `ips[0]` when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]

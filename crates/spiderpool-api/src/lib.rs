@@ -7,6 +7,8 @@ pub mod annotation;
 pub mod cni;
 pub mod crd;
 pub mod k8s;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod manifest;
 pub mod meta;
 pub mod names;
