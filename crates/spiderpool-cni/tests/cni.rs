@@ -589,23 +589,7 @@ fn the_log_file_and_its_directories_get_fixed_modes_whatever_the_umask() {
     );
     let call = CniCall::new("ADD", "c1", "p1", &c);
     // The runtime's umask 000 would make 0777 directories and a 0666 file.
-    let mut cmd = std::process::Command::new("sh");
-    cmd.args(["-c", "umask 000; exec \"$0\""])
-        .arg(spiderpool_testkit::bin("spiderpool"))
-        .env_clear()
-        .env("CNI_PATH", "/usr/lib/cni")
-        .env("CNI_ARGS", &call.args);
-    for (k, v) in [
-        ("CNI_COMMAND", &call.command),
-        ("CNI_CONTAINERID", &call.container_id),
-        ("CNI_IFNAME", &call.ifname),
-        ("CNI_NETNS", &call.netns),
-    ] {
-        if let Some(v) = v {
-            cmd.env(k, v);
-        }
-    }
-    let out = spiderpool_testkit::run(&mut cmd, &call.stdin);
+    let out = call.run_via(&["sh", "-c", "umask 000; exec \"$0\""]);
     assert!(out.success, "{}{}", out.stdout, out.stderr);
     assert_eq!(out.json()["ips"][0]["address"], "10.6.168.60/16");
     assert_eq!(mode(&top), 0o750);

@@ -44,7 +44,26 @@ impl CniCall {
 
     /// Runs the real `spiderpool` binary.
     pub fn run(&self) -> Output {
-        let mut cmd = Command::new(bin("spiderpool"));
+        self.run_via(&[])
+    }
+
+    /// Runs the real `spiderpool` binary through `wrapper` (a command that ends by executing
+    /// its last argument, e.g. `["setpriv", "--reuid=65534", …]` or
+    /// `["sh", "-c", "umask 000; exec \"$0\""]`), with the same environment and stdin.
+    pub fn run_via(&self, wrapper: &[&str]) -> Output {
+        self.run_program_via(&bin("spiderpool"), wrapper)
+    }
+
+    /// [`CniCall::run_via`] for a copy of the plugin at `program`.
+    pub fn run_program_via(&self, program: &std::path::Path, wrapper: &[&str]) -> Output {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
         cmd.env_clear()
             .env("CNI_PATH", "/usr/lib/cni")
             .env("CNI_ARGS", &self.args);

@@ -195,25 +195,15 @@ impl World {
 
     /// Runs the plugin as uid/gid 65534 (`nobody`), with `groups` as supplementary groups.
     fn as_nobody(&self, c: &CniCall, groups: &str) -> Output {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid=65534", "--regid=65534"]);
-        if groups.is_empty() {
-            cmd.arg("--clear-groups");
+        let groups = if groups.is_empty() {
+            "--clear-groups".to_string()
         } else {
-            cmd.arg(format!("--groups={groups}"));
-        }
-        cmd.arg(&self.plugin).env_clear().env("CNI_ARGS", &c.args);
-        for (k, v) in [
-            ("CNI_COMMAND", &c.command),
-            ("CNI_CONTAINERID", &c.container_id),
-            ("CNI_IFNAME", &c.ifname),
-            ("CNI_NETNS", &c.netns),
-        ] {
-            if let Some(v) = v {
-                cmd.env(k, v);
-            }
-        }
-        run(&mut cmd, &c.stdin)
+            format!("--groups={groups}")
+        };
+        c.run_program_via(
+            &self.plugin,
+            &["setpriv", "--reuid=65534", "--regid=65534", &groups],
+        )
     }
 }
 
