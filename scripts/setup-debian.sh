@@ -1,9 +1,30 @@
 #!/usr/bin/env bash
-# Installs the system packages the build, examples and tests use on Debian 12: protoc (the etcd
-# client's build needs it), the reference CNI plugins (/usr/lib/cni), iproute2 for network
-# namespaces, ping, and etcd (the tests start their own servers on loopback ports).
+# Installs the system packages the build, examples and tests use on Debian 12, each named here
+# (nothing comes in as a Recommends: apt runs with --no-install-recommends):
+#   protobuf-compiler, libprotobuf-dev  the etcd client's build script runs protoc, which reads
+#                                       google/protobuf/*.proto from libprotobuf-dev
+#   containernetworking-plugins         the reference CNI plugins (/usr/lib/cni)
+#   iproute2, iputils-ping              network namespaces and ping for the examples and tests
+#   openssl                             the test control plane's certificates
+#   util-linux                          setpriv: the tests run the plugin as an untrusted user
+#   strace                              scripts/check-build-packages.sh traces the build with it
+# Idempotent: installs only what is missing. `--list` prints the names and installs nothing
+# (scripts/check-build-packages.sh reads them).
 set -euo pipefail
-packages=(protobuf-compiler containernetworking-plugins iproute2 iputils-ping etcd-server)
+packages=(
+  protobuf-compiler
+  libprotobuf-dev
+  containernetworking-plugins
+  iproute2
+  iputils-ping
+  openssl
+  util-linux
+  strace
+)
+if [ "${1:-}" = --list ]; then
+  printf '%s\n' "${packages[@]}"
+  exit 0
+fi
 sudo=""
 [ "$(id -u)" = 0 ] || sudo=sudo
 missing=()

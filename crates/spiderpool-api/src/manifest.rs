@@ -2,10 +2,11 @@
 //! warning for each field the type does not know. Also the kinds the datastore keeps and how
 //! each is keyed.
 
+use std::cell::Cell;
 use std::fmt;
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::de::{self, DeserializeOwned, DeserializeSeed, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::crd::{SpiderEndpoint, SpiderIPPool, SpiderReservedIP, SpiderSubnet, API_VERSION};
@@ -273,19 +274,28 @@ fn kube(kind: Kind, doc: Value, what: &str) -> Result<(Object, Vec<String>), Val
 }
 
 /// Parses multi-document YAML (JSON is YAML too). Empty documents are skipped; an error names
-/// the document's position.
+/// the document's position. A key repeated in one mapping is an error naming the key and its
+/// line, not a silent last-wins; anchors and aliases may not expand the text past
+/// [`EXPANSION_PER_BYTE`] values and string bytes per byte of it (plus [`EXPANSION_BASE`]).
 pub fn parse_documents(text: &str) -> Result<Vec<Parsed>, ValidationError> {
+    let budget = Cell::new(
+        text.len()
+            .saturating_mul(EXPANSION_PER_BYTE)
+            .saturating_add(EXPANSION_BASE),
+    );
     let mut out = Vec::new();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let doc: Value = serde::Deserialize::deserialize(de)
+        let doc = Strict { budget: &budget }
+            .deserialize(de)
             .map_err(|e| ValidationError::Invalid(format!("document {}: {e}", i + 1)))?;
         if doc.is_null() {
             continue;
         }
         if !doc.is_object() {
             return Err(ValidationError::Invalid(format!(
-                "document {}: expected an object with apiVersion, kind and metadata, got {doc}",
-                i + 1
+                "document {}: expected an object with apiVersion, kind and metadata, got {}",
+                i + 1,
+                shape(&doc)
             )));
         }
         out.push(
@@ -294,6 +304,170 @@ pub fn parse_documents(text: &str) -> Result<Vec<Parsed>, ValidationError> {
         );
     }
     Ok(out)
+}
+
+/// How many values and string bytes a manifest may expand to, per byte of its text. Without
+/// aliases a byte of YAML makes at most about two; the rest is room for anchors reused a few
+/// times, while an alias bomb (aliases of aliases, each copying the whole tree below it) stops
+/// here instead of exhausting memory.
+pub const EXPANSION_PER_BYTE: usize = 4;
+/// Values and string bytes every manifest may expand to on top of [`EXPANSION_PER_BYTE`].
+pub const EXPANSION_BASE: usize = 1 << 20;
+
+/// A short description of a document that is not an object, for errors.
+fn shape(v: &Value) -> String {
+    match v {
+        Value::Array(a) => format!("a list ({} items)", a.len()),
+        Value::String(s) if s.chars().count() > 40 => {
+            format!("{:?}…", s.chars().take(40).collect::<String>())
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Reads one YAML document as JSON, like `serde_json::Value`'s own `Deserialize`, but refuses a
+/// key repeated in a mapping and stops once the document has spent the shared budget.
+#[derive(Clone, Copy)]
+struct Strict<'b> {
+    budget: &'b Cell<usize>,
+}
+
+impl Strict<'_> {
+    fn spend<E: de::Error>(self, units: usize) -> Result<(), E> {
+        match self.budget.get().checked_sub(units) {
+            Some(left) => {
+                self.budget.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(format_args!(
+                "anchors and aliases expand the manifest past {EXPANSION_PER_BYTE} values and \
+                 string bytes per byte of it (plus {EXPANSION_BASE})"
+            ))),
+        }
+    }
+
+    fn string<E: de::Error>(self, s: &str) -> Result<Value, E> {
+        self.spend(1 + s.len())?;
+        Ok(Value::String(s.to_owned()))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Strict<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a YAML value")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        self.spend(1)?;
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        self.spend(1)?;
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        self.spend(1)?;
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
+        self.spend(1)?;
+        serde_json::Number::deserialize(de::value::I128Deserializer::new(v)).map(Value::Number)
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
+        self.spend(1)?;
+        serde_json::Number::deserialize(de::value::U128Deserializer::new(v)).map(Value::Number)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        self.spend(1)?;
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        self.string(v)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.spend(1)?;
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        self.deserialize(d)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.spend(1)?;
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(self)? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.spend(1)?;
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key_seed(Key {
+            seen: &out,
+            value: self,
+        })? {
+            let v = map.next_value_seed(self)?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// A mapping key, refused when the mapping already has it. The error is raised while the key
+/// itself is read, so the YAML reader gives it the key's own line and the mapping's path.
+struct Key<'a, 'b> {
+    seen: &'a serde_json::Map<String, Value>,
+    value: Strict<'b>,
+}
+
+impl<'de> DeserializeSeed<'de> for Key<'_, '_> {
+    type Value = String;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_, '_> {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        if self.seen.contains_key(v) {
+            return Err(E::custom(format_args!(
+                "duplicate key {v:?} (each key may appear once in a mapping)"
+            )));
+        }
+        self.value.spend(1 + v.len())?;
+        Ok(v.to_owned())
+    }
 }
 
 #[cfg(test)]
@@ -353,5 +527,88 @@ mod tests {
         .unwrap();
         assert_eq!(docs[0].object.key(), "prod/StatefulSet/web");
         assert_eq!(docs[1].object.key(), "default/web-0");
+    }
+    const POOL: &str = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\n";
+
+    #[test]
+    fn duplicate_keys_are_refused_with_their_line() {
+        let err = |text: &str| parse_documents(text).unwrap_err().to_string();
+        assert_eq!(
+            err(&format!(
+                "{POOL}metadata: {{name: a}}\nspec: {{subnet: 10.6.0.0/16}}\nmetadata: {{name: b}}\n"
+            )),
+            "document 1: duplicate key \"metadata\" (each key may appear once in a mapping) at line 5 column 1"
+        );
+        assert_eq!(
+            err(&format!(
+                "{POOL}metadata: {{name: p}}\n---\n{POOL}metadata: {{name: q}}\nspec:\n  subnet: 10.6.0.0/16\n  ips: [10.6.0.10]\n  subnet: 10.7.0.0/16\n"
+            )),
+            "document 2: spec: duplicate key \"subnet\" (each key may appear once in a mapping) at line 11 column 3"
+        );
+        assert_eq!(
+            err(&format!(
+                "{POOL}metadata: {{name: p}}\nspec: {{subnet: 10.6.0.0/16, subnet: 10.7.0.0/16}}\n"
+            )),
+            "document 1: spec: duplicate key \"subnet\" (each key may appear once in a mapping) at line 4 column 29"
+        );
+        assert_eq!(
+            err("apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n  labels:\n    node-subnet: subnet-6\n    zone: a\n    node-subnet: subnet-7\n"),
+            "document 1: metadata.labels: duplicate key \"node-subnet\" (each key may appear once in a mapping) at line 8 column 5"
+        );
+        // JSON is held to the same rule.
+        assert!(err(
+            r#"{"apiVersion": "v1", "kind": "Node", "kind": "Node", "metadata": {"name": "n"}}"#
+        )
+        .contains("duplicate key \"kind\""));
+        // The same key in different mappings, or through an alias, is fine.
+        let docs = parse_documents(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n\n  labels: &l {zone: a}\n  annotations: *l\n",
+        )
+        .unwrap();
+        assert_eq!(docs[0].object.metadata().annotations["zone"], "a");
+    }
+
+    #[test]
+    fn alias_bombs_stop_at_the_expansion_budget() {
+        // 5 kB of text, 50 million strings: each alias of `b` copies a thousand aliases of `a`,
+        // few enough jumps for the YAML reader's own repetition limit.
+        let list = |item: &str, n| vec![item; n].join(",");
+        let text = format!(
+            "a: &a [{}]\nb: &b [{}]\nc: [{}]\n",
+            list("x", 1000),
+            list("*a", 1000),
+            list("*b", 50)
+        );
+        let err = parse_documents(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("document 1: ")
+                && err.contains("anchors and aliases expand the manifest past"),
+            "{err}"
+        );
+        // Anchors reused a few times stay well inside it.
+        let docs = parse_documents(&format!(
+            "{POOL}metadata: {{name: p, labels: &l {{a: b}}, annotations: *l}}\nspec: {{subnet: 10.6.0.0/16}}\n"
+        ))
+        .unwrap();
+        assert_eq!(docs[0].object.metadata().annotations["a"], "b");
+    }
+
+    #[test]
+    fn values_keep_their_json_types() {
+        let docs = parse_documents(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {replicas: 3, f: 1.5, n: ~, t: true, s: '3'}\n",
+        )
+        .unwrap();
+        let v = docs[0].object.to_value();
+        assert_eq!(v["spec"]["replicas"], 3);
+        assert_eq!(v["spec"]["f"], 1.5);
+        assert_eq!(v["spec"]["n"], Value::Null);
+        assert_eq!(v["spec"]["t"], true);
+        assert_eq!(v["spec"]["s"], "3");
+        let err = parse_documents("- a\n- b\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "document 1: expected an object with apiVersion, kind and metadata, got a list (2 items)"
+        );
     }
 }

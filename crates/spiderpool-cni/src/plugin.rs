@@ -190,9 +190,16 @@ pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
 /// The version an error is reported in: the config's `cniVersion` if this plugin speaks it,
 /// [`FALLBACK_VERSION`] otherwise (stdin unreadable included). Pure.
 pub fn reply_version(stdin: &[u8]) -> String {
-    serde_json::from_slice::<Value>(stdin)
+    // Only `cniVersion` is decoded: the rest may hold anything the config parser skips too
+    // (invalid UTF-8 inside an ignored string, say) without changing the answer's version.
+    #[derive(serde::Deserialize)]
+    struct Version {
+        #[serde(rename = "cniVersion")]
+        cni_version: Option<String>,
+    }
+    serde_json::from_slice::<Version>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
+        .and_then(|v| v.cni_version)
         .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| FALLBACK_VERSION.to_string())
 }
@@ -462,6 +469,14 @@ fn check(conf: &NetConf, env: &CniEnv, socket: &Path) -> Result<(), CniError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn errors_answer_in_the_configs_version_whatever_its_ignored_fields_hold() {
+        let conf = b"{\"cniVersion\":\"1.1.0\",\"ipam\":{\"type\":\"spiderpool\",\"x\":\"\xff\"}}";
+        assert_eq!(reply_version(conf), "1.1.0");
+        assert_eq!(reply_version(b"not json"), FALLBACK_VERSION);
+    }
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
