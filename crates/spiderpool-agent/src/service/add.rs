@@ -93,8 +93,9 @@ impl IpamService {
         self.add_batch(batch, &mut cache).await;
         drop(cache);
         served(rx.try_recv().unwrap_or_else(|_| {
-            // A holder that was cancelled (its client went away) mid-batch dropped the reply;
-            // whatever it committed is recorded, and a retry gets the same answer.
+            // A holder cancelled mid-batch dropped the reply; whatever it committed is
+            // recorded, and a retry gets the same answer. (The server runs each request in a
+            // task of its own, so a client that goes away cancels nothing.)
             Err(
                 StoreError::Unavailable("the request was abandoned while queued; try again".into())
                     .into(),
