@@ -7,6 +7,7 @@ mod cluster;
 mod cni;
 mod etcd;
 mod netns;
+mod node_sim;
 mod process;
 mod sandbox;
 
@@ -18,6 +19,7 @@ pub use cluster::{kube_bin, ControlPlane};
 pub use cni::CniCall;
 pub use etcd::{etcd_available, etcd_binary, Etcd};
 pub use netns::Netns;
+pub use node_sim::{NodeSim, NodeSpec};
 pub use process::{cpu_time, free_port, run, sh, Output};
 pub use sandbox::{allocated, ctl, Sandbox};
 

@@ -1,0 +1,517 @@
+//! A node simulator: test infrastructure standing in for kubelet and the container runtime of
+//! one simulated node (never shipped). It keeps its Node Ready (status conditions and Lease
+//! heartbeats), watches the pods bound to it, gives each a network namespace and runs the pod's
+//! CNI chain there exactly as a runtime would — the NetworkAttachmentDefinition named by
+//! `v1.multus-cni.io/default-network`, else the node's default network — with the runtime's
+//! `CNI_*` environment and `K8S_POD_*` arguments, then reports the pod Running and Ready with its
+//! addresses. A deleted pod gets DEL, its namespace is removed and the pod finalized. Stopping
+//! the simulator stands for a node that died: no DEL comes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::watcher;
+use serde_json::{json, Value};
+
+use crate::*;
+
+/// How a simulated node runs CNI.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// The Node's name.
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// The network namespace standing in for the node's host (the plugins run in it), or
+    /// `None` for this process's own.
+    pub host_netns: Option<String>,
+    /// Directories searched for plugins (`CNI_PATH`), e.g. `/usr/lib/cni` and the workspace's
+    /// binaries.
+    pub cni_path: Vec<PathBuf>,
+    /// The network config (a `.conflist` or `.conf` JSON) for pods that name no NAD.
+    pub default_network: Value,
+}
+
+/// A running simulated node; [`NodeSim::stop`] (or drop) stops it without any DEL.
+pub struct NodeSim {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The node's name.
+    pub name: String,
+}
+
+impl NodeSim {
+    /// Registers the Node (Ready) and starts serving its pods.
+    pub fn start(kubeconfig: &std::path::Path, spec: NodeSpec) -> NodeSim {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let kubeconfig = kubeconfig.to_path_buf();
+        let name = spec.name.clone();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let sim = match Sim::connect(&kubeconfig, spec).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if let Err(e) = sim.register().await {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                sim.run(flag).await;
+            });
+        });
+        match ready_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("node simulator {name}: {e}"),
+            Err(e) => panic!("node simulator {name} did not start: {e}"),
+        }
+        NodeSim {
+            stop,
+            thread: Some(thread),
+            name,
+        }
+    }
+
+    /// Stops serving: the node "dies" (no DEL for its pods, no more heartbeats).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for NodeSim {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+type SimResult<T> = Result<T, String>;
+
+struct Sim {
+    client: kube::Client,
+    spec: NodeSpec,
+    /// Pods set up, by UID: (namespace, name, netns, container ID, network config, result).
+    pods: BTreeMap<String, SetUp>,
+}
+
+struct SetUp {
+    namespace: String,
+    name: String,
+    netns: String,
+    container_id: String,
+    network: Value,
+    results: Vec<Value>,
+}
+
+impl Sim {
+    async fn connect(kubeconfig: &std::path::Path, spec: NodeSpec) -> SimResult<Sim> {
+        let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+        Ok(Sim {
+            client,
+            spec,
+            pods: BTreeMap::new(),
+        })
+    }
+
+    fn now() -> String {
+        humantime_now()
+    }
+
+    /// Creates the Node with a Ready status (status is kept on create).
+    async fn register(&self) -> SimResult<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.spec.name, "labels": self.spec.labels},
+            "status": {
+                "conditions": [self.ready_condition()],
+                "capacity": {"cpu": "8", "memory": "16Gi", "pods": "250"},
+                "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "250"},
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                "nodeInfo": {"kubeletVersion": "v1.36.3-sim", "containerRuntimeVersion": "spiderpool-testkit://sim",
+                    "architecture": "amd64", "operatingSystem": "linux", "bootID": "", "kernelVersion": "",
+                    "kubeProxyVersion": "", "machineID": "", "osImage": "", "systemUUID": ""}
+            }
+        }))
+        .map_err(|e| e.to_string())?;
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(format!("creating Node {}: {e}", self.spec.name)),
+        }
+        self.heartbeat().await
+    }
+
+    fn ready_condition(&self) -> Value {
+        let now = Self::now();
+        json!({"type": "Ready", "status": "True", "reason": "KubeletReady",
+            "message": "simulated node", "lastHeartbeatTime": now, "lastTransitionTime": now})
+    }
+
+    /// Renews the node's Lease and its Ready condition.
+    async fn heartbeat(&self) -> SimResult<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        nodes
+            .patch_status(
+                &self.spec.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"conditions": [self.ready_condition()]}})),
+            )
+            .await
+            .map_err(|e| format!("node status: {e}"))?;
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": self.spec.name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": self.spec.name, "leaseDurationSeconds": 40,
+                "renewTime": humantime_now_micro()}
+        });
+        leases
+            .patch(
+                &self.spec.name,
+                &PatchParams::apply("spiderpool-node-sim").force(),
+                &Patch::Apply(lease),
+            )
+            .await
+            .map_err(|e| format!("node lease: {e}"))?;
+        Ok(())
+    }
+
+    async fn run(mut self, stop: Arc<AtomicBool>) {
+        use futures_util::StreamExt;
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.spec.name));
+        let mut events = watcher(pods, cfg).boxed();
+        let mut beat = tokio::time::interval(Duration::from_secs(10));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                }
+                _ = beat.tick() => {
+                    if let Err(e) = self.heartbeat().await {
+                        eprintln!("node simulator {}: {e}", self.spec.name);
+                    }
+                }
+                ev = events.next() => {
+                    let pods = match ev {
+                        Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => vec![p],
+                        Some(Ok(watcher::Event::Delete(p))) => {
+                            self.teardown(&p, false).await;
+                            continue;
+                        }
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => {
+                            eprintln!("node simulator {}: watch: {e}", self.spec.name);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                        None => return,
+                    };
+                    for p in pods {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        self.serve(p).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve(&mut self, pod: Pod) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        if pod.metadata.deletion_timestamp.is_some() {
+            self.teardown(&pod, true).await;
+            return;
+        }
+        if self.pods.contains_key(&uid) || uid.is_empty() {
+            return;
+        }
+        if let Err(e) = self.setup(&pod).await {
+            eprintln!(
+                "node simulator {}: pod {}/{}: {e}",
+                self.spec.name,
+                pod.metadata.namespace.as_deref().unwrap_or(""),
+                pod.metadata.name.as_deref().unwrap_or("")
+            );
+            let _ = self.report_failure(&pod, &e).await;
+        }
+    }
+
+    /// The network config of a pod: the NAD its default-network annotation names, else the
+    /// node's default.
+    async fn network_of(&self, pod: &Pod) -> SimResult<Value> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let Some(name) = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("v1.multus-cni.io/default-network"))
+        else {
+            return Ok(self.spec.default_network.clone());
+        };
+        let (nad_ns, nad_name) = name.split_once('/').unwrap_or((&ns, name));
+        let gvk = GroupVersionKind::gvk("k8s.cni.cncf.io", "v1", "NetworkAttachmentDefinition");
+        let ar = ApiResource::from_gvk_with_plural(&gvk, "network-attachment-definitions");
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), nad_ns, &ar);
+        let nad = api
+            .get(nad_name)
+            .await
+            .map_err(|e| format!("NetworkAttachmentDefinition {nad_ns}/{nad_name}: {e}"))?;
+        let config = nad.data["spec"]["config"].as_str().ok_or_else(|| {
+            format!("NetworkAttachmentDefinition {nad_ns}/{nad_name} has no spec.config")
+        })?;
+        serde_json::from_str(config).map_err(|e| {
+            format!("NetworkAttachmentDefinition {nad_ns}/{nad_name}: spec.config: {e}")
+        })
+    }
+
+    async fn setup(&mut self, pod: &Pod) -> SimResult<()> {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let network = self.network_of(pod).await?;
+        let netns = format!("sim-{}", &uid.replace('-', "")[..12]);
+        let container_id = format!("{:0>64}", uid.replace('-', ""));
+        sh(&["ip", "netns", "add", &netns]);
+        let mut set = SetUp {
+            namespace,
+            name,
+            netns,
+            container_id,
+            network,
+            results: Vec::new(),
+        };
+        let result = self.chain(&mut set, &uid, "ADD");
+        // Recorded even when ADD failed part way, so that deletion runs DEL for what was made.
+        let ips = result.as_ref().map(ips_of);
+        self.pods.insert(uid.clone(), set);
+        let ips = ips.map_err(|e| e.clone())?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.pods[&uid].namespace);
+        let now = Self::now();
+        let containers: Vec<Value> = pod
+            .spec
+            .as_ref()
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| {
+                json!({"name": c, "ready": true, "started": true, "restartCount": 0,
+                    "image": "sim", "imageID": "sim", "containerID": format!("sim://{c}"),
+                    "state": {"running": {"startedAt": now}}})
+            })
+            .collect();
+        let cond = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
+        let status = json!({"status": {
+            "phase": "Running",
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": ips.first(),
+            "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+            "startTime": now,
+            "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("ContainersReady"), cond("Ready"), cond("PodScheduled")],
+            "containerStatuses": containers,
+        }});
+        pods.patch_status(
+            &self.pods[&uid].name,
+            &PatchParams::default(),
+            &Patch::Merge(status),
+        )
+        .await
+        .map_err(|e| format!("pod status: {e}"))?;
+        Ok(())
+    }
+
+    async fn report_failure(&self, pod: &Pod, why: &str) -> SimResult<()> {
+        let pods: Api<Pod> = Api::namespaced(
+            self.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+        );
+        let now = Self::now();
+        let status = json!({"status": {"phase": "Pending", "conditions": [{"type": "PodReadyToStartContainers",
+            "status": "False", "reason": "CNIFailed", "message": why, "lastTransitionTime": now}]}});
+        pods.patch_status(
+            pod.metadata.name.as_deref().unwrap_or_default(),
+            &PatchParams::default(),
+            &Patch::Merge(status),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    /// DEL for what the pod was given, its namespace removed, and (`finalize`) the pod deleted
+    /// for good, as kubelet does once the containers are gone.
+    async fn teardown(&mut self, pod: &Pod, finalize: bool) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        if let Some(mut set) = self.pods.remove(&uid) {
+            if let Err(e) = self.chain(&mut set, &uid, "DEL") {
+                eprintln!(
+                    "node simulator {}: DEL {}/{}: {e}",
+                    self.spec.name, set.namespace, set.name
+                );
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", &set.netns])
+                .output();
+        }
+        if finalize {
+            let pods: Api<Pod> = Api::namespaced(
+                self.client.clone(),
+                pod.metadata.namespace.as_deref().unwrap_or_default(),
+            );
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(kube::api::Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            let _ = pods
+                .delete(pod.metadata.name.as_deref().unwrap_or_default(), &dp)
+                .await;
+        }
+    }
+
+    /// Runs the network's plugins for `command` (ADD in order, each given the previous result;
+    /// DEL in reverse with the last result). Returns the final result of an ADD.
+    fn chain(&self, set: &mut SetUp, uid: &str, command: &str) -> SimResult<Value> {
+        let net = &set.network;
+        let version = net["cniVersion"].as_str().unwrap_or("1.0.0").to_string();
+        let name = net["name"].as_str().unwrap_or("net").to_string();
+        let plugins: Vec<Value> = match net["plugins"].as_array() {
+            Some(p) => p.clone(),
+            None => vec![net.clone()],
+        };
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={uid}",
+            set.namespace, set.name, set.container_id
+        );
+        let mut prev: Option<Value> = set.results.last().cloned();
+        let order: Vec<usize> = if command == "DEL" {
+            (0..plugins.len()).rev().collect()
+        } else {
+            (0..plugins.len()).collect()
+        };
+        for i in order {
+            let mut conf = plugins[i].clone();
+            conf["cniVersion"] = json!(version);
+            conf["name"] = json!(name);
+            if let Some(p) = &prev {
+                conf["prevResult"] = p.clone();
+            }
+            let plugin = conf["type"].as_str().unwrap_or_default().to_string();
+            let out = self.exec(&plugin, command, set, &args, &conf)?;
+            if command == "ADD" {
+                let result: Value = serde_json::from_str(&out)
+                    .map_err(|e| format!("{plugin} ADD printed no result ({e}): {out}"))?;
+                set.results.push(result.clone());
+                prev = Some(result);
+            }
+        }
+        Ok(prev.unwrap_or(Value::Null))
+    }
+
+    fn exec(
+        &self,
+        plugin: &str,
+        command: &str,
+        set: &SetUp,
+        args: &str,
+        conf: &Value,
+    ) -> SimResult<String> {
+        let path = self
+            .spec
+            .cni_path
+            .iter()
+            .map(|d| d.join(plugin))
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                format!(
+                    "CNI plugin {plugin:?} not found in {:?}",
+                    self.spec.cni_path
+                )
+            })?;
+        let mut cmd = match &self.spec.host_netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&path);
+                c
+            }
+            None => Command::new(&path),
+        };
+        let cni_path = std::env::join_paths(&self.spec.cni_path).expect("CNI_PATH");
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &set.container_id)
+            .env("CNI_NETNS", format!("/var/run/netns/{}", set.netns))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", cni_path)
+            .env("CNI_ARGS", args);
+        let out = run(&mut cmd, &conf.to_string());
+        if out.success {
+            Ok(out.stdout)
+        } else {
+            Err(format!(
+                "{plugin} {command} failed: {}{}",
+                out.stdout, out.stderr
+            ))
+        }
+    }
+}
+
+/// The addresses of a CNI result, without prefix length.
+fn ips_of(result: &Value) -> Vec<String> {
+    result["ips"]
+        .as_array()
+        .map(|ips| {
+            ips.iter()
+                .filter_map(|i| i["address"].as_str())
+                .filter_map(|a| a.split('/').next())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn humantime_now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn humantime_now_micro() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
