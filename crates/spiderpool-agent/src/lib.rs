@@ -52,6 +52,11 @@ pub struct Args {
     /// limit.
     #[arg(long, env = "SPIDERPOOL_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Address (`host:port`) for the health endpoints a kubelet probe or supervisor uses:
+    /// `GET /healthz` (the process serves) and `GET /readyz` (the datastore answers). Off when
+    /// unset.
+    #[arg(long, env = "SPIDERPOOL_HEALTH_ADDR")]
+    pub health_addr: Option<std::net::SocketAddr>,
     /// Time a client has to send a request's headers before its connection is closed.
     #[arg(long, env = "SPIDERPOOL_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub header_timeout: std::time::Duration,
@@ -138,6 +143,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     tracing::info!(socket = %args.socket.display(), node = %args.node_name, datastore = ?args.datastore,
         max_connections = limits.max_connections, "serving");
+    if let Some(addr) = args.health_addr {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --health-addr {addr}"))?;
+        tracing::info!(%addr, "serving /healthz and /readyz");
+        let health = server::health_router(svc.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, health).await {
+                tracing::error!(error = %e, "health endpoints stopped");
+            }
+        });
+    }
     server::serve(listener, server::router(svc), trust, limits, shutdown()).await;
     tracing::info!("stopped");
     Ok(())

@@ -141,6 +141,25 @@ async fn status(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
     }
 }
 
+/// The health endpoints on `--health-addr`: `/healthz` answers while the process serves,
+/// `/readyz` when the datastore answers too (503 with the reason otherwise).
+pub fn health_router(svc: Arc<IpamService>) -> Router {
+    async fn readyz(State(svc): State<Arc<IpamService>>) -> Response {
+        match svc.healthy().await {
+            Ok(()) => (StatusCode::OK, "ok").into_response(),
+            Err(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the datastore does not answer: {e}"),
+            )
+                .into_response(),
+        }
+    }
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(svc)
+}
+
 /// The API's routes.
 pub fn router(svc: Arc<IpamService>) -> Router {
     Router::new()
