@@ -2,6 +2,7 @@
 //! gathers pod/node/namespace facts from the datastore and its own flags, and allocates and
 //! releases addresses through the allocation service.
 
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod socket;
@@ -57,6 +58,10 @@ pub struct Args {
     /// unset.
     #[arg(long, env = "SPIDERPOOL_HEALTH_ADDR")]
     pub health_addr: Option<std::net::SocketAddr>,
+    /// Address (`host:port`) serving `GET /metrics` (Prometheus, upstream's metric names). Off
+    /// when unset.
+    #[arg(long, env = "SPIDERPOOL_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Time a client has to send a request's headers before its connection is closed.
     #[arg(long, env = "SPIDERPOOL_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub header_timeout: std::time::Duration,
@@ -143,15 +148,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     tracing::info!(socket = %args.socket.display(), node = %args.node_name, datastore = ?args.datastore,
         max_connections = limits.max_connections, "serving");
-    if let Some(addr) = args.health_addr {
+    for (flag, addr, routes) in [
+        (
+            "--health-addr",
+            args.health_addr,
+            server::health_router(svc.clone()),
+        ),
+        (
+            "--metrics-addr",
+            args.metrics_addr,
+            server::metrics_router(svc.clone()),
+        ),
+    ] {
+        let Some(addr) = addr else { continue };
         let l = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("binding --health-addr {addr}"))?;
-        tracing::info!(%addr, "serving /healthz and /readyz");
-        let health = server::health_router(svc.clone());
+            .with_context(|| format!("binding {flag} {addr}"))?;
+        tracing::info!(%addr, "serving {flag}");
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, health).await {
-                tracing::error!(error = %e, "health endpoints stopped");
+            if let Err(e) = axum::serve(l, routes).await {
+                tracing::error!(error = %e, "{flag} stopped");
             }
         });
     }

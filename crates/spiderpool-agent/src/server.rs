@@ -85,7 +85,13 @@ async fn add(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
         Err(e) => return bad_body(e),
     };
     let span = tracing::info_span!("add", container_id = %args.container_id, pod = %format!("{}/{}", args.pod_namespace, args.pod_name), ifname = %args.if_name);
-    let work = async move { svc.add(&args).await };
+    let work = async move {
+        let started = std::time::Instant::now();
+        let r = svc.add(&args).await;
+        let outcome = r.as_ref().map(|_| ());
+        svc.metrics.allocation.observe(started.elapsed(), outcome);
+        r
+    };
     match detached(tracing::Instrument::instrument(work, span)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => service_error(e),
@@ -98,7 +104,14 @@ async fn del(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
         Err(e) => return bad_body(e),
     };
     let span = tracing::info_span!("del", container_id = %args.container_id, pod = %format!("{}/{}", args.pod_namespace, args.pod_name), ifname = %args.if_name);
-    let work = async move { svc.del(&args).await };
+    let work = async move {
+        let started = std::time::Instant::now();
+        let r = svc.del(&args).await;
+        svc.metrics
+            .release
+            .observe(started.elapsed(), r.as_ref().copied());
+        r
+    };
     match detached(tracing::Instrument::instrument(work, span)).await {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => service_error(e),
@@ -157,6 +170,23 @@ pub fn health_router(svc: Arc<IpamService>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .with_state(svc)
+}
+
+/// `GET /metrics` on `--metrics-addr`: the OpenMetrics text of the agent's metrics.
+pub fn metrics_router(svc: Arc<IpamService>) -> Router {
+    async fn metrics(State(svc): State<Arc<IpamService>>) -> Response {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            svc.metrics.render(),
+        )
+            .into_response()
+    }
+    Router::new()
+        .route("/metrics", get(metrics))
         .with_state(svc)
 }
 

@@ -49,6 +49,9 @@ pub enum ServiceError {
     /// The datastore failed or conflicts did not settle.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Conflicts with other writers did not settle within the retries; try again later.
+    #[error("datastore unavailable: {0}")]
+    RetriesExhausted(String),
     /// STATUS: ADD cannot be served.
     #[error("{0}")]
     NotReady(String),
@@ -88,12 +91,20 @@ impl ServiceError {
             ServiceError::BadArgs(_) => code::INVALID_ENV,
             ServiceError::InUse { .. } => code::TRY_AGAIN_LATER,
             ServiceError::Store(e) if e.is_retryable() => code::TRY_AGAIN_LATER,
+            ServiceError::RetriesExhausted(_) => code::TRY_AGAIN_LATER,
             ServiceError::Store(_) => code::IO_FAILURE,
             ServiceError::NoReservation { .. } | ServiceError::NotHeld { .. } => {
                 code::UNKNOWN_CONTAINER
             }
             ServiceError::NotReady(_) => code::PLUGIN_NOT_AVAILABLE,
         }
+    }
+}
+
+impl ServiceError {
+    /// Whether conflicts with other writers did not settle within the retries.
+    pub fn retries_exhausted(&self) -> bool {
+        matches!(self, ServiceError::RetriesExhausted(_))
     }
 }
 
@@ -117,6 +128,8 @@ pub struct IpamService {
     // guards the cached view of the datastore.
     state: Mutex<ViewCache>,
     queue: std::sync::Mutex<Vec<PendingAdd>>,
+    /// What the agent counts (`--metrics-addr`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Evaluates the attempt (an expression yielding a future of `Result`) until it does not end
@@ -125,23 +138,31 @@ pub struct IpamService {
 /// address that was taken, or is read afresh.) A macro rather than a function taking an async
 /// closure, whose futures cannot yet be proven `Send` for the server.
 macro_rules! retrying {
-    ($what:expr, $attempt:expr) => {{
+    ($what:expr, $attempt:expr) => {
+        retrying!($what, None::<&crate::metrics::Family>, $attempt)
+    };
+    ($what:expr, $family:expr, $attempt:expr) => {{
         let mut n = 0u32;
         loop {
             n += 1;
             match $attempt.await {
                 Err(ServiceError::Store(StoreError::Conflict(m))) if n < MAX_ATTEMPTS => {
+                    if let Some(f) = $family {
+                        f.conflict();
+                    }
                     tracing::debug!(attempt = n, conflict = %m, "{}: retrying after a conflict", $what);
                     // Jittered backoff keeps racing agents from colliding in lockstep.
                     let jitter = u64::from(std::process::id() % 7) + u64::from(n);
                     tokio::time::sleep(Duration::from_millis(2u64.pow(n.min(6)) + jitter)).await;
                 }
                 Err(ServiceError::Store(StoreError::Conflict(m))) => {
-                    break Err(StoreError::Unavailable(format!(
+                    if let Some(f) = $family {
+                        f.conflict();
+                    }
+                    break Err(ServiceError::RetriesExhausted(format!(
                         "{}: gave up after {n} conflicting attempts, last: {m}",
                         $what
-                    ))
-                    .into());
+                    )));
                 }
                 other => break other,
             }
@@ -172,6 +193,7 @@ impl IpamService {
             store,
             node,
             queue: std::sync::Mutex::new(Vec::new()),
+            metrics: Arc::default(),
         }
     }
 
@@ -237,6 +259,19 @@ impl IpamService {
             }])
             .await?;
         Ok(())
+    }
+
+    /// Commits `ops`, timing the round trip for the metrics.
+    async fn commit(
+        &self,
+        ops: Vec<Op>,
+    ) -> std::result::Result<spiderpool_store::Revision, StoreError> {
+        let started = std::time::Instant::now();
+        let r = self.store.commit(ops).await;
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
     }
 
     /// Whether the datastore answers.

@@ -123,7 +123,7 @@ impl IpamService {
         match prepared {
             Prepared::Done(resp) => Ok(resp),
             Prepared::Commit(mut c) => {
-                let revision = match self.store.commit(std::mem::take(&mut c.ops)).await {
+                let revision = match self.commit(std::mem::take(&mut c.ops)).await {
                     Ok(r) => r,
                     Err(e) => {
                         if matches!(e, StoreError::Conflict(_)) {
@@ -134,6 +134,7 @@ impl IpamService {
                     }
                 };
                 cache.committed(revision, &c.claimed, &c.released);
+                self.metrics.batch_size.observe(1.0);
                 c.log(pod);
                 Ok(c.resp)
             }
@@ -254,7 +255,7 @@ impl IpamService {
                 ops.push(endpoint_write(key.clone(), &kept, Some(*rev)));
                 tracing::info!(pod = %key, released = ?stale.iter().map(|n| &n.interface).collect::<Vec<_>>(), "releasing a stale record");
                 let released: Vec<(String, IpAddr)> = stale.iter().flat_map(|n| held(n)).collect();
-                let rev = self.store.commit(ops).await?;
+                let rev = self.commit(ops).await?;
                 cache.committed(rev, &[], &released);
                 ep_entry = typed::get(store, Kind::Endpoint, &key)
                     .await?

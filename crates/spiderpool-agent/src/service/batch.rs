@@ -103,9 +103,10 @@ impl IpamService {
                 .flat_map(|(_, c)| c.ops.iter().cloned())
                 .collect();
             let prepared_us = round.elapsed().as_micros() as u64;
-            match self.store.commit(ops).await {
+            match self.commit(ops).await {
                 Ok(revision) => {
                     cache.staged_committed(revision);
+                    self.metrics.batch_size.observe(staged.len() as f64);
                     tracing::debug!(
                         requests = staged.len(),
                         read_us,
@@ -120,6 +121,7 @@ impl IpamService {
                 }
                 Err(e @ StoreError::Conflict(_)) => {
                     attempt += 1;
+                    self.metrics.allocation.conflict();
                     cache.conflicted(e.taken());
                     tracing::debug!(attempt, requests = staged.len(), conflict = %e, "batch: retrying after a conflict");
                     pending.extend(staged.into_iter().map(|(p, _)| p));
@@ -138,7 +140,11 @@ impl IpamService {
             }
         }
         for p in pending.into_iter().chain(alone) {
-            let r = retrying!("allocate", self.try_add(&p.pod, &p.args, cache));
+            let r = retrying!(
+                "allocate",
+                Some(&self.metrics.allocation),
+                self.try_add(&p.pod, &p.args, cache)
+            );
             let _ = p.reply.send(r);
         }
     }

@@ -13,7 +13,11 @@ impl IpamService {
     pub async fn del(&self, args: &IpamDelArgs) -> Result<()> {
         let pod = PodRef::of_del(args)?;
         let mut cache = self.state.lock().await;
-        retrying!("release", self.try_del(&pod, &mut cache))
+        retrying!(
+            "release",
+            Some(&self.metrics.release),
+            self.try_del(&pod, &mut cache)
+        )
     }
 
     pub(super) async fn try_del(&self, pod: &PodRef, cache: &mut ViewCache) -> Result<()> {
@@ -38,7 +42,7 @@ impl IpamService {
         let mut kept = ep.clone();
         kept.status.current.retain(|n| n.interface != pod.nic);
         ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
-        let revision = self.store.commit(ops).await?;
+        let revision = self.commit(ops).await?;
         cache.committed(revision, &[], &held(&nic));
         tracing::info!(pod = %key, nic = %pod.nic, released = ?held(&nic), "released");
         Ok(())

@@ -59,7 +59,7 @@ impl IpamService {
             rest.status.current = kept;
             ops.push(endpoint_write(key.clone(), &rest, Some(rev)));
             let freed: Vec<(String, IpAddr)> = stale.iter().flat_map(held).collect();
-            match self.store.commit(ops).await {
+            match self.commit(ops).await {
                 Ok(r) => {
                     cache.committed(r, &[], &freed);
                     for n in &stale {

@@ -1,0 +1,165 @@
+//! What an operator's tools see of an agent: the health endpoints on `--health-addr`, as a
+//! kubelet probe or a supervisor sees them (`/healthz` while the process serves, `/readyz` only
+//! while the datastore answers), and the Prometheus metrics on `--metrics-addr`.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use spiderpool_testkit::{etcd_available, free_port, Agent, CniCall, Etcd, Sandbox};
+
+/// `GET path` on `addr`: the status code and the body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("health endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// Polls `GET path` until it answers `status` (panics after 30 s).
+fn until(addr: &str, path: &str, status: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, body) = get(addr, path);
+        if s == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} kept answering {s}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn readyz_follows_the_datastore_and_healthz_the_process() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::single();
+    let sb = Sandbox::on(etcd.datastore("/health"));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _agent = Agent::start_with(
+        &sb.datastore(),
+        &sb.socket("node-1"),
+        "node-1",
+        "",
+        &["--health-addr", &addr],
+        None,
+    );
+    assert_eq!(get(&addr, "/healthz"), (200, "ok".to_string()));
+    assert_eq!(get(&addr, "/readyz"), (200, "ok".to_string()));
+    etcd.kill(0);
+    let why = until(&addr, "/readyz", 503);
+    assert!(why.contains("datastore"), "{why}");
+    assert_eq!(get(&addr, "/healthz").0, 200, "the process still serves");
+    etcd.restart(0);
+    until(&addr, "/readyz", 200);
+}
+
+/// The value of the sample `name` (with its labels, if any, as written) in an exposition.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+}
+
+#[test]
+fn metrics_move_with_allocations_failures_and_releases() {
+    let sb = Sandbox::new();
+    sb.apply(
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: p}\nspec: {subnet: 10.30.0.0/16, ips: [10.30.0.1-10.30.0.2]}\n",
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::start_with(
+        &sb.datastore(),
+        &sb.socket("node-1"),
+        "node-1",
+        "",
+        &["--metrics-addr", &addr],
+        None,
+    );
+    let conf = |pools: &[&str]| {
+        json!({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "spiderpool",
+            "ipam_unix_socket_path": agent.socket, "default_ipv4_ippool": pools}})
+    };
+    let scrape = || {
+        let (status, body) = get(&addr, "/metrics");
+        assert_eq!(status, 200);
+        body
+    };
+    let before = scrape();
+    assert_eq!(
+        sample(&before, "spiderpool_ipam_allocation_counts_total"),
+        0.0
+    );
+    for i in 0..2 {
+        let out = CniCall::new("ADD", &format!("c{i}"), &format!("p{i}"), &conf(&["p"])).run();
+        assert!(out.success, "{}", out.stdout);
+    }
+    // The pool is full now; then a pool that does not exist.
+    assert!(!CniCall::new("ADD", "c2", "p2", &conf(&["p"])).run().success);
+    assert!(
+        !CniCall::new("ADD", "c3", "p3", &conf(&["missing"]))
+            .run()
+            .success
+    );
+    assert!(CniCall::new("DEL", "c0", "p0", &conf(&["p"])).run().success);
+    let after = scrape();
+    assert_eq!(
+        sample(&after, "spiderpool_ipam_allocation_counts_total"),
+        4.0
+    );
+    assert_eq!(
+        sample(&after, "spiderpool_ipam_allocation_failure_counts_total"),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "spiderpool_ipam_allocation_err_ip_used_out_counts_total"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "spiderpool_ipam_allocation_err_no_available_pool_counts_total"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "spiderpool_ipam_allocation_duration_seconds_count"),
+        4.0
+    );
+    assert_eq!(sample(&after, "spiderpool_ipam_release_counts_total"), 1.0);
+    assert_eq!(
+        sample(&after, "spiderpool_ipam_release_failure_counts_total"),
+        0.0
+    );
+    assert!(sample(&after, "spiderpool_ipam_allocation_max_duration_seconds") > 0.0);
+    // Every successful ADD went through a commit; so did the DEL.
+    assert_eq!(
+        sample(&after, "spiderpool_agent_group_commit_size_sum"),
+        2.0
+    );
+    assert!(
+        sample(
+            &after,
+            "spiderpool_agent_datastore_commit_duration_seconds_count"
+        ) >= 3.0
+    );
+}
