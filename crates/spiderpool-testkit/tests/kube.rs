@@ -28,19 +28,11 @@ fn the_control_plane_serves_kubectl_with_rbac_and_places_workloads() {
         ],
         "",
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let pods = cp.kubectl_ok(&["get", "pods", "-l", "app=web", "-o", "name"], "");
-        if pods.lines().count() == 2 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no pods from the Deployment: {pods}\n{}",
-            cp.log("kube-controller-manager")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let pods = pods_when(&cp, "app=web", |p| p.len() == 2);
+    assert!(
+        pods.iter().all(|p| p["spec"]["nodeName"].is_null()),
+        "no node yet"
+    );
 }
 
 /// The workspace's root.
