@@ -112,7 +112,7 @@ impl Family {
     }
 
     /// Records one request that took `took` and ended in `outcome`.
-    pub fn observe(&self, took: Duration, outcome: Result<(), &ServiceError>) {
+    fn observe(&self, took: Duration, outcome: Result<(), &ServiceError>) {
         let secs = took.as_secs_f64();
         self.counts.inc();
         self.duration.observe(secs);
@@ -146,6 +146,17 @@ impl Family {
                 self.err_internal_counts.inc();
             }
         };
+    }
+
+    /// Runs `work` and records how long it took and how it ended.
+    pub async fn observed<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, ServiceError>>,
+    ) -> Result<T, ServiceError> {
+        let started = std::time::Instant::now();
+        let r = work.await;
+        self.observe(started.elapsed(), r.as_ref().map(|_| ()));
+        r
     }
 
     /// Records a commit lost to another writer.

@@ -85,13 +85,7 @@ async fn add(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
         Err(e) => return bad_body(e),
     };
     let span = tracing::info_span!("add", container_id = %args.container_id, pod = %format!("{}/{}", args.pod_namespace, args.pod_name), ifname = %args.if_name);
-    let work = async move {
-        let started = std::time::Instant::now();
-        let r = svc.add(&args).await;
-        let outcome = r.as_ref().map(|_| ());
-        svc.metrics.allocation.observe(started.elapsed(), outcome);
-        r
-    };
+    let work = async move { svc.metrics.allocation.observed(svc.add(&args)).await };
     match detached(tracing::Instrument::instrument(work, span)).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => service_error(e),
@@ -104,14 +98,7 @@ async fn del(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
         Err(e) => return bad_body(e),
     };
     let span = tracing::info_span!("del", container_id = %args.container_id, pod = %format!("{}/{}", args.pod_namespace, args.pod_name), ifname = %args.if_name);
-    let work = async move {
-        let started = std::time::Instant::now();
-        let r = svc.del(&args).await;
-        svc.metrics
-            .release
-            .observe(started.elapsed(), r.as_ref().copied());
-        r
-    };
+    let work = async move { svc.metrics.release.observed(svc.del(&args)).await };
     match detached(tracing::Instrument::instrument(work, span)).await {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => service_error(e),

@@ -183,7 +183,7 @@ mod status;
 use add::{Commit, Prefetched, Prepared};
 use batch::PendingAdd;
 use pod::PodRef;
-use record::{endpoint_of, endpoint_write, held, kube_of, record_of, release_ops, response_of};
+use record::{endpoint_of, endpoint_write, kube_of, record_of, response_of};
 
 impl IpamService {
     /// A service over `store` for the node `node`.

@@ -349,6 +349,19 @@ pub struct EndpointInterface {
     pub routes: Vec<RouteSpec>,
 }
 
+impl EndpointInterface {
+    /// The addresses this NIC record holds, each with its pool.
+    pub fn held(&self) -> Vec<(String, IpAddr)> {
+        [(&self.ipv4_pool, &self.ipv4), (&self.ipv6_pool, &self.ipv6)]
+            .into_iter()
+            .filter_map(|(pool, addr)| {
+                let ip = addr.as_deref()?.split('/').next()?.parse().ok()?;
+                Some((pool.clone()?, ip))
+            })
+            .collect()
+    }
+}
+
 /// `SpiderEndpoint.status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -167,6 +167,22 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// Releases of every address a NIC record holds, owned by the container and interface it
+    /// records (so none frees an address that has since gone to someone else).
+    pub fn releases_of(nic: &spiderpool_api::crd::EndpointInterface) -> Vec<Op> {
+        nic.held()
+            .into_iter()
+            .map(|(pool, ip)| Op::Release {
+                pool,
+                ip,
+                container_id: nic.container_id.clone(),
+                nic: nic.interface.clone(),
+            })
+            .collect()
+    }
+}
+
 /// What went wrong in the datastore.
 #[derive(Debug, Error)]
 #[non_exhaustive]

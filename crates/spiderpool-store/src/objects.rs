@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use spiderpool_api::crd::{allocated_ips_string, IPPoolStatus, PoolIPAllocation, SubnetStatus};
-use spiderpool_api::{names, Object, SpiderEndpoint, SpiderIPPool, SpiderSubnet, ValidationError};
+use spiderpool_api::{names, Object, SpiderIPPool, SpiderSubnet, ValidationError};
 use spiderpool_core::{IpSet, Pool};
 
 use crate::{typed, Allocation, Expect, Kind, Op, Revision, Store, StoreError, Stored};
@@ -467,7 +467,7 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
         }
     }
     let mut ops = match &object {
-        Object::Endpoint(ep) => endpoint_releases(ep),
+        Object::Endpoint(ep) => ep.status.current.iter().flat_map(Op::releases_of).collect(),
         _ => Vec::new(),
     };
     ops.push(Op::Delete {
@@ -484,29 +484,6 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
     }
     store.commit(ops).await?;
     Ok(())
-}
-
-/// Release ops for every address an endpoint records, owned by the container and NIC it
-/// records them for.
-fn endpoint_releases(ep: &SpiderEndpoint) -> Vec<Op> {
-    let mut ops = Vec::new();
-    for nic in &ep.status.current {
-        for (pool, addr) in [(&nic.ipv4_pool, &nic.ipv4), (&nic.ipv6_pool, &nic.ipv6)] {
-            let ip = addr
-                .as_deref()
-                .and_then(|a| a.split('/').next())
-                .and_then(|a| a.parse().ok());
-            if let (Some(pool), Some(ip)) = (pool, ip) {
-                ops.push(Op::Release {
-                    pool: pool.clone(),
-                    ip,
-                    container_id: nic.container_id.clone(),
-                    nic: nic.interface.clone(),
-                });
-            }
-        }
-    }
-    ops
 }
 
 /// Releases `ip` of `pool` when no endpoint records it for its holder: the repair for an
@@ -529,9 +506,10 @@ pub async fn release_unrecorded(
     };
     let h = &a.holder;
     if let Some((Object::Endpoint(ep), _)) = typed::get(store, Kind::Endpoint, &h.pod).await? {
-        let recorded = endpoint_releases(&ep).into_iter().any(|op| {
-            matches!(op, Op::Release { pool: p, ip: i, container_id, nic }
-                if p == pool && i == ip && container_id == h.container_id && nic == h.nic)
+        let recorded = ep.status.current.iter().any(|n| {
+            n.container_id == h.container_id
+                && n.interface == h.nic
+                && n.held().contains(&(pool.to_string(), ip))
         });
         if recorded {
             return Err(invalid(format!(

@@ -137,7 +137,7 @@ impl Sim {
     }
 
     fn now() -> String {
-        humantime_now()
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
     }
 
     /// Creates the Node with a Ready status (status is kept on create).
@@ -506,10 +506,6 @@ fn ips_of(result: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn humantime_now() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 fn humantime_now_micro() -> String {

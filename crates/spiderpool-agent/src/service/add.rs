@@ -251,10 +251,10 @@ impl IpamService {
             if !stale.is_empty() {
                 let mut kept = ep.clone();
                 kept.status.current.retain(|n| !stale.contains(&n));
-                let mut ops: Vec<Op> = stale.iter().flat_map(|n| release_ops(n)).collect();
+                let mut ops: Vec<Op> = stale.iter().flat_map(|n| Op::releases_of(n)).collect();
                 ops.push(endpoint_write(key.clone(), &kept, Some(*rev)));
                 tracing::info!(pod = %key, released = ?stale.iter().map(|n| &n.interface).collect::<Vec<_>>(), "releasing a stale record");
-                let released: Vec<(String, IpAddr)> = stale.iter().flat_map(|n| held(n)).collect();
+                let released: Vec<(String, IpAddr)> = stale.iter().flat_map(|n| n.held()).collect();
                 let rev = self.commit(ops).await?;
                 cache.committed(rev, &[], &released);
                 ep_entry = typed::get(store, Kind::Endpoint, &key)
@@ -359,8 +359,11 @@ impl IpamService {
         };
         // The previous sandbox's addresses are released first; reused ones are claimed again
         // for the new holder in the same transaction.
-        let mut ops = previous.as_ref().map(release_ops).unwrap_or_default();
-        let released = previous.as_ref().map(held).unwrap_or_default();
+        let mut ops = previous.as_ref().map(Op::releases_of).unwrap_or_default();
+        let released = previous
+            .as_ref()
+            .map(EndpointInterface::held)
+            .unwrap_or_default();
         let mut claimed = Vec::new();
         // With a default-route NIC named, the other NICs get no default route.
         let clean_gateway = picks.clean_gateway
@@ -467,7 +470,7 @@ impl IpamService {
         spread: Option<Spread>,
     ) -> Result<Picks> {
         let plan = req.plan(pools)?;
-        let kept: Vec<(String, IpAddr)> = previous.map(held).unwrap_or_default();
+        let kept: Vec<(String, IpAddr)> = previous.map(EndpointInterface::held).unwrap_or_default();
         let mut picks = Vec::new();
         for fp in &plan.families {
             let reuse = kept.iter().find(|(pool, ip)| {

@@ -16,7 +16,7 @@ impl IpamService {
             });
         };
         // The record must still be backed by the pools' holders.
-        for (pool, ip) in held(&nic) {
+        for (pool, ip) in nic.held() {
             let allocs = self.store.allocations(&pool).await?;
             let ok = allocs.iter().any(|a| {
                 a.ip == ip && a.holder.container_id == pod.container_id && a.holder.nic == pod.nic

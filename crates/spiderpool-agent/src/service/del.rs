@@ -38,13 +38,13 @@ impl IpamService {
                 "keeping the addresses of a StatefulSet member for its next sandbox");
             return Ok(());
         }
-        let mut ops = release_ops(&nic);
+        let mut ops = Op::releases_of(&nic);
         let mut kept = ep.clone();
         kept.status.current.retain(|n| n.interface != pod.nic);
         ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
         let revision = self.commit(ops).await?;
-        cache.committed(revision, &[], &held(&nic));
-        tracing::info!(pod = %key, nic = %pod.nic, released = ?held(&nic), "released");
+        cache.committed(revision, &[], &nic.held());
+        tracing::info!(pod = %key, nic = %pod.nic, released = ?nic.held(), "released");
         Ok(())
     }
 }

@@ -54,16 +54,17 @@ impl IpamService {
                     continue;
                 }
             }
-            let mut ops: Vec<Op> = stale.iter().flat_map(release_ops).collect();
+            let mut ops: Vec<Op> = stale.iter().flat_map(Op::releases_of).collect();
             let mut rest = ep.clone();
             rest.status.current = kept;
             ops.push(endpoint_write(key.clone(), &rest, Some(rev)));
-            let freed: Vec<(String, IpAddr)> = stale.iter().flat_map(held).collect();
+            let freed: Vec<(String, IpAddr)> =
+                stale.iter().flat_map(EndpointInterface::held).collect();
             match self.commit(ops).await {
                 Ok(r) => {
                     cache.committed(r, &[], &freed);
                     for n in &stale {
-                        for (pool, ip) in held(n) {
+                        for (pool, ip) in n.held() {
                             released.push(format!("{key} {} {ip} ({pool})", n.interface));
                         }
                     }

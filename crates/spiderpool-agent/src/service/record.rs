@@ -1,7 +1,5 @@
-//! The endpoint record of a pod: reading it, answering from it, and the ops that release its
-//! addresses or write it back.
-
-use std::net::IpAddr;
+//! The endpoint record of a pod: reading it, answering from it, and the op that writes it back
+//! (the releases of what it holds are `Op::releases_of`).
 
 use spiderpool_api::agent::{IpConfig, IpamAddResponse, Route};
 use spiderpool_api::crd::EndpointInterface;
@@ -52,29 +50,6 @@ pub(super) fn response_of(nic: &EndpointInterface) -> IpamAddResponse {
         })
         .collect();
     IpamAddResponse { ips, routes }
-}
-
-/// The addresses a NIC record holds, with their pools.
-pub(super) fn held(nic: &EndpointInterface) -> Vec<(String, IpAddr)> {
-    [(&nic.ipv4_pool, &nic.ipv4), (&nic.ipv6_pool, &nic.ipv6)]
-        .into_iter()
-        .filter_map(|(pool, addr)| {
-            let ip = addr.as_deref()?.split('/').next()?.parse().ok()?;
-            Some((pool.clone()?, ip))
-        })
-        .collect()
-}
-
-pub(super) fn release_ops(nic: &EndpointInterface) -> Vec<Op> {
-    held(nic)
-        .into_iter()
-        .map(|(pool, ip)| Op::Release {
-            pool,
-            ip,
-            container_id: nic.container_id.clone(),
-            nic: nic.interface.clone(),
-        })
-        .collect()
 }
 
 /// An op that writes `ep` back (or deletes it when it holds no NIC), guarded by its revision.
