@@ -400,8 +400,18 @@ impl Staged {
 #[async_trait::async_trait]
 impl Store for Staged {
     async fn get(&self, kind: Kind, key: &str) -> crate::Result<Option<Stored>> {
-        if let Some(s) = self.staged(kind).into_iter().find(|s| s.key == key) {
-            return Ok(Some(s));
+        let staged = self
+            .objects
+            .lock()
+            .expect("staged objects")
+            .get(&(kind, key.to_string()))
+            .cloned();
+        if let Some(value) = staged {
+            return Ok(Some(Stored {
+                key: key.to_string(),
+                value,
+                revision: 0,
+            }));
         }
         self.base.get(kind, key).await
     }
