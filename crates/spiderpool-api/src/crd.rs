@@ -311,14 +311,20 @@ pub struct SpiderReservedIP {
     pub spec: ReservedIPSpec,
 }
 
-/// One NIC of a SpiderEndpoint: what it holds and where from.
+/// One NIC of a SpiderEndpoint (upstream's `IPAllocationDetail`): what it holds and where
+/// from. `containerID` and `network` are this project's additions (upstream ignores them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct EndpointInterface {
     /// Interface name inside the pod.
     pub interface: String,
-    /// Container (sandbox) the NIC belongs to.
-    #[serde(rename = "containerID")]
+    /// Container (sandbox) the NIC belongs to (empty in records upstream wrote).
+    #[serde(
+        default,
+        rename = "containerID",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub container_id: String,
     /// CNI network (the config's `name`) that attached the NIC; CNI GC is per network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -344,6 +350,9 @@ pub struct EndpointInterface {
     /// VLAN of the pools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vlan: Option<i64>,
+    /// Whether the pod's default route was left out (set when a gateway is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_gateway: Option<bool>,
     /// Routes given to the NIC (default route included unless clean gateway).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteSpec>,
@@ -362,25 +371,56 @@ impl EndpointInterface {
     }
 }
 
-/// `SpiderEndpoint.status`.
+/// `SpiderEndpoint.status`, in upstream's shape: `current{uid,node,ips[]}` and the pod's top
+/// owner.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub struct EndpointStatus {
-    /// Pod UID of the holder.
+    /// What the pod holds now.
     #[serde(default)]
-    pub uid: String,
-    /// Node of the pod.
-    #[serde(default)]
-    pub node: String,
+    pub current: EndpointAllocation,
     /// Owner kind (`StatefulSet`, `DaemonSet`, … or `Pod`).
     #[serde(default)]
     pub owner_controller_type: String,
     /// Owner name.
     #[serde(default)]
     pub owner_controller_name: String,
+}
+
+/// `SpiderEndpoint.status.current`: the holder and its NICs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+pub struct EndpointAllocation {
+    /// Pod UID of the holder.
+    #[serde(default)]
+    pub uid: String,
+    /// Node of the pod.
+    #[serde(default)]
+    pub node: String,
     /// The NICs and their addresses.
     #[serde(default)]
-    pub current: Vec<EndpointInterface>,
+    pub ips: Vec<EndpointInterface>,
+}
+
+/// Rewrites a SpiderEndpoint stored by an earlier version of this project
+/// (`status{uid,node,current:[NIC…]}`) into upstream's shape (`status.current{uid,node,ips}`);
+/// anything else is left as it is.
+pub fn upgrade_legacy_endpoint(v: &mut serde_json::Value) {
+    let Some(status) = v.get_mut("status").and_then(|s| s.as_object_mut()) else {
+        return;
+    };
+    if !status.get("current").is_some_and(|c| c.is_array()) {
+        return;
+    }
+    let ips = status.remove("current").unwrap_or_default();
+    let uid = status.remove("uid").unwrap_or_default();
+    let node = status.remove("node").unwrap_or_default();
+    status.insert(
+        "current".into(),
+        serde_json::json!({"uid": uid, "node": node, "ips": ips}),
+    );
 }
 
 /// A SpiderEndpoint: which addresses a pod holds, per NIC.
@@ -636,5 +676,40 @@ mod tests {
             r.to_set().unwrap_err().to_string(),
             "SpiderReservedIP \"r\": spec.ips: \"10.0.0.1\" is not an IPv6 address"
         );
+    }
+
+    #[test]
+    fn endpoints_stored_in_the_earlier_shape_read_in_upstreams() {
+        let legacy = serde_json::json!({
+            "apiVersion": API_VERSION, "kind": "SpiderEndpoint",
+            "metadata": {"name": "p", "namespace": "default"},
+            "status": {"uid": "u1", "node": "n1", "ownerControllerType": "Pod",
+                       "ownerControllerName": "p",
+                       "current": [{"interface": "eth0", "containerID": "c1",
+                                    "ipv4": "10.0.0.1/24", "ipv4Pool": "a"}]}
+        });
+        let o = crate::Object::from_value(crate::Kind::Endpoint, legacy).unwrap();
+        let crate::Object::Endpoint(ep) = o else {
+            panic!("not an endpoint")
+        };
+        assert_eq!(ep.status.current.uid, "u1");
+        assert_eq!(ep.status.current.node, "n1");
+        assert_eq!(ep.status.owner_controller_type, "Pod");
+        assert_eq!(
+            ep.status.current.ips[0].held(),
+            [("a".to_string(), "10.0.0.1".parse().unwrap())]
+        );
+        // Upstream's shape: a record without containerID reads, and writes back unchanged.
+        let upstream = serde_json::json!({
+            "status": {"current": {"uid": "u2", "node": "n2", "ips": [
+                {"interface": "eth0", "ipv4": "10.6.168.60/16", "ipv4Pool": "test-ippool-6",
+                 "ipv4Gateway": "10.6.0.1", "vlan": 0, "cleanGateway": false}]},
+                "ownerControllerType": "DaemonSet", "ownerControllerName": "test-app"}
+        });
+        let ep: SpiderEndpoint = serde_json::from_value(upstream.clone()).unwrap();
+        assert_eq!(ep.status.current.ips[0].container_id, "");
+        assert_eq!(ep.status.current.ips[0].clean_gateway, Some(false));
+        let back = serde_json::to_value(&ep).unwrap();
+        assert_eq!(back["status"], upstream["status"]);
     }
 }

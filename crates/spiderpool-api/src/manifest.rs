@@ -200,7 +200,10 @@ impl Object {
     }
 
     /// Reads an object of `kind` back from its stored JSON.
-    pub fn from_value(kind: Kind, value: Value) -> Result<Object, ValidationError> {
+    pub fn from_value(kind: Kind, mut value: Value) -> Result<Object, ValidationError> {
+        if kind == Kind::Endpoint {
+            crate::crd::upgrade_legacy_endpoint(&mut value);
+        }
         let err = |e: serde_json::Error| ValidationError::Invalid(format!("stored {kind}: {e}"));
         Ok(match kind {
             Kind::IPPool => Object::IPPool(serde_json::from_value(value).map_err(err)?),

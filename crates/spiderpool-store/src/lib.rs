@@ -4,10 +4,12 @@
 //! `mod_revision` compares and Kubernetes `resourceVersion` updates all provide.
 //!
 //! Backends: [`memory::MemoryStore`] (tests), [`sqlite::SqliteStore`] (the default, safe for
-//! several processes on one file) and [`etcd::EtcdStore`] (many hosts). [`conformance`] holds the suite every backend must pass.
+//! several processes on one file), [`etcd::EtcdStore`] (many hosts) and
+//! [`kubernetes::KubeStore`] (the cluster's API server). [`conformance`] holds the suite every backend must pass.
 
 pub mod conformance;
 pub mod etcd;
+pub mod kubernetes;
 pub mod memory;
 pub mod objects;
 pub mod sqlite;
@@ -204,6 +206,12 @@ pub enum StoreError {
     /// A datastore URL or setting is wrong.
     #[error("{0}")]
     Config(String),
+    /// The datastore refused a write as invalid (the Kubernetes API server's validation).
+    #[error("refused: {0}")]
+    Rejected(String),
+    /// A pool cannot record another address (Kubernetes mode's per-pool record cap).
+    #[error("{0}")]
+    Full(String),
 }
 
 /// The conflict of [`Op::NoClaimsSince`].
@@ -396,9 +404,7 @@ pub async fn open(url: &DatastoreUrl) -> Result<Arc<dyn Store>> {
         DatastoreUrl::Etcd { endpoints, prefix } => {
             Ok(Arc::new(etcd::EtcdStore::connect(endpoints, prefix).await?))
         }
-        DatastoreUrl::Kubernetes => Err(StoreError::Config(
-            "datastore kubernetes: the Kubernetes backend is not part of this build yet; use sqlite:///path/to/db".into(),
-        )),
+        DatastoreUrl::Kubernetes => Ok(Arc::new(kubernetes::KubeStore::connect(None).await?)),
     }
 }
 

@@ -477,7 +477,13 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
         }
     }
     let mut ops = match &object {
-        Object::Endpoint(ep) => ep.status.current.iter().flat_map(Op::releases_of).collect(),
+        Object::Endpoint(ep) => ep
+            .status
+            .current
+            .ips
+            .iter()
+            .flat_map(Op::releases_of)
+            .collect(),
         _ => Vec::new(),
     };
     ops.push(Op::Delete {
@@ -516,7 +522,7 @@ pub async fn release_unrecorded(
     };
     let h = &a.holder;
     if let Some((Object::Endpoint(ep), _)) = typed::get(store, Kind::Endpoint, &h.pod).await? {
-        let recorded = ep.status.current.iter().any(|n| {
+        let recorded = ep.status.current.ips.iter().any(|n| {
             n.container_id == h.container_id
                 && n.interface == h.nic
                 && n.held().contains(&(pool.to_string(), ip))

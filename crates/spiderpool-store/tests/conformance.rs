@@ -237,3 +237,35 @@ async fn etcd_reads_large_pools_in_pages() {
     assert_eq!(allocations.len(), n as usize);
     assert_eq!(s.allocation_counts().await.unwrap()["big"], u64::from(n));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_backend_conforms() {
+    let Some(bin) = spiderpool_testkit::kube_bin() else {
+        return;
+    };
+    let cp = spiderpool_testkit::ControlPlane::start(&bin, false);
+    cp.install_crds();
+    for check in conformance::CHECKS {
+        // One cluster for every check, emptied of what the last one wrote.
+        for args in [
+            &["delete", "spiderippools", "--all"][..],
+            &["delete", "spiderendpoints", "--all", "-A"],
+            &["delete", "nodes", "--all"],
+            &["delete", "pods", "--all", "--grace-period=0", "--force"],
+        ] {
+            cp.kubectl_ok(args, "");
+        }
+        let kubeconfig = cp.kubeconfig.clone();
+        conformance::run_check(check, &|| {
+            let kubeconfig = kubeconfig.clone();
+            async move {
+                Arc::new(
+                    spiderpool_store::kubernetes::KubeStore::connect(Some(&kubeconfig))
+                        .await
+                        .unwrap(),
+                ) as Arc<dyn Store>
+            }
+        })
+        .await;
+    }
+}

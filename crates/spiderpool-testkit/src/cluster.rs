@@ -181,6 +181,23 @@ impl ControlPlane {
         )
     }
 
+    /// Applies the project's CRDs (`deploy/crds/`) with kubectl and waits until the API
+    /// server serves every one.
+    pub fn install_crds(&self) {
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds");
+        self.kubectl_ok(&["apply", "-f", crds.to_str().expect("utf-8 path")], "");
+        self.kubectl_ok(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd",
+                "--all",
+            ],
+            "",
+        );
+    }
+
     /// [`ControlPlane::kubectl`], panicking with its output when it fails.
     pub fn kubectl_ok(&self, args: &[&str], stdin: &str) -> String {
         let out = self.kubectl(args, stdin);

@@ -129,7 +129,7 @@ fn assert_consistent(ds: &str) -> HashSet<String> {
             ep["metadata"]["namespace"].as_str().unwrap(),
             ep["metadata"]["name"].as_str().unwrap()
         );
-        for nic in ep["status"]["current"].as_array().unwrap() {
+        for nic in ep["status"]["current"]["ips"].as_array().unwrap() {
             let ip = nic["ipv4"]
                 .as_str()
                 .unwrap()

@@ -148,7 +148,7 @@ fn a_new_uid_never_takes_a_live_pods_addresses() {
     check_holds(s, "v1", "default", "victim", &victim);
     assert_eq!(sb.allocated("p"), 1);
     let ep = sb.get_json("endpoint", "default/victim");
-    assert_eq!(ep["status"]["uid"], "uid-1");
+    assert_eq!(ep["status"]["current"]["uid"], "uid-1");
 
     // Once the Pod object says the new incarnation is the live one, the old record is stale.
     sb.apply(
@@ -160,7 +160,7 @@ fn a_new_uid_never_takes_a_live_pods_addresses() {
     );
     assert_eq!(sb.allocated("p"), 1);
     assert_eq!(
-        sb.get_json("endpoint", "default/victim")["status"]["uid"],
+        sb.get_json("endpoint", "default/victim")["status"]["current"]["uid"],
         "uid-2"
     );
 }

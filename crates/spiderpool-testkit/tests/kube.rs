@@ -63,23 +63,7 @@ fn crds_in_deploy_are_what_the_rust_types_generate() {
 fn the_seed_pools_apply_through_kubectl_and_print_the_seed_columns() {
     let Some(bin) = kube_bin() else { return };
     let cp = ControlPlane::start(&bin, false);
-    let crds = root().join("deploy/crds");
-    cp.kubectl_ok(&["apply", "-f", crds.to_str().unwrap()], "");
-    for crd in [
-        "spiderippools.spiderpool.spidernet.io",
-        "spidersubnets.spiderpool.spidernet.io",
-        "spiderreservedips.spiderpool.spidernet.io",
-    ] {
-        cp.kubectl_ok(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                &format!("crd/{crd}"),
-            ],
-            "",
-        );
-    }
+    cp.install_crds();
     // The seed's manifests, unchanged.
     let seed = root().join("examples/seed-zones/manifests");
     for f in ["02-subnets.yaml", "03-ippools.yaml"] {

@@ -332,7 +332,7 @@ fn a00010_multi_nic_by_name_and_by_position_draw_from_their_own_pools() {
     // net2 is listed but never added: nothing is taken for it.
     assert_eq!(lab.sb.allocated("v6-a"), 0);
     let ep = lab.sb.get_json("endpoint", "default/named");
-    let nics: Vec<&str> = ep["status"]["current"]
+    let nics: Vec<&str> = ep["status"]["current"]["ips"]
         .as_array()
         .unwrap()
         .iter()
@@ -747,7 +747,7 @@ fn l00008_a00009_statefulset_pods_keep_their_addresses_until_their_pool_changes(
     // ...and handed back to the new incarnation; the endpoint follows the new UID.
     assert_eq!(ip(&lab.add("web-0", "sandbox-2", "eth0")), "10.6.0.10/16");
     let ep = lab.sb.get_json("endpoint", "default/web-0");
-    assert_eq!(ep["status"]["uid"], "uid-sandbox-2");
+    assert_eq!(ep["status"]["current"]["uid"], "uid-sandbox-2");
     assert_eq!(ep["status"]["ownerControllerType"], "StatefulSet");
     // A stale DEL of the first sandbox frees nothing.
     assert!(lab.del("web-0", "sandbox-1", "eth0").success);
@@ -1014,7 +1014,7 @@ fn e00001_to_e00010_v4_v6_dual_and_single_stack_pods() {
     }
     let ep = lab.sb.get_json("endpoint", "default/pod-2");
     assert_eq!(ep["status"]["ownerControllerType"], "Deployment");
-    assert_eq!(ep["status"]["current"][0]["ipv6Pool"], "v6-a");
+    assert_eq!(ep["status"]["current"]["ips"][0]["ipv6Pool"], "v6-a");
     // Records are unique per pod UID.
     let held: Value = serde_json::from_str(
         lab.sb.get_json("ippool", "v4-a")["status"]["allocatedIPs"]
@@ -1140,7 +1140,10 @@ fn cni_gc_releases_what_the_runtime_no_longer_uses() {
         .stderr
         .contains("not found"));
     let live = lab.sb.get_json("endpoint", "default/live");
-    assert_eq!(live["status"]["current"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        live["status"]["current"]["ips"].as_array().unwrap().len(),
+        1
+    );
     // Another network's GC does not touch this network's reservations.
     let mut other = lab.conf("1.1.0", json!({}));
     other["name"] = json!("other-net");

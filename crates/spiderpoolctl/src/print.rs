@@ -98,7 +98,7 @@ pub(crate) fn table(kind: Kind, items: &[Object], wide: bool) -> String {
                 rows.push(vec![m.name.clone(), s(version), r.spec.ips.join(",")]);
             }
             Object::Endpoint(e) => {
-                for nic in &e.status.current {
+                for nic in &e.status.current.ips {
                     rows.push(vec![
                         s(m.namespace.as_ref()),
                         m.name.clone(),
@@ -107,7 +107,7 @@ pub(crate) fn table(kind: Kind, items: &[Object], wide: bool) -> String {
                         s(nic.ipv4.as_ref()),
                         s(nic.ipv6_pool.as_ref()),
                         s(nic.ipv6.as_ref()),
-                        e.status.node.clone(),
+                        e.status.current.node.clone(),
                     ]);
                 }
             }

@@ -200,7 +200,13 @@ impl IpamService {
         // handed over if their pools are still candidates.
         let mut previous = None;
         if let Some((ep, rev)) = &ep_entry {
-            if let Some(nic) = ep.status.current.iter().find(|n| n.interface == pod.nic) {
+            if let Some(nic) = ep
+                .status
+                .current
+                .ips
+                .iter()
+                .find(|n| n.interface == pod.nic)
+            {
                 if nic.container_id == pod.container_id {
                     return Ok(Prepared::Done(response_of(nic)));
                 }
@@ -219,11 +225,12 @@ impl IpamService {
                     detail: ep
                         .status
                         .current
+                        .ips
                         .iter()
                         .map(|n| {
                             format!(
                                 "{} of container {} on node {}",
-                                n.interface, n.container_id, ep.status.node
+                                n.interface, n.container_id, ep.status.current.node
                             )
                         })
                         .collect::<Vec<_>>()
@@ -234,6 +241,7 @@ impl IpamService {
                 previous = ep
                     .status
                     .current
+                    .ips
                     .iter()
                     .find(|n| n.interface == pod.nic)
                     .cloned();
@@ -241,6 +249,7 @@ impl IpamService {
             } else {
                 ep.status
                     .current
+                    .ips
                     .iter()
                     .filter(|n| other_incarnation || n.interface == pod.nic)
                     .collect()
@@ -250,7 +259,7 @@ impl IpamService {
             }
             if !stale.is_empty() {
                 let mut kept = ep.clone();
-                kept.status.current.retain(|n| !stale.contains(&n));
+                kept.status.current.ips.retain(|n| !stale.contains(&n));
                 let mut ops: Vec<Op> = stale.iter().flat_map(|n| Op::releases_of(n)).collect();
                 ops.push(endpoint_write(key.clone(), &kept, Some(*rev)));
                 tracing::info!(pod = %key, released = ?stale.iter().map(|n| &n.interface).collect::<Vec<_>>(), "releasing a stale record");
@@ -398,6 +407,9 @@ impl IpamService {
                 }
             }
             nic.vlan = nic.vlan.or(pool.vlan);
+            if pool.gateway.is_some() {
+                nic.clean_gateway = Some(clean_gateway);
+            }
             if let (Some(gw), false) = (pool.gateway, clean_gateway) {
                 nic.routes.push(RouteSpec {
                     dst: match family {
@@ -439,14 +451,14 @@ impl IpamService {
                 None,
             ),
         };
-        ep.status.uid = uid;
-        ep.status.node = self.node.name.clone();
+        ep.status.current.uid = uid;
+        ep.status.current.node = self.node.name.clone();
         (
             ep.status.owner_controller_type,
             ep.status.owner_controller_name,
         ) = (owner_kind, owner_name);
-        ep.status.current.retain(|n| n.interface != pod.nic);
-        ep.status.current.push(nic.clone());
+        ep.status.current.ips.retain(|n| n.interface != pod.nic);
+        ep.status.current.ips.push(nic.clone());
         ops.push(endpoint_write(key.clone(), &ep, rev));
         Ok(Prepared::Commit(Commit {
             ops,
@@ -537,7 +549,7 @@ impl IpamService {
 /// The pod UID an endpoint record holds its addresses for, when it is known: an earlier version
 /// recorded a container's ID where the runtime gave no UID, which says nothing.
 fn record_uid(ep: &SpiderEndpoint) -> Option<&str> {
-    let uid = ep.status.uid.as_str();
-    let legacy = ep.status.current.iter().any(|n| n.container_id == uid);
+    let uid = ep.status.current.uid.as_str();
+    let legacy = ep.status.current.ips.iter().any(|n| n.container_id == uid);
     (!uid.is_empty() && !legacy).then_some(uid)
 }

@@ -40,7 +40,7 @@ impl IpamService {
         }
         let mut ops = Op::releases_of(&nic);
         let mut kept = ep.clone();
-        kept.status.current.retain(|n| n.interface != pod.nic);
+        kept.status.current.ips.retain(|n| n.interface != pod.nic);
         ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
         let revision = self.commit(ops).await?;
         cache.committed(revision, &[], &nic.held());

@@ -25,13 +25,13 @@ impl IpamService {
         let mut errors = Vec::new();
         for (o, rev) in typed::list(store, Kind::Endpoint).await? {
             let Some(ep) = endpoint_of(o) else { continue };
-            if ep.status.node != self.node.name {
+            if ep.status.current.node != self.node.name {
                 continue;
             }
             let ns = ep.metadata.namespace.clone().unwrap_or_default();
             let key = format!("{ns}/{}", ep.metadata.name);
             let (stale, kept): (Vec<EndpointInterface>, Vec<EndpointInterface>) =
-                ep.status.current.iter().cloned().partition(|n| {
+                ep.status.current.ips.iter().cloned().partition(|n| {
                     n.network.as_deref().is_none_or(|net| net == network)
                         && !valid.contains(&(n.container_id.as_str(), n.interface.as_str()))
                 });
@@ -56,7 +56,7 @@ impl IpamService {
             }
             let mut ops: Vec<Op> = stale.iter().flat_map(Op::releases_of).collect();
             let mut rest = ep.clone();
-            rest.status.current = kept;
+            rest.status.current.ips = kept;
             ops.push(endpoint_write(key.clone(), &rest, Some(rev)));
             let freed: Vec<(String, IpAddr)> =
                 stale.iter().flat_map(EndpointInterface::held).collect();

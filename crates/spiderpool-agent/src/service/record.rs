@@ -55,7 +55,7 @@ pub(super) fn response_of(nic: &EndpointInterface) -> IpamAddResponse {
 /// An op that writes `ep` back (or deletes it when it holds no NIC), guarded by its revision.
 pub(super) fn endpoint_write(key: String, ep: &SpiderEndpoint, rev: Option<Revision>) -> Op {
     let expect = rev.map_or(Expect::Absent, Expect::Revision);
-    if ep.status.current.is_empty() {
+    if ep.status.current.ips.is_empty() {
         Op::Delete {
             kind: Kind::Endpoint,
             key,
@@ -86,6 +86,7 @@ pub(super) async fn record_of(
             let nic = ep
                 .status
                 .current
+                .ips
                 .iter()
                 .find(|n| n.interface == pod.nic && n.container_id == pod.container_id)
                 .cloned();
