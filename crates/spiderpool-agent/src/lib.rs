@@ -68,6 +68,10 @@ pub struct Args {
     /// Datastore: sqlite:///path/db, etcd://host:port[,host:port]?prefix=/spiderpool or kubernetes.
     #[arg(long, env = "SPIDERPOOL_DATASTORE", default_value = DEFAULT_DATASTORE)]
     pub datastore: DatastoreUrl,
+    /// With `--datastore kubernetes`: the kubeconfig file (else `KUBECONFIG`,
+    /// `~/.kube/config`, or the pod's service account).
+    #[arg(long, env = "SPIDERPOOL_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// Log level filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, env = "SPIDERPOOL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -126,7 +130,7 @@ fn init_tracing(level: &str, format: LogFormat) {
 
 /// Runs the agent.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let store = spiderpool_store::open(&args.datastore)
+    let store = spiderpool_store::open_with(&args.datastore, args.kubeconfig.as_deref())
         .await
         .with_context(|| format!("opening datastore {:?}", args.datastore))?;
     let svc = Arc::new(IpamService::new(

@@ -91,6 +91,7 @@ impl ServiceError {
             ServiceError::BadArgs(_) => code::INVALID_ENV,
             ServiceError::InUse { .. } => code::TRY_AGAIN_LATER,
             ServiceError::Store(e) if e.is_retryable() => code::TRY_AGAIN_LATER,
+            ServiceError::Store(StoreError::Full(_)) => code::NO_ADDRESS,
             ServiceError::RetriesExhausted(_) => code::TRY_AGAIN_LATER,
             ServiceError::Store(_) => code::IO_FAILURE,
             ServiceError::NoReservation { .. } | ServiceError::NotHeld { .. } => {

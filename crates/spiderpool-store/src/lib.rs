@@ -396,15 +396,26 @@ impl std::str::FromStr for DatastoreUrl {
     }
 }
 
-/// Opens the datastore at `url`.
+/// Opens the datastore at `url` (`kubernetes`: with `KUBECONFIG`, `~/.kube/config` or the
+/// in-cluster service account).
 pub async fn open(url: &DatastoreUrl) -> Result<Arc<dyn Store>> {
+    open_with(url, None).await
+}
+
+/// Opens the datastore at `url`; `kubernetes` with the kubeconfig file `kubeconfig` when given.
+pub async fn open_with(
+    url: &DatastoreUrl,
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<Arc<dyn Store>> {
     match url {
         DatastoreUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path).await?)),
         DatastoreUrl::Memory => Ok(Arc::new(memory::MemoryStore::new())),
         DatastoreUrl::Etcd { endpoints, prefix } => {
             Ok(Arc::new(etcd::EtcdStore::connect(endpoints, prefix).await?))
         }
-        DatastoreUrl::Kubernetes => Ok(Arc::new(kubernetes::KubeStore::connect(None).await?)),
+        DatastoreUrl::Kubernetes => Ok(Arc::new(
+            kubernetes::KubeStore::connect(kubeconfig).await?,
+        )),
     }
 }
 

@@ -38,7 +38,13 @@ pub struct NodeSpec {
     pub cni_path: Vec<PathBuf>,
     /// The network config (a `.conflist` or `.conf` JSON) for pods that name no NAD.
     pub default_network: Value,
+    /// The node's own `/var/run/spidernet` (where its agent's socket is): the plugins run with
+    /// this directory mounted there, as on a host of its own. `None`: the machine's.
+    pub run_dir: Option<PathBuf>,
 }
+
+/// Where a node's plugins look for the agent's socket directory.
+const RUN_DIR: &str = "/var/run/spidernet";
 
 /// A running simulated node; [`NodeSim::stop`] (or drop) stops it without any DEL.
 pub struct NodeSim {
@@ -465,14 +471,32 @@ impl Sim {
                     self.spec.cni_path
                 )
             })?;
-        let mut cmd = match &self.spec.host_netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&path);
-                c
-            }
-            None => Command::new(&path),
-        };
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(dir) = &self.spec.run_dir {
+            // A mount namespace of the plugin's own, with the node's directory as RUN_DIR.
+            std::fs::create_dir_all(RUN_DIR).map_err(|e| format!("creating {RUN_DIR}: {e}"))?;
+            argv.extend(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#,
+                    "sh",
+                ]
+                .map(Into::into),
+            );
+            argv.push(dir.into());
+            argv.push(RUN_DIR.into());
+        }
+        if let Some(ns) = &self.spec.host_netns {
+            argv.extend(["ip", "netns", "exec", ns.as_str()].map(Into::into));
+        }
+        argv.push(path.into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         let cni_path = std::env::join_paths(&self.spec.cni_path).expect("CNI_PATH");
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")

@@ -246,6 +246,7 @@ fn the_node_simulator_runs_each_pods_cni_chain_like_a_runtime() {
             host_netns: Some("simnode-a".into()),
             cni_path: vec!["/usr/lib/cni".into()],
             default_network: macvlan_host_local("sim-net", "10.9.0.0/24", data.path()),
+            run_dir: None,
         },
     );
     // The node is Ready and has its Lease.

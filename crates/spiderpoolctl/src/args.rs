@@ -13,6 +13,10 @@ pub(crate) struct Args {
     /// Datastore: sqlite:///path/db, etcd://host:port[,host:port]?prefix=/spiderpool or kubernetes.
     #[arg(long, env = "SPIDERPOOL_DATASTORE", default_value = DEFAULT_DATASTORE, global = true)]
     pub(crate) datastore: DatastoreUrl,
+    /// With `--datastore kubernetes`: the kubeconfig file (else `KUBECONFIG` or
+    /// `~/.kube/config`).
+    #[arg(long, env = "SPIDERPOOL_KUBECONFIG", global = true)]
+    pub(crate) kubeconfig: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }

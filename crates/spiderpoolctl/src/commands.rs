@@ -15,7 +15,7 @@ use crate::args::{Args, Command};
 
 /// Runs the parsed command line.
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let store = spiderpool_store::open(&args.datastore)
+    let store = spiderpool_store::open_with(&args.datastore, args.kubeconfig.as_deref())
         .await
         .with_context(|| format!("opening datastore {:?}", args.datastore))?;
     match args.command {
