@@ -175,6 +175,9 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Time of a datastore commit, in seconds.
     pub commit_seconds: Histogram,
+    /// The datastore's own counts of its writes, as of the last scrape.
+    store_writes: [Counter; 3],
+    store_seen: Mutex<spiderpool_store::WriteCounts>,
     registry: Registry,
 }
 
@@ -199,19 +202,41 @@ impl Default for Metrics {
             "Time of one datastore commit (a round trip to etcd, a SQLite transaction)",
             commit_seconds.clone(),
         );
+        let store_writes: [Counter; 3] = Default::default();
+        for (c, name, help) in [
+            (&store_writes[0], "spiderpool_agent_datastore_pool_writes", "Writes of pools' holders (Kubernetes: SpiderIPPool status updates)"),
+            (&store_writes[1], "spiderpool_agent_datastore_pool_write_conflicts", "Writes of pools' holders that another writer got in first (HTTP 409), laid again on a fresh read"),
+            (&store_writes[2], "spiderpool_agent_datastore_object_writes", "Other object writes (SpiderEndpoints, …) of the Kubernetes datastore"),
+        ] {
+            registry.register(name, help, c.clone());
+        }
         Metrics {
             allocation,
             release,
             batch_size,
             commit_seconds,
+            store_writes,
+            store_seen: Mutex::default(),
             registry,
         }
     }
 }
 
 impl Metrics {
-    /// The OpenMetrics text exposition.
-    pub fn render(&self) -> String {
+    /// The OpenMetrics text exposition, with the datastore's write counts `store` brought
+    /// up to date.
+    pub fn render(&self, store: spiderpool_store::WriteCounts) -> String {
+        {
+            let mut seen = self.store_seen.lock().expect("store counts");
+            for (c, (now, before)) in self.store_writes.iter().zip([
+                (store.pool_writes, seen.pool_writes),
+                (store.pool_conflicts, seen.pool_conflicts),
+                (store.object_writes, seen.object_writes),
+            ]) {
+                c.inc_by(now.saturating_sub(before));
+            }
+            *seen = store;
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String does not fail");

@@ -168,7 +168,7 @@ pub fn metrics_router(svc: Arc<IpamService>) -> Router {
                 axum::http::header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            svc.metrics.render(),
+            svc.metrics.render(svc.store_write_counts()),
         )
             .into_response()
     }

@@ -275,6 +275,11 @@ impl IpamService {
         r
     }
 
+    /// What the datastore counted of its own writes.
+    pub fn store_write_counts(&self) -> spiderpool_store::WriteCounts {
+        self.store.write_counts()
+    }
+
     /// Whether the datastore answers.
     pub async fn healthy(&self) -> Result<()> {
         Ok(self.store.ping().await?)

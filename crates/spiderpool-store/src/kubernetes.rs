@@ -943,6 +943,15 @@ impl Store for KubeStore {
         Ok(None)
     }
 
+    fn write_counts(&self) -> crate::WriteCounts {
+        let s = &self.inner.stats;
+        crate::WriteCounts {
+            pool_writes: s.status_writes.load(Ordering::Relaxed),
+            pool_conflicts: s.status_conflicts.load(Ordering::Relaxed),
+            object_writes: s.object_writes.load(Ordering::Relaxed),
+        }
+    }
+
     async fn ping(&self) -> Result<()> {
         self.inner
             .client

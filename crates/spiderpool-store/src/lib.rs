@@ -276,6 +276,18 @@ pub(crate) fn skip_unreadable<T>(items: impl IntoIterator<Item = Result<T>>, wha
         .collect()
 }
 
+/// What a backend counted of its own writes since it was opened (zero where it keeps no such
+/// counts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteCounts {
+    /// Writes of pools' holders (Kubernetes: `status.allocatedIPs` updates).
+    pub pool_writes: u64,
+    /// Holder writes another writer got in first (409) and that the backend laid again itself.
+    pub pool_conflicts: u64,
+    /// Other object writes (endpoint records, …).
+    pub object_writes: u64,
+}
+
 /// Result of a store call.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -324,6 +336,10 @@ pub trait Store: Send + Sync + 'static {
     async fn revision(&self) -> Result<Option<Revision>>;
     /// Whether the datastore answers.
     async fn ping(&self) -> Result<()>;
+    /// What the backend counted of its own writes.
+    fn write_counts(&self) -> WriteCounts {
+        WriteCounts::default()
+    }
     /// Every change committed after revision `after` to the allocations and to the objects of
     /// `kinds`, for as long as the receiver is kept. `None` when the backend cannot watch
     /// (callers then compare [`Store::revision`] instead).
@@ -413,9 +429,7 @@ pub async fn open_with(
         DatastoreUrl::Etcd { endpoints, prefix } => {
             Ok(Arc::new(etcd::EtcdStore::connect(endpoints, prefix).await?))
         }
-        DatastoreUrl::Kubernetes => Ok(Arc::new(
-            kubernetes::KubeStore::connect(kubeconfig).await?,
-        )),
+        DatastoreUrl::Kubernetes => Ok(Arc::new(kubernetes::KubeStore::connect(kubeconfig).await?)),
     }
 }
 

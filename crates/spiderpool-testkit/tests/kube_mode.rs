@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use spiderpool_testkit::{bin, is_root, kube_bin, sh, Agent, ControlPlane, Netns, NodeSim, NodeSpec};
+use spiderpool_testkit::{
+    bin, is_root, kube_bin, sh, Agent, ControlPlane, Netns, NodeSim, NodeSpec,
+};
 
 fn root() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -21,14 +23,33 @@ struct Zones {
 
 fn zones(prefix: &str, nodes: &[(&str, &str)]) -> Zones {
     let router = Netns::new(&format!("{prefix}-r"));
-    sh(&["ip", "netns", "exec", &router.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &router.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
     let mut out = Vec::new();
     for (i, (node, gw)) in nodes.iter().enumerate() {
         let ns = Netns::new(node);
         let up = format!("up{i}");
         sh(&[
-            "ip", "link", "add", "ens192", "netns", &ns.name, "type", "veth", "peer", "name", &up,
-            "netns", &router.name,
+            "ip",
+            "link",
+            "add",
+            "ens192",
+            "netns",
+            &ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &up,
+            "netns",
+            &router.name,
         ]);
         sh(&["ip", "-n", &ns.name, "link", "set", "ens192", "up"]);
         sh(&["ip", "-n", &router.name, "addr", "add", gw, "dev", &up]);
@@ -58,7 +79,13 @@ struct Node {
     _dir: tempfile::TempDir,
 }
 
-fn node(cp: &ControlPlane, name: &str, labels: &[(&str, &str)], netns: &str, extra: &[&str]) -> Node {
+fn node(
+    cp: &ControlPlane,
+    name: &str,
+    labels: &[(&str, &str)],
+    netns: &str,
+    extra: &[&str],
+) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let cni = dir.path().join("cni-bin");
     std::fs::create_dir_all(&cni).unwrap();
@@ -127,10 +154,25 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
     }
     let cp = ControlPlane::start(&kbin, true);
     cp.install_crds();
-    let _zones = zones("kz", &[("kz-ctrl", "10.6.0.1/16"), ("kz-work", "10.7.0.1/16")]);
+    let _zones = zones(
+        "kz",
+        &[("kz-ctrl", "10.6.0.1/16"), ("kz-work", "10.7.0.1/16")],
+    );
     let nodes = [
-        node(&cp, "controller-node-1", &[("node-subnet", "subnet-6")], "kz-ctrl", &[]),
-        node(&cp, "worker-node-1", &[("node-subnet", "subnet-7")], "kz-work", &[]),
+        node(
+            &cp,
+            "controller-node-1",
+            &[("node-subnet", "subnet-6")],
+            "kz-ctrl",
+            &[],
+        ),
+        node(
+            &cp,
+            "worker-node-1",
+            &[("node-subnet", "subnet-7")],
+            "kz-work",
+            &[],
+        ),
     ];
     let seed = root().join("examples/seed-zones/manifests");
     for f in ["02-subnets.yaml", "03-ippools.yaml"] {
@@ -138,7 +180,11 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
     }
     cp.kubectl_ok(&["apply", "-f", "-"], &macvlan_nad());
     cp.kubectl_ok(
-        &["apply", "-f", seed.join("05-daemonset.yaml").to_str().unwrap()],
+        &[
+            "apply",
+            "-f",
+            seed.join("05-daemonset.yaml").to_str().unwrap(),
+        ],
         "",
     );
 
@@ -196,7 +242,10 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
     assert_eq!(nic["ipv4Pool"], "test-ippool-6");
     assert_eq!(nic["ipv4Gateway"], "10.6.0.1");
     assert_eq!(ep["status"]["ownerControllerType"], "DaemonSet");
-    assert_eq!(ep["metadata"]["ownerReferences"][0]["uid"], pod6["metadata"]["uid"]);
+    assert_eq!(
+        ep["metadata"]["ownerReferences"][0]["uid"],
+        pod6["metadata"]["uid"]
+    );
     let se = cp.kubectl_ok(&["get", "se", name6, "--no-headers"], "");
     assert!(
         se.contains("eth0") && se.contains("10.6.168.60/16") && se.contains("controller-node-1"),
@@ -246,4 +295,235 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
         assert!(n.agent.log().contains("datastore"), "{}", n.agent.log());
         let _ = &n.sim;
     }
+}
+
+fn metric(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{body}")) as u64
+}
+
+#[test]
+fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
+    use spiderpool_testkit::CniCall;
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    // 40 addresses, 60 pods: every address goes out once, the last 20 pods hear "exhausted".
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: race}\nspec:\n  subnet: 10.8.0.0/16\n  ips: [10.8.0.1-10.8.0.40]\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kc = cp.kubeconfig.to_str().unwrap().to_string();
+    let mut agents = Vec::new();
+    let mut sockets = Vec::new();
+    for (i, node) in ["node-a", "node-b"].iter().enumerate() {
+        let socket = dir.path().join(format!("{node}.sock"));
+        let port = spiderpool_testkit::free_port();
+        let metrics = format!("127.0.0.1:{port}");
+        agents.push((
+            Agent::start_with(
+                "kubernetes",
+                &socket,
+                node,
+                "",
+                &["--kubeconfig", &kc, "--metrics-addr", &metrics],
+                None,
+            ),
+            metrics,
+        ));
+        sockets.push(socket);
+        let _ = i;
+    }
+    let threads: Vec<_> = (0..60)
+        .map(|i| {
+            let socket = sockets[i % 2].clone();
+            std::thread::spawn(move || {
+                let conf = json!({"cniVersion": "1.0.0", "name": "race", "ipam": {"type": "spiderpool",
+                    "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["race"]}});
+                CniCall::new("ADD", &format!("ctr-{i}"), &format!("pod-{i}"), &conf).run()
+            })
+        })
+        .collect();
+    let outs: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut won = std::collections::HashSet::new();
+    let mut exhausted = 0;
+    for out in &outs {
+        if out.success {
+            let a = out.json()["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(won.insert(a.clone()), "{a} handed out twice");
+        } else {
+            assert_eq!(out.json()["code"], 100, "{}", out.stdout);
+            exhausted += 1;
+        }
+    }
+    assert_eq!((won.len(), exhausted), (40, 20));
+    // The pool agrees, in upstream's format, and every record is one pod's.
+    let pool = json_of(&cp, &["get", "spiderippool", "race"]);
+    assert_eq!(pool["status"]["allocatedIPCount"], 40);
+    let records: Value =
+        serde_json::from_str(pool["status"]["allocatedIPs"].as_str().unwrap()).unwrap();
+    let mut pods: Vec<&str> = records
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|r| r["pod"].as_str().unwrap())
+        .collect();
+    pods.sort();
+    pods.dedup();
+    assert_eq!(pods.len(), 40);
+    assert_eq!(
+        json_of(&cp, &["get", "spiderendpoints"])["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        40
+    );
+    // What the agents wrote, and the conflicts they laid again, are counted.
+    let (mut writes, mut conflicts, mut lost) = (0, 0, 0);
+    for (_, metrics) in &agents {
+        let body = reqwest_get(&format!("http://{metrics}/metrics"));
+        writes += metric(&body, "spiderpool_agent_datastore_pool_writes_total");
+        conflicts += metric(
+            &body,
+            "spiderpool_agent_datastore_pool_write_conflicts_total",
+        );
+        lost += metric(
+            &body,
+            "spiderpool_ipam_allocation_update_ippool_conflict_counts_total",
+        );
+    }
+    // Every allocation was written (group commits hold several), and nothing more often than
+    // once per request and retry.
+    assert!((1..=40 + lost).contains(&writes), "pool writes {writes}");
+    eprintln!("pool status writes {writes} for 40 allocations; 409s laid again {conflicts}; commits lost to the other agent and planned again {lost}");
+}
+
+/// A plain HTTP GET with curl-free std: one request, the body back.
+fn reqwest_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn pools_and_endpoints_written_by_upstream_spiderpool_round_trip() {
+    use spiderpool_testkit::CniCall;
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    // As upstream v1.x stores them: records of pod and pod UID only, a JSON string in the status.
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: up}\nspec:\n  ipVersion: 4\n  subnet: 10.9.0.0/16\n  ips: [10.9.0.10-10.9.0.12]\n  gateway: 10.9.0.1\n",
+    );
+    let upstream = r#"{"10.9.0.10":{"pod":"default/web-0","podUid":"0b6c7d2e-0000-4000-8000-000000000001"},"10.9.0.11":{"pod":"kube-system/agent-x7","podUid":"9f2e0000-0000-4000-8000-000000000002"}}"#;
+    let patch =
+        json!({"status": {"allocatedIPs": upstream, "allocatedIPCount": 2, "totalIPCount": 3}});
+    cp.kubectl_ok(
+        &[
+            "patch",
+            "spiderippool",
+            "up",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        "",
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderEndpoint",
+            "metadata": {"name": "web-0", "namespace": "default"},
+            "status": {"current": {"uid": "0b6c7d2e-0000-4000-8000-000000000001", "node": "n1", "ips": [
+                {"interface": "eth0", "ipv4": "10.9.0.10/16", "ipv4Pool": "up", "ipv4Gateway": "10.9.0.1",
+                 "vlan": 0, "cleanGateway": false, "routes": [{"dst": "0.0.0.0/0", "gw": "10.9.0.1"}]}]},
+                "ownerControllerType": "StatefulSet", "ownerControllerName": "web"}})
+        .to_string(),
+    );
+    // spiderpoolctl reads both as they are.
+    let ctl = |args: &[&str]| {
+        let mut a = vec![
+            "--datastore",
+            "kubernetes",
+            "--kubeconfig",
+            cp.kubeconfig.to_str().unwrap(),
+        ];
+        a.extend_from_slice(args);
+        spiderpool_testkit::run(
+            std::process::Command::new(bin("spiderpoolctl")).args(&a),
+            "",
+        )
+    };
+    let out = ctl(&["get", "endpoint", "default/web-0", "-o", "json"]);
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(
+        out.json()["status"]["current"]["ips"][0]["ipv4"],
+        "10.9.0.10/16"
+    );
+    let out = ctl(&["get", "ippool", "up"]);
+    assert!(out.success, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("up") && out.stdout.contains(" 2 "),
+        "{}",
+        out.stdout
+    );
+
+    // An agent sees upstream's holders: the one address left is the only one it gives.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let kc = cp.kubeconfig.to_str().unwrap().to_string();
+    let _agent = Agent::start_with(
+        "kubernetes",
+        &socket,
+        "n1",
+        "",
+        &["--kubeconfig", &kc],
+        None,
+    );
+    let conf = json!({"cniVersion": "1.0.0", "name": "up", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["up"]}});
+    let first = CniCall::new("ADD", "ctr-1", "new-1", &conf).run();
+    assert!(first.success, "{}", first.stdout);
+    assert_eq!(first.json()["ips"][0]["address"], "10.9.0.12/16");
+    let second = CniCall::new("ADD", "ctr-2", "new-2", &conf).run();
+    assert_eq!(second.json()["code"], 100, "{}", second.stdout);
+
+    // What it wrote back keeps upstream's records byte for byte and reads as upstream's type.
+    let pool = json_of(&cp, &["get", "spiderippool", "up"]);
+    let records: serde_json::Map<String, Value> =
+        serde_json::from_str(pool["status"]["allocatedIPs"].as_str().unwrap()).unwrap();
+    assert_eq!(records.len(), 3);
+    assert_eq!(
+        records["10.9.0.10"],
+        json!({"pod": "default/web-0", "podUid": "0b6c7d2e-0000-4000-8000-000000000001"})
+    );
+    assert_eq!(records["10.9.0.12"]["pod"], "default/new-1");
+    assert!(records["10.9.0.12"]["podUid"].is_string());
+    assert_eq!(pool["status"]["allocatedIPCount"], 3);
+    assert_eq!(pool["status"]["totalIPCount"], 3);
+    // The upstream endpoint is untouched; the new one is in the same shape.
+    let ep = json_of(&cp, &["get", "spiderendpoint", "web-0"]);
+    assert_eq!(ep["status"]["current"]["ips"][0]["cleanGateway"], false);
+    let ep = json_of(&cp, &["get", "spiderendpoint", "new-1"]);
+    assert_eq!(ep["status"]["current"]["ips"][0]["ipv4"], "10.9.0.12/16");
+    assert_eq!(ep["status"]["current"]["ips"][0]["ipv4Pool"], "up");
+    // DEL gives it back and leaves upstream's holders be.
+    let del = CniCall::new("DEL", "ctr-1", "new-1", &conf).run();
+    assert!(del.success, "{}", del.stdout);
+    let pool = json_of(&cp, &["get", "spiderippool", "up"]);
+    assert_eq!(pool["status"]["allocatedIPs"].as_str().unwrap(), upstream);
+    assert_eq!(pool["status"]["allocatedIPCount"], 2);
 }
