@@ -112,11 +112,15 @@ impl Drop for NodeSim {
 
 type SimResult<T> = Result<T, String>;
 
+/// One pod's sandbox: locked while its ADD or DEL runs, `None` until set up.
+type Slot = Arc<tokio::sync::Mutex<Option<SetUp>>>;
+
 struct Sim {
     client: kube::Client,
     spec: NodeSpec,
-    /// Pods set up, by UID: (namespace, name, netns, container ID, network config, result).
-    pods: BTreeMap<String, SetUp>,
+    /// Pods seen, by UID. Each pod is served by a task of its own, as kubelet's pod workers:
+    /// many pods of one node are set up at the same time.
+    pods: std::sync::Mutex<BTreeMap<String, Slot>>,
 }
 
 struct SetUp {
@@ -138,7 +142,7 @@ impl Sim {
         Ok(Sim {
             client,
             spec,
-            pods: BTreeMap::new(),
+            pods: Default::default(),
         })
     }
 
@@ -206,10 +210,11 @@ impl Sim {
         Ok(())
     }
 
-    async fn run(mut self, stop: Arc<AtomicBool>) {
+    async fn run(self, stop: Arc<AtomicBool>) {
+        let sim = Arc::new(self);
         use futures_util::StreamExt;
-        let pods: Api<Pod> = Api::all(self.client.clone());
-        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.spec.name));
+        let pods: Api<Pod> = Api::all(sim.client.clone());
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", sim.spec.name));
         let mut events = watcher(pods, cfg).boxed();
         let mut beat = tokio::time::interval(Duration::from_secs(10));
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -221,20 +226,21 @@ impl Sim {
                     }
                 }
                 _ = beat.tick() => {
-                    if let Err(e) = self.heartbeat().await {
-                        eprintln!("node simulator {}: {e}", self.spec.name);
+                    if let Err(e) = sim.heartbeat().await {
+                        eprintln!("node simulator {}: {e}", sim.spec.name);
                     }
                 }
                 ev = events.next() => {
                     let pods = match ev {
                         Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => vec![p],
                         Some(Ok(watcher::Event::Delete(p))) => {
-                            self.teardown(&p, false).await;
+                            let sim = sim.clone();
+                            tokio::spawn(async move { sim.teardown(&p, false).await });
                             continue;
                         }
                         Some(Ok(_)) => continue,
                         Some(Err(e)) => {
-                            eprintln!("node simulator {}: watch: {e}", self.spec.name);
+                            eprintln!("node simulator {}: watch: {e}", sim.spec.name);
                             tokio::time::sleep(Duration::from_millis(200)).await;
                             continue;
                         }
@@ -244,31 +250,46 @@ impl Sim {
                         if stop.load(Ordering::SeqCst) {
                             return;
                         }
-                        self.serve(p).await;
+                        sim.serve(p);
                     }
                 }
             }
         }
     }
 
-    async fn serve(&mut self, pod: Pod) {
+    /// Starts serving a pod event: a new pod is set up, a deleted one torn down, each in a task
+    /// of its own (a pod's teardown waits for its setup).
+    fn serve(self: &Arc<Self>, pod: Pod) {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
+        if uid.is_empty() {
+            return;
+        }
+        let sim = self.clone();
         if pod.metadata.deletion_timestamp.is_some() {
-            self.teardown(&pod, true).await;
+            tokio::spawn(async move { sim.teardown(&pod, true).await });
             return;
         }
-        if self.pods.contains_key(&uid) || uid.is_empty() {
-            return;
-        }
-        if let Err(e) = self.setup(&pod).await {
-            eprintln!(
-                "node simulator {}: pod {}/{}: {e}",
-                self.spec.name,
-                pod.metadata.namespace.as_deref().unwrap_or(""),
-                pod.metadata.name.as_deref().unwrap_or("")
-            );
-            let _ = self.report_failure(&pod, &e).await;
-        }
+        let slot = {
+            let mut pods = self.pods.lock().expect("pods lock");
+            if pods.contains_key(&uid) {
+                return;
+            }
+            let slot: Slot = Arc::default();
+            pods.insert(uid, slot.clone());
+            slot
+        };
+        tokio::spawn(async move {
+            let mut guard = slot.lock().await;
+            if let Err(e) = sim.setup(&pod, &mut guard).await {
+                eprintln!(
+                    "node simulator {}: pod {}/{}: {e}",
+                    sim.spec.name,
+                    pod.metadata.namespace.as_deref().unwrap_or(""),
+                    pod.metadata.name.as_deref().unwrap_or("")
+                );
+                let _ = sim.report_failure(&pod, &e).await;
+            }
+        });
     }
 
     /// The network config of a pod: the NAD its default-network annotation names, else the
@@ -299,14 +320,21 @@ impl Sim {
         })
     }
 
-    async fn setup(&mut self, pod: &Pod) -> SimResult<()> {
+    async fn setup(
+        self: &Arc<Self>,
+        pod: &Pod,
+        slot: &mut Option<SetUp>,
+    ) -> SimResult<()> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
         let network = self.network_of(pod).await?;
         let netns = format!("sim-{}", &uid.replace('-', "")[..12]);
         let container_id = format!("{:0>64}", uid.replace('-', ""));
-        sh(&["ip", "netns", "add", &netns]);
+        let add = netns.clone();
+        tokio::task::spawn_blocking(move || sh(&["ip", "netns", "add", &add]))
+            .await
+            .map_err(|e| e.to_string())?;
         let mut set = SetUp {
             namespace,
             name,
@@ -315,12 +343,20 @@ impl Sim {
             network,
             results: Vec::new(),
         };
-        let result = self.chain(&mut set, &uid, "ADD");
+        let sim = self.clone();
+        let key = uid.clone();
+        let (set, result) = tokio::task::spawn_blocking(move || {
+            let r = sim.chain(&mut set, &key, "ADD");
+            (set, r)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         // Recorded even when ADD failed part way, so that deletion runs DEL for what was made.
         let ips = result.as_ref().map(ips_of);
-        self.pods.insert(uid.clone(), set);
+        let (ns, name) = (set.namespace.clone(), set.name.clone());
+        *slot = Some(set);
         let ips = ips.map_err(|e| e.clone())?;
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.pods[&uid].namespace);
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
         let now = Self::now();
         let containers: Vec<Value> = pod
             .spec
@@ -351,7 +387,7 @@ impl Sim {
             "containerStatuses": containers,
         }});
         pods.patch_status(
-            &self.pods[&uid].name,
+            &name,
             &PatchParams::default(),
             &Patch::Merge(status),
         )
@@ -380,19 +416,30 @@ impl Sim {
 
     /// DEL for what the pod was given, its namespace removed, and (`finalize`) the pod deleted
     /// for good, as kubelet does once the containers are gone.
-    async fn teardown(&mut self, pod: &Pod, finalize: bool) {
+    async fn teardown(self: Arc<Self>, pod: &Pod, finalize: bool) {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        if let Some(mut set) = self.pods.remove(&uid) {
-            if let Err(e) = self.chain(&mut set, &uid, "DEL") {
-                eprintln!(
-                    "node simulator {}: DEL {}/{}: {e}",
-                    self.spec.name, set.namespace, set.name
-                );
-            }
-            let _ = Command::new("ip")
-                .args(["netns", "del", &set.netns])
-                .output();
+        let slot = self.pods.lock().expect("pods lock").remove(&uid);
+        // Waits for the pod's setup, if it is still running.
+        let set = match slot {
+            Some(slot) => slot.lock().await.take(),
+            None => None,
+        };
+        if let Some(mut set) = set {
+            let sim = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = sim.chain(&mut set, &uid, "DEL") {
+                    eprintln!(
+                        "node simulator {}: DEL {}/{}: {e}",
+                        sim.spec.name, set.namespace, set.name
+                    );
+                }
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &set.netns])
+                    .output();
+            })
+            .await;
         }
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
         if finalize {
             let pods: Api<Pod> = Api::namespaced(
                 self.client.clone(),
