@@ -19,7 +19,7 @@ pub use cluster::{kube_bin, ControlPlane};
 pub use cni::CniCall;
 pub use etcd::{etcd_available, etcd_binary, Etcd};
 pub use netns::Netns;
-pub use node_sim::{NodeSim, NodeSpec};
+pub use node_sim::{AddTiming, NodeSim, NodeSpec};
 pub use process::{cpu_time, free_port, run, sh, Output};
 pub use sandbox::{allocated, ctl, Sandbox};
 

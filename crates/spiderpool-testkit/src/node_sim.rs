@@ -46,9 +46,21 @@ pub struct NodeSpec {
 /// Where a node's plugins look for the agent's socket directory.
 const RUN_DIR: &str = "/var/run/spidernet";
 
+/// One pod's network setup as the simulator timed it.
+#[derive(Debug, Clone, Copy)]
+pub struct AddTiming {
+    /// When the CNI chain's ADD began.
+    pub started: std::time::Instant,
+    /// How long the chain took.
+    pub took: Duration,
+    /// Whether it succeeded.
+    pub ok: bool,
+}
+
 /// A running simulated node; [`NodeSim::stop`] (or drop) stops it without any DEL.
 pub struct NodeSim {
     stop: Arc<AtomicBool>,
+    adds: Arc<std::sync::Mutex<Vec<AddTiming>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The node's name.
     pub name: String,
@@ -62,13 +74,15 @@ impl NodeSim {
         let kubeconfig = kubeconfig.to_path_buf();
         let name = spec.name.clone();
         let flag = stop.clone();
+        let adds: Arc<std::sync::Mutex<Vec<AddTiming>>> = Arc::default();
+        let timings = adds.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let sim = match Sim::connect(&kubeconfig, spec).await {
+                let sim = match Sim::connect(&kubeconfig, spec, timings).await {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -90,9 +104,15 @@ impl NodeSim {
         }
         NodeSim {
             stop,
+            adds,
             thread: Some(thread),
             name,
         }
+    }
+
+    /// Every CNI ADD chain this node ran so far, timed.
+    pub fn adds(&self) -> Vec<AddTiming> {
+        self.adds.lock().expect("timings lock").clone()
     }
 
     /// Stops serving: the node "dies" (no DEL for its pods, no more heartbeats).
@@ -121,6 +141,7 @@ struct Sim {
     /// Pods seen, by UID. Each pod is served by a task of its own, as kubelet's pod workers:
     /// many pods of one node are set up at the same time.
     pods: std::sync::Mutex<BTreeMap<String, Slot>>,
+    adds: Arc<std::sync::Mutex<Vec<AddTiming>>>,
 }
 
 struct SetUp {
@@ -133,7 +154,11 @@ struct SetUp {
 }
 
 impl Sim {
-    async fn connect(kubeconfig: &std::path::Path, spec: NodeSpec) -> SimResult<Sim> {
+    async fn connect(
+        kubeconfig: &std::path::Path,
+        spec: NodeSpec,
+        adds: Arc<std::sync::Mutex<Vec<AddTiming>>>,
+    ) -> SimResult<Sim> {
         let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
             .await
@@ -143,6 +168,7 @@ impl Sim {
             client,
             spec,
             pods: Default::default(),
+            adds,
         })
     }
 
@@ -320,11 +346,7 @@ impl Sim {
         })
     }
 
-    async fn setup(
-        self: &Arc<Self>,
-        pod: &Pod,
-        slot: &mut Option<SetUp>,
-    ) -> SimResult<()> {
+    async fn setup(self: &Arc<Self>, pod: &Pod, slot: &mut Option<SetUp>) -> SimResult<()> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
@@ -346,7 +368,13 @@ impl Sim {
         let sim = self.clone();
         let key = uid.clone();
         let (set, result) = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let r = sim.chain(&mut set, &key, "ADD");
+            sim.adds.lock().expect("timings lock").push(AddTiming {
+                started,
+                took: started.elapsed(),
+                ok: r.is_ok(),
+            });
             (set, r)
         })
         .await
@@ -386,13 +414,9 @@ impl Sim {
             "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("ContainersReady"), cond("Ready"), cond("PodScheduled")],
             "containerStatuses": containers,
         }});
-        pods.patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(status),
-        )
-        .await
-        .map_err(|e| format!("pod status: {e}"))?;
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+            .await
+            .map_err(|e| format!("pod status: {e}"))?;
         Ok(())
     }
 

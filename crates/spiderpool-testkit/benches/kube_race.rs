@@ -1,0 +1,308 @@
+//! Kubernetes mode at scale: 1,000 pods created through the API server on 10 simulated nodes,
+//! one pool of exactly 1,000 addresses, each node with its agent on `--datastore kubernetes`
+//! and each pod's ADD a real `spiderpool` process run by the node simulator. The baseline in
+//! the same run: the same 1,000 pods on the same nodes with Debian's host-local IPAM (no
+//! datastore at all), which is what pod creation, the simulator and process start cost alone.
+//!
+//! cargo build --release --workspace --bins && cargo bench -p spiderpool-testkit --bench kube_race
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::{json, Value};
+use spiderpool_testkit::{bin, is_root, kube_bin, Agent, ControlPlane, NodeSim, NodeSpec};
+
+const NODES: usize = 10;
+const PODS: usize = 1000;
+const POOL_1000: &str = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: race}\nspec:\n  subnet: 10.6.0.0/16\n  ips: [10.6.1.0-10.6.4.231]\n";
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn nad(name: &str, plugin: Value) -> String {
+    json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"config": json!({"cniVersion": "1.0.0", "name": name, "plugins": [plugin]}).to_string()}})
+    .to_string()
+}
+
+fn metric(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+struct Phase {
+    label: &'static str,
+    all: Duration,
+    p50: Duration,
+    p99: Duration,
+    failed: usize,
+}
+
+/// Creates the pods (naming `network`), waits until every one has been set up, deletes them
+/// all and waits until they are gone.
+async fn phase(
+    label: &'static str,
+    client: &kube::Client,
+    sims: &[NodeSim],
+    network: &str,
+) -> Phase {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let before: usize = sims.iter().map(|s| s.adds().len()).sum();
+    let started = Instant::now();
+    futures_util::stream::iter(0..PODS)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let pod: Pod = serde_json::from_value(json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": format!("{label}-{i}"), "labels": {"bench": label},
+                        "annotations": {"v1.multus-cni.io/default-network": format!("default/{network}-{}", i % NODES)}},
+                    "spec": {"nodeName": format!("node-{}", i % NODES),
+                        "containers": [{"name": "c", "image": "registry.invalid/c"}]}
+                }))
+                .unwrap();
+                pods.create(&PostParams::default(), &pod).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let timings = loop {
+        let all: Vec<_> = sims.iter().flat_map(|s| s.adds()).skip(0).collect();
+        if all.len() >= before + PODS {
+            let mut t: Vec<_> = sims.iter().flat_map(|s| s.adds()).collect();
+            t.sort_by_key(|a| a.started);
+            break t.split_off(before);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{label}: only {} of {PODS} pods set up",
+            all.len() - before
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let end = timings.iter().map(|a| a.started + a.took).max().unwrap();
+    let mut took: Vec<Duration> = timings.iter().map(|a| a.took).collect();
+    took.sort();
+    let failed = timings.iter().filter(|a| !a.ok).count();
+    Phase {
+        label,
+        all: end - started,
+        p50: pct(&took, 0.5),
+        p99: pct(&took, 0.99),
+        failed,
+    }
+}
+
+async fn delete_all(client: &kube::Client, label: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels(&format!("bench={label}")),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let left = pods
+            .list(&ListParams::default().labels(&format!("bench={label}")))
+            .await
+            .unwrap()
+            .items
+            .len();
+        if left == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{label}: {left} pods never went away"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn main() {
+    let Some(kbin) = kube_bin() else {
+        eprintln!("SKIPPED: no control plane (SPIDERPOOL_KUBE_BIN)");
+        return;
+    };
+    if !is_root() {
+        eprintln!("SKIPPED: network namespaces need root");
+        return;
+    }
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    cp.kubectl_ok(&["apply", "-f", "-"], POOL_1000);
+    let dir = tempfile::tempdir().unwrap();
+    let cni = dir.path().join("cni-bin");
+    std::fs::create_dir_all(&cni).unwrap();
+    std::os::unix::fs::symlink("/usr/lib/cni/host-local", cni.join("host-local")).unwrap();
+    std::os::unix::fs::symlink(bin("spiderpool"), cni.join("spiderpool")).unwrap();
+    // One network per node: its plugins reach that node's agent (a real node has one agent
+    // at the default socket path; ten on one machine need ten paths).
+    for i in 0..NODES {
+        let socket = dir.path().join(format!("node-{i}/spiderpool.sock"));
+        cp.kubectl_ok(
+            &["apply", "-f", "-"],
+            &nad(&format!("hl-{i}"), json!({"type": "host-local", "ipam": {"type": "host-local",
+                "ranges": [[{"subnet": "10.7.0.0/16"}]], "dataDir": dir.path().join("host-local")}})),
+        );
+        cp.kubectl_ok(
+            &["apply", "-f", "-"],
+            &nad(
+                &format!("sp-{i}"),
+                json!({"type": "spiderpool", "ipam": {"type": "spiderpool",
+                "default_ipv4_ippool": ["race"], "ipam_unix_socket_path": socket}}),
+            ),
+        );
+    }
+    let kc = cp.kubeconfig.to_str().unwrap().to_string();
+    let mut sims = Vec::new();
+    let mut agents = Vec::new();
+    for i in 0..NODES {
+        let node = format!("node-{i}");
+        let run = dir.path().join(&node);
+        std::fs::create_dir_all(&run).unwrap();
+        sims.push(NodeSim::start(
+            &cp.kubeconfig,
+            NodeSpec {
+                name: node.clone(),
+                labels: Default::default(),
+                host_netns: None,
+                cni_path: vec![cni.clone()],
+                default_network: json!({}),
+                run_dir: None,
+            },
+        ));
+        let metrics = format!("127.0.0.1:{}", spiderpool_testkit::free_port());
+        let agent = Agent::start_with(
+            "kubernetes",
+            &run.join("spiderpool.sock"),
+            &node,
+            "",
+            &["--kubeconfig", &kc, "--metrics-addr", &metrics],
+            None,
+        );
+        agents.push((agent, metrics));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(&cp.kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(config).unwrap()
+    });
+    let rounds: usize = std::env::var("SPIDERPOOL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    println!("| run | all {PODS} set up | ADD p50 | ADD p99 | failed | pool status writes / alloc | 409s | endpoint writes | duplicates | leaked |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for round in 0..rounds {
+        let base = rt.block_on(phase("hl", &client, &sims, "hl"));
+        rt.block_on(delete_all(&client, "hl"));
+        let counts = |agents: &[(Agent, String)]| {
+            agents.iter().fold((0, 0, 0), |(w, c, o), (_, m)| {
+                let body = http_get(m, "/metrics");
+                (
+                    w + metric(&body, "spiderpool_agent_datastore_pool_writes_total"),
+                    c + metric(
+                        &body,
+                        "spiderpool_agent_datastore_pool_write_conflicts_total",
+                    ),
+                    o + metric(&body, "spiderpool_agent_datastore_object_writes_total"),
+                )
+            })
+        };
+        let (w0, c0, o0) = counts(&agents);
+        let sp = rt.block_on(phase("sp", &client, &sims, "sp"));
+        let (w1, c1, o1) = counts(&agents);
+        // No address twice: the pool's records and the pods' addresses.
+        let pool: Value = serde_json::from_str(
+            &cp.kubectl_ok(&["get", "spiderippool", "race", "-o", "json"], ""),
+        )
+        .unwrap();
+        let records: serde_json::Map<String, Value> =
+            serde_json::from_str(pool["status"]["allocatedIPs"].as_str().unwrap_or("{}")).unwrap();
+        let pods: Value = serde_json::from_str(
+            &cp.kubectl_ok(&["get", "pods", "-l", "bench=sp", "-o", "json"], ""),
+        )
+        .unwrap();
+        let ips: Vec<&str> = pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["status"]["podIP"].as_str())
+            .collect();
+        let unique: HashSet<&&str> = ips.iter().collect();
+        let duplicates = ips.len() - unique.len();
+        assert_eq!(records.len(), PODS, "the pool records every pod");
+        rt.block_on(delete_all(&client, "sp"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let leaked = loop {
+            let pool: Value = serde_json::from_str(
+                &cp.kubectl_ok(&["get", "spiderippool", "race", "-o", "json"], ""),
+            )
+            .unwrap();
+            let n = pool["status"]["allocatedIPCount"].as_u64().unwrap_or(0);
+            if n == 0 || Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        for p in [&base, &sp] {
+            let extra = if p.label == "sp" {
+                format!(
+                    "{:.3} | {} | {} | {duplicates} | {leaked}",
+                    (w1 - w0) as f64 / PODS as f64,
+                    c1 - c0,
+                    o1 - o0
+                )
+            } else {
+                "- | - | - | - | -".into()
+            };
+            println!(
+                "| {} (round {}) | {:.2} s | {} | {} | {} | {extra} |",
+                if p.label == "sp" {
+                    "spiderpool, kubernetes"
+                } else {
+                    "host-local (baseline)"
+                },
+                round + 1,
+                p.all.as_secs_f64(),
+                ms(p.p50),
+                ms(p.p99),
+                p.failed
+            );
+        }
+        println!(
+            "ratio (spiderpool / host-local), all set up: {:.2}",
+            sp.all.as_secs_f64() / base.all.as_secs_f64()
+        );
+        let _ = Path::new("");
+    }
+}
