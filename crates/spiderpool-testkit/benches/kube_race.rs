@@ -7,7 +7,6 @@
 //! cargo build --release --workspace --bins && cargo bench -p spiderpool-testkit --bench kube_race
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -91,7 +90,7 @@ async fn phase(
         .await;
     let deadline = Instant::now() + Duration::from_secs(300);
     let timings = loop {
-        let all: Vec<_> = sims.iter().flat_map(|s| s.adds()).skip(0).collect();
+        let all: Vec<_> = sims.iter().flat_map(|s| s.adds()).collect();
         if all.len() >= before + PODS {
             let mut t: Vec<_> = sims.iter().flat_map(|s| s.adds()).collect();
             t.sort_by_key(|a| a.started);
@@ -303,6 +302,5 @@ fn main() {
             "ratio (spiderpool / host-local), all set up: {:.2}",
             sp.all.as_secs_f64() / base.all.as_secs_f64()
         );
-        let _ = Path::new("");
     }
 }
