@@ -166,3 +166,115 @@ fn seed_two_zones_end_to_end() {
         );
     }
 }
+
+/// A table kubectl printed, as rows of NAME -> column -> value; cells are cut at the header's
+/// column starts (kubectl leaves empty cells blank).
+fn kubectl_table(lines: &[&str]) -> BTreeMap<String, BTreeMap<String, String>> {
+    let header = lines[0];
+    let mut starts: Vec<(usize, &str)> = Vec::new();
+    let mut at = 0;
+    for name in header.split_whitespace() {
+        let i = header[at..].find(name).unwrap() + at;
+        starts.push((i, name));
+        at = i + name.len();
+    }
+    lines[1..]
+        .iter()
+        .map(|l| {
+            let mut row: BTreeMap<String, String> = BTreeMap::new();
+            for (k, (i, name)) in starts.iter().enumerate() {
+                let end = starts
+                    .get(k + 1)
+                    .map_or(l.len(), |(j, _)| (*j).min(l.len()));
+                let cell = l.get((*i).min(l.len())..end).unwrap_or("").trim();
+                // The first of two columns with one word in common ("NOMINATED NODE") wins.
+                row.entry(name.to_string())
+                    .or_insert_with(|| cell.to_string());
+            }
+            (row["NAME"].clone(), row)
+        })
+        .collect()
+}
+
+#[test]
+fn seed_two_zones_on_kubernetes() {
+    if !e2e_prerequisites() {
+        return;
+    }
+    let Some(kube_bin) = spiderpool_testkit::kube_bin() else {
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed-zones/run.sh");
+    let out = run(
+        Command::new("bash")
+            .arg(&script)
+            .arg("--kubernetes")
+            .env("SPIDERPOOL_BIN_DIR", bin_dir())
+            .env("SPIDERPOOL_KUBE_BIN", &kube_bin),
+        "",
+    );
+    assert!(
+        out.success,
+        "the seed example on Kubernetes failed:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    let stdout = &out.stdout;
+    // kubectl's own tables: one of ten allocated in each pool, with the seed's columns.
+    let pools = kubectl_table(&section(stdout, "kubectl get spiderippool\n"));
+    for p in ["test-ippool-6", "test-ippool-7"] {
+        assert_eq!(pools[p]["ALLOCATED-IP-COUNT"], "1", "{p}: {stdout}");
+        assert_eq!(pools[p]["TOTAL-IP-COUNT"], "10", "{p}");
+        assert_eq!(pools[p]["DEFAULT"], "false", "{p}");
+        assert_eq!(pools[p]["DISABLE"], "false", "{p}");
+    }
+    // The DaemonSet's pods, one per node, each with its zone's address.
+    let pods = kubectl_table(&section(stdout, "kubectl get pod -o wide"));
+    assert_eq!(pods.len(), 2, "{stdout}");
+    let by_node: BTreeMap<&str, &BTreeMap<String, String>> =
+        pods.values().map(|p| (p["NODE"].as_str(), p)).collect();
+    let a = by_node["controller-node-1"];
+    let b = by_node["worker-node-1"];
+    for p in [a, b] {
+        assert!(p["NAME"].starts_with("test-app-"), "{p:?}");
+        assert_eq!(p["STATUS"], "Running", "{p:?}");
+    }
+    assert!(in_range(&a["IP"], "10.6.168.60", "10.6.168.69"), "{a:?}");
+    assert!(in_range(&b["IP"], "10.7.168.60", "10.7.168.69"), "{b:?}");
+    let eps = kubectl_table(&section(stdout, "kubectl get spiderendpoint"));
+    assert_eq!(eps[&a["NAME"]]["IPV4POOL"], "test-ippool-6");
+    assert_eq!(eps[&b["NAME"]]["IPV4"], format!("{}/16", b["IP"]));
+    // Across the zones, one routed hop.
+    let ping = section(stdout, "ping from").join("\n");
+    assert!(
+        ping.contains(&format!("from {}: icmp_seq=1 ttl=63", b["IP"])),
+        "{ping}"
+    );
+    // Deleting the DaemonSet frees both addresses.
+    let after = kubectl_table(&section(
+        stdout,
+        "kubectl get spiderippool (after the DaemonSet is gone)",
+    ));
+    for p in ["test-ippool-6", "test-ippool-7"] {
+        assert_eq!(
+            after[p]["ALLOCATED-IP-COUNT"], "0",
+            "{p} after the DaemonSet"
+        );
+    }
+    assert!(stdout.ends_with("## done\n"));
+    let netns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    for ns in ["spk-router", "spk-cn1", "spk-wn1"] {
+        assert!(
+            !netns
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns)),
+            "{ns} left behind: {netns}"
+        );
+    }
+}
