@@ -660,6 +660,10 @@ impl Inner {
                     self.observe(kind, &o);
                     return rv_of(&o);
                 }
+                // Creating in a namespace that does not exist.
+                Err(kube::Error::Api(s)) if s.code == 404 && create => {
+                    return Err(StoreError::Rejected(format!("{what}: {}", s.message)))
+                }
                 Err(kube::Error::Api(s))
                     if (s.code == 409 || s.code == 404) && expect == Expect::Any =>
                 {

@@ -363,8 +363,12 @@ pub enum DatastoreUrl {
         /// Key prefix.
         prefix: String,
     },
-    /// `kubernetes`.
-    Kubernetes,
+    /// `kubernetes[?kubeconfig=/path]`: the cluster's API server.
+    Kubernetes {
+        /// The kubeconfig file (else `--kubeconfig`, `KUBECONFIG`, `~/.kube/config` or the
+        /// in-cluster service account).
+        kubeconfig: Option<std::path::PathBuf>,
+    },
 }
 
 /// The default datastore.
@@ -376,7 +380,7 @@ impl std::str::FromStr for DatastoreUrl {
     fn from_str(s: &str) -> Result<Self> {
         let bad = |why: &str| {
             StoreError::Config(format!(
-                "datastore {s:?}: {why} (valid: sqlite:///path/to/db, etcd://host:2379[,host:2379]?prefix=/spiderpool, kubernetes)"
+                "datastore {s:?}: {why} (valid: sqlite:///path/to/db, etcd://host:2379[,host:2379]?prefix=/spiderpool, kubernetes[?kubeconfig=/path])"
             ))
         };
         if let Some(path) = s.strip_prefix("sqlite://") {
@@ -388,8 +392,15 @@ impl std::str::FromStr for DatastoreUrl {
         if s == "memory:" {
             return Ok(DatastoreUrl::Memory);
         }
-        if s == "kubernetes" {
-            return Ok(DatastoreUrl::Kubernetes);
+        if let Some(rest) = s.strip_prefix("kubernetes") {
+            let kubeconfig = match rest {
+                "" => None,
+                q => match q.strip_prefix("?kubeconfig=") {
+                    Some(p) if p.starts_with('/') => Some(p.into()),
+                    _ => return Err(bad("the only setting is an absolute ?kubeconfig=/path")),
+                },
+            };
+            return Ok(DatastoreUrl::Kubernetes { kubeconfig });
         }
         if let Some(rest) = s.strip_prefix("etcd://") {
             let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -429,7 +440,9 @@ pub async fn open_with(
         DatastoreUrl::Etcd { endpoints, prefix } => {
             Ok(Arc::new(etcd::EtcdStore::connect(endpoints, prefix).await?))
         }
-        DatastoreUrl::Kubernetes => Ok(Arc::new(kubernetes::KubeStore::connect(kubeconfig).await?)),
+        DatastoreUrl::Kubernetes { kubeconfig: own } => Ok(Arc::new(
+            kubernetes::KubeStore::connect(kubeconfig.or(own.as_deref())).await?,
+        )),
     }
 }
 
@@ -462,6 +475,23 @@ mod tests {
             err.starts_with("datastore \"sqlite://rel.db\": the sqlite path must be absolute"),
             "{err}"
         );
+        assert_eq!(
+            "kubernetes".parse::<DatastoreUrl>().unwrap(),
+            DatastoreUrl::Kubernetes { kubeconfig: None }
+        );
+        assert_eq!(
+            "kubernetes?kubeconfig=/etc/k.conf"
+                .parse::<DatastoreUrl>()
+                .unwrap(),
+            DatastoreUrl::Kubernetes {
+                kubeconfig: Some("/etc/k.conf".into())
+            }
+        );
+        let err = "kubernetes?server=x"
+            .parse::<DatastoreUrl>()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("?kubeconfig=/path"), "{err}");
         let err = "mysql://x".parse::<DatastoreUrl>().unwrap_err().to_string();
         assert!(err.contains("unknown scheme"), "{err}");
     }

@@ -16,26 +16,49 @@ pub struct Sandbox {
     url: Option<String>,
     /// The sandbox's own etcd, if it has one.
     _etcd: Option<Etcd>,
+    /// The sandbox's own control plane, if it has one.
+    _cluster: Option<ControlPlane>,
 }
 
 impl Sandbox {
     /// A new sandbox: on its own SQLite file, or with SPIDERPOOL_TEST_DATASTORE=etcd on an etcd
-    /// of its own (so every test that uses sandboxes can run on either datastore).
+    /// of its own, or with SPIDERPOOL_TEST_DATASTORE=kubernetes on a control plane of its own
+    /// (etcd and kube-apiserver, the project's CRDs installed), so every test that uses
+    /// sandboxes can run on any datastore.
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        if Self::on_kubernetes() {
+            let bin = kube_bin()
+                .expect("SPIDERPOOL_TEST_DATASTORE=kubernetes needs SPIDERPOOL_KUBE_BIN");
+            let cp = ControlPlane::start(&bin, false);
+            cp.install_crds();
+            return Sandbox {
+                dir,
+                url: Some(format!("kubernetes?kubeconfig={}", cp.kubeconfig.display())),
+                _etcd: None,
+                _cluster: Some(cp),
+            };
+        }
         if std::env::var("SPIDERPOOL_TEST_DATASTORE").as_deref() == Ok("etcd") {
             let etcd = Etcd::single();
             return Sandbox {
                 dir,
                 url: Some(etcd.datastore("/sandbox")),
                 _etcd: Some(etcd),
+                _cluster: None,
             };
         }
         Sandbox {
             dir,
             url: None,
             _etcd: None,
+            _cluster: None,
         }
+    }
+
+    /// Whether sandboxes run on Kubernetes (SPIDERPOOL_TEST_DATASTORE=kubernetes).
+    pub fn on_kubernetes() -> bool {
+        std::env::var("SPIDERPOOL_TEST_DATASTORE").as_deref() == Ok("kubernetes")
     }
 
     /// A sandbox whose datastore is `url` (etcd, say) instead of its own SQLite file.
@@ -44,6 +67,7 @@ impl Sandbox {
             dir: tempfile::tempdir().expect("tempdir"),
             url: Some(url),
             _etcd: None,
+            _cluster: None,
         }
     }
 

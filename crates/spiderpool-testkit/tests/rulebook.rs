@@ -31,7 +31,7 @@ fn pod(
     let doc = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "annotations": annotations, "labels": labels, "ownerReferences": owner},
-        "spec": {"nodeName": "node-1"}
+        "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "registry.invalid/c"}]}
     });
     format!("---\n{doc}\n")
 }
@@ -674,7 +674,11 @@ fn d00009_d00010_multus_name_match_and_mismatch() {
 
 #[test]
 fn l00009_one_pool_serves_two_namespaces() {
-    let lab = Lab::new(&zones());
+    // (The namespaces exist, as a pod's always does in Kubernetes.)
+    let lab = Lab::new(&format!(
+        "{}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-a}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-b}}\n",
+        zones()
+    ));
     let a = lab.add_in(
         "ns-a",
         "p",
@@ -719,7 +723,7 @@ fn l00007_daemonset_across_zones_follows_each_node() {
 }
 
 fn statefulset(replicas: i64) -> String {
-    format!("---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: web, namespace: default}}\nspec: {{replicas: {replicas}}}\n")
+    format!("---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: web, namespace: default}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{containers: [{{name: c, image: registry.invalid/c}}]}}\n")
 }
 
 #[test]
