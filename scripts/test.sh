@@ -25,5 +25,13 @@ for suite in "-p spiderpool-testkit --test rulebook --test agents" \
   # shellcheck disable=SC2086
   SPIDERPOOL_TEST_DATASTORE=etcd cargo test --locked $suite 2>&1 | tee -a "$log"
 done
+# And once more with every sandbox on a Kubernetes control plane of its own (etcd and
+# kube-apiserver, the CRDs installed): pools, endpoints and pods are API objects, the agents
+# read and write them through the API server.
+for suite in "-p spiderpool-testkit --test rulebook --test agents" \
+             "-p spiderpool-cni --test cni" "-p spiderpoolctl --test ctl"; do
+  # shellcheck disable=SC2086
+  SPIDERPOOL_TEST_DATASTORE=kubernetes cargo test --locked $suite 2>&1 | tee -a "$log"
+done
 # One closing line for the whole run (cargo prints one per test binary, the last often empty).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

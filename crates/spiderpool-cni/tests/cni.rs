@@ -273,6 +273,7 @@ metadata:
   namespace: default
   annotations:
     ipam.spidernet.io/ippool: '{"ipv4": ["pool-a"], "ipv6": ["pool-v6"]}'
+spec: {containers: [{name: c, image: registry.invalid/c}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -281,6 +282,7 @@ metadata:
   namespace: default
   annotations:
     ipam.spidernet.io/ippool: '{"ipv4": "pool-a"}'
+spec: {containers: [{name: c, image: registry.invalid/c}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -289,6 +291,7 @@ metadata:
   namespace: default
   annotations:
     ipam.spidernet.io/ippool: '{"ipv6": ["pool-v6"], "cleangateway": true}'
+spec: {containers: [{name: c, image: registry.invalid/c}]}
 "#,
     );
     let c = conf(&env, "0.4.0", json!({}));

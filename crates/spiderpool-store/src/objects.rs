@@ -238,7 +238,34 @@ async fn plan(store: &dyn Store, mut object: Object) -> Result<Planned, ApplyErr
     }
     let value = typed::to_stored_value(&object);
     if let Some((old, _)) = &current {
-        if typed::to_stored_value(old) == value {
+        // What the system writes (the status, the generation the API server counts) is no
+        // change of the user's.
+        let users = |mut v: serde_json::Value| {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("status");
+            }
+            if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+                m.remove("generation");
+            }
+            v
+        };
+        let (mut was, now) = (users(typed::to_stored_value(old)), users(value.clone()));
+        // Nor are the zero values a CRD's schema defaults fill in for fields left out.
+        if let (Some(w), Some(n)) = (
+            was.get_mut("spec").and_then(|s| s.as_object_mut()),
+            now.get("spec").and_then(|s| s.as_object()),
+        ) {
+            let zero = |v: &serde_json::Value| match v {
+                serde_json::Value::Null => true,
+                serde_json::Value::Bool(b) => !b,
+                serde_json::Value::String(s) => s.is_empty(),
+                serde_json::Value::Array(a) => a.is_empty(),
+                serde_json::Value::Object(o) => o.is_empty(),
+                serde_json::Value::Number(_) => false,
+            };
+            w.retain(|k, v| n.contains_key(k) || !zero(v));
+        }
+        if was == now {
             return Ok(Planned {
                 ops: Vec::new(),
                 outcome: Applied::Unchanged,
