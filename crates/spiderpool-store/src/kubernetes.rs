@@ -1002,6 +1002,18 @@ impl Store for KubeStore {
             } else {
                 HashMap::new()
             };
+            // What of each object the watchers care about, as of the start: a Node's status
+            // heartbeat, say, is no change of its labels.
+            let mut seen: HashMap<String, String> = HashMap::new();
+            if kind != Kind::IPPool {
+                let lp = ListParams::default()
+                    .at(&start.to_string())
+                    .matching(VersionMatch::Exact);
+                let (items, _) = inner.list_objects(kind, &lp).await?;
+                for o in &items {
+                    seen.insert(key_of(kind, o), fingerprint(kind, o));
+                }
+            }
             let inner = inner.clone();
             tokio::spawn(async move {
                 let mut rv = start.to_string();
@@ -1044,6 +1056,7 @@ impl Store for KubeStore {
                                     &o,
                                     false,
                                     &mut baseline,
+                                    &mut seen,
                                     report_pools,
                                 ))
                             }
@@ -1055,6 +1068,7 @@ impl Store for KubeStore {
                                     &o,
                                     true,
                                     &mut baseline,
+                                    &mut seen,
                                     report_pools,
                                 ))
                             }
@@ -1074,6 +1088,20 @@ impl Store for KubeStore {
     }
 }
 
+/// What of an object its watchers care about: a Node's labels, a Namespace's labels and
+/// annotations, a custom resource's spec (its generation); of anything else, every change.
+fn fingerprint(kind: Kind, o: &DynamicObject) -> String {
+    let m = &o.metadata;
+    match kind {
+        Kind::Node => serde_json::to_string(&m.labels).unwrap_or_default(),
+        Kind::Namespace => serde_json::to_string(&(&m.labels, &m.annotations)).unwrap_or_default(),
+        Kind::IPPool | Kind::Subnet | Kind::ReservedIP => {
+            format!("{:?}/{:?}", m.generation, m.deletion_timestamp)
+        }
+        _ => m.resource_version.clone().unwrap_or_default(),
+    }
+}
+
 /// What one watch event means: for a pool, the addresses that changed (against what the watch
 /// knew) and, when its spec changed or it came or went, the pool itself; for anything else,
 /// the object.
@@ -1083,6 +1111,7 @@ fn changes_of(
     o: &DynamicObject,
     deleted: bool,
     known: &mut HashMap<String, (Option<i64>, BTreeMap<String, Entry>)>,
+    seen: &mut HashMap<String, String>,
     report_pools: bool,
 ) -> Vec<Change> {
     let Ok(revision) = rv_of(o) else {
@@ -1090,6 +1119,16 @@ fn changes_of(
     };
     let key = key_of(kind, o);
     if kind != Kind::IPPool {
+        let changed = if deleted {
+            seen.remove(&key);
+            true
+        } else {
+            let now = fingerprint(kind, o);
+            seen.insert(key.clone(), now.clone()) != Some(now)
+        };
+        if !changed {
+            return Vec::new();
+        }
         return vec![Change::Object {
             kind,
             key,

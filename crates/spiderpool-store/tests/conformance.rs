@@ -269,3 +269,58 @@ async fn kubernetes_backend_conforms() {
         .await;
     }
 }
+
+/// On Kubernetes a watch reports what the agents' views are made of, not every write: a Node's
+/// status heartbeat is no change, a new label is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_watch_skips_node_heartbeats() {
+    let Some(bin) = spiderpool_testkit::kube_bin() else {
+        return;
+    };
+    let cp = spiderpool_testkit::ControlPlane::start(&bin, false);
+    cp.install_crds();
+    let s = spiderpool_store::kubernetes::KubeStore::connect(Some(&cp.kubeconfig))
+        .await
+        .unwrap();
+    s.commit(vec![Op::Put {
+        kind: Kind::Node,
+        key: "n1".into(),
+        value: json!({"metadata": {"labels": {"zone": "a"}}}),
+        expect: Expect::Absent,
+    }])
+    .await
+    .unwrap();
+    let mut changes = s.watch(0, &[Kind::Node]).await.unwrap().unwrap();
+    for beat in 0..3 {
+        let patch = json!({"status": {"conditions": [{"type": "Ready", "status": "True",
+            "reason": format!("beat-{beat}"), "lastHeartbeatTime": "2026-12-02T00:00:00Z"}]}});
+        cp.kubectl_ok(
+            &[
+                "patch",
+                "node",
+                "n1",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch.to_string(),
+            ],
+            "",
+        );
+    }
+    cp.kubectl_ok(&["label", "node", "n1", "zone=b", "--overwrite"], "");
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let rv = s.get(Kind::Node, "n1").await.unwrap().unwrap().revision;
+    assert_eq!(
+        first,
+        [spiderpool_store::Change::Object {
+            kind: Kind::Node,
+            key: "n1".into(),
+            revision: rv
+        }],
+        "only the label change is reported"
+    );
+}

@@ -28,8 +28,8 @@ impl Sandbox {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         if Self::on_kubernetes() {
-            let bin = kube_bin()
-                .expect("SPIDERPOOL_TEST_DATASTORE=kubernetes needs SPIDERPOOL_KUBE_BIN");
+            let bin =
+                kube_bin().expect("SPIDERPOOL_TEST_DATASTORE=kubernetes needs SPIDERPOOL_KUBE_BIN");
             let cp = ControlPlane::start(&bin, false);
             cp.install_crds();
             return Sandbox {
