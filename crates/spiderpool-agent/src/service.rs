@@ -230,6 +230,13 @@ impl IpamService {
 
     async fn try_register_node(&self) -> Result<()> {
         let cur = typed::get(self.store.as_ref(), Kind::Node, &self.node.name).await?;
+        if cur.is_none() && !self.store.owns_nodes() {
+            return Err(StoreError::Config(format!(
+                "node {:?} does not exist in the cluster: --node-name must name this host's Node object",
+                self.node.name
+            ))
+            .into());
+        }
         let (mut node, expect) = match cur {
             Some((o, rev)) => (kube_of(o).unwrap_or_default(), Expect::Revision(rev)),
             None => (

@@ -947,6 +947,10 @@ impl Store for KubeStore {
         Ok(None)
     }
 
+    fn owns_nodes(&self) -> bool {
+        false
+    }
+
     fn write_counts(&self) -> crate::WriteCounts {
         let s = &self.inner.stats;
         crate::WriteCounts {

@@ -336,6 +336,11 @@ pub trait Store: Send + Sync + 'static {
     async fn revision(&self) -> Result<Option<Revision>>;
     /// Whether the datastore answers.
     async fn ping(&self) -> Result<()>;
+    /// Whether Node objects are the datastore's to create (standalone, etcd), or the
+    /// cluster's (Kubernetes: kubelet registers them, and an agent only merges its labels).
+    fn owns_nodes(&self) -> bool {
+        true
+    }
     /// What the backend counted of its own writes.
     fn write_counts(&self) -> WriteCounts {
         WriteCounts::default()

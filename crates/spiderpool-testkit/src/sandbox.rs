@@ -109,8 +109,14 @@ impl Sandbox {
         allocated(&self.datastore(), pool)
     }
 
-    /// Starts an agent for `node` with `labels` (`k=v,…`) on its own socket.
+    /// Starts an agent for `node` with `labels` (`k=v,…`) on its own socket. On Kubernetes the
+    /// Node object is made first, as kubelet would have registered it.
     pub fn agent(&self, node: &str, labels: &str) -> Agent {
+        if Self::on_kubernetes() && self.ctl(&["get", "node", node], "").stdout.is_empty() {
+            self.apply(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n"
+            ));
+        }
         Agent::start(&self.datastore(), &self.socket(node), node, labels)
     }
 }

@@ -297,6 +297,14 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
     }
 }
 
+/// A Node object, as kubelet registers it.
+fn register(cp: &ControlPlane, node: &str) {
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}).to_string(),
+    );
+}
+
 fn metric(body: &str, name: &str) -> u64 {
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
@@ -319,6 +327,7 @@ fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
     let mut agents = Vec::new();
     let mut sockets = Vec::new();
     for (i, node) in ["node-a", "node-b"].iter().enumerate() {
+        register(&cp, node);
         let socket = dir.path().join(format!("{node}.sock"));
         let port = spiderpool_testkit::free_port();
         let metrics = format!("127.0.0.1:{port}");
@@ -485,6 +494,7 @@ fn pools_and_endpoints_written_by_upstream_spiderpool_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("a.sock");
     let kc = cp.kubeconfig.to_str().unwrap().to_string();
+    register(&cp, "n1");
     let _agent = Agent::start_with(
         "kubernetes",
         &socket,
@@ -526,4 +536,34 @@ fn pools_and_endpoints_written_by_upstream_spiderpool_round_trip() {
     let pool = json_of(&cp, &["get", "spiderippool", "up"]);
     assert_eq!(pool["status"]["allocatedIPs"].as_str().unwrap(), upstream);
     assert_eq!(pool["status"]["allocatedIPCount"], 2);
+}
+
+#[test]
+fn an_agent_for_a_node_the_cluster_does_not_have_says_so() {
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    let dir = tempfile::tempdir().unwrap();
+    let out = spiderpool_testkit::run(
+        std::process::Command::new(bin("spiderpool-agent")).args([
+            "--node-name",
+            "no-such-node",
+            "--datastore",
+            "kubernetes",
+            "--kubeconfig",
+            cp.kubeconfig.to_str().unwrap(),
+            "--socket",
+            dir.path().join("a.sock").to_str().unwrap(),
+        ]),
+        "",
+    );
+    assert!(!out.success);
+    assert!(
+        out.stderr
+            .contains("node \"no-such-node\" does not exist in the cluster"),
+        "{}",
+        out.stderr
+    );
+    // No Node object was made up for it.
+    assert!(!cp.kubectl(&["get", "node", "no-such-node"], "").success);
 }
