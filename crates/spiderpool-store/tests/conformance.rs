@@ -324,3 +324,60 @@ async fn kubernetes_watch_skips_node_heartbeats() {
         "only the label change is reported"
     );
 }
+
+/// On Kubernetes a pool records at most so many addresses (its object must fit the API
+/// server's size limit): the claim beyond is refused, naming the pool and the cap, and nothing
+/// is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_pools_refuse_records_beyond_the_cap() {
+    let Some(bin) = spiderpool_testkit::kube_bin() else {
+        return;
+    };
+    let cp = spiderpool_testkit::ControlPlane::start(&bin, false);
+    cp.install_crds();
+    let s = spiderpool_store::kubernetes::KubeStore::connect(Some(&cp.kubeconfig))
+        .await
+        .unwrap()
+        .with_record_cap(2);
+    let rev = s
+        .commit(vec![Op::Put {
+            kind: Kind::IPPool,
+            key: "small".into(),
+            value: json!({"spec": {"subnet": "10.0.0.0/24", "ips": ["10.0.0.1-10.0.0.9"]}}),
+            expect: Expect::Absent,
+        }])
+        .await
+        .unwrap();
+    let claim = |i: u8| Op::Claim {
+        pool: "small".into(),
+        ip: std::net::IpAddr::from([10, 0, 0, i]),
+        holder: spiderpool_store::Holder {
+            pod: format!("default/p{i}"),
+            pod_uid: format!("u{i}"),
+            container_id: format!("c{i}"),
+            nic: "eth0".into(),
+            node: "n1".into(),
+        },
+        pool_revision: rev,
+    };
+    s.commit(vec![claim(1), claim(2)]).await.unwrap();
+    let e = s.commit(vec![claim(3)]).await.unwrap_err();
+    assert!(matches!(e, spiderpool_store::StoreError::Full(_)), "{e:?}");
+    let m = e.to_string();
+    assert!(
+        m.contains("pool small would record 3 addresses, more than the 2"),
+        "{m}"
+    );
+    assert!(!e.is_retryable());
+    assert_eq!(s.held_ips("small").await.unwrap().len(), 2);
+    // Releases are never refused.
+    s.commit(vec![Op::Release {
+        pool: "small".into(),
+        ip: std::net::IpAddr::from([10, 0, 0, 1]),
+        container_id: "c1".into(),
+        nic: "eth0".into(),
+    }])
+    .await
+    .unwrap();
+    s.commit(vec![claim(3)]).await.unwrap();
+}
