@@ -71,6 +71,19 @@ pub(crate) enum Command {
 /// `spiderpoolctl ipam …`.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Ipam {
+    /// The address space per subnet and pool: total, used, free, the free ranges and a
+    /// utilisation bar; with `--ip`, who holds that address (pod, UID, container, interface,
+    /// node, since when) and through which pool, or why it is not handed out.
+    Show {
+        /// Only this pool (and its subnet).
+        pool: Option<String>,
+        /// The address to look up.
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+        /// Output format (`json` for scripts).
+        #[arg(short = 'o', long = "output", value_enum)]
+        output: Option<Output>,
+    },
     /// Release an address that is held without an endpoint recording it (an address its pod's
     /// endpoint records is refused: use CNI DEL or `delete endpoint`).
     Release {

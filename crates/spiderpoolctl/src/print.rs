@@ -143,6 +143,13 @@ pub(crate) fn table(kind: Kind, items: &[Object], wide: bool) -> String {
     render(&rows)
 }
 
+/// Prints `header` and `rows` in kubectl's layout.
+pub(crate) fn columns(header: &[&str], rows: &[Vec<String>]) {
+    let mut all = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    all.extend(rows.iter().cloned());
+    print!("{}", render(&all));
+}
+
 /// kubectl's layout: left-aligned columns, three spaces apart.
 fn render(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);

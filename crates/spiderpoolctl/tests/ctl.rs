@@ -234,3 +234,108 @@ fn addresses_in_use_are_never_lost() {
         out.stderr
     );
 }
+
+#[test]
+fn ipam_show_counts_the_space_and_names_who_holds_an_address() {
+    let sb = Sandbox::new();
+    sb.apply(&format!(
+        "{SEED_SUBNETS}\n---\n{SEED_POOLS}\n---\napiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderReservedIP\nmetadata: {{name: keep}}\nspec:\n  ips: [10.6.168.69]\n"
+    ));
+    let agent = sb.agent("n1", "node-subnet=subnet-6");
+    let conf = json!({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": agent.socket, "default_ipv4_ippool": ["test-ippool-6"]}});
+    assert!(CniCall::new("ADD", "c1", "web-0", &conf).run().success);
+
+    let out = sb.ctl(&["ipam", "show"], "");
+    assert!(out.success, "{}", out.stderr);
+    let rows: Vec<Vec<&str>> = out
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        [
+            "KIND",
+            "NAME",
+            "SUBNET",
+            "TOTAL",
+            "USED",
+            "FREE",
+            "UTILISATION",
+            "FREE-RANGES"
+        ]
+    );
+    // One held, one reserved: 8 free, in one range.
+    let row = |name: &str| rows.iter().find(|r| r[1] == name).unwrap().clone();
+    assert_eq!(
+        row("subnet-6"),
+        [
+            "subnet",
+            "subnet-6",
+            "10.6.0.0/16",
+            "10",
+            "1",
+            "8",
+            "[#---------]",
+            "10%",
+            "10.6.168.61-10.6.168.68"
+        ]
+    );
+    assert_eq!(
+        row("test-ippool-6"),
+        [
+            "ippool",
+            "test-ippool-6",
+            "10.6.0.0/16",
+            "10",
+            "1",
+            "8",
+            "[#---------]",
+            "10%",
+            "10.6.168.61-10.6.168.68"
+        ]
+    );
+    assert_eq!(row("test-ippool-7")[3..6], ["10", "0", "10"]);
+    // One pool (and its subnet) only, as JSON.
+    let out = sb.ctl(&["ipam", "show", "test-ippool-7", "-o", "json"], "");
+    let items = out.json()["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 2, "{}", out.stdout);
+    assert_eq!(items[1]["name"], "test-ippool-7");
+    assert_eq!(items[1]["freeRanges"], json!(["10.7.168.60-10.7.168.69"]));
+    let out = sb.ctl(&["ipam", "show", "nope"], "");
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("spiderippool \"nope\" not found"),
+        "{}",
+        out.stderr
+    );
+
+    // Who holds an address, and why another is not handed out.
+    let out = sb.ctl(&["ipam", "show", "--ip", "10.6.168.60"], "");
+    assert!(out.success, "{}", out.stderr);
+    for line in [
+        "10.6.168.60 is held in spiderippool/test-ippool-6",
+        "  pod:        default/web-0",
+        "  container:  c1",
+        "  interface:  eth0",
+        "  node:       n1",
+    ] {
+        assert!(out.stdout.contains(line), "{line:?} in:\n{}", out.stdout);
+    }
+    let out = sb.ctl(&["ipam", "show", "--ip", "10.6.168.69"], "");
+    assert!(!out.success);
+    assert!(
+        out.stdout.contains("10.6.168.69 is not handed out by spiderippool/test-ippool-6: reserved (spiderreservedip/keep)"),
+        "{}",
+        out.stdout
+    );
+    let out = sb.ctl(&["ipam", "show", "--ip", "10.6.168.61"], "");
+    assert_eq!(
+        out.stdout,
+        "10.6.168.61 is free in spiderippool/test-ippool-6\n"
+    );
+    let out = sb.ctl(&["ipam", "show", "--ip", "192.0.2.1"], "");
+    assert_eq!(out.stdout, "192.0.2.1 is in no pool's subnet\n");
+    assert!(!out.success);
+}

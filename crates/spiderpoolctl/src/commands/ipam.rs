@@ -1,11 +1,15 @@
-//! `ipam …`: repairs of the address space.
+//! `ipam …`: seeing and repairing the address space.
 
+use std::net::IpAddr;
 use std::process::ExitCode;
 
-use spiderpool_store::objects;
-use spiderpool_store::Store;
+use anyhow::bail;
+use serde_json::json;
+use spiderpool_api::Object;
+use spiderpool_core::{IpSet, Pool};
+use spiderpool_store::{objects, typed, Allocation, Kind, Store};
 
-use crate::args::Ipam;
+use crate::args::{Ipam, Output};
 
 pub(crate) async fn run(store: &dyn Store, cmd: Ipam) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -17,5 +21,278 @@ pub(crate) async fn run(store: &dyn Store, cmd: Ipam) -> anyhow::Result<ExitCode
             );
             Ok(ExitCode::SUCCESS)
         }
+        Ipam::Show { pool, ip, output } => {
+            let space = Space::read(store, pool.as_deref()).await?;
+            match ip {
+                Some(ip) => space.show_ip(store, ip, output).await,
+                None => {
+                    space.show(output);
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+    }
+}
+
+/// One pool as read: its rules, its holders and what is free.
+struct PoolSpace {
+    pool: Pool,
+    held: Vec<Allocation>,
+    free: IpSet,
+}
+
+/// A SpiderSubnet and what the pools inside it hold.
+struct SubnetSpace {
+    name: String,
+    subnet: ipnet::IpNet,
+    usable: IpSet,
+    held: IpSet,
+}
+
+/// Every pool (or one) and subnet, read once.
+struct Space {
+    subnets: Vec<SubnetSpace>,
+    pools: Vec<PoolSpace>,
+    reserved: Vec<(String, IpSet)>,
+    /// Every reserved address: never free.
+    all_reserved: IpSet,
+}
+
+fn count(set: &IpSet) -> u128 {
+    set.len()
+}
+
+/// `[####------]  40%`.
+fn bar(used: u128, total: u128) -> String {
+    const WIDTH: u128 = 10;
+    let pct = (used * 100).checked_div(total).unwrap_or(0);
+    let filled = (used * WIDTH).div_ceil(total.max(1)).min(WIDTH);
+    format!(
+        "[{}{}] {pct:>3}%",
+        "#".repeat(filled as usize),
+        "-".repeat((WIDTH - filled) as usize)
+    )
+}
+
+/// The first few ranges of `set`, then how many more.
+fn ranges(set: &IpSet, at_most: usize) -> String {
+    let all = set.to_strings();
+    if all.is_empty() {
+        return "-".into();
+    }
+    let mut out = all[..all.len().min(at_most)].join(",");
+    if all.len() > at_most {
+        out.push_str(&format!(",… ({} ranges)", all.len()));
+    }
+    out
+}
+
+impl Space {
+    async fn read(store: &dyn Store, only: Option<&str>) -> anyhow::Result<Space> {
+        let mut reserved = Vec::new();
+        let mut all_reserved = IpSet::new();
+        for (o, _) in typed::list(store, Kind::ReservedIP).await? {
+            if let Object::ReservedIP(r) = o {
+                if let Ok(set) = r.to_set() {
+                    all_reserved = all_reserved.union(&set);
+                    reserved.push((r.metadata.name.clone(), set));
+                }
+            }
+        }
+        let mut pools = Vec::new();
+        for (o, _) in typed::list(store, Kind::IPPool).await? {
+            let Object::IPPool(p) = o else { continue };
+            if only.is_some_and(|n| n != p.metadata.name) {
+                continue;
+            }
+            let pool = match p.to_pool() {
+                Ok(pool) => pool,
+                Err(e) => {
+                    eprintln!("warning: skipping an invalid pool: {e}");
+                    continue;
+                }
+            };
+            let held = store.allocations(&pool.name).await?;
+            let taken = IpSet::from_ips(held.iter().map(|a| a.ip));
+            let free = pool.usable().difference(&taken).difference(&all_reserved);
+            pools.push(PoolSpace { pool, held, free });
+        }
+        if let (Some(name), true) = (only, pools.is_empty()) {
+            bail!("spiderippool {name:?} not found");
+        }
+        let mut subnets = Vec::new();
+        for (o, _) in typed::list(store, Kind::Subnet).await? {
+            let Object::Subnet(s) = o else { continue };
+            let Ok(sp) = s.to_pool() else { continue };
+            let inside: Vec<&PoolSpace> = pools
+                .iter()
+                .filter(|p| p.pool.subnet == sp.subnet)
+                .collect();
+            if only.is_some() && inside.is_empty() {
+                continue;
+            }
+            let held = IpSet::from_ips(inside.iter().flat_map(|p| p.held.iter().map(|a| a.ip)));
+
+            subnets.push(SubnetSpace {
+                name: s.metadata.name.clone(),
+                subnet: sp.subnet,
+                usable: sp.usable(),
+                held,
+            });
+        }
+        Ok(Space {
+            subnets,
+            pools,
+            reserved,
+            all_reserved,
+        })
+    }
+
+    fn rows(&self) -> Vec<serde_json::Value> {
+        let mut rows = Vec::new();
+        for s in &self.subnets {
+            let used = count(&s.usable.intersection(&s.held));
+            let total = count(&s.usable);
+            let free = s.usable.difference(&s.held).difference(&self.all_reserved);
+            rows.push(
+                json!({"kind": "SpiderSubnet", "name": s.name, "subnet": s.subnet.to_string(),
+                "total": total as u64, "used": used as u64, "free": count(&free) as u64,
+                "freeRanges": free.to_strings()}),
+            );
+        }
+        for p in &self.pools {
+            let total = count(&p.pool.usable());
+            let used = p.held.len() as u128;
+            rows.push(json!({"kind": "SpiderIPPool", "name": p.pool.name, "subnet": p.pool.subnet.to_string(),
+                "total": total as u64, "used": used as u64, "free": count(&p.free) as u64,
+                "freeRanges": p.free.to_strings()}));
+        }
+        rows
+    }
+
+    fn show(&self, output: Option<Output>) {
+        let rows = self.rows();
+        if output == Some(Output::Json) {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({"items": rows})).expect("JSON")
+            );
+            return;
+        }
+        let header = [
+            "KIND",
+            "NAME",
+            "SUBNET",
+            "TOTAL",
+            "USED",
+            "FREE",
+            "UTILISATION",
+            "FREE-RANGES",
+        ];
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                let n = |k: &str| r[k].as_u64().unwrap_or(0);
+                let free = IpSet::parse_list(
+                    &r["freeRanges"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(String::from))
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default(),
+                    None,
+                )
+                .unwrap_or_default();
+                vec![
+                    if r["kind"] == "SpiderSubnet" {
+                        "subnet"
+                    } else {
+                        "ippool"
+                    }
+                    .to_string(),
+                    r["name"].as_str().unwrap_or_default().to_string(),
+                    r["subnet"].as_str().unwrap_or_default().to_string(),
+                    n("total").to_string(),
+                    n("used").to_string(),
+                    n("free").to_string(),
+                    bar(u128::from(n("used")), u128::from(n("total"))),
+                    ranges(&free, 3),
+                ]
+            })
+            .collect();
+        crate::print::columns(&header, &table);
+    }
+
+    async fn show_ip(
+        &self,
+        store: &dyn Store,
+        ip: IpAddr,
+        output: Option<Output>,
+    ) -> anyhow::Result<ExitCode> {
+        let mut found = Vec::new();
+        for p in &self.pools {
+            if !p.pool.subnet.contains(&ip) {
+                continue;
+            }
+            let state = if let Some(a) = p.held.iter().find(|a| a.ip == ip) {
+                let h = &a.holder;
+                // The pod's endpoint says since when, where it has a creation time.
+                let since = typed::get(store, Kind::Endpoint, &h.pod)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|(o, _)| o.metadata().creation_timestamp.clone());
+                json!({"state": "held", "pod": h.pod, "podUid": h.pod_uid, "containerID": h.container_id,
+                    "interface": h.nic, "node": h.node, "since": since})
+            } else if let Some((r, _)) = self.reserved.iter().find(|(_, s)| s.contains(&ip)) {
+                json!({"state": "reserved", "by": format!("spiderreservedip/{r}")})
+            } else if p.pool.exclude.contains(&ip) {
+                json!({"state": "excluded", "by": "spec.excludeIPs"})
+            } else if !p.pool.ips.contains(&ip) {
+                json!({"state": "outside", "by": "not in spec.ips"})
+            } else {
+                json!({"state": "free"})
+            };
+            let mut state = state;
+            state["pool"] = json!(p.pool.name);
+            found.push(state);
+        }
+        if output == Some(Output::Json) {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({"ip": ip.to_string(), "pools": found}))
+                    .expect("JSON")
+            );
+        } else if found.is_empty() {
+            println!("{ip} is in no pool's subnet");
+        }
+        for f in found.iter().filter(|_| output != Some(Output::Json)) {
+            let pool = f["pool"].as_str().unwrap_or_default();
+            let s = |k: &str| f[k].as_str().unwrap_or("-").to_string();
+            match f["state"].as_str() {
+                Some("held") => {
+                    println!("{ip} is held in spiderippool/{pool}");
+                    println!("  pod:        {} (UID {})", s("pod"), s("podUid"));
+                    println!("  container:  {}", s("containerID"));
+                    println!("  interface:  {}", s("interface"));
+                    println!("  node:       {}", s("node"));
+                    println!("  since:      {}", s("since"));
+                }
+                Some("free") => println!("{ip} is free in spiderippool/{pool}"),
+                Some(other) => println!(
+                    "{ip} is not handed out by spiderippool/{pool}: {other} ({})",
+                    s("by")
+                ),
+                None => {}
+            }
+        }
+        // Like grep: 0 when the address is held somewhere, 1 when not.
+        Ok(if found.iter().any(|f| f["state"] == "held") {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
     }
 }
