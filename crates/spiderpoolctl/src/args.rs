@@ -85,11 +85,26 @@ pub(crate) enum Ipam {
         output: Option<Output>,
     },
     /// Release an address that is held without an endpoint recording it (an address its pod's
-    /// endpoint records is refused: use CNI DEL or `delete endpoint`).
+    /// endpoint records is refused: use CNI DEL or `delete endpoint`); or, with
+    /// `--from-report FILE`, repair what an `ipam check -o json` report lists, each item checked
+    /// again first (what changed since the report is left alone).
     Release {
         /// The pool.
-        pool: String,
+        #[arg(required_unless_present = "from_report")]
+        pool: Option<String>,
         /// The address.
-        ip: std::net::IpAddr,
+        #[arg(required_unless_present = "from_report")]
+        ip: Option<std::net::IpAddr>,
+        /// An `ipam check -o json` report (`-` for stdin).
+        #[arg(long, conflicts_with_all = ["pool", "ip"])]
+        from_report: Option<std::path::PathBuf>,
+    },
+    /// Every inconsistency between pools, endpoints and pods: an address held twice, an address
+    /// held without an endpoint, an endpoint recording what its pool does not hold for it, an
+    /// endpoint whose pod is gone, a count that disagrees. Exit status 1 when any is found.
+    Check {
+        /// Output format (`json`: a report for `ipam release --from-report`).
+        #[arg(short = 'o', long = "output", value_enum)]
+        output: Option<Output>,
     },
 }

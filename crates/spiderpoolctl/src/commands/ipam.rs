@@ -7,19 +7,85 @@ use anyhow::bail;
 use serde_json::json;
 use spiderpool_api::Object;
 use spiderpool_core::{IpSet, Pool};
-use spiderpool_store::{objects, typed, Allocation, Kind, Store};
+use spiderpool_store::{audit, objects, typed, Allocation, Kind, Store};
+
+/// What `ipam check -o json` prints and `ipam release --from-report` reads.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Report {
+    problems: Vec<audit::Problem>,
+}
+
+/// 0 when nothing was found, 1 otherwise.
+fn exit_for(problems: &[audit::Problem]) -> ExitCode {
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
 
 use crate::args::{Ipam, Output};
 
 pub(crate) async fn run(store: &dyn Store, cmd: Ipam) -> anyhow::Result<ExitCode> {
     match cmd {
-        Ipam::Release { pool, ip } => {
+        Ipam::Release {
+            from_report: Some(file),
+            ..
+        } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?
+            };
+            let report: Report = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not an `ipam check -o json` report: {e}",
+                    file.display()
+                )
+            })?;
+            let total = report.problems.len();
+            let mut skipped = 0;
+            for (i, p) in report.problems.iter().enumerate() {
+                match audit::repair(store, p).await? {
+                    audit::Repair::Done(what) => println!("[{}/{total}] {what}", i + 1),
+                    audit::Repair::Skipped(why) => {
+                        skipped += 1;
+                        println!("[{}/{total}] skipped: {why}", i + 1)
+                    }
+                }
+            }
+            Ok(if skipped == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Ipam::Release { pool, ip, .. } => {
+            let (Some(pool), Some(ip)) = (pool, ip) else {
+                bail!("ipam release needs POOL and IP, or --from-report FILE");
+            };
             let h = objects::release_unrecorded(store, &pool, ip).await?;
             println!(
                 "released {ip} of spiderippool/{pool} (held by pod {}, container {}, interface {}, without an endpoint record)",
                 h.pod, h.container_id, h.nic
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Ipam::Check { output } => {
+            let problems = audit::check(store).await?;
+            if output == Some(Output::Json) {
+                let report = Report { problems };
+                println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+                return Ok(exit_for(&report.problems));
+            }
+            for p in &problems {
+                println!("{p}");
+            }
+            if problems.is_empty() {
+                println!("no inconsistency found");
+            }
+            Ok(exit_for(&problems))
         }
         Ipam::Show { pool, ip, output } => {
             let space = Space::read(store, pool.as_deref()).await?;
