@@ -216,6 +216,85 @@ pub fn multus_network(
     Ok(found.map(|n| qualify(n.namespace.as_deref(), &n.name)))
 }
 
+/// The facts of one NIC's request, as the pod, its namespace, its node and the CNI config give
+/// them.
+pub struct RequestFacts<'a> {
+    /// Pod namespace.
+    pub namespace: &'a str,
+    /// Pod name.
+    pub pod: &'a str,
+    /// The interface being added.
+    pub nic: &'a str,
+    /// The pod's annotations.
+    pub annotations: &'a std::collections::BTreeMap<String, String>,
+    /// The pod's labels.
+    pub labels: spiderpool_core::Labels,
+    /// The namespace's labels.
+    pub namespace_labels: spiderpool_core::Labels,
+    /// The namespace's annotations.
+    pub namespace_annotations: &'a std::collections::BTreeMap<String, String>,
+    /// The node the pod runs on.
+    pub node: &'a str,
+    /// Its labels.
+    pub node_labels: spiderpool_core::Labels,
+    /// `default_ipv4_ippool` / `default_ipv6_ippool` of the CNI config.
+    pub cni_default: PoolNames,
+    /// `clean_gateway` of the CNI config.
+    pub cni_clean_gateway: bool,
+}
+
+/// The allocation request the annotations describe, or the first annotation that is wrong
+/// (naming the pod or namespace and the value). The same for an ADD and for `explain`.
+pub fn request(f: RequestFacts<'_>) -> Result<spiderpool_core::Request, ValidationError> {
+    let key = format!("{}/{}", f.namespace, f.pod);
+    for unsupported in [SUBNET, SUBNETS] {
+        if f.annotations.contains_key(unsupported) {
+            return Err(ValidationError::Invalid(format!(
+                "pod {key}: annotation {unsupported} (SpiderSubnet auto pools) is not supported by this version; \
+                 name the pools with {IPPOOL} or {IPPOOLS}"
+            )));
+        }
+    }
+    let in_pod = |e: ValidationError| ValidationError::Invalid(format!("pod {key}: {e}"));
+    let pod_ippools = f
+        .annotations
+        .get(IPPOOLS)
+        .map(|v| parse_ippools(v, f.nic))
+        .transpose()
+        .map_err(in_pod)?;
+    let pod_ippool = f
+        .annotations
+        .get(IPPOOL)
+        .map(|v| parse_ippool(v))
+        .transpose()
+        .map_err(in_pod)?;
+    let multus_network = multus_network(f.annotations, f.namespace, f.nic).map_err(in_pod)?;
+    let namespace_default = parse_namespace_default(
+        f.namespace_annotations
+            .get(NS_DEFAULT_IPV4)
+            .map(String::as_str),
+        f.namespace_annotations
+            .get(NS_DEFAULT_IPV6)
+            .map(String::as_str),
+    )
+    .map_err(|e| ValidationError::Invalid(format!("namespace {}: {e}", f.namespace)))?;
+    Ok(spiderpool_core::Request {
+        nic: f.nic.to_string(),
+        namespace: f.namespace.to_string(),
+        pod: f.pod.to_string(),
+        pod_labels: f.labels,
+        node: f.node.to_string(),
+        node_labels: f.node_labels,
+        namespace_labels: f.namespace_labels,
+        pod_ippools,
+        pod_ippool,
+        namespace_default,
+        multus_network,
+        cni_default: f.cni_default,
+        cni_clean_gateway: f.cni_clean_gateway,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

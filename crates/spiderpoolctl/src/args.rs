@@ -56,6 +56,30 @@ pub(crate) enum Command {
     /// Address-space repairs.
     #[command(subcommand)]
     Ipam(Ipam),
+    /// Why a pod gets the address it gets, or none: which candidate source applies, each pool
+    /// considered with why it was kept or filtered, their order, and what would be allocated
+    /// now. Nothing is allocated. Exit status 1 when no address could be given.
+    Explain {
+        /// `pod`.
+        kind: String,
+        /// `namespace/name` (or `name` in `default`).
+        name: String,
+        /// The interface.
+        #[arg(long = "interface", default_value = "eth0")]
+        interface: String,
+        /// The node (default: the pod's `spec.nodeName`).
+        #[arg(long)]
+        node: Option<String>,
+        /// `default_ipv4_ippool` of the CNI config the pod is attached with.
+        #[arg(long = "default-ipv4-ippool", value_delimiter = ',')]
+        default_ipv4_ippool: Vec<String>,
+        /// `default_ipv6_ippool` of the CNI config.
+        #[arg(long = "default-ipv6-ippool", value_delimiter = ',')]
+        default_ipv6_ippool: Vec<String>,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum)]
+        output: Option<Output>,
+    },
     /// Delete an object. Deleting a SpiderEndpoint releases the addresses it records.
     Delete {
         /// Kind, as for `get`.

@@ -3,6 +3,7 @@
 
 mod apply;
 mod delete;
+mod explain;
 mod get;
 mod ipam;
 
@@ -27,6 +28,29 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             namespace,
         } => get::run(store.as_ref(), &kind, name, namespace.as_deref(), output).await,
         Command::Ipam(cmd) => ipam::run(store.as_ref(), cmd).await,
+        Command::Explain {
+            kind,
+            name,
+            interface,
+            node,
+            default_ipv4_ippool,
+            default_ipv6_ippool,
+            output,
+        } => {
+            explain::run(
+                store.as_ref(),
+                explain::Ask {
+                    kind,
+                    name,
+                    nic: interface,
+                    node,
+                    v4: default_ipv4_ippool,
+                    v6: default_ipv6_ippool,
+                    json: output == Some(crate::args::Output::Json),
+                },
+            )
+            .await
+        }
         Command::Delete {
             kind,
             name,

@@ -553,3 +553,105 @@ fn ipam_check_reports_each_inconsistency_and_a_report_repairs_exactly_those() {
     .unwrap();
     assert_eq!(held["10.6.0.8"]["pod"], "default/ghost");
 }
+
+#[test]
+fn explain_names_the_source_each_pools_fate_and_the_next_address() {
+    let sb = Sandbox::new();
+    let p = |name: &str, range: &str, extra: &str| pool(name, "10.6.0.0/16", range, extra);
+    sb.apply(
+        &[
+            p(
+                "by-node-affinity",
+                "10.6.1.1-10.6.1.5",
+                "  nodeAffinity: {matchLabels: {zone: a}}\n",
+            ),
+            p(
+                "by-node-name",
+                "10.6.2.1-10.6.2.5",
+                "  nodeName: [other-node]\n",
+            ),
+            p(
+                "by-ns-affinity",
+                "10.6.3.1-10.6.3.5",
+                "  namespaceAffinity: {matchLabels: {team: red}}\n",
+            ),
+            p(
+                "by-ns-name",
+                "10.6.4.1-10.6.4.5",
+                "  namespaceName: [other-ns]\n",
+            ),
+            p(
+                "by-pod-affinity",
+                "10.6.5.1-10.6.5.5",
+                "  podAffinity: {matchLabels: {app: db}}\n",
+            ),
+            p(
+                "by-multus",
+                "10.6.6.1-10.6.6.5",
+                "  multusName: [kube-system/other-net]\n",
+            ),
+            p("disabled", "10.6.7.1-10.6.7.5", "  disable: true\n"),
+            p(
+                "fits",
+                "10.6.8.1-10.6.8.5",
+                "  nodeAffinity: {matchLabels: {zone: b}}\n",
+            ),
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {zone: b}}\n".into(),
+        ]
+        .join("\n---\n"),
+    );
+    let all = r#"{"ipv4": ["by-node-affinity", "by-node-name", "by-ns-affinity", "by-ns-name", "by-pod-affinity", "by-multus", "disabled", "fits"]}"#;
+    let pod = |name: &str, ippool: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": "web"},
+                "annotations": {"ipam.spidernet.io/ippool": ippool, "v1.multus-cni.io/default-network": "kube-system/macvlan"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "registry.invalid/c"}]}})
+        .to_string()
+    };
+    sb.apply(&pod("web", all));
+    let out = sb.ctl(&["explain", "pod", "default/web"], "");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let text = &out.stdout;
+    for line in [
+        "pod default/web, interface eth0, node n1 (zone=b)",
+        "candidates from: pod annotation ipam.spidernet.io/ippool",
+        "IPv4:",
+        "  1. fits                 kept      5 free, next 10.6.8.1",
+        "by-node-affinity     filtered  spec.nodeAffinity does not match the labels of node n1",
+        "by-node-name         filtered  spec.nodeName does not list node n1",
+        "by-ns-affinity       filtered  spec.namespaceAffinity does not match the labels of namespace default",
+        "by-ns-name           filtered  spec.namespaceName does not list namespace default",
+        "by-pod-affinity      filtered  spec.podAffinity does not match the labels of pod default/web",
+        "by-multus            filtered  spec.multusName does not list network kube-system/macvlan of interface eth0",
+        "disabled             filtered  pool is disabled (spec.disable: true)",
+        "  would allocate 10.6.8.1 from fits",
+    ] {
+        assert!(text.contains(line), "{line:?} not in:\n{text}");
+    }
+    // Nothing was allocated, and the JSON says the same.
+    assert_eq!(sb.allocated("fits"), 0);
+    let j = sb
+        .ctl(&["explain", "pod", "default/web", "-o", "json"], "")
+        .json();
+    assert_eq!(
+        j["families"][0]["wouldAllocate"],
+        json!({"pool": "fits", "ip": "10.6.8.1"})
+    );
+    assert_eq!(j["families"][0]["candidates"].as_array().unwrap().len(), 8);
+
+    // A pod every pool filters out gets the CNI error's reasons, and exit status 1.
+    sb.apply(&pod("stuck", r#"{"ipv4": ["by-node-name", "disabled"]}"#));
+    let out = sb.ctl(&["explain", "pod", "default/stuck"], "");
+    assert!(!out.success);
+    assert!(
+        out.stdout.contains("no address: no IPv4 IPPool fits pod default/stuck on node n1: by-node-name: spec.nodeName does not list node n1; disabled: pool is disabled (spec.disable: true)"),
+        "{}",
+        out.stdout
+    );
+    let out = sb.ctl(&["explain", "pod", "default/nobody"], "");
+    assert!(
+        out.stderr.contains("pod default/nobody not found"),
+        "{}",
+        out.stderr
+    );
+}

@@ -272,36 +272,12 @@ impl IpamService {
             }
         }
 
-        for unsupported in [annotation::SUBNET, annotation::SUBNETS] {
-            if annotations.contains_key(unsupported) {
-                return Err(ValidationError::Invalid(format!(
-                    "pod {key}: annotation {unsupported} (SpiderSubnet auto pools) is not supported by this version; \
-                     name the pools with {} or {}",
-                    annotation::IPPOOL,
-                    annotation::IPPOOLS
-                ))
-                .into());
-            }
-        }
-        let in_pod = |e: ValidationError| ValidationError::Invalid(format!("pod {key}: {e}"));
-        let pod_ippools = annotations
-            .get(annotation::IPPOOLS)
-            .map(|v| annotation::parse_ippools(v, &pod.nic))
-            .transpose()
-            .map_err(in_pod)?;
-        let pod_ippool = annotations
-            .get(annotation::IPPOOL)
-            .map(|v| annotation::parse_ippool(v))
-            .transpose()
-            .map_err(in_pod)?;
         let custom_routes = annotations
             .get(annotation::ROUTES)
             .map(|v| annotation::parse_routes(v))
             .transpose()
-            .map_err(in_pod)?
+            .map_err(|e| ValidationError::Invalid(format!("pod {key}: {e}")))?
             .unwrap_or_default();
-        let multus_network =
-            annotation::multus_network(&annotations, &pod.namespace, &pod.nic).map_err(in_pod)?;
 
         let contended = cache.contended();
         // A batch works on one view from start to commit, so its members' picks all stand.
@@ -312,39 +288,27 @@ impl IpamService {
         };
         let (namespace_labels, namespace_annotations) =
             view.namespace(store, &pod.namespace).await?;
-        let namespace_default = annotation::parse_namespace_default(
-            namespace_annotations
-                .get(annotation::NS_DEFAULT_IPV4)
-                .map(String::as_str),
-            namespace_annotations
-                .get(annotation::NS_DEFAULT_IPV6)
-                .map(String::as_str),
-        )
-        .map_err(|e| ValidationError::Invalid(format!("namespace {}: {e}", pod.namespace)))?;
         let node_labels = view
             .node_labels(store, &self.node.name)
             .await?
             .unwrap_or_else(|| self.node.labels.clone());
-
-        let req = Request {
-            nic: pod.nic.clone(),
-            namespace: pod.namespace.clone(),
-            pod: pod.name.clone(),
-            pod_labels,
-            node: self.node.name.clone(),
-            node_labels,
+        let req = annotation::request(annotation::RequestFacts {
+            namespace: &pod.namespace,
+            pod: &pod.name,
+            nic: &pod.nic,
+            annotations: &annotations,
+            labels: pod_labels,
             namespace_labels,
-            pod_ippools,
-            pod_ippool,
-            namespace_default,
-            multus_network,
+            namespace_annotations: &namespace_annotations,
+            node: &self.node.name,
+            node_labels,
             cni_default: PoolNames {
                 v4: args.default_ipv4_ippool.clone(),
                 v6: args.default_ipv6_ippool.clone(),
                 clean_gateway: None,
             },
             cni_clean_gateway: args.clean_gateway,
-        };
+        })?;
         let spread = contended.then(|| view.spread(&self.node.name));
         let pools = std::mem::take(&mut view.pools);
         let planned = self
