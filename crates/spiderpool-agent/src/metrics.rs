@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family as Labelled;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -178,6 +179,9 @@ pub struct Metrics {
     /// The datastore's own counts of its writes, as of the last scrape.
     store_writes: [Counter; 3],
     store_seen: Mutex<spiderpool_store::WriteCounts>,
+    pools: Gauge,
+    pool_total: Labelled<Vec<(String, String)>, Gauge>,
+    pool_free: Labelled<Vec<(String, String)>, Gauge>,
     registry: Registry,
 }
 
@@ -210,11 +214,32 @@ impl Default for Metrics {
         ] {
             registry.register(name, help, c.clone());
         }
+        let pools = Gauge::default();
+        let pool_total = Labelled::<Vec<(String, String)>, Gauge>::default();
+        let pool_free = Labelled::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "spiderpool_total_ippool_counts",
+            "SpiderIPPools this agent can allocate from",
+            pools.clone(),
+        );
+        registry.register(
+            "spiderpool_debug_ippool_total_ip_counts",
+            "Addresses of a pool (spec.ips less spec.excludeIPs)",
+            pool_total.clone(),
+        );
+        registry.register(
+            "spiderpool_debug_ippool_available_ip_counts",
+            "Addresses of a pool neither held nor reserved",
+            pool_free.clone(),
+        );
         Metrics {
             allocation,
             release,
             batch_size,
             commit_seconds,
+            pools,
+            pool_total,
+            pool_free,
             store_writes,
             store_seen: Mutex::default(),
             registry,
@@ -225,7 +250,23 @@ impl Default for Metrics {
 impl Metrics {
     /// The OpenMetrics text exposition, with the datastore's write counts `store` brought
     /// up to date.
-    pub fn render(&self, store: spiderpool_store::WriteCounts) -> String {
+    pub fn render(
+        &self,
+        store: spiderpool_store::WriteCounts,
+        space: &[(String, u64, u64)],
+    ) -> String {
+        self.pools.set(space.len() as i64);
+        self.pool_total.clear();
+        self.pool_free.clear();
+        for (pool, total, free) in space {
+            let l = vec![("pool".to_string(), pool.clone())];
+            self.pool_total
+                .get_or_create(&l)
+                .set(i64::try_from(*total).unwrap_or(i64::MAX));
+            self.pool_free
+                .get_or_create(&l)
+                .set(i64::try_from(*free).unwrap_or(i64::MAX));
+        }
         {
             let mut seen = self.store_seen.lock().expect("store counts");
             for (c, (now, before)) in self.store_writes.iter().zip([

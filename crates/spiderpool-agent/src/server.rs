@@ -163,12 +163,13 @@ pub fn health_router(svc: Arc<IpamService>) -> Router {
 /// `GET /metrics` on `--metrics-addr`: the OpenMetrics text of the agent's metrics.
 pub fn metrics_router(svc: Arc<IpamService>) -> Router {
     async fn metrics(State(svc): State<Arc<IpamService>>) -> Response {
+        let space = svc.pool_space().await;
         (
             [(
                 axum::http::header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            svc.metrics.render(svc.store_write_counts()),
+            svc.metrics.render(svc.store_write_counts(), &space),
         )
             .into_response()
     }

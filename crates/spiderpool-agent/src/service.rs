@@ -282,6 +282,31 @@ impl IpamService {
         r
     }
 
+    /// Per pool, from the cached view (nothing is read for it): its name, how many addresses it
+    /// has and how many of them are free (not held, not reserved).
+    pub async fn pool_space(&self) -> Vec<(String, u64, u64)> {
+        let cache = self.state.lock().await;
+        let Some(view) = cache.cached() else {
+            return Vec::new();
+        };
+        view.pools
+            .iter()
+            .filter(|p| view.has_held(&p.name))
+            .map(|p| {
+                let usable = p.usable();
+                let free = usable
+                    .difference(view.held(&p.name))
+                    .difference(&view.reserved)
+                    .len();
+                (
+                    p.name.clone(),
+                    p.total_ip_count(),
+                    u64::try_from(free).unwrap_or(u64::MAX),
+                )
+            })
+            .collect()
+    }
+
     /// What the datastore counted of its own writes.
     pub fn store_write_counts(&self) -> spiderpool_store::WriteCounts {
         self.store.write_counts()

@@ -111,6 +111,11 @@ impl View {
             .unwrap_or_else(|| EMPTY.get_or_init(IpSet::new))
     }
 
+    /// Whether the holders of `pool` have been read.
+    pub fn has_held(&self, pool: &str) -> bool {
+        self.held.contains_key(pool)
+    }
+
     /// Labels and annotations of namespace `ns` (empty when it has no Namespace object).
     pub async fn namespace(&mut self, store: &dyn Store, ns: &str) -> Result<(Labels, Labels)> {
         if let Some(l) = self.namespaces.get(ns) {
@@ -393,6 +398,11 @@ impl ViewCache {
             self.view = Some(View::load(store, now).await?);
         }
         Ok(self.view.as_mut().expect("just filled"))
+    }
+
+    /// The view as it is, if there is one (never read for it).
+    pub fn cached(&self) -> Option<&View> {
+        self.view.as_ref()
     }
 
     /// The view as it is, without checking the revision (read afresh only when there is none):

@@ -162,4 +162,20 @@ fn metrics_move_with_allocations_failures_and_releases() {
             "spiderpool_agent_datastore_commit_duration_seconds_count"
         ) >= 3.0
     );
+    // The pools as the agent sees them: p has two addresses, one held after the DEL.
+    assert_eq!(sample(&after, "spiderpool_total_ippool_counts"), 1.0);
+    assert_eq!(
+        sample(
+            &after,
+            "spiderpool_debug_ippool_total_ip_counts{pool=\"p\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "spiderpool_debug_ippool_available_ip_counts{pool=\"p\"}"
+        ),
+        1.0
+    );
 }
