@@ -26,6 +26,8 @@ pub(crate) enum Output {
     Wide,
     Json,
     Yaml,
+    /// `kind.group/name`, one per line (kubectl's `-o name`).
+    Name,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,6 +58,11 @@ pub(crate) enum Command {
     /// Address-space repairs.
     #[command(subcommand)]
     Ipam(Ipam),
+    /// Print a shell completion script (`source <(spiderpoolctl completion bash)`).
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Why a pod gets the address it gets, or none: which candidate source applies, each pool
     /// considered with why it was kept or filtered, their order, and what would be allocated
     /// now. Nothing is allocated. Exit status 1 when no address could be given.

@@ -28,6 +28,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             namespace,
         } => get::run(store.as_ref(), &kind, name, namespace.as_deref(), output).await,
         Command::Ipam(cmd) => ipam::run(store.as_ref(), cmd).await,
+        Command::Completion { .. } => unreachable!("answered before the datastore is opened"),
         Command::Explain {
             kind,
             name,

@@ -11,6 +11,12 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = args::Args::parse();
+    // Completions need no datastore.
+    if let args::Command::Completion { shell } = args.command {
+        let mut cmd = <args::Args as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "spiderpoolctl", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

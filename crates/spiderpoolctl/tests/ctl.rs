@@ -67,6 +67,23 @@ fn seed_objects_apply_and_print_the_seed_columns() {
         list.stdout
     );
     assert!(list.stdout.contains("kind: List"));
+    // Shell completions, without touching any datastore.
+    let bash = spiderpool_testkit::run(
+        std::process::Command::new(spiderpool_testkit::bin("spiderpoolctl")).args([
+            "--datastore",
+            "sqlite:///nonexistent/dir/x.db",
+            "completion",
+            "bash",
+        ]),
+        "",
+    );
+    assert!(bash.success, "{}", bash.stderr);
+    assert!(bash.stdout.contains("_spiderpoolctl()") && bash.stdout.contains("explain"));
+    let names = sb.ctl(&["get", "ippool", "-o", "name"], "").stdout;
+    assert_eq!(
+        names,
+        "spiderippool.spiderpool.spidernet.io/test-ippool-6\nspiderippool.spiderpool.spidernet.io/test-ippool-7\n"
+    );
 }
 
 #[test]

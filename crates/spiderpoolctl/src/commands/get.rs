@@ -93,6 +93,11 @@ async fn get(
                 print!("{}", serde_norway::to_string(&v)?);
             }
         }
+        Some(Output::Name) => {
+            for o in &items {
+                println!("{}/{}", singular(kind), o.metadata().name);
+            }
+        }
         _ => {
             if items.is_empty() {
                 eprintln!("No resources found");
