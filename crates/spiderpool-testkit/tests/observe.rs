@@ -162,6 +162,34 @@ fn metrics_move_with_allocations_failures_and_releases() {
             "spiderpool_agent_datastore_commit_duration_seconds_count"
         ) >= 3.0
     );
+    // Every metric the Grafana dashboard in deploy/ queries is one the agent exports.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/grafana/spiderpool-dashboard.json"),
+    )
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let exported: std::collections::BTreeSet<&str> = after
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split([' ', '{']).next())
+        .collect();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("spiderpool_") {
+                    queried += 1;
+                    assert!(
+                        exported.contains(word),
+                        "the dashboard queries {word}, which the agent does not export"
+                    );
+                }
+            }
+        }
+    }
+    assert!(queried > 20, "{queried}");
     // The pools as the agent sees them: p has two addresses, one held after the DEL.
     assert_eq!(sample(&after, "spiderpool_total_ippool_counts"), 1.0);
     assert_eq!(
