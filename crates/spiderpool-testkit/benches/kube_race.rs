@@ -35,20 +35,7 @@ fn nad(name: &str, plugin: Value) -> String {
 }
 
 fn metric(body: &str, name: &str) -> u64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+    spiderpool_testkit::sample(body, name) as u64
 }
 
 struct Phase {
@@ -226,7 +213,7 @@ fn main() {
         rt.block_on(delete_all(&client, "hl"));
         let counts = |agents: &[(Agent, String)]| {
             agents.iter().fold((0, 0, 0), |(w, c, o), (_, m)| {
-                let body = http_get(m, "/metrics");
+                let (_, body) = spiderpool_testkit::http_get(m, "/metrics");
                 (
                     w + metric(&body, "spiderpool_agent_datastore_pool_writes_total"),
                     c + metric(

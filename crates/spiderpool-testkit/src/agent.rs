@@ -165,6 +165,35 @@ impl Drop for Agent {
     }
 }
 
+/// `GET path` on the TCP address `addr` (`--health-addr`, `--metrics-addr`): the status code
+/// and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the agent's endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// The value of the sample `name` (with its labels, e.g. `m{pool="p"}`) in a Prometheus text
+/// exposition; panics naming it when it is not there.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+}
+
 /// One HTTP/1.1 request to the agent's API on `socket`, as the plugin would send it: the status
 /// and the body (JSON when it is JSON, else a string); status 0 when the agent could not be
 /// reached or closed the connection without an answer.

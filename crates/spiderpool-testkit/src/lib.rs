@@ -14,7 +14,7 @@ mod sandbox;
 use std::path::PathBuf;
 use std::process::Command;
 
-pub use agent::{healthy, request, Agent, TEST_LOG_LEVEL};
+pub use agent::{healthy, http_get, request, sample, Agent, TEST_LOG_LEVEL};
 pub use cluster::{kube_bin, ControlPlane};
 pub use cni::CniCall;
 pub use etcd::{etcd_available, etcd_binary, Etcd};

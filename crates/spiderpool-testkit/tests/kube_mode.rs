@@ -305,10 +305,9 @@ fn register(cp: &ControlPlane, node: &str) {
     );
 }
 
+/// A counter's value in the agent's metrics.
 fn metric(body: &str, name: &str) -> u64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{body}")) as u64
+    spiderpool_testkit::sample(body, name) as u64
 }
 
 #[test]
@@ -395,7 +394,7 @@ fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
     // What the agents wrote, and the conflicts they laid again, are counted.
     let (mut writes, mut conflicts, mut lost) = (0, 0, 0);
     for (_, metrics) in &agents {
-        let body = reqwest_get(&format!("http://{metrics}/metrics"));
+        let (_, body) = spiderpool_testkit::http_get(metrics, "/metrics");
         writes += metric(&body, "spiderpool_agent_datastore_pool_writes_total");
         conflicts += metric(
             &body,
@@ -410,20 +409,6 @@ fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
     // once per request and retry.
     assert!((1..=40 + lost).contains(&writes), "pool writes {writes}");
     eprintln!("pool status writes {writes} for 40 allocations; 409s laid again {conflicts}; commits lost to the other agent and planned again {lost}");
-}
-
-/// A plain HTTP GET with curl-free std: one request, the body back.
-fn reqwest_get(url: &str) -> String {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
 }
 
 #[test]

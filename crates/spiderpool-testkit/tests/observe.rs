@@ -2,30 +2,12 @@
 //! kubelet probe or a supervisor sees them (`/healthz` while the process serves, `/readyz` only
 //! while the datastore answers), and the Prometheus metrics on `--metrics-addr`.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use spiderpool_testkit::{etcd_available, free_port, Agent, CniCall, Etcd, Sandbox};
-
-/// `GET path` on `addr`: the status code and the body.
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("health endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    let status = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
+use spiderpool_testkit::{
+    etcd_available, free_port, http_get as get, sample, Agent, CniCall, Etcd, Sandbox,
+};
 
 /// Polls `GET path` until it answers `status` (panics after 30 s).
 fn until(addr: &str, path: &str, status: u16) -> String {
@@ -70,12 +52,6 @@ fn readyz_follows_the_datastore_and_healthz_the_process() {
 }
 
 /// The value of the sample `name` (with its labels, if any, as written) in an exposition.
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-}
 
 #[test]
 fn metrics_move_with_allocations_failures_and_releases() {
