@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use spiderpool_api::Object;
 
-use crate::{typed, Expect, Kind, Op, Store, StoreError};
+use crate::{objects, typed, Expect, Kind, Op, Store, StoreError};
 
 /// One inconsistency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,13 +162,9 @@ pub async fn check(store: &dyn Store) -> Result<Vec<Problem>, StoreError> {
     }
     for a in &holders {
         let h = &a.holder;
-        let recorded = endpoints.get(&h.pod).is_some_and(|ep| {
-            ep.status.current.ips.iter().any(|n| {
-                n.container_id == h.container_id
-                    && n.interface == h.nic
-                    && n.held().contains(&(a.pool.clone(), a.ip))
-            })
-        });
+        let recorded = endpoints
+            .get(&h.pod)
+            .is_some_and(|ep| objects::records(ep, &a.pool, a.ip, h));
         if !recorded {
             problems.push(Problem::Unrecorded {
                 pool: a.pool.clone(),
@@ -252,27 +248,25 @@ pub async fn repair(store: &dyn Store, p: &Problem) -> Result<Repair, StoreError
         Problem::Unrecorded {
             pool,
             ip,
+            pod,
+            pod_uid,
             container_id,
             interface,
-            ..
         } => {
-            let now = check(store).await?;
-            if !now.contains(p) {
-                return Ok(Repair::Skipped(format!(
+            // Still held by the reported holder and still recorded nowhere, or left alone.
+            let same = |h: &crate::Holder| {
+                (&h.pod, &h.pod_uid, &h.container_id, &h.nic)
+                    == (pod, pod_uid, container_id, interface)
+            };
+            match objects::release_unrecorded_by(store, pool, *ip, same).await {
+                Ok(_) => Ok(Repair::Done(format!(
+                    "released {ip} of spiderippool/{pool}"
+                ))),
+                Err(objects::ApplyError::Store(e)) => Err(e),
+                Err(_) => Ok(Repair::Skipped(format!(
                     "{ip} of spiderippool/{pool}: changed since the report"
-                )));
+                ))),
             }
-            store
-                .commit(vec![Op::Release {
-                    pool: pool.clone(),
-                    ip: *ip,
-                    container_id: container_id.clone(),
-                    nic: interface.clone(),
-                }])
-                .await?;
-            Ok(Repair::Done(format!(
-                "released {ip} of spiderippool/{pool}"
-            )))
         }
         Problem::DanglingEndpoint { endpoint, uid, .. } => {
             let Some((Object::Endpoint(ep), rev)) =

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use spiderpool_api::crd::{allocated_ips_string, IPPoolStatus, PoolIPAllocation, SubnetStatus};
-use spiderpool_api::{names, Object, SpiderIPPool, SpiderSubnet, ValidationError};
+use spiderpool_api::{names, Object, SpiderEndpoint, SpiderIPPool, SpiderSubnet, ValidationError};
 use spiderpool_core::{IpSet, Pool};
 
 use crate::{typed, Allocation, Expect, Kind, Op, Revision, Store, StoreError, Stored};
@@ -529,6 +529,20 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
     Ok(())
 }
 
+/// Whether `ep` records `ip` of `pool` on the container and interface of `holder`.
+pub fn records(
+    ep: &SpiderEndpoint,
+    pool: &str,
+    ip: std::net::IpAddr,
+    holder: &crate::Holder,
+) -> bool {
+    ep.status.current.ips.iter().any(|n| {
+        n.container_id == holder.container_id
+            && n.interface == holder.nic
+            && n.held().contains(&(pool.to_string(), ip))
+    })
+}
+
 /// Releases `ip` of `pool` when no endpoint records it for its holder: the repair for an
 /// address held without a record. An address its pod's endpoint still records is refused
 /// (release it with CNI DEL or by deleting the endpoint). Returns the holder released.
@@ -536,6 +550,17 @@ pub async fn release_unrecorded(
     store: &dyn Store,
     pool: &str,
     ip: std::net::IpAddr,
+) -> Result<crate::Holder, ApplyError> {
+    release_unrecorded_by(store, pool, ip, |_| true).await
+}
+
+/// [`release_unrecorded`], only when the holder is one `expected` accepts (otherwise a
+/// conflict naming the address: it changed hands).
+pub async fn release_unrecorded_by(
+    store: &dyn Store,
+    pool: &str,
+    ip: std::net::IpAddr,
+    expected: impl Fn(&crate::Holder) -> bool,
 ) -> Result<crate::Holder, ApplyError> {
     let Some(a) = store
         .allocations(pool)
@@ -548,13 +573,14 @@ pub async fn release_unrecorded(
         )));
     };
     let h = &a.holder;
+    if !expected(h) {
+        return Err(invalid(format!(
+            "{ip} of SpiderIPPool {pool:?} is held by pod {} (container {}, interface {}) now",
+            h.pod, h.container_id, h.nic
+        )));
+    }
     if let Some((Object::Endpoint(ep), _)) = typed::get(store, Kind::Endpoint, &h.pod).await? {
-        let recorded = ep.status.current.ips.iter().any(|n| {
-            n.container_id == h.container_id
-                && n.interface == h.nic
-                && n.held().contains(&(pool.to_string(), ip))
-        });
-        if recorded {
+        if records(&ep, pool, ip, h) {
             return Err(invalid(format!(
                 "{ip} of SpiderIPPool {pool:?} is recorded in the endpoint of pod {} (container {}, interface {}): \
                  release it with CNI DEL or `spiderpoolctl delete endpoint {}`",
