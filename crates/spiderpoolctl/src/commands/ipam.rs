@@ -124,8 +124,22 @@ struct Space {
     all_reserved: IpSet,
 }
 
-fn count(set: &IpSet) -> u128 {
-    set.len()
+/// One line of `ipam show`: a subnet or a pool.
+struct Row {
+    kind: &'static str,
+    name: String,
+    subnet: ipnet::IpNet,
+    total: u128,
+    used: u128,
+    free: IpSet,
+}
+
+impl Row {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"kind": self.kind, "name": self.name, "subnet": self.subnet.to_string(),
+            "total": self.total as u64, "used": self.used as u64, "free": self.free.len() as u64,
+            "freeRanges": self.free.to_strings()})
+    }
 }
 
 /// `[####------]  40%`.
@@ -214,34 +228,33 @@ impl Space {
         })
     }
 
-    fn rows(&self) -> Vec<serde_json::Value> {
-        let mut rows = Vec::new();
-        for s in &self.subnets {
-            let used = count(&s.usable.intersection(&s.held));
-            let total = count(&s.usable);
-            let free = s.usable.difference(&s.held).difference(&self.all_reserved);
-            rows.push(
-                json!({"kind": "SpiderSubnet", "name": s.name, "subnet": s.subnet.to_string(),
-                "total": total as u64, "used": used as u64, "free": count(&free) as u64,
-                "freeRanges": free.to_strings()}),
-            );
-        }
-        for p in &self.pools {
-            let total = count(&p.pool.usable());
-            let used = p.held.len() as u128;
-            rows.push(json!({"kind": "SpiderIPPool", "name": p.pool.name, "subnet": p.pool.subnet.to_string(),
-                "total": total as u64, "used": used as u64, "free": count(&p.free) as u64,
-                "freeRanges": p.free.to_strings()}));
-        }
-        rows
+    fn rows(&self) -> Vec<Row> {
+        let subnets = self.subnets.iter().map(|s| Row {
+            kind: "SpiderSubnet",
+            name: s.name.clone(),
+            subnet: s.subnet,
+            total: s.usable.len(),
+            used: s.usable.intersection(&s.held).len(),
+            free: s.usable.difference(&s.held).difference(&self.all_reserved),
+        });
+        let pools = self.pools.iter().map(|p| Row {
+            kind: "SpiderIPPool",
+            name: p.pool.name.clone(),
+            subnet: p.pool.subnet,
+            total: p.pool.usable().len(),
+            used: p.held.len() as u128,
+            free: p.free.clone(),
+        });
+        subnets.chain(pools).collect()
     }
 
     fn show(&self, output: Option<Output>) {
         let rows = self.rows();
         if output == Some(Output::Json) {
+            let items: Vec<serde_json::Value> = rows.iter().map(Row::to_json).collect();
             println!(
                 "{}",
-                serde_json::to_string_pretty(&json!({"items": rows})).expect("JSON")
+                serde_json::to_string_pretty(&json!({"items": items})).expect("JSON")
             );
             return;
         }
@@ -258,33 +271,20 @@ impl Space {
         let table: Vec<Vec<String>> = rows
             .iter()
             .map(|r| {
-                let n = |k: &str| r[k].as_u64().unwrap_or(0);
-                let free = IpSet::parse_list(
-                    &r["freeRanges"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|v| v.as_str().map(String::from))
-                                .collect::<Vec<_>>()
-                        })
-                        .unwrap_or_default(),
-                    None,
-                )
-                .unwrap_or_default();
                 vec![
-                    if r["kind"] == "SpiderSubnet" {
+                    if r.kind == "SpiderSubnet" {
                         "subnet"
                     } else {
                         "ippool"
                     }
                     .to_string(),
-                    r["name"].as_str().unwrap_or_default().to_string(),
-                    r["subnet"].as_str().unwrap_or_default().to_string(),
-                    n("total").to_string(),
-                    n("used").to_string(),
-                    n("free").to_string(),
-                    bar(u128::from(n("used")), u128::from(n("total"))),
-                    ranges(&free, 3),
+                    r.name.clone(),
+                    r.subnet.to_string(),
+                    r.total.to_string(),
+                    r.used.to_string(),
+                    r.free.len().to_string(),
+                    bar(r.used, r.total),
+                    ranges(&r.free, 3),
                 ]
             })
             .collect();
