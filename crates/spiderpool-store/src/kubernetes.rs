@@ -577,10 +577,10 @@ impl Inner {
         &self,
         kind: Kind,
         key: &str,
+        name: &str,
         value: Value,
         rv: Option<Revision>,
     ) -> Result<DynamicObject> {
-        let (_, name) = self.api(kind, key)?;
         let workload = (kind == Kind::Workload).then(|| key.split('/').nth(1).unwrap_or_default());
         let ar = api_resource(kind, workload)?;
         let mut value = match value {
@@ -593,7 +593,7 @@ impl Inner {
             value["metadata"] = Value::Object(Default::default());
         }
         let meta = value["metadata"].as_object_mut().expect("an object");
-        meta.insert("name".into(), name.clone().into());
+        meta.insert("name".into(), name.into());
         if kind.namespaced() {
             let ns = key.split('/').next().unwrap_or_default();
             meta.insert("namespace".into(), ns.into());
@@ -648,7 +648,7 @@ impl Inner {
                     None => (None, true),
                 },
             };
-            let obj = self.prepare(kind, key, value.clone(), rv)?;
+            let obj = self.prepare(kind, key, &name, value.clone(), rv)?;
             let r = if create {
                 api.create(&pp, &obj).await
             } else {
@@ -1099,7 +1099,8 @@ fn fingerprint(kind: Kind, o: &DynamicObject) -> String {
     match kind {
         Kind::Node => serde_json::to_string(&m.labels).unwrap_or_default(),
         Kind::Namespace => serde_json::to_string(&(&m.labels, &m.annotations)).unwrap_or_default(),
-        Kind::IPPool | Kind::Subnet | Kind::ReservedIP => {
+        // (A pool's changes are told from its generation and its holders, not here.)
+        Kind::Subnet | Kind::ReservedIP => {
             format!("{:?}/{:?}", m.generation, m.deletion_timestamp)
         }
         _ => m.resource_version.clone().unwrap_or_default(),

@@ -238,13 +238,27 @@ async fn etcd_reads_large_pools_in_pages() {
     assert_eq!(s.allocation_counts().await.unwrap()["big"], u64::from(n));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubernetes_backend_conforms() {
-    let Some(bin) = spiderpool_testkit::kube_bin() else {
-        return;
-    };
+/// A control plane with the project's CRDs installed, when the tests have one.
+fn cluster() -> Option<spiderpool_testkit::ControlPlane> {
+    let bin = spiderpool_testkit::kube_bin()?;
     let cp = spiderpool_testkit::ControlPlane::start(&bin, false);
     cp.install_crds();
+    Some(cp)
+}
+
+async fn kube_store(
+    cp: &spiderpool_testkit::ControlPlane,
+) -> spiderpool_store::kubernetes::KubeStore {
+    spiderpool_store::kubernetes::KubeStore::connect(Some(&cp.kubeconfig))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_backend_conforms() {
+    let Some(cp) = cluster() else {
+        return;
+    };
     for check in conformance::CHECKS {
         // One cluster for every check, emptied of what the last one wrote.
         for args in [
@@ -274,14 +288,10 @@ async fn kubernetes_backend_conforms() {
 /// status heartbeat is no change, a new label is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_watch_skips_node_heartbeats() {
-    let Some(bin) = spiderpool_testkit::kube_bin() else {
+    let Some(cp) = cluster() else {
         return;
     };
-    let cp = spiderpool_testkit::ControlPlane::start(&bin, false);
-    cp.install_crds();
-    let s = spiderpool_store::kubernetes::KubeStore::connect(Some(&cp.kubeconfig))
-        .await
-        .unwrap();
+    let s = kube_store(&cp).await;
     s.commit(vec![Op::Put {
         kind: Kind::Node,
         key: "n1".into(),
@@ -330,15 +340,10 @@ async fn kubernetes_watch_skips_node_heartbeats() {
 /// is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_pools_refuse_records_beyond_the_cap() {
-    let Some(bin) = spiderpool_testkit::kube_bin() else {
+    let Some(cp) = cluster() else {
         return;
     };
-    let cp = spiderpool_testkit::ControlPlane::start(&bin, false);
-    cp.install_crds();
-    let s = spiderpool_store::kubernetes::KubeStore::connect(Some(&cp.kubeconfig))
-        .await
-        .unwrap()
-        .with_record_cap(2);
+    let s = kube_store(&cp).await.with_record_cap(2);
     let rev = s
         .commit(vec![Op::Put {
             kind: Kind::IPPool,
