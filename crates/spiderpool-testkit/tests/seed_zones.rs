@@ -33,6 +33,26 @@ fn e2e_prerequisites() -> bool {
     }
 }
 
+/// Asserts that none of `names` is a network namespace any more.
+fn no_netns_left(names: &[&str]) {
+    let netns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    for ns in names {
+        assert!(
+            !netns
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(*ns)),
+            "{ns} left behind: {netns}"
+        );
+    }
+}
+
 /// The lines of one `## title` section of the script's output.
 fn section<'a>(out: &'a str, title: &str) -> Vec<&'a str> {
     out.split("\n## ")
@@ -143,28 +163,13 @@ fn seed_two_zones_end_to_end() {
     assert!(stdout.ends_with("## done\n"));
 
     // Nothing is left behind.
-    let netns = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    for ns in [
+    no_netns_left(&[
         "sp-router",
         "controller-node-1",
         "worker-node-1",
         "test-app-j9ftl",
         "test-app-nkq5h",
-    ] {
-        assert!(
-            !netns
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(ns)),
-            "{ns} left behind: {netns}"
-        );
-    }
+    ]);
 }
 
 /// A table kubectl printed, as rows of NAME -> column -> value; cells are cut at the header's
@@ -261,20 +266,5 @@ fn seed_two_zones_on_kubernetes() {
         );
     }
     assert!(stdout.ends_with("## done\n"));
-    let netns = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    for ns in ["spk-router", "spk-cn1", "spk-wn1"] {
-        assert!(
-            !netns
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(ns)),
-            "{ns} left behind: {netns}"
-        );
-    }
+    no_netns_left(&["spk-router", "spk-cn1", "spk-wn1"]);
 }
