@@ -252,6 +252,11 @@ impl KubeStore {
         Ok(store)
     }
 
+    /// The client this store talks to the API server with.
+    pub fn client(&self) -> kube::Client {
+        self.inner.client.clone()
+    }
+
     /// The same store with another per-pool record cap.
     pub fn with_record_cap(self, cap: usize) -> Self {
         let i = &self.inner;

@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod kubernetes;
 pub mod memory;
 pub mod objects;
+pub mod reclaim;
 pub mod sqlite;
 pub mod typed;
 

@@ -239,9 +239,12 @@ async fn plan(store: &dyn Store, mut object: Object) -> Result<Planned, ApplyErr
     let value = typed::to_stored_value(&object);
     if let Some((old, _)) = &current {
         // What the system writes (the status, the generation the API server counts) is no
-        // change of the user's.
+        // change of the user's. A Pod's or Node's status is the user's when the document
+        // carries one (outside a cluster nothing else writes it).
+        let user_status =
+            matches!(object, Object::Kube(..)) && value.get("status").is_some_and(|s| !s.is_null());
         let users = |mut v: serde_json::Value| {
-            if let Some(o) = v.as_object_mut() {
+            if let Some(o) = v.as_object_mut().filter(|_| !user_status) {
                 o.remove("status");
             }
             if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
@@ -527,6 +530,34 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
     }
     store.commit(ops).await?;
     Ok(())
+}
+
+/// Whether the pod `namespace/pod` belongs to a StatefulSet that still wants it (its ordinal is
+/// below the StatefulSet's `replicas`): such a pod keeps its addresses across sandboxes and
+/// re-creations, and no reclaim takes them.
+pub async fn stateful_member(
+    store: &dyn Store,
+    namespace: &str,
+    pod: &str,
+    owner_kind: &str,
+    owner_name: &str,
+) -> Result<bool, StoreError> {
+    if owner_kind != "StatefulSet" {
+        return Ok(false);
+    }
+    let Some(ordinal) = pod
+        .strip_prefix(owner_name)
+        .and_then(|r| r.strip_prefix('-'))
+        .and_then(|o| o.parse::<i64>().ok())
+    else {
+        return Ok(false);
+    };
+    let key = format!("{namespace}/StatefulSet/{owner_name}");
+    let replicas = match typed::get(store, Kind::Workload, &key).await? {
+        Some((Object::Kube(_, w), _)) => Some(w.replicas()),
+        _ => None,
+    };
+    Ok(replicas.is_some_and(|r| ordinal < r))
 }
 
 /// Whether `ep` records `ip` of `pool` on the container and interface of `holder`.

@@ -138,4 +138,24 @@ pub(crate) enum Ipam {
         #[arg(short = 'o', long = "output", value_enum)]
         output: Option<Output>,
     },
+    /// Reclaim the addresses of dead pods with the controller's rules: a pod deleted, replaced
+    /// by another UID, Succeeded or Failed, terminating past its grace period, or on a node that
+    /// is gone; a StatefulSet member within `replicas` keeps its addresses. A leak must be seen
+    /// twice, `--grace` apart, and is judged once more as it is released. In Kubernetes mode the
+    /// controller's leader does this on its own.
+    Gc {
+        /// Time between the two sightings a release needs (also added to each pod's grace
+        /// period).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        /// How long a Node may be NotReady before its terminating pods' addresses are taken.
+        #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+        node_grace: std::time::Duration,
+        /// Only say what would be reclaimed (one sighting, nothing released).
+        #[arg(long)]
+        dry_run: bool,
+        /// Output format (`json` for scripts).
+        #[arg(short = 'o', long = "output", value_enum)]
+        output: Option<Output>,
+    },
 }

@@ -672,3 +672,111 @@ fn explain_names_the_source_each_pools_fate_and_the_next_address() {
         out.stderr
     );
 }
+
+#[test]
+fn ipam_gc_reclaims_the_addresses_of_dead_pods_and_keeps_the_living() {
+    let sb = Sandbox::new();
+    let cluster = Sandbox::on_kubernetes();
+    sb.apply(&pool("p", "10.6.0.0/16", "10.6.0.1-10.6.0.9", ""));
+    for n in ["web-1", "web-2", "web-3", "web-4"] {
+        sb.apply(&pod_yaml(n));
+    }
+    let agent = sb.agent("n1", "");
+    let conf = json!({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": agent.socket, "default_ipv4_ippool": ["p"]}});
+    for (c, n) in [
+        ("c1", "web-1"),
+        ("c2", "web-2"),
+        ("c3", "web-3"),
+        ("c4", "web-4"),
+    ] {
+        let out = CniCall::new("ADD", c, n, &conf).run();
+        assert!(out.success, "{}", out.stdout);
+    }
+    assert_eq!(sb.allocated("p"), 4);
+    let out = sb.ctl(&["ipam", "gc", "--grace", "1s"], "");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout, "nothing to reclaim\n");
+
+    // web-1's Pod object is deleted: in a cluster the pod is gone; outside one a pod without
+    // a Pod object is a bare pod, which keeps its address.
+    let out = sb.ctl(&["delete", "pod", "web-1"], "");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    // web-2 is replaced by another incarnation of the same name.
+    assert!(sb.ctl(&["delete", "pod", "web-2"], "").success);
+    sb.apply(&pod_yaml("web-2"));
+    // web-3 finished (outside a cluster, where its status is what was applied).
+    if !cluster {
+        sb.apply(&format!("{}status: {{phase: Failed}}\n", pod_yaml("web-3")));
+    }
+
+    let out = sb.ctl(&["ipam", "gc", "--dry-run", "-o", "json"], "");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let mut would: Vec<(String, String)> = out.json()["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["pod"].as_str().unwrap().to_string(),
+                l["cause"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    would.sort();
+    let mut expected = vec![("default/web-2".to_string(), "replaced".to_string())];
+    if cluster {
+        expected.insert(0, ("default/web-1".into(), "deleted".into()));
+    } else {
+        expected.push(("default/web-3".into(), "finished".into()));
+    }
+    assert_eq!(would, expected);
+    assert_eq!(sb.allocated("p"), 4, "a dry run releases nothing");
+
+    let out = sb.ctl(&["ipam", "gc", "--grace", "1s", "-o", "json"], "");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let mut done: Vec<(String, Vec<String>)> = out.json()["reclaimed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["pod"].as_str().unwrap().to_string(),
+                r["released"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    done.sort();
+    let mut want = vec![(
+        "default/web-2".to_string(),
+        vec!["10.6.0.2 (p)".to_string()],
+    )];
+    if cluster {
+        want.insert(0, ("default/web-1".into(), vec!["10.6.0.1 (p)".into()]));
+    } else {
+        want.push(("default/web-3".into(), vec!["10.6.0.3 (p)".into()]));
+    }
+    assert_eq!(done, want);
+    assert_eq!(sb.allocated("p"), 2);
+    // The living pod keeps its address and its endpoint; the dead ones' endpoints are gone.
+    assert_eq!(
+        sb.get_json("endpoint", "web-4")["status"]["current"]["ips"][0]["ipv4"],
+        "10.6.0.4/16"
+    );
+    let out = sb.ctl(&["get", "endpoint", "web-2"], "");
+    assert!(
+        !out.success,
+        "web-2's old endpoint is deleted: {}",
+        out.stdout
+    );
+    let out = sb.ctl(&["ipam", "check"], "");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    // Nothing left to do.
+    let out = sb.ctl(&["ipam", "gc", "--grace", "1s"], "");
+    assert_eq!(out.stdout, "nothing to reclaim\n");
+}

@@ -87,6 +87,12 @@ pub(crate) async fn run(store: &dyn Store, cmd: Ipam) -> anyhow::Result<ExitCode
             }
             Ok(exit_for(&problems))
         }
+        Ipam::Gc {
+            grace,
+            node_grace,
+            dry_run,
+            output,
+        } => gc(store, grace, node_grace, dry_run, output).await,
         Ipam::Show { pool, ip, output } => {
             let space = Space::read(store, pool.as_deref()).await?;
             match ip {
@@ -98,6 +104,91 @@ pub(crate) async fn run(store: &dyn Store, cmd: Ipam) -> anyhow::Result<ExitCode
             }
         }
     }
+}
+
+/// `ipam gc`: two scans `grace` apart; what both saw leaked (and is due) is reclaimed, each
+/// judged once more in the releasing step.
+async fn gc(
+    store: &dyn Store,
+    grace: std::time::Duration,
+    node_grace: std::time::Duration,
+    dry_run: bool,
+    output: Option<Output>,
+) -> anyhow::Result<ExitCode> {
+    use spiderpool_store::reclaim::{self, Policy, Tracker};
+    use std::time::SystemTime;
+    let policy = Policy {
+        grace_delay: grace,
+        node_grace,
+    };
+    let json = output == Some(Output::Json);
+    let mut tracker = Tracker::new();
+    let first = reclaim::scan(store, &policy, None, SystemTime::now()).await?;
+    if dry_run {
+        if json {
+            let leaks: Vec<_> = first
+                .iter()
+                .map(
+                    |l| json!({"pod": l.pod, "uid": l.uid, "cause": l.cause.label(), "why": l.why}),
+                )
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({"leaks": leaks}))?
+            );
+        } else if first.is_empty() {
+            println!("nothing to reclaim");
+        } else {
+            for l in &first {
+                println!("would reclaim pod {} (UID {}): {}", l.pod, l.uid, l.why);
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut reclaimed = Vec::new();
+    let mut failed = 0;
+    if !first.is_empty() {
+        tracker.full(first, &policy, SystemTime::now());
+        // The second sighting, once the earliest leak can be ripe.
+        tokio::time::sleep(grace).await;
+        let now = SystemTime::now();
+        let second = reclaim::scan(store, &policy, None, now).await?;
+        for leak in tracker.full(second, &policy, now) {
+            match reclaim::reclaim(store, &policy, &leak, SystemTime::now()).await {
+                Ok(Some(done)) => {
+                    if !json {
+                        println!(
+                            "reclaimed {} from pod {} (UID {}): {}",
+                            done.released.join(", "),
+                            leak.pod,
+                            leak.uid,
+                            leak.why
+                        );
+                    }
+                    reclaimed.push(json!({"pod": leak.pod, "uid": leak.uid, "cause": leak.cause.label(),
+                        "why": leak.why, "released": done.released, "endpointDeleted": done.endpoint_deleted}));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("pod {} (UID {}): {e}", leak.pod, leak.uid);
+                }
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"reclaimed": reclaimed}))?
+        );
+    } else if reclaimed.is_empty() && failed == 0 {
+        println!("nothing to reclaim");
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// One pool as read: its rules, its holders and what is free.

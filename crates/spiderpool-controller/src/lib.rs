@@ -1,0 +1,257 @@
+//! The Spiderpool controller (Kubernetes mode). Every replica serves the admission webhooks and
+//! its health; the one holding the Lease `spiderpool-controller-leases` also reclaims the
+//! addresses of dead pods and releases the finalizers of pools and subnets whose addresses are
+//! all given back.
+
+pub mod leader;
+pub mod metrics;
+pub mod reclaim;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use clap::{Parser, ValueEnum};
+use spiderpool_store::kubernetes::KubeStore;
+use spiderpool_store::reclaim::Policy;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command-line flags of `spiderpool-controller`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "spiderpool-controller",
+    version,
+    about = "Spiderpool controller: admission webhooks, finalizers and the reclaim of leaked addresses (Kubernetes mode)"
+)]
+pub struct Args {
+    /// The kubeconfig file (else `KUBECONFIG`, `~/.kube/config`, or the pod's service account).
+    #[arg(long, env = "SPIDERPOOL_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The namespace the controller runs in: its Lease and webhook Secret live there.
+    #[arg(long, env = "SPIDERPOOL_NAMESPACE", default_value = "kube-system")]
+    pub namespace: String,
+    /// This replica's identity in the leader election (the pod name in a cluster).
+    #[arg(long, env = "SPIDERPOOL_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Address (`host:port`) for `GET /healthz` (the process serves) and `GET /readyz` (the
+    /// webhook answers and a leader is known).
+    #[arg(long, env = "SPIDERPOOL_HEALTH_ADDR", default_value = "0.0.0.0:5720")]
+    pub health_addr: std::net::SocketAddr,
+    /// Address (`host:port`) serving `GET /metrics`. Off when unset.
+    #[arg(long, env = "SPIDERPOOL_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How long a leader's Lease lasts without renewal; another replica takes over after it.
+    #[arg(long, env = "SPIDERPOOL_LEADER_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub leader_duration: Duration,
+    /// Whether the leader reclaims the addresses of dead pods.
+    #[arg(long, env = "SPIDERPOOL_GC_IP_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub gc_enabled: bool,
+    /// Time between two full scans of every address (and one when leadership is won).
+    #[arg(long, env = "SPIDERPOOL_GC_DEFAULT_INTERVAL_DURATION", default_value = "600s", value_parser = humantime::parse_duration)]
+    pub gc_interval: Duration,
+    /// Added to a pod's own grace period; also the least time between the two sightings of a
+    /// leak that a release needs.
+    #[arg(long, env = "SPIDERPOOL_GC_ADDITIONAL_GRACE_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub gc_grace_delay: Duration,
+    /// How long a Node may be NotReady before its terminating pods' addresses are taken without
+    /// waiting for their grace period.
+    #[arg(long, env = "SPIDERPOOL_GC_NODE_GRACE", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub gc_node_grace: Duration,
+    /// Time between two looks at the pods that pod events marked (deleted, terminating,
+    /// finished).
+    #[arg(long, env = "SPIDERPOOL_GC_TRACE_POD_GAP_DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub gc_trace_gap: Duration,
+    /// Log level filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, env = "SPIDERPOOL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(
+        long,
+        env = "SPIDERPOOL_LOG_FORMAT",
+        value_enum,
+        default_value = "plain"
+    )]
+    pub log_format: LogFormat,
+}
+
+impl Args {
+    /// Parses the command line and runs the controller until SIGTERM or SIGINT.
+    pub fn parse_and_run() -> anyhow::Result<()> {
+        let args = Args::parse();
+        init_tracing(&args.log_level, args.log_format);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        rt.block_on(run(args))
+    }
+
+    /// The reclaim's timing.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            grace_delay: self.gc_grace_delay,
+            node_grace: self.gc_node_grace,
+        }
+    }
+
+    /// This replica's identity: `--pod-name`, else the host name and process id.
+    pub fn identity(&self) -> String {
+        self.pod_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "spiderpool-controller".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+fn init_tracing(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => b.with_ansi(false).init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+/// What the health endpoints report.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// A leader is known (this replica or another).
+    pub leader_known: AtomicBool,
+    /// This replica leads.
+    pub leading: AtomicBool,
+}
+
+fn health_router(health: Arc<Health>) -> Router {
+    async fn readyz(State(h): State<Arc<Health>>) -> Response {
+        if h.leader_known.load(Ordering::SeqCst) {
+            (StatusCode::OK, "ok").into_response()
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "no leader is known yet").into_response()
+        }
+    }
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+/// Runs the controller.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let store = KubeStore::connect(args.kubeconfig.as_deref())
+        .await
+        .context("connecting to the API server")?;
+    let client = store.client();
+    let store: Arc<dyn spiderpool_store::Store> = Arc::new(store);
+    let health = Arc::new(Health::default());
+    let metrics = Arc::new(metrics::Metrics::new());
+    let identity = args.identity();
+    tracing::info!(%identity, namespace = %args.namespace, "starting");
+
+    serve(
+        "--health-addr",
+        args.health_addr,
+        health_router(health.clone()),
+    )
+    .await?;
+    if let Some(addr) = args.metrics_addr {
+        serve("--metrics-addr", addr, metrics::router(metrics.clone())).await?;
+    }
+
+    let mut leading = leader::elect(
+        client.clone(),
+        &args.namespace,
+        &identity,
+        args.leader_duration,
+        health.clone(),
+    )
+    .await?;
+    let mut work: Option<tokio::task::JoinSet<()>> = None;
+    let stop = shutdown();
+    tokio::pin!(stop);
+    loop {
+        let lead = *leading.borrow_and_update();
+        metrics.leading(lead);
+        match (lead, work.is_some()) {
+            (true, false) => {
+                tracing::info!(%identity, "leading: reclaiming leaked addresses");
+                let mut set = tokio::task::JoinSet::new();
+                if args.gc_enabled {
+                    let r = reclaim::Reclaimer::new(
+                        client.clone(),
+                        store.clone(),
+                        args.policy(),
+                        metrics.clone(),
+                        leading.clone(),
+                    );
+                    let (interval, gap) = (args.gc_interval, args.gc_trace_gap);
+                    set.spawn(async move { r.run(interval, gap).await });
+                }
+                work = Some(set);
+            }
+            (false, true) => {
+                tracing::warn!(%identity, "no longer leading: the leader's work stops");
+                if let Some(mut set) = work.take() {
+                    set.shutdown().await;
+                }
+            }
+            _ => {}
+        }
+        tokio::select! {
+            changed = leading.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the leader election stopped");
+                }
+            }
+            _ = &mut stop => break,
+        }
+    }
+    if let Some(mut set) = work.take() {
+        set.shutdown().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve(flag: &str, addr: std::net::SocketAddr, routes: Router) -> anyhow::Result<()> {
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {flag} {addr}"))?;
+    tracing::info!(%addr, "serving {flag}");
+    let flag = flag.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(l, routes).await {
+            tracing::error!(error = %e, "{flag} stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    spiderpool_controller::Args::parse_and_run()
+}

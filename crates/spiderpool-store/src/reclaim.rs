@@ -1,0 +1,551 @@
+//! Reclaiming the addresses of dead pods: the decisions upstream's garbage collector makes
+//! (`../spec/spiderpool-reference.md` §6), run by the controller's leader on Kubernetes and by
+//! `spiderpoolctl ipam gc` over the applied objects elsewhere.
+//!
+//! A holder is a pod incarnation (`namespace/name` and UID) holding addresses in pools or
+//! recorded by an endpoint. [`scan`] judges every holder and says which are leaked and from when
+//! on; a [`Tracker`] releases a leak only once it was seen leaked twice, a grace period apart;
+//! [`reclaim`] judges the holder once more right before it writes, and its releases are owned by
+//! the holder's container and interface, so an address that has gone to the pod's next
+//! incarnation (or anyone else) in between is never freed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use spiderpool_api::{KubeObject, Object, SpiderEndpoint};
+
+use crate::{objects, typed, Allocation, Expect, Kind, Op, Store, StoreError};
+
+/// How long the reclaim waits.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Added to every pod's own grace period, and the least time between the two sightings of
+    /// one leak (upstream's `SPIDERPOOL_GC_ADDITIONAL_GRACE_DELAY`).
+    pub grace_delay: Duration,
+    /// How long a Node may stay NotReady before its terminating pods' addresses are taken
+    /// without waiting for their own grace period.
+    pub node_grace: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            grace_delay: Duration::from_secs(5),
+            node_grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// One pod incarnation whose addresses are leaked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leak {
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    /// The incarnation's UID.
+    pub uid: String,
+    /// What became of the pod.
+    pub cause: Cause,
+    /// Why its addresses are leaked, e.g. "pod default/a is gone".
+    pub why: String,
+    /// When the pod's own grace period ends, if it has one still to wait for (the grace delay
+    /// comes on top).
+    pub due: Option<SystemTime>,
+}
+
+/// What became of a leaked holder's pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cause {
+    /// The Pod object is gone.
+    Deleted,
+    /// A Pod of the same name with another UID exists.
+    Replaced,
+    /// The pod is Succeeded or Failed.
+    Finished,
+    /// The pod is terminating and its grace period is over.
+    Terminating,
+    /// Its node is gone, or NotReady past the node grace period while the pod terminates.
+    Node,
+}
+
+impl Cause {
+    /// The metric label: `deleted`, `replaced`, `finished`, `terminating`, `node`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::Deleted => "deleted",
+            Cause::Replaced => "replaced",
+            Cause::Finished => "finished",
+            Cause::Terminating => "terminating",
+            Cause::Node => "node",
+        }
+    }
+}
+
+/// What is read once per scan: the holders of addresses, the endpoints, and memoised pods,
+/// nodes and StatefulSet answers.
+struct Facts<'a> {
+    store: &'a dyn Store,
+    /// Whether every pod has a Pod object (a cluster), so a missing one is a deleted pod.
+    cluster: bool,
+    pods: HashMap<String, Option<KubeObject>>,
+    nodes: HashMap<String, Option<KubeObject>>,
+}
+
+impl<'a> Facts<'a> {
+    fn new(store: &'a dyn Store) -> Self {
+        Facts {
+            store,
+            cluster: !store.owns_nodes(),
+            pods: HashMap::new(),
+            nodes: HashMap::new(),
+        }
+    }
+
+    async fn kube(
+        store: &dyn Store,
+        memo: &mut HashMap<String, Option<KubeObject>>,
+        kind: Kind,
+        key: &str,
+    ) -> Result<Option<KubeObject>, StoreError> {
+        if let Some(o) = memo.get(key) {
+            return Ok(o.clone());
+        }
+        let o = match typed::get(store, kind, key).await? {
+            Some((Object::Kube(_, k), _)) => Some(k),
+            _ => None,
+        };
+        memo.insert(key.to_string(), o.clone());
+        Ok(o)
+    }
+
+    /// Whether the holder `pod`/`uid` is leaked, why, and from when on.
+    async fn judge(
+        &mut self,
+        pod: &str,
+        uid: &str,
+        endpoint: Option<&SpiderEndpoint>,
+        policy: &Policy,
+        now: SystemTime,
+    ) -> Result<Option<Leak>, StoreError> {
+        let leak = |cause: Cause, why: String, due: Option<SystemTime>| {
+            Some(Leak {
+                pod: pod.to_string(),
+                uid: uid.to_string(),
+                cause,
+                why,
+                due,
+            })
+        };
+        let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
+        // A StatefulSet member its StatefulSet still wants keeps its addresses for its next
+        // incarnation, whatever became of this one.
+        if let Some(ep) = endpoint {
+            if objects::stateful_member(
+                self.store,
+                ns,
+                name,
+                &ep.status.owner_controller_type,
+                &ep.status.owner_controller_name,
+            )
+            .await?
+            {
+                return Ok(None);
+            }
+        }
+        let Some(p) = Self::kube(self.store, &mut self.pods, Kind::Pod, pod).await? else {
+            // Outside a cluster a pod without a Pod object is a bare pod, not a deleted one.
+            return Ok(if self.cluster {
+                leak(Cause::Deleted, format!("pod {pod} is gone"), None)
+            } else {
+                None
+            });
+        };
+        let current = p.metadata.uid.clone().unwrap_or_default();
+        if !uid.is_empty() && !current.is_empty() && current != uid {
+            return Ok(leak(
+                Cause::Replaced,
+                format!("pod {pod} is another incarnation now (UID {current})"),
+                None,
+            ));
+        }
+        let phase = p.status.get("phase").and_then(Value::as_str).unwrap_or("");
+        if matches!(phase, "Succeeded" | "Failed") {
+            return Ok(leak(Cause::Finished, format!("pod {pod} is {phase}"), None));
+        }
+        let terminating = p
+            .metadata
+            .deletion_timestamp
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+            .map(|since| {
+                let grace = p.metadata.deletion_grace_period_seconds.unwrap_or(30);
+                (
+                    since,
+                    since + Duration::from_secs(u64::try_from(grace).unwrap_or(0)),
+                )
+            });
+        if let Some(node) = p.node_name().map(str::to_string) {
+            match Self::kube(self.store, &mut self.nodes, Kind::Node, &node).await? {
+                None => {
+                    return Ok(leak(
+                        Cause::Node,
+                        format!("node {node} of pod {pod} is gone"),
+                        None,
+                    ));
+                }
+                Some(n) => {
+                    if let (Some(since), Some(_)) = (not_ready_since(&n), terminating) {
+                        if since + policy.node_grace <= now {
+                            return Ok(leak(
+                                Cause::Node,
+                                format!(
+                                    "pod {pod} is terminating on node {node}, NotReady since {}",
+                                    humantime::format_rfc3339_seconds(since)
+                                ),
+                                None,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some((since, due)) = terminating {
+            return Ok(leak(
+                Cause::Terminating,
+                format!(
+                    "pod {pod} is terminating since {}",
+                    humantime::format_rfc3339_seconds(since)
+                ),
+                Some(due),
+            ));
+        }
+        Ok(None)
+    }
+}
+
+/// Since when a Node's Ready condition is not True, if it is not.
+fn not_ready_since(node: &KubeObject) -> Option<SystemTime> {
+    let ready = node
+        .status
+        .get("conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))?;
+    if ready.get("status").and_then(Value::as_str) == Some("True") {
+        return None;
+    }
+    ready
+        .get("lastTransitionTime")
+        .and_then(Value::as_str)
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        .or(Some(SystemTime::UNIX_EPOCH))
+}
+
+/// A pod's incarnation key.
+type HolderKey = (String, String);
+
+/// Every holder of an address (by pool) and every endpoint, keyed by pod incarnation.
+struct Holders {
+    held: BTreeMap<HolderKey, Vec<Allocation>>,
+    endpoints: BTreeMap<String, (SpiderEndpoint, crate::Revision)>,
+}
+
+async fn holders(
+    store: &dyn Store,
+    only: Option<&BTreeSet<String>>,
+) -> Result<Holders, StoreError> {
+    let wanted = |pod: &str| only.is_none_or(|o| o.contains(pod));
+    let mut held: BTreeMap<HolderKey, Vec<Allocation>> = BTreeMap::new();
+    for (o, _) in typed::list(store, Kind::IPPool).await? {
+        let Object::IPPool(p) = o else { continue };
+        for a in store.allocations(&p.metadata.name).await? {
+            if wanted(&a.holder.pod) {
+                held.entry((a.holder.pod.clone(), a.holder.pod_uid.clone()))
+                    .or_default()
+                    .push(a);
+            }
+        }
+    }
+    let mut endpoints = BTreeMap::new();
+    let listed = match only {
+        // A few pods: their endpoints one by one.
+        Some(pods) if pods.len() < 16 => {
+            let mut v = Vec::new();
+            for pod in pods {
+                if let Some(e) = typed::get(store, Kind::Endpoint, pod).await? {
+                    v.push(e);
+                }
+            }
+            v
+        }
+        _ => typed::list(store, Kind::Endpoint).await?,
+    };
+    for (o, rev) in listed {
+        let Object::Endpoint(ep) = o else { continue };
+        let key = format!(
+            "{}/{}",
+            ep.metadata.namespace.as_deref().unwrap_or("default"),
+            ep.metadata.name
+        );
+        if wanted(&key) {
+            endpoints.insert(key, (ep, rev));
+        }
+    }
+    Ok(Holders { held, endpoints })
+}
+
+/// Judges every holder in `store` (or only those of the pods `only` names) and returns the
+/// leaked ones.
+pub async fn scan(
+    store: &dyn Store,
+    policy: &Policy,
+    only: Option<&BTreeSet<String>>,
+    now: SystemTime,
+) -> Result<Vec<Leak>, StoreError> {
+    let Holders { held, endpoints } = holders(store, only).await?;
+    let mut keys: BTreeSet<HolderKey> = held.keys().cloned().collect();
+    for (key, (ep, _)) in &endpoints {
+        keys.insert((key.clone(), ep.status.current.uid.clone()));
+    }
+    let mut facts = Facts::new(store);
+    let mut leaks = Vec::new();
+    for (pod, uid) in keys {
+        let ep = endpoints
+            .get(&pod)
+            .map(|(e, _)| e)
+            .filter(|e| e.status.current.uid == uid);
+        if let Some(l) = facts.judge(&pod, &uid, ep, policy, now).await? {
+            leaks.push(l);
+        }
+    }
+    Ok(leaks)
+}
+
+/// What one [`reclaim`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// `address (pool)` of each address released.
+    pub released: Vec<String>,
+    /// Whether the pod's endpoint was deleted.
+    pub endpoint_deleted: bool,
+}
+
+/// Takes back what the holder of `leak` holds, after judging it once more on what the
+/// datastore says now: `Ok(None)` when it is no longer leaked (or holds nothing).
+pub async fn reclaim(
+    store: &dyn Store,
+    policy: &Policy,
+    leak: &Leak,
+    now: SystemTime,
+) -> Result<Option<Reclaimed>, StoreError> {
+    let only: BTreeSet<String> = [leak.pod.clone()].into();
+    let Holders { held, endpoints } = holders(store, Some(&only)).await?;
+    let ep = endpoints
+        .get(&leak.pod)
+        .filter(|(e, _)| e.status.current.uid == leak.uid);
+    let mut facts = Facts::new(store);
+    if facts
+        .judge(&leak.pod, &leak.uid, ep.map(|(e, _)| e), policy, now)
+        .await?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let mut ops = Vec::new();
+    let mut done = Reclaimed::default();
+    let mut seen = BTreeSet::new();
+    if let Some((e, rev)) = ep {
+        for nic in &e.status.current.ips {
+            for (pool, ip) in nic.held() {
+                seen.insert((pool.clone(), ip));
+                done.released.push(format!("{ip} ({pool})"));
+            }
+            ops.extend(Op::releases_of(nic));
+        }
+        ops.push(Op::Delete {
+            kind: Kind::Endpoint,
+            key: leak.pod.clone(),
+            expect: Expect::Revision(*rev),
+        });
+        done.endpoint_deleted = true;
+    }
+    // Addresses the incarnation holds that no endpoint records (the endpoint was deleted
+    // first, or never written): owned by the container and interface that hold them.
+    for a in held
+        .get(&(leak.pod.clone(), leak.uid.clone()))
+        .into_iter()
+        .flatten()
+    {
+        if seen.insert((a.pool.clone(), a.ip)) {
+            done.released.push(format!("{} ({})", a.ip, a.pool));
+            ops.push(Op::Release {
+                pool: a.pool.clone(),
+                ip: a.ip,
+                container_id: a.holder.container_id.clone(),
+                nic: a.holder.nic.clone(),
+            });
+        }
+    }
+    if ops.is_empty() {
+        return Ok(None);
+    }
+    // Pool by pool when there are more than one transaction takes.
+    if ops.len() > store.max_ops() {
+        let (objects, releases): (Vec<Op>, Vec<Op>) = ops
+            .into_iter()
+            .partition(|o| matches!(o, Op::Delete { .. }));
+        for chunk in releases.chunks(store.max_ops().max(1)) {
+            store.commit(chunk.to_vec()).await?;
+        }
+        if !objects.is_empty() {
+            store.commit(objects).await?;
+        }
+    } else {
+        store.commit(ops).await?;
+    }
+    done.released.sort();
+    Ok(Some(done))
+}
+
+/// Remembers when each leak was first seen, and hands a leak out for reclaiming only once it
+/// was seen again at least the grace delay later and its pod's own grace period is over.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    first_seen: HashMap<HolderKey, SystemTime>,
+}
+
+impl Tracker {
+    /// A new tracker that has seen nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records the sightings of a full scan: holders not leaked any more are forgotten.
+    pub fn full(&mut self, leaks: Vec<Leak>, policy: &Policy, now: SystemTime) -> Vec<Leak> {
+        let current: BTreeSet<HolderKey> = leaks
+            .iter()
+            .map(|l| (l.pod.clone(), l.uid.clone()))
+            .collect();
+        self.first_seen.retain(|k, _| current.contains(k));
+        self.seen(leaks, policy, now)
+    }
+
+    /// Records the sightings of a partial scan of `pods`: their holders not leaked any more
+    /// are forgotten, others are left alone.
+    pub fn partial(
+        &mut self,
+        pods: &BTreeSet<String>,
+        leaks: Vec<Leak>,
+        policy: &Policy,
+        now: SystemTime,
+    ) -> Vec<Leak> {
+        let current: BTreeSet<HolderKey> = leaks
+            .iter()
+            .map(|l| (l.pod.clone(), l.uid.clone()))
+            .collect();
+        self.first_seen
+            .retain(|k, _| !pods.contains(&k.0) || current.contains(k));
+        self.seen(leaks, policy, now)
+    }
+
+    fn seen(&mut self, leaks: Vec<Leak>, policy: &Policy, now: SystemTime) -> Vec<Leak> {
+        leaks
+            .into_iter()
+            .filter(|l| {
+                let first = *self
+                    .first_seen
+                    .entry((l.pod.clone(), l.uid.clone()))
+                    .or_insert(now);
+                Self::ripe(first, l, policy, now)
+            })
+            .collect()
+    }
+
+    fn ripe(first: SystemTime, l: &Leak, policy: &Policy, now: SystemTime) -> bool {
+        first < now && l.due.map_or(first, |d| first.max(d)) + policy.grace_delay <= now
+    }
+
+    /// The pods of the leaks being tracked.
+    pub fn pods(&self) -> BTreeSet<String> {
+        self.first_seen.keys().map(|(pod, _)| pod.clone()).collect()
+    }
+
+    /// Forgets a holder (after it was reclaimed).
+    pub fn forget(&mut self, leak: &Leak) {
+        self.first_seen
+            .remove(&(leak.pod.clone(), leak.uid.clone()));
+    }
+
+    /// How many leaks are being tracked.
+    pub fn len(&self) -> usize {
+        self.first_seen.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.first_seen.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leak(pod: &str, due: SystemTime) -> Leak {
+        let due = Some(due);
+        Leak {
+            pod: pod.into(),
+            uid: "u".into(),
+            cause: Cause::Deleted,
+            why: format!("pod {pod} is gone"),
+            due,
+        }
+    }
+
+    #[test]
+    fn a_leak_is_ripe_only_when_seen_twice_a_grace_delay_apart() {
+        let policy = Policy {
+            grace_delay: Duration::from_secs(5),
+            ..Policy::default()
+        };
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut t = Tracker::new();
+        assert!(t.full(vec![leak("a/x", t0)], &policy, t0).is_empty());
+        let t1 = t0 + Duration::from_secs(4);
+        assert!(t.full(vec![leak("a/x", t0)], &policy, t1).is_empty());
+        let t2 = t0 + Duration::from_secs(5);
+        assert_eq!(t.full(vec![leak("a/x", t0)], &policy, t2).len(), 1);
+        // Not leaked at one scan: the clock starts again.
+        assert!(t.full(vec![], &policy, t2).is_empty());
+        assert!(t
+            .full(vec![leak("a/x", t0)], &policy, t2 + Duration::from_secs(1))
+            .is_empty());
+    }
+
+    #[test]
+    fn a_terminating_pod_waits_for_its_own_grace_period_too() {
+        let policy = Policy::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let due = t0 + Duration::from_secs(30);
+        let mut t = Tracker::new();
+        assert!(t.full(vec![leak("a/x", due)], &policy, t0).is_empty());
+        let early = t0 + Duration::from_secs(20);
+        assert!(t.full(vec![leak("a/x", due)], &policy, early).is_empty());
+        let late = due + policy.grace_delay;
+        assert_eq!(t.full(vec![leak("a/x", due)], &policy, late).len(), 1);
+    }
+
+    #[test]
+    fn a_partial_scan_forgets_only_its_own_pods() {
+        let policy = Policy::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut t = Tracker::new();
+        t.full(vec![leak("a/x", t0), leak("a/y", t0)], &policy, t0);
+        let pods: BTreeSet<String> = ["a/x".to_string()].into();
+        t.partial(&pods, vec![], &policy, t0 + Duration::from_secs(1));
+        assert_eq!(t.len(), 1);
+        let later = t0 + Duration::from_secs(10);
+        let ripe = t.partial(&pods, vec![leak("a/y", t0)], &policy, later);
+        assert_eq!(ripe.len(), 1, "a/y was first seen at t0");
+    }
+}
