@@ -6,6 +6,7 @@ mod agent;
 mod cluster;
 mod cni;
 mod etcd;
+mod kube_world;
 mod netns;
 mod node_sim;
 mod process;
@@ -18,6 +19,9 @@ pub use agent::{healthy, http_get, request, sample, Agent, TEST_LOG_LEVEL};
 pub use cluster::{kube_bin, ControlPlane};
 pub use cni::CniCall;
 pub use etcd::{etcd_available, etcd_binary, Etcd};
+pub use kube_world::{
+    json_of, kube_node, macvlan_nad, running, until, zones, Controller, KubeNode, Zones,
+};
 pub use netns::Netns;
 pub use node_sim::{AddTiming, NodeSim, NodeSpec};
 pub use process::{cpu_time, free_port, run, sh, Output};

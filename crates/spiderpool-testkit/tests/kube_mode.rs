@@ -3,146 +3,15 @@
 //! chains run by the node simulator through Debian's macvlan and the `spiderpool` plugin.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spiderpool_testkit::{
-    bin, is_root, kube_bin, sh, Agent, ControlPlane, Netns, NodeSim, NodeSpec,
+    bin, is_root, json_of, kube_bin, kube_node as node, macvlan_nad, running, sh, until, zones,
+    Agent, ControlPlane,
 };
 
 fn root() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The seed's zones: a router namespace with the gateways, one namespace per node with a veth
-/// end `ens192` as macvlan master.
-struct Zones {
-    _router: Netns,
-    _nodes: Vec<Netns>,
-}
-
-fn zones(prefix: &str, nodes: &[(&str, &str)]) -> Zones {
-    let router = Netns::new(&format!("{prefix}-r"));
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &router.name,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ]);
-    let mut out = Vec::new();
-    for (i, (node, gw)) in nodes.iter().enumerate() {
-        let ns = Netns::new(node);
-        let up = format!("up{i}");
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "ens192",
-            "netns",
-            &ns.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &up,
-            "netns",
-            &router.name,
-        ]);
-        sh(&["ip", "-n", &ns.name, "link", "set", "ens192", "up"]);
-        sh(&["ip", "-n", &router.name, "addr", "add", gw, "dev", &up]);
-        sh(&["ip", "-n", &router.name, "link", "set", &up, "up"]);
-        out.push(ns);
-    }
-    Zones {
-        _router: router,
-        _nodes: out,
-    }
-}
-
-/// The seed's NAD without its `veth` plugin (Spiderpool's own, not Debian's; issue 13).
-fn macvlan_nad() -> String {
-    json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-        "metadata": {"name": "macvlan-conf", "namespace": "kube-system"},
-        "spec": {"config": json!({"cniVersion": "0.3.1", "name": "macvlan-conf", "plugins": [
-            {"type": "macvlan", "master": "ens192", "mode": "bridge", "ipam": {"type": "spiderpool"}}
-        ]}).to_string()}})
-    .to_string()
-}
-
-/// A simulated node whose plugins reach its own agent at `/var/run/spidernet`.
-struct Node {
-    sim: NodeSim,
-    agent: Agent,
-    _dir: tempfile::TempDir,
-}
-
-fn node(
-    cp: &ControlPlane,
-    name: &str,
-    labels: &[(&str, &str)],
-    netns: &str,
-    extra: &[&str],
-) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let cni = dir.path().join("cni-bin");
-    std::fs::create_dir_all(&cni).unwrap();
-    std::os::unix::fs::symlink("/usr/lib/cni/macvlan", cni.join("macvlan")).unwrap();
-    std::os::unix::fs::symlink(bin("spiderpool"), cni.join("spiderpool")).unwrap();
-    let sim = NodeSim::start(
-        &cp.kubeconfig,
-        NodeSpec {
-            name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            host_netns: Some(netns.into()),
-            cni_path: vec![cni],
-            default_network: json!({}),
-            run_dir: Some(dir.path().into()),
-        },
-    );
-    let kc = cp.kubeconfig.to_str().unwrap().to_string();
-    let mut flags = vec!["--kubeconfig", kc.as_str()];
-    flags.extend_from_slice(extra);
-    let agent = Agent::start_with(
-        "kubernetes",
-        &dir.path().join("spiderpool.sock"),
-        name,
-        "",
-        &flags,
-        None,
-    );
-    Node {
-        sim,
-        agent,
-        _dir: dir,
-    }
-}
-
-fn json_of(cp: &ControlPlane, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.extend(["-o", "json"]);
-    serde_json::from_str(&cp.kubectl_ok(&a, "")).unwrap()
-}
-
-/// Waits (60 s at most) until `f` answers.
-fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "never: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn running(p: &Value) -> bool {
-    p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null()
 }
 
 #[test]

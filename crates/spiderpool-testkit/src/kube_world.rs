@@ -1,0 +1,242 @@
+//! A Kubernetes world for the tests: the seed's network zones as network namespaces, simulated
+//! nodes with their agents on the Kubernetes API, the controller as a process, and waiting
+//! helpers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::*;
+
+/// The seed's zones: a router namespace with the gateways, one namespace per node with a veth
+/// end `ens192` as macvlan master.
+pub struct Zones {
+    _router: Netns,
+    _nodes: Vec<Netns>,
+}
+
+pub fn zones(prefix: &str, nodes: &[(&str, &str)]) -> Zones {
+    let router = Netns::new(&format!("{prefix}-r"));
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &router.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    let mut out = Vec::new();
+    for (i, (node, gw)) in nodes.iter().enumerate() {
+        let ns = Netns::new(node);
+        let up = format!("up{i}");
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "ens192",
+            "netns",
+            &ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &up,
+            "netns",
+            &router.name,
+        ]);
+        sh(&["ip", "-n", &ns.name, "link", "set", "ens192", "up"]);
+        sh(&["ip", "-n", &router.name, "addr", "add", gw, "dev", &up]);
+        sh(&["ip", "-n", &router.name, "link", "set", &up, "up"]);
+        out.push(ns);
+    }
+    Zones {
+        _router: router,
+        _nodes: out,
+    }
+}
+
+/// The seed's NAD without its `veth` plugin (Spiderpool's own, not Debian's; issue 13).
+pub fn macvlan_nad() -> String {
+    json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": "macvlan-conf", "namespace": "kube-system"},
+        "spec": {"config": json!({"cniVersion": "0.3.1", "name": "macvlan-conf", "plugins": [
+            {"type": "macvlan", "master": "ens192", "mode": "bridge", "ipam": {"type": "spiderpool"}}
+        ]}).to_string()}})
+    .to_string()
+}
+
+/// A simulated node whose plugins reach its own agent at `/var/run/spidernet`.
+pub struct KubeNode {
+    /// The node simulator (stop it and the node "dies": no DEL comes).
+    pub sim: NodeSim,
+    /// The node's agent on `--datastore kubernetes`.
+    pub agent: Agent,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a simulated node `name` (its host is the network namespace `netns`, with Debian's
+/// macvlan and the `spiderpool` plugin) and its agent with the flags `extra`.
+pub fn kube_node(
+    cp: &ControlPlane,
+    name: &str,
+    labels: &[(&str, &str)],
+    netns: &str,
+    extra: &[&str],
+) -> KubeNode {
+    let dir = tempfile::tempdir().expect("test setup");
+    let cni = dir.path().join("cni-bin");
+    std::fs::create_dir_all(&cni).expect("test setup");
+    std::os::unix::fs::symlink("/usr/lib/cni/macvlan", cni.join("macvlan")).expect("test setup");
+    std::os::unix::fs::symlink(bin("spiderpool"), cni.join("spiderpool")).expect("test setup");
+    let sim = NodeSim::start(
+        &cp.kubeconfig,
+        NodeSpec {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            host_netns: Some(netns.into()),
+            cni_path: vec![cni],
+            default_network: json!({}),
+            run_dir: Some(dir.path().into()),
+        },
+    );
+    let kc = cp.kubeconfig.to_str().expect("test setup").to_string();
+    let mut flags = vec!["--kubeconfig", kc.as_str()];
+    flags.extend_from_slice(extra);
+    let agent = Agent::start_with(
+        "kubernetes",
+        &dir.path().join("spiderpool.sock"),
+        name,
+        "",
+        &flags,
+        None,
+    );
+    KubeNode {
+        sim,
+        agent,
+        _dir: dir,
+    }
+}
+
+/// `kubectl ARGS -o json`, parsed.
+pub fn json_of(cp: &ControlPlane, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    serde_json::from_str(&cp.kubectl_ok(&a, "")).expect("test setup")
+}
+
+/// Waits (60 s at most) until `f` answers.
+pub fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether a pod (as JSON) is Running and not terminating.
+pub fn running(p: &Value) -> bool {
+    p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null()
+}
+
+/// A running `spiderpool-controller`, killed on drop.
+pub struct Controller {
+    child: Child,
+    log: PathBuf,
+    /// Its `--health-addr`.
+    pub health: String,
+    /// Its `--metrics-addr`.
+    pub metrics: String,
+}
+
+impl Controller {
+    /// Starts a controller named `identity` on the control plane with the flags `extra`,
+    /// logging beside `dir`, and waits until its health endpoint answers.
+    pub fn start(cp: &ControlPlane, dir: &Path, identity: &str, extra: &[&str]) -> Controller {
+        let log = dir.join(format!("{identity}.log"));
+        let health = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(bin("spiderpool-controller"))
+            .arg("--kubeconfig")
+            .arg(&cp.kubeconfig)
+            .args(["--pod-name", identity, "--health-addr", &health])
+            .args(["--metrics-addr", &metrics])
+            .args([
+                "--log-level",
+                "info,spiderpool_controller=debug,spiderpool_store=debug",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("controller log"))
+            .spawn()
+            .expect("spawning spiderpool-controller");
+        let mut c = Controller {
+            child,
+            log,
+            health,
+            metrics,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get_quiet(&c.health, "/healthz") != Some(200) {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                panic!("spiderpool-controller exited with {status}:\n{}", c.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spiderpool-controller not healthy in time:\n{}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A sample of its metrics (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        match http_get_quiet(&self.metrics, "/metrics") {
+            Some(200) => sample(&http_get(&self.metrics, "/metrics").1, name),
+            _ => 0.0,
+        }
+    }
+
+    /// Stops it (SIGKILL), as a crashed replica.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The status code of `GET path` on `addr`, or `None` when nothing answers.
+fn http_get_quiet(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
+}
