@@ -7,6 +7,7 @@
 //! several processes on one file), [`etcd::EtcdStore`] (many hosts) and
 //! [`kubernetes::KubeStore`] (the cluster's API server). [`conformance`] holds the suite every backend must pass.
 
+pub mod admission;
 pub mod audit;
 pub mod conformance;
 pub mod etcd;

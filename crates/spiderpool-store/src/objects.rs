@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use spiderpool_api::crd::{allocated_ips_string, IPPoolStatus, PoolIPAllocation, SubnetStatus};
-use spiderpool_api::{names, Object, SpiderEndpoint, SpiderIPPool, SpiderSubnet, ValidationError};
-use spiderpool_core::{IpSet, Pool};
+use spiderpool_api::{Object, SpiderEndpoint, SpiderIPPool, SpiderSubnet, ValidationError};
+use spiderpool_core::IpSet;
 
-use crate::{typed, Allocation, Expect, Kind, Op, Revision, Store, StoreError, Stored};
+use crate::{admission, typed, Allocation, Expect, Kind, Op, Revision, Store, StoreError, Stored};
 
 /// Why an apply or delete was refused.
 #[derive(Debug, thiserror::Error)]
@@ -47,127 +47,6 @@ fn invalid(msg: String) -> ApplyError {
     ApplyError::Invalid(ValidationError::Invalid(msg))
 }
 
-fn pools_of(objs: &[(Object, u64)]) -> Vec<Pool> {
-    objs.iter()
-        .filter_map(|(o, _)| match o {
-            Object::IPPool(p) => p.to_pool().ok(),
-            _ => None,
-        })
-        .collect()
-}
-
-async fn validate_pool(
-    store: &dyn Store,
-    new: &SpiderIPPool,
-    old: Option<&SpiderIPPool>,
-) -> Result<(), ApplyError> {
-    let pool = new.to_pool()?;
-    let name = &pool.name;
-    if let Some(old) = old.and_then(|o| o.to_pool().ok()) {
-        if old.subnet != pool.subnet {
-            return Err(invalid(format!(
-                "SpiderIPPool {name:?}: spec.subnet is not changeable ({} to {})",
-                old.subnet, pool.subnet
-            )));
-        }
-        if old.family != pool.family {
-            return Err(invalid(format!(
-                "SpiderIPPool {name:?}: spec.ipVersion is not changeable"
-            )));
-        }
-    }
-    let others = typed::list(store, Kind::IPPool).await?;
-    for other in pools_of(&others).iter().filter(|o| &o.name != name) {
-        if other.family != pool.family {
-            continue;
-        }
-        if other.subnet != pool.subnet {
-            if other.subnet.contains(&pool.subnet.network())
-                || pool.subnet.contains(&other.subnet.network())
-            {
-                return Err(invalid(format!(
-                    "SpiderIPPool {name:?}: spec.subnet {} overlaps spec.subnet {} of SpiderIPPool {:?}",
-                    pool.subnet, other.subnet, other.name
-                )));
-            }
-            continue;
-        }
-        if let Some(r) = pool.ips.intersection(&other.ips).ranges().next() {
-            return Err(invalid(format!(
-                "SpiderIPPool {name:?}: spec.ips {r} overlap with SpiderIPPool {:?}",
-                other.name
-            )));
-        }
-    }
-    let usable = pool.usable();
-    let mut allocs = store.allocations(name).await?;
-    allocs.sort_by_key(|a| a.ip);
-    if let Some(a) = allocs.iter().find(|a| !usable.contains(&a.ip)) {
-        return Err(invalid(format!(
-            "SpiderIPPool {name:?}: cannot remove or exclude {} because pod {} (interface {}) uses it; \
-             {} of the pool's addresses are in use",
-            a.ip,
-            a.holder.pod,
-            a.holder.nic,
-            allocs.len()
-        )));
-    }
-    Ok(())
-}
-
-async fn validate_subnet(
-    store: &dyn Store,
-    new: &SpiderSubnet,
-    old: Option<&SpiderSubnet>,
-) -> Result<(), ApplyError> {
-    let s = new.to_pool()?;
-    let name = &s.name;
-    if let Some(old) = old.and_then(|o| o.to_pool().ok()) {
-        if old.subnet != s.subnet {
-            return Err(invalid(format!(
-                "SpiderSubnet {name:?}: spec.subnet is not changeable ({} to {})",
-                old.subnet, s.subnet
-            )));
-        }
-    }
-    for (o, _) in typed::list(store, Kind::Subnet).await? {
-        let Object::Subnet(other) = o else { continue };
-        let Ok(other) = other.to_pool() else { continue };
-        if &other.name == name || other.family != s.family {
-            continue;
-        }
-        if other.subnet.contains(&s.subnet.network()) || s.subnet.contains(&other.subnet.network())
-        {
-            return Err(invalid(format!(
-                "SpiderSubnet {name:?}: spec.subnet {} overlaps spec.subnet {} of SpiderSubnet {:?}",
-                s.subnet, other.subnet, other.name
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// A pool of a SpiderSubnet's CIDR takes the subnet's gateway and routes when it sets none.
-async fn inherit_from_subnet(store: &dyn Store, pool: &mut SpiderIPPool) -> Result<(), ApplyError> {
-    let Ok(net) = pool.spec.subnet.parse::<ipnet::IpNet>() else {
-        return Ok(()); // validation names the bad subnet
-    };
-    for (o, _) in typed::list(store, Kind::Subnet).await? {
-        let Object::Subnet(sub) = o else { continue };
-        if sub.spec.subnet.parse::<ipnet::IpNet>().ok() != Some(net) {
-            continue;
-        }
-        if pool.spec.gateway.is_none() {
-            pool.spec.gateway = sub.spec.gateway.clone();
-        }
-        if pool.spec.routes.is_empty() {
-            pool.spec.routes = sub.spec.routes.clone();
-        }
-        break;
-    }
-    Ok(())
-}
-
 /// What applying one object writes, and what that does to it.
 struct Planned {
     ops: Vec<Op>,
@@ -178,41 +57,19 @@ struct Planned {
 /// The stored status, creation time and UID are kept; a new object gets them.
 async fn plan(store: &dyn Store, mut object: Object) -> Result<Planned, ApplyError> {
     let kind = object.kind();
-    if kind == Kind::Endpoint {
-        return Err(invalid(format!(
-            "{}: SpiderEndpoints are written by the agent only",
-            object.describe()
-        )));
-    }
-    validate_names(&object)?;
-    if let Object::IPPool(p) = &mut object {
-        inherit_from_subnet(store, p).await?;
-    }
+    admission::mutate(store, &mut object, false).await?;
     let key = object.key();
     // A pool is checked against its holders; the commit fails if an address was claimed
     // after they were read (see `Op::NoClaimsSince`), and the check runs again.
     let since = store.revision().await?;
     let current = typed::get(store, kind, &key).await?;
-    match (&object, current.as_ref().map(|(o, _)| o)) {
-        (Object::IPPool(new), old) => {
-            let old = match old {
-                Some(Object::IPPool(p)) => Some(p),
-                _ => None,
-            };
-            validate_pool(store, new, old).await?;
-        }
-        (Object::Subnet(new), old) => {
-            let old = match old {
-                Some(Object::Subnet(s)) => Some(s),
-                _ => None,
-            };
-            validate_subnet(store, new, old).await?;
-        }
-        (Object::ReservedIP(r), _) => {
-            r.to_set()?;
-        }
-        _ => {}
-    }
+    admission::validate(
+        store,
+        &object,
+        current.as_ref().map(|(o, _)| o),
+        &admission::Families::default(),
+    )
+    .await?;
     let (expect, outcome) = match &current {
         None => (Expect::Absent, Applied::Created),
         Some((_, rev)) => (Expect::Revision(*rev), Applied::Configured),
@@ -288,23 +145,6 @@ async fn plan(store: &dyn Store, mut object: Object) -> Result<Planned, ApplyErr
         });
     }
     Ok(Planned { ops, outcome })
-}
-
-/// Kubernetes' name rules: a Namespace's name and every object's namespace are DNS-1123
-/// labels, other names DNS-1123 subdomains, so no name can be two keys or break a table row.
-fn validate_names(object: &Object) -> Result<(), ApplyError> {
-    let m = object.metadata();
-    let in_object =
-        |e: ValidationError| ValidationError::Invalid(format!("{}: {e}", object.describe()));
-    if object.kind() == Kind::Namespace {
-        names::dns1123_label("metadata.name", &m.name).map_err(in_object)?;
-    } else {
-        names::dns1123_subdomain("metadata.name", &m.name).map_err(in_object)?;
-    }
-    if let Some(ns) = &m.namespace {
-        names::dns1123_label("metadata.namespace", ns).map_err(in_object)?;
-    }
-    Ok(())
 }
 
 /// Creates or replaces `object` after checking the admission rules. The stored status,

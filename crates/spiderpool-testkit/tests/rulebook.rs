@@ -855,7 +855,7 @@ fn d00001_d00003_d00008_pool_rules_on_apply() {
     // D00001: duplicate IPs.
     refused(
         &pool("p2", "10.6.0.0/16", "10.6.0.15-10.6.0.25", ""),
-        "spec.ips 10.6.0.15-10.6.0.19 overlap with SpiderIPPool \"p1\"",
+        "spec.ips \"[10.6.0.15-10.6.0.19]\" overlap with IPPool p1 in IP ranges [10.6.0.15-10.6.0.19]",
     );
     // D00003: wrong gateway and routes.
     refused(
@@ -1094,7 +1094,7 @@ fn s00003_excluding_an_address_in_use_is_refused_naming_the_pod() {
     assert!(!out.success);
     assert!(
         out.stderr
-            .contains("cannot remove or exclude 10.6.0.10 because pod default/busy"),
+            .contains("remove an IP address 10.6.0.10 that is being used by Pod default/busy"),
         "{}",
         out.stderr
     );

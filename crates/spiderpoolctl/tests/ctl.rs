@@ -116,7 +116,7 @@ fn unknown_fields_warn_and_bad_objects_are_refused_by_name() {
         ),
         (
             pool("q", "10.6.0.0/16", "10.6.0.5-10.6.0.20", ""),
-            "SpiderIPPool \"q\": spec.ips 10.6.0.5-10.6.0.9 overlap with SpiderIPPool \"p\"",
+            "SpiderIPPool \"q\": spec.ips \"[10.6.0.5-10.6.0.9]\" overlap with IPPool p in IP ranges [10.6.0.5-10.6.0.9]",
         ),
         (
             pool("q", "10.6.1.0/16", "10.6.1.1", ""),
@@ -124,7 +124,7 @@ fn unknown_fields_warn_and_bad_objects_are_refused_by_name() {
         ),
         (
             pool("q", "10.6.0.0/24", "10.6.0.100", ""),
-            "spec.subnet 10.6.0.0/24 overlaps spec.subnet 10.6.0.0/16 of SpiderIPPool \"p\"",
+            "SpiderIPPool \"q\": spec.subnet \"10.6.0.0/24\" overlap with IPPool p which 'spec.subnet' is 10.6.0.0/16",
         ),
         (
             pool("q", "10.8.0.0/16", "10.8.0.1", "  gateway: 10.8.0.1\n"),
@@ -132,7 +132,7 @@ fn unknown_fields_warn_and_bad_objects_are_refused_by_name() {
         ),
         (
             pool("p", "10.9.0.0/16", "10.9.0.1", ""),
-            "SpiderIPPool \"p\": spec.subnet is not changeable (10.6.0.0/16 to 10.9.0.0/16)",
+            "SpiderIPPool \"p\": spec.subnet \"10.9.0.0/16\" is not changeable (was 10.6.0.0/16)",
         ),
     ];
     for (yaml, want) in cases {
@@ -203,7 +203,7 @@ fn addresses_in_use_are_never_lost() {
     );
     assert!(
         out.stderr.contains(
-            "cannot remove or exclude 10.6.0.1 because pod default/web-0 (interface eth0) uses it"
+            "spec.ips \"10.6.0.1\" remove an IP address 10.6.0.1 that is being used by Pod default/web-0 (interface eth0)"
         ),
         "{}",
         out.stderr
@@ -212,7 +212,7 @@ fn addresses_in_use_are_never_lost() {
         &["apply", "-f", "-"],
         &pool("p", "10.6.0.0/16", "10.6.0.2-10.6.0.9", ""),
     );
-    assert!(out.stderr.contains("pod default/web-0"), "{}", out.stderr);
+    assert!(out.stderr.contains("Pod default/web-0"), "{}", out.stderr);
     // Shrinking around it is fine.
     let out = sb.ctl(
         &["apply", "-f", "-"],
