@@ -582,7 +582,7 @@ impl SpiderReservedIP {
                     return Err(ctx(ValidationError::field(
                         "spec.ips",
                         "[]",
-                        "must list at least one address",
+                        "is not generated correctly, 'spec.ips' is empty or 'spec.ips[0]' may be invalid",
                     )))
                 }
                 Some(first) => first

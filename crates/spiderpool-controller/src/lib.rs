@@ -3,9 +3,11 @@
 //! addresses of dead pods and releases the finalizers of pools and subnets whose addresses are
 //! all given back.
 
+pub mod finalizer;
 pub mod leader;
 pub mod metrics;
 pub mod reclaim;
+pub mod webhook;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +57,37 @@ pub struct Args {
     /// Address (`host:port`) serving `GET /metrics`. Off when unset.
     #[arg(long, env = "SPIDERPOOL_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Address (`host:port`) the admission webhooks listen on (HTTPS).
+    #[arg(long, env = "SPIDERPOOL_WEBHOOK_ADDR", default_value = "0.0.0.0:5722")]
+    pub webhook_addr: std::net::SocketAddr,
+    /// The Service (in `--namespace`) through which the API server reaches the webhooks.
+    #[arg(
+        long,
+        env = "SPIDERPOOL_WEBHOOK_SERVICE",
+        default_value = "spiderpool-controller"
+    )]
+    pub webhook_service: String,
+    /// The Service's port.
+    #[arg(long, env = "SPIDERPOOL_WEBHOOK_SERVICE_PORT", default_value_t = 5722)]
+    pub webhook_service_port: i32,
+    /// Instead of the Service, a base URL (`https://host:port`) the API server reaches the
+    /// webhooks at: for a controller outside the cluster.
+    #[arg(
+        long,
+        env = "SPIDERPOOL_WEBHOOK_URL",
+        conflicts_with = "webhook_service"
+    )]
+    pub webhook_url: Option<String>,
+    /// Whether the controller applies its ValidatingWebhookConfiguration and
+    /// MutatingWebhookConfiguration (with the CA) itself.
+    #[arg(long, env = "SPIDERPOOL_WEBHOOK_REGISTER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub webhook_register: bool,
+    /// Whether IPv4 pools, subnets and reserved IPs are accepted (upstream's `ipam.enableIPv4`).
+    #[arg(long, env = "SPIDERPOOL_ENABLE_IPV4", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_ipv4: bool,
+    /// Whether IPv6 ones are (upstream's `ipam.enableIPv6`).
+    #[arg(long, env = "SPIDERPOOL_ENABLE_IPV6", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_ipv6: bool,
     /// How long a leader's Lease lasts without renewal; another replica takes over after it.
     #[arg(long, env = "SPIDERPOOL_LEADER_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub leader_duration: Duration,
@@ -140,11 +173,19 @@ pub struct Health {
     pub leader_known: AtomicBool,
     /// This replica leads.
     pub leading: AtomicBool,
+    /// The webhooks serve.
+    pub webhook: AtomicBool,
 }
 
 fn health_router(health: Arc<Health>) -> Router {
     async fn readyz(State(h): State<Arc<Health>>) -> Response {
-        if h.leader_known.load(Ordering::SeqCst) {
+        if !h.webhook.load(Ordering::SeqCst) {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the webhooks do not serve yet",
+            )
+                .into_response()
+        } else if h.leader_known.load(Ordering::SeqCst) {
             (StatusCode::OK, "ok").into_response()
         } else {
             (StatusCode::SERVICE_UNAVAILABLE, "no leader is known yet").into_response()
@@ -178,6 +219,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         serve("--metrics-addr", addr, metrics::router(metrics.clone())).await?;
     }
 
+    webhook::start(
+        client.clone(),
+        store.clone(),
+        webhook::Settings {
+            addr: args.webhook_addr,
+            namespace: args.namespace.clone(),
+            endpoint: match &args.webhook_url {
+                Some(url) => webhook::Endpoint::Url(url.clone()),
+                None => webhook::Endpoint::Service {
+                    name: args.webhook_service.clone(),
+                    port: args.webhook_service_port,
+                },
+            },
+            register: args.webhook_register,
+            families: spiderpool_store::admission::Families {
+                ipv4: args.enable_ipv4,
+                ipv6: args.enable_ipv6,
+            },
+        },
+    )
+    .await?;
+    health.webhook.store(true, Ordering::SeqCst);
+
     let mut leading = leader::elect(
         client.clone(),
         &args.namespace,
@@ -194,8 +258,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics.leading(lead);
         match (lead, work.is_some()) {
             (true, false) => {
-                tracing::info!(%identity, "leading: reclaiming leaked addresses");
+                tracing::info!(%identity, "leading: finalizers and the reclaim of leaked addresses");
                 let mut set = tokio::task::JoinSet::new();
+                set.spawn(finalizer::run(
+                    client.clone(),
+                    store.clone(),
+                    args.gc_interval,
+                ));
                 if args.gc_enabled {
                     let r = reclaim::Reclaimer::new(
                         client.clone(),

@@ -159,16 +159,20 @@ pub struct Controller {
 
 impl Controller {
     /// Starts a controller named `identity` on the control plane with the flags `extra`,
-    /// logging beside `dir`, and waits until its health endpoint answers.
+    /// logging beside `dir`, and waits until its health endpoint answers. Its webhooks listen
+    /// on a port of their own on loopback, where it registers them.
     pub fn start(cp: &ControlPlane, dir: &Path, identity: &str, extra: &[&str]) -> Controller {
         let log = dir.join(format!("{identity}.log"));
         let health = format!("127.0.0.1:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
+        let webhook = format!("127.0.0.1:{}", free_port());
         let child = Command::new(bin("spiderpool-controller"))
             .arg("--kubeconfig")
             .arg(&cp.kubeconfig)
             .args(["--pod-name", identity, "--health-addr", &health])
             .args(["--metrics-addr", &metrics])
+            .args(["--webhook-addr", &webhook])
+            .args(["--webhook-url", &format!("https://{webhook}")])
             .args([
                 "--log-level",
                 "info,spiderpool_controller=debug,spiderpool_store=debug",

@@ -1,0 +1,325 @@
+//! The controller's admission webhooks and finalizers through the real kubectl and API server:
+//! upstream's mutations on what users create, each rule refusing with upstream's message naming
+//! field and value, and pools and subnets that stay (terminating) while addresses are in use.
+
+use serde_json::{json, Value};
+use spiderpool_testkit::{json_of, kube_bin, until, Agent, CniCall, ControlPlane, Controller};
+
+fn pool(name: &str, subnet: &str, ips: &[&str], extra: Value) -> String {
+    let mut spec = json!({"subnet": subnet, "ips": ips});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        spec[k] = v.clone();
+    }
+    json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderIPPool",
+        "metadata": {"name": name}, "spec": spec})
+    .to_string()
+}
+
+fn subnet(name: &str, cidr: &str, ips: &[&str], extra: Value) -> String {
+    let mut spec = json!({"subnet": cidr, "ips": ips});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        spec[k] = v.clone();
+    }
+    json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderSubnet",
+        "metadata": {"name": name}, "spec": spec})
+    .to_string()
+}
+
+/// `kubectl apply` of `doc` is refused, naming `want`; nothing changes.
+fn refused(cp: &ControlPlane, doc: &str, want: &str) {
+    let out = cp.kubectl(&["apply", "-f", "-"], doc);
+    assert!(!out.success, "accepted: {doc}\n{}", out.stdout);
+    assert!(
+        out.stderr.contains("denied the request") && out.stderr.contains(want),
+        "want {want:?} in:\n{}",
+        out.stderr
+    );
+}
+
+fn started(cp: &ControlPlane, dir: &std::path::Path, extra: &[&str]) -> Controller {
+    let c = Controller::start(cp, dir, "ctl-w", extra);
+    until("the controller ready", || {
+        (spiderpool_testkit::http_get(&c.health, "/readyz").0 == 200).then_some(())
+    });
+    c
+}
+
+#[test]
+fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = started(
+        &cp,
+        dir.path(),
+        &["--gc-enabled=false", "--enable-ipv6=false"],
+    );
+    // The controller registered both configurations with its CA.
+    for kind in [
+        "validatingwebhookconfiguration",
+        "mutatingwebhookconfiguration",
+    ] {
+        let w = json_of(&cp, &["get", kind, "spiderpool-controller"]);
+        let hooks = w["webhooks"].as_array().unwrap();
+        assert_eq!(hooks.len(), 3, "{w}");
+        assert!(hooks.iter().all(|h| h["clientConfig"]["caBundle"]
+            .as_str()
+            .is_some_and(|b| !b.is_empty())));
+    }
+
+    // Mutations: the version, the CIDR label, the finalizer, merged and sorted ranges.
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &pool(
+            "m",
+            "10.6.0.0/16",
+            &["10.6.0.9", "10.6.0.1-10.6.0.8"],
+            json!({"excludeIPs": ["10.6.0.5", "10.6.0.4"]}),
+        ),
+    );
+    let m = json_of(&cp, &["get", "spiderippool", "m"]);
+    assert_eq!(m["spec"]["ipVersion"], 4);
+    assert_eq!(m["spec"]["ips"], json!(["10.6.0.1-10.6.0.9"]));
+    assert_eq!(m["spec"]["excludeIPs"], json!(["10.6.0.4-10.6.0.5"]));
+    assert_eq!(
+        m["metadata"]["labels"]["ipam.spidernet.io/ippool-cidr"],
+        "10-6-0-0-16"
+    );
+    assert_eq!(
+        m["metadata"]["finalizers"],
+        json!(["spiderpool.spidernet.io"])
+    );
+    let table = cp.kubectl_ok(&["get", "spiderippool", "m"], "");
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..3], ["m", "4", "10.6.0.0/16"], "{table}");
+    // A pool of a subnet's CIDR is the subnet's: reference, label, gateway and routes.
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &subnet(
+            "s7",
+            "10.7.0.0/16",
+            &["10.7.0.2-10.7.0.100"],
+            json!({"gateway": "10.7.0.1",
+            "routes": [{"dst": "10.9.0.0/16", "gw": "10.7.0.1"}]}),
+        ),
+    );
+    let s7 = json_of(&cp, &["get", "spidersubnet", "s7"]);
+    assert_eq!(s7["spec"]["ipVersion"], 4);
+    assert_eq!(
+        s7["metadata"]["labels"]["ipam.spidernet.io/subnet-cidr"],
+        "10-7-0-0-16"
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &pool("child", "10.7.0.0/16", &["10.7.0.10-10.7.0.20"], json!({})),
+    );
+    let child = json_of(&cp, &["get", "spiderippool", "child"]);
+    assert_eq!(child["spec"]["gateway"], "10.7.0.1");
+    assert_eq!(child["spec"]["routes"][0]["dst"], "10.9.0.0/16");
+    assert_eq!(
+        child["metadata"]["labels"]["ipam.spidernet.io/owner-spider-subnet"],
+        "s7"
+    );
+    let owner = &child["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (
+            &owner["kind"],
+            &owner["name"],
+            &owner["uid"],
+            &owner["controller"]
+        ),
+        (
+            &json!("SpiderSubnet"),
+            &json!("s7"),
+            &s7["metadata"]["uid"],
+            &json!(true)
+        )
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderReservedIP",
+            "metadata": {"name": "r"}, "spec": {"ips": ["10.6.0.7", "10.6.0.6"]}})
+        .to_string(),
+    );
+    let r = json_of(&cp, &["get", "spiderreservedip", "r"]);
+    assert_eq!(r["spec"]["ipVersion"], 4);
+    assert_eq!(r["spec"]["ips"], json!(["10.6.0.6-10.6.0.7"]));
+
+    // Every rule, through kubectl.
+    refused(
+        &cp,
+        &pool("q", "10.6.0.0/24", &["10.6.0.100"], json!({})),
+        "SpiderIPPool \"q\": spec.subnet \"10.6.0.0/24\" overlap with IPPool m which 'spec.subnet' is 10.6.0.0/16",
+    );
+    refused(
+        &cp,
+        &pool("q", "10.6.0.0/16", &["10.6.0.8-10.6.0.12"], json!({})),
+        "spec.ips \"[10.6.0.8-10.6.0.9]\" overlap with IPPool m in IP ranges [10.6.0.8-10.6.0.9], total IP addresses of an IPPool are jointly determined by 'spec.ips' and 'spec.excludeIPs'",
+    );
+    // Excluded addresses are no overlap.
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &pool("q", "10.6.0.0/16", &["10.6.0.4-10.6.0.5"], json!({})),
+    );
+    refused(
+        &cp,
+        &pool("m", "10.16.0.0/16", &["10.16.0.1"], json!({})),
+        "SpiderIPPool \"m\": spec.subnet \"10.16.0.0/16\" is not changeable (was 10.6.0.0/16)",
+    );
+    refused(
+        &cp,
+        &pool(
+            "e",
+            "10.10.0.0/16",
+            &["10.10.0.1"],
+            json!({"podAffinity": {}}),
+        ),
+        "spec.podAffinity \"{}\" empty podAffinity is invalid for SpiderIPPool",
+    );
+    refused(
+        &cp,
+        &pool("v6", "fd00:10::/64", &["fd00:10::1"], json!({})),
+        "SpiderIPPool \"v6\": spec.ipVersion \"6\" IPv6 is disabled",
+    );
+    refused(
+        &cp,
+        &pool(
+            "g",
+            "10.11.0.0/16",
+            &["10.11.0.1-10.11.0.9"],
+            json!({"gateway": "10.11.0.1"}),
+        ),
+        "spec.gateway",
+    );
+    refused(
+        &cp,
+        &pool("child", "10.7.0.0/16", &["10.7.0.10-10.7.0.20", "10.7.0.150"], json!({})),
+        "spec.ips \"[10.7.0.150]\" add some IP ranges [10.7.0.150] that are not contained in controller Subnet s7",
+    );
+    refused(
+        &cp,
+        &subnet("s6", "10.6.0.0/24", &["10.6.0.1"], json!({})),
+        "SpiderSubnet \"s6\": spec.subnet \"10.6.0.0/24\" overlap with SpiderIPPool 'm' resource 'spec.subnet' 10.6.0.0/16",
+    );
+    refused(
+        &cp,
+        &subnet("s6", "10.6.0.0/16", &["10.6.0.100-10.6.0.200"], json!({})),
+        "SpiderIPPool 'm' owns some IP addresses that SpiderSubnet 's6' can't control",
+    );
+    refused(
+        &cp,
+        &subnet("s7", "10.7.0.0/16", &["10.7.0.50-10.7.0.100"], json!({})),
+        "remove some IP ranges [10.7.0.10-10.7.0.20] that is being used by IPPool child",
+    );
+    refused(
+        &cp,
+        &subnet("s8", "10.7.128.0/17", &["10.7.128.1"], json!({})),
+        "SpiderSubnet \"s8\": spec.subnet \"10.7.128.0/17\" overlap with Subnet s7 which 'spec.subnet' is 10.7.0.0/16",
+    );
+    refused(
+        &cp,
+        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderReservedIP",
+            "metadata": {"name": "r"}, "spec": {"ipVersion": 6, "ips": ["fd00::5"]}})
+        .to_string(),
+        "SpiderReservedIP \"r\": spec.ipVersion \"6\" IPv6 is disabled",
+    );
+    refused(
+        &cp,
+        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderReservedIP",
+            "metadata": {"name": "r0"}, "spec": {"ips": []}})
+        .to_string(),
+        "spec.ips \"[]\" is not generated correctly, 'spec.ips' is empty or 'spec.ips[0]' may be invalid",
+    );
+    // Nothing refused was stored.
+    let names: Vec<String> = json_of(&cp, &["get", "spiderippools"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["child", "m", "q"]);
+    assert_eq!(
+        json_of(&cp, &["get", "spiderippool", "child"])["spec"]["ips"],
+        json!(["10.7.0.10-10.7.0.20"])
+    );
+    drop(ctl);
+}
+
+#[test]
+fn pools_and_subnets_in_use_stay_terminating_until_their_addresses_are_released() {
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    let dir = tempfile::tempdir().unwrap();
+    let _ctl = started(
+        &cp,
+        dir.path(),
+        &["--gc-enabled=false", "--gc-interval", "2s"],
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &subnet("s8", "10.8.0.0/16", &["10.8.0.1-10.8.0.100"], json!({})),
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &pool("busy", "10.8.0.0/16", &["10.8.0.1-10.8.0.9"], json!({})),
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &pool("idle", "10.8.0.0/16", &["10.8.0.20-10.8.0.29"], json!({})),
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}).to_string(),
+    );
+    let kc = cp.kubeconfig.to_str().unwrap().to_string();
+    let socket = dir.path().join("n1.sock");
+    let _agent = Agent::start_with(
+        "kubernetes",
+        &socket,
+        "n1",
+        "",
+        &["--kubeconfig", &kc],
+        None,
+    );
+    let conf = json!({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["busy"]}});
+    let out = CniCall::new("ADD", "c1", "web", &conf).run();
+    assert!(out.success, "{}", out.stdout);
+    assert_eq!(out.json()["ips"][0]["address"], "10.8.0.1/16");
+
+    // A pool in use: deleting it leaves it terminating, and it refuses changes meanwhile.
+    cp.kubectl_ok(&["delete", "spiderippool", "busy", "--wait=false"], "");
+    let busy = json_of(&cp, &["get", "spiderippool", "busy"]);
+    assert!(busy["metadata"]["deletionTimestamp"].is_string(), "{busy}");
+    let out = cp.kubectl(&["label", "spiderippool", "busy", "x=y"], "");
+    assert!(
+        !out.success && out.stderr.contains("cannot update a terminating IPPool"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    // It hands out nothing more.
+    let out = CniCall::new("ADD", "c2", "web2", &conf).run();
+    assert!(!out.success, "{}", out.stdout);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(cp.kubectl(&["get", "spiderippool", "busy"], "").success);
+    // The subnet is deleted too: it deletes its idle pool at once, and waits for the busy one.
+    cp.kubectl_ok(&["delete", "spidersubnet", "s8", "--wait=false"], "");
+    until("the idle pool gone", || {
+        (!cp.kubectl(&["get", "spiderippool", "idle"], "").success).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let s8 = json_of(&cp, &["get", "spidersubnet", "s8"]);
+    assert!(s8["metadata"]["deletionTimestamp"].is_string(), "{s8}");
+    // Its address released, the pool goes, and then the subnet.
+    let out = CniCall::new("DEL", "c1", "web", &conf).run();
+    assert!(out.success, "{}", out.stdout);
+    until("the busy pool gone", || {
+        (!cp.kubectl(&["get", "spiderippool", "busy"], "").success).then_some(())
+    });
+    until("the subnet gone", || {
+        (!cp.kubectl(&["get", "spidersubnet", "s8"], "").success).then_some(())
+    });
+}
