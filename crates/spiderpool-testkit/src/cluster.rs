@@ -28,6 +28,24 @@ pub fn kube_bin() -> Option<PathBuf> {
     None
 }
 
+/// The directory holding helm: `SPIDERPOOL_HELM_BIN`, which `scripts/test.sh` sets from
+/// `scripts/helm-tool.sh`. `None` (with the reason printed) when it is not set; with
+/// SPIDERPOOL_E2E_REQUIRED=1 (CI) that is a failure, not a skip.
+pub fn helm_bin() -> Option<PathBuf> {
+    let dir = std::env::var_os("SPIDERPOOL_HELM_BIN").map(PathBuf::from);
+    if let Some(d) = dir.filter(|d| d.join("helm").exists()) {
+        return Some(d);
+    }
+    let why = "SPIDERPOOL_HELM_BIN does not name helm's bin directory \
+               (export SPIDERPOOL_HELM_BIN=$(scripts/helm-tool.sh | tail -n 1))";
+    assert!(
+        std::env::var("SPIDERPOOL_E2E_REQUIRED").as_deref() != Ok("1"),
+        "{why}"
+    );
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
 /// A running control plane, stopped and removed on drop.
 pub struct ControlPlane {
     dir: tempfile::TempDir,
@@ -196,6 +214,34 @@ impl ControlPlane {
             ],
             "",
         );
+    }
+
+    /// A kubeconfig that authenticates as the ServiceAccount `namespace/name` (a token from
+    /// the TokenRequest API), so a process run with it has exactly that account's permissions.
+    pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> PathBuf {
+        let token = self.kubectl_ok(
+            &["create", "token", name, "-n", namespace, "--duration=2h"],
+            "",
+        );
+        let ca = {
+            use base64::Engine as _;
+            let data = std::fs::read(self.dir.path().join("pki/ca.crt")).expect("pki file");
+            base64::engine::general_purpose::STANDARD.encode(data)
+        };
+        let path = self
+            .dir
+            .path()
+            .join(format!("{namespace}-{name}.kubeconfig"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: sa\n  user:\n    token: {}\ncontexts:\n- name: local\n  context: {{cluster: local, user: sa, namespace: {namespace}}}\ncurrent-context: local\n",
+                self.server,
+                token.trim()
+            ),
+        )
+        .expect("kubeconfig");
+        path
     }
 
     /// [`ControlPlane::kubectl`], panicking with its output when it fails.

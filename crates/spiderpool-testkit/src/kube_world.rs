@@ -162,16 +162,28 @@ impl Controller {
     /// logging beside `dir`, and waits until its health endpoint answers. Its webhooks listen
     /// on a port of their own on loopback, where it registers them.
     pub fn start(cp: &ControlPlane, dir: &Path, identity: &str, extra: &[&str]) -> Controller {
+        let webhook = format!("127.0.0.1:{}", free_port());
+        Self::start_as(&cp.kubeconfig, dir, identity, &webhook, extra)
+    }
+
+    /// [`Controller::start`] with the credentials of `kubeconfig`, its webhooks on `webhook`
+    /// (`127.0.0.1:PORT`).
+    pub fn start_as(
+        kubeconfig: &Path,
+        dir: &Path,
+        identity: &str,
+        webhook: &str,
+        extra: &[&str],
+    ) -> Controller {
         let log = dir.join(format!("{identity}.log"));
         let health = format!("127.0.0.1:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
-        let webhook = format!("127.0.0.1:{}", free_port());
         let child = Command::new(bin("spiderpool-controller"))
             .arg("--kubeconfig")
-            .arg(&cp.kubeconfig)
+            .arg(kubeconfig)
             .args(["--pod-name", identity, "--health-addr", &health])
             .args(["--metrics-addr", &metrics])
-            .args(["--webhook-addr", &webhook])
+            .args(["--webhook-addr", webhook])
             .args(["--webhook-url", &format!("https://{webhook}")])
             .args([
                 "--log-level",

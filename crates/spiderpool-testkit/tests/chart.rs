@@ -1,0 +1,278 @@
+//! The Helm chart `deploy/helm/spiderpool`: `helm lint` and `helm template` with helm built from
+//! its Go module, the rendered chart accepted by the real API server, and the agent and the
+//! controller doing their whole job under exactly the chart's ServiceAccount permissions (a verb
+//! the chart forgot fails a step here).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+use spiderpool_testkit::{
+    free_port, helm_bin, json_of, kube_bin, run, until, Agent, CniCall, ControlPlane, Controller,
+    Output,
+};
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/helm/spiderpool")
+}
+
+fn helm(bin: &Path, args: &[&str]) -> Output {
+    run(Command::new(bin.join("helm")).args(args), "")
+}
+
+fn render(bin: &Path, set: &[&str]) -> String {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        "spiderpool",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "kube-system",
+        "--include-crds",
+    ];
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    let out = helm(bin, &args);
+    assert!(out.success, "helm template: {}", out.stderr);
+    out.stdout
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    yaml.split("\n---")
+        .filter_map(|d| serde_norway::from_str::<Value>(d).ok())
+        .filter(|v| v.is_object())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the rendered chart"))
+}
+
+#[test]
+fn the_chart_lints_renders_and_installs_on_the_api_server() {
+    let Some(hbin) = helm_bin() else { return };
+    let Some(kbin) = kube_bin() else { return };
+    let out = helm(&hbin, &["lint", chart().to_str().unwrap()]);
+    assert!(
+        out.success && out.stdout.contains("0 chart(s) failed"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    let yaml = render(&hbin, &[]);
+    let docs = documents(&yaml);
+    let ds = find(&docs, "DaemonSet", "spiderpool-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["serviceAccountName"], "spiderpool-agent");
+    assert_eq!(pod["initContainers"][0]["name"], "install-cni");
+    let volumes = pod["volumes"].as_array().unwrap();
+    assert!(volumes
+        .iter()
+        .any(|v| v["hostPath"]["path"] == "/var/run/spidernet"));
+    assert!(volumes
+        .iter()
+        .any(|v| v["hostPath"]["path"] == "/opt/cni/bin"));
+    let deploy = find(&docs, "Deployment", "spiderpool-controller");
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let args: Vec<&str> = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for want in [
+        "--enable-ipv4=true",
+        "--enable-ipv6=true",
+        "--gc-enabled=true",
+        "--gc-interval=600s",
+        "--webhook-service=spiderpool-controller",
+    ] {
+        assert!(args.contains(&want), "{want} not in {args:?}");
+    }
+    // upstream's ipam switches reach the controller.
+    let off = documents(&render(
+        &hbin,
+        &["ipam.enableIPv6=false", "ipam.gc.enabled=false"],
+    ));
+    let args = find(&off, "Deployment", "spiderpool-controller")["spec"]["template"]["spec"]
+        ["containers"][0]["args"]
+        .to_string();
+    assert!(
+        args.contains("--enable-ipv6=false") && args.contains("--gc-enabled=false"),
+        "{args}"
+    );
+    for kind in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
+        let w = find(&docs, kind, "spiderpool-controller");
+        let hooks = w["webhooks"].as_array().unwrap();
+        assert_eq!(hooks.len(), 3);
+        assert_eq!(
+            hooks[0]["clientConfig"]["service"]["name"],
+            "spiderpool-controller"
+        );
+    }
+    assert_eq!(
+        docs.iter()
+            .filter(|d| d["kind"] == "CustomResourceDefinition")
+            .count(),
+        5
+    );
+
+    // The API server accepts every rendered object.
+    let cp = ControlPlane::start(&kbin, false);
+    let out = cp.kubectl(&["apply", "--dry-run=server", "-f", "-"], &yaml);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(out
+        .stdout
+        .contains("daemonset.apps/spiderpool-agent created (server dry run)"));
+}
+
+#[test]
+fn agent_and_controller_work_under_exactly_the_charts_permissions() {
+    let Some(hbin) = helm_bin() else { return };
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    // The whole chart, with the webhooks reached on loopback where the test runs the controller
+    // (no kubelet here runs the chart's pods).
+    let webhook = format!("127.0.0.1:{}", free_port());
+    let yaml = render(
+        &hbin,
+        &[&format!(
+            "spiderpoolController.webhookURL=https://{webhook}"
+        )],
+    );
+    cp.kubectl_ok(&["apply", "-f", "-"], &yaml);
+    cp.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ],
+        "",
+    );
+    let agent_kc = cp.service_account_kubeconfig("kube-system", "spiderpool-agent");
+    let controller_kc = cp.service_account_kubeconfig("kube-system", "spiderpool-controller");
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Controller::start_as(
+        &controller_kc,
+        dir.path(),
+        "spiderpool-controller-0",
+        &webhook,
+        &[
+            "--namespace",
+            "kube-system",
+            "--gc-interval",
+            "3s",
+            "--gc-grace-delay",
+            "1s",
+            "--gc-trace-gap",
+            "1s",
+        ],
+    );
+    until("the controller ready", || {
+        (spiderpool_testkit::http_get(&ctl.health, "/readyz").0 == 200).then_some(())
+    });
+
+    // Admission under the controller's permissions.
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderSubnet",
+            "metadata": {"name": "s"}, "spec": {"subnet": "10.6.0.0/16", "ips": ["10.6.0.1-10.6.0.100"]}})
+        .to_string(),
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderIPPool",
+            "metadata": {"name": "p"}, "spec": {"subnet": "10.6.0.0/16", "ips": ["10.6.0.10-10.6.0.20"]}})
+        .to_string(),
+    );
+    let p = json_of(&cp, &["get", "spiderippool", "p"]);
+    assert_eq!(p["spec"]["ipVersion"], 4);
+    assert_eq!(
+        p["metadata"]["labels"]["ipam.spidernet.io/owner-spider-subnet"],
+        "s"
+    );
+    let out = cp.kubectl(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderIPPool",
+            "metadata": {"name": "q"}, "spec": {"subnet": "10.6.0.0/16", "ips": ["10.6.0.15"]}})
+        .to_string(),
+    );
+    assert!(
+        !out.success && out.stderr.contains("overlap with IPPool p"),
+        "{}",
+        out.stderr
+    );
+
+    // The agent under its permissions: a node, two pods, ADD and DEL.
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}).to_string(),
+    );
+    for name in ["web", "api"] {
+        cp.kubectl_ok(
+            &["apply", "-f", "-"],
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "registry.invalid/c"}]}})
+            .to_string(),
+        );
+    }
+    let socket = dir.path().join("agent.sock");
+    let agent = Agent::start_with(
+        "kubernetes",
+        &socket,
+        "n1",
+        "",
+        &["--kubeconfig", agent_kc.to_str().unwrap()],
+        None,
+    );
+    let conf = json!({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["p"]}});
+    let uid = |name: &str| {
+        json_of(&cp, &["get", "pod", name])["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for name in ["web", "api"] {
+        let mut add = CniCall::new("ADD", &format!("c-{name}"), name, &conf);
+        add.args.push_str(&format!(";K8S_POD_UID={}", uid(name)));
+        let out = add.run();
+        assert!(out.success, "{}\n{}", out.stdout, agent.log());
+    }
+    assert_eq!(
+        json_of(&cp, &["get", "spiderippool", "p"])["status"]["allocatedIPCount"],
+        2
+    );
+    let out = CniCall::new("DEL", "c-api", "api", &conf).run();
+    assert!(out.success, "{}\n{}", out.stdout, agent.log());
+
+    // The controller reclaims a deleted pod's address and lets an emptied pool go.
+    cp.kubectl_ok(&["delete", "pod", "web", "--grace-period=0", "--force"], "");
+    until("web's address reclaimed", || {
+        let p = json_of(&cp, &["get", "spiderippool", "p"]);
+        (p["status"]["allocatedIPCount"] == 0).then_some(())
+    });
+    cp.kubectl_ok(&["delete", "spidersubnet", "s", "--wait=false"], "");
+    until("the subnet and its pool gone", || {
+        let gone = |k: &str, n: &str| !cp.kubectl(&["get", k, n], "").success;
+        (gone("spiderippool", "p") && gone("spidersubnet", "s")).then_some(())
+    });
+
+    // Nothing either of them did was refused.
+    for (who, log) in [("controller", ctl.log()), ("agent", agent.log())] {
+        assert!(
+            !log.to_lowercase().contains("forbidden"),
+            "the {who} was refused something:\n{log}"
+        );
+    }
+}
