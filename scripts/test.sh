@@ -12,6 +12,9 @@ fi
 # from their Go modules (cached outside the checkout after the first build).
 SPIDERPOOL_KUBE_BIN=$(./scripts/kube-tools.sh | tail -n 1)
 export SPIDERPOOL_KUBE_BIN
+# helm, for the chart's tests, likewise.
+SPIDERPOOL_HELM_BIN=$(./scripts/helm-tool.sh | tail -n 1)
+export SPIDERPOOL_HELM_BIN
 # The tests drive the real binaries: build them all first (cargo test alone builds only the
 # binaries of packages that have integration tests).
 cargo build --workspace --bins --locked

@@ -34,7 +34,7 @@ cni_plugins=${CNI_PLUGINS_DIR:-/usr/lib/cni}
 
 die() { echo "error: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root: the scenario creates network namespaces"
-for b in spiderpool spiderpool-agent spiderpool-sim-cluster; do
+for b in spiderpool spiderpool-agent spiderpool-controller spiderpool-sim-cluster; do
   [ -x "$bin_dir/$b" ] || die "$bin_dir/$b not found: build with 'cargo build --release' or set SPIDERPOOL_BIN_DIR"
 done
 [ -x "$cni_plugins/macvlan" ] || die "$cni_plugins/macvlan not found: apt-get install containernetworking-plugins"
@@ -121,6 +121,19 @@ for n in "${nodes[@]}"; do
   [ -S "$work/$n/spiderpool.sock" ] || die "agent of $n did not start: $(cat "$work/$n/agent.log")"
   echo "spiderpool-agent serving $n"
 done
+
+echo "## spiderpool-controller (webhooks, finalizers, reclaim)"
+# Outside the cluster the API server reaches its webhooks on loopback.
+"$bin_dir/spiderpool-controller" --kubeconfig "$work/admin.kubeconfig" --namespace kube-system \
+  --pod-name spiderpool-controller-0 --health-addr 127.0.0.1:15720 \
+  --webhook-addr 127.0.0.1:15722 --webhook-url https://127.0.0.1:15722 2>"$work/controller.log" &
+agent_pids+=($!)
+controller_ready() {
+  (exec 3<>/dev/tcp/127.0.0.1/15720 && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && head -n 1 <&3 | grep -q ' 200') 2>/dev/null
+}
+for _ in $(seq 300); do controller_ready && break; sleep 0.1; done
+controller_ready || die "the controller is not ready: $(tail -n 20 "$work/controller.log")"
+echo "spiderpool-controller ready"
 
 echo "## kubectl apply: the seed's manifests"
 kubectl apply -f "$manifests/02-subnets.yaml"

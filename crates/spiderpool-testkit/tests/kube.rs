@@ -42,20 +42,23 @@ fn root() -> std::path::PathBuf {
 
 #[test]
 fn crds_in_deploy_are_what_the_rust_types_generate() {
-    let dir = root().join("deploy/crds");
     let update = std::env::var("SPIDERPOOL_UPDATE_CRDS").as_deref() == Ok("1");
-    for (name, yaml) in spiderpool_api::kube::crd_files() {
-        let path = dir.join(&name);
-        if update {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, &yaml).unwrap();
+    // The chart carries the same files.
+    for at in ["deploy/crds", "deploy/helm/spiderpool/crds"] {
+        let dir = root().join(at);
+        for (name, yaml) in spiderpool_api::kube::crd_files() {
+            let path = dir.join(&name);
+            if update {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &yaml).unwrap();
+            }
+            let committed = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                committed == yaml,
+                "{at}/{name} differs from what the types generate; regenerate with \
+                 SPIDERPOOL_UPDATE_CRDS=1 cargo test -p spiderpool-testkit --test kube crds"
+            );
         }
-        let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            committed == yaml,
-            "deploy/crds/{name} differs from what the types generate; regenerate with \
-             SPIDERPOOL_UPDATE_CRDS=1 cargo test -p spiderpool-testkit --test kube crds"
-        );
     }
 }
 

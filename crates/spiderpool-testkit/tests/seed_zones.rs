@@ -231,6 +231,8 @@ fn seed_two_zones_on_kubernetes() {
         assert_eq!(pools[p]["TOTAL-IP-COUNT"], "10", "{p}");
         assert_eq!(pools[p]["DEFAULT"], "false", "{p}");
         assert_eq!(pools[p]["DISABLE"], "false", "{p}");
+        // Filled in by the controller's mutating webhook, as in the seed document.
+        assert_eq!(pools[p]["VERSION"], "4", "{p}");
     }
     // The DaemonSet's pods, one per node, each with its zone's address.
     let pods = kubectl_table(&section(stdout, "kubectl get pod -o wide"));
