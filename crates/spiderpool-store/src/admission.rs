@@ -221,10 +221,7 @@ pub async fn validate(
         }
         Object::ReservedIP(r) => {
             let name = &r.metadata.name;
-            let set = r.to_set()?;
-            if let Some(first) = set.ranges().next() {
-                families.check("SpiderReservedIP", name, IpFamily::of(&first.start()))?;
-            }
+            // What may not change is checked before what the new version says.
             if let Some(Object::ReservedIP(o)) = old {
                 if terminating(old) && r.metadata.finalizers.iter().any(|f| f == FINALIZER) {
                     return Err(forbidden(
@@ -242,6 +239,10 @@ pub async fn validate(
                         "is not changeable",
                     ));
                 }
+            }
+            let set = r.to_set()?;
+            if let Some(first) = set.ranges().next() {
+                families.check("SpiderReservedIP", name, IpFamily::of(&first.start()))?;
             }
             Ok(())
         }

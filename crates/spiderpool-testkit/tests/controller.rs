@@ -88,7 +88,7 @@ fn the_leader_reclaims_what_dead_pods_leaked_and_a_new_leader_takes_over() {
     // Pods on n1: one to delete, one to leave terminating, one to fail, one to replace, one
     // to keep; a StatefulSet of two whose member 0 is re-created and member 1 scaled away. On
     // n2: one pod whose node goes away. (The StatefulSet's pods give up 3 s after deletion.)
-    for name in ["gone", "ending", "failing", "reborn", "living"] {
+    for name in ["gone", "ending", "failing", "reborn", "living", "stuck"] {
         cp.kubectl_ok(&["apply", "-f", "-"], &pod(name, "n1", "p6"));
     }
     cp.kubectl_ok(&["apply", "-f", "-"], &pod("stranded", "n2", "p7"));
@@ -104,7 +104,7 @@ fn the_leader_reclaims_what_dead_pods_leaked_and_a_new_leader_takes_over() {
         .to_string(),
     );
     let all = [
-        "gone", "ending", "failing", "reborn", "living", "stranded", "db-0", "db-1",
+        "gone", "ending", "failing", "reborn", "living", "stuck", "stranded", "db-0", "db-1",
     ];
     until("every pod running with an address", || {
         let pods = json_of(&cp, &["get", "pods"]);
@@ -116,7 +116,7 @@ fn the_leader_reclaims_what_dead_pods_leaked_and_a_new_leader_takes_over() {
         (up == all.len()).then_some(())
     });
     let mut uids: Vec<String> = all.iter().map(|n| uid(&cp, n)).collect();
-    assert_eq!(holders(&cp, "p6").len(), 7);
+    assert_eq!(holders(&cp, "p6").len(), 8);
     assert_eq!(holders(&cp, "p7").len(), 1);
 
     // Two controllers; exactly one leads.
@@ -156,7 +156,7 @@ fn the_leader_reclaims_what_dead_pods_leaked_and_a_new_leader_takes_over() {
     }
     // Nothing is leaked yet: nothing is taken.
     std::thread::sleep(std::time::Duration::from_secs(4));
-    assert_eq!(holders(&cp, "p6").len(), 7);
+    assert_eq!(holders(&cp, "p6").len(), 8);
 
     // n1 dies: from now on no CNI DEL comes for its pods.
     n1.sim.stop();
@@ -189,11 +189,25 @@ fn the_leader_reclaims_what_dead_pods_leaked_and_a_new_leader_takes_over() {
         "",
     );
     cp.kubectl_ok(&["scale", "statefulset", "db", "--replicas=1"], "");
-    until("the leaks of n1 reclaimed", || {
-        let h = holders(&cp, "p6");
-        let mut pods: Vec<&str> = h.values().map(String::as_str).collect();
+    // stuck terminates with an hour's grace: it keeps its address while its node is Ready.
+    cp.kubectl_ok(
+        &[
+            "delete",
+            "pod",
+            "stuck",
+            "--grace-period=3600",
+            "--wait=false",
+        ],
+        "",
+    );
+    let p6 = |cp: &ControlPlane| {
+        let h = holders(cp, "p6");
+        let mut pods: Vec<String> = h.into_values().collect();
         pods.sort();
-        (pods == ["default/db-0", "default/living"]).then_some(())
+        pods
+    };
+    until("the leaks of n1 reclaimed", || {
+        (p6(&cp) == ["default/db-0", "default/living", "default/stuck"]).then_some(())
     });
     let leader = refs(&cs)[lead];
     let other = refs(&cs)[1 - lead];
@@ -228,13 +242,33 @@ fn the_leader_reclaims_what_dead_pods_leaked_and_a_new_leader_takes_over() {
         .map(|e| e["metadata"]["name"].as_str().unwrap())
         .collect();
     left.sort();
-    assert_eq!(left, ["db-0", "living", "stranded"]);
+    assert_eq!(left, ["db-0", "living", "stranded", "stuck"]);
+    // n1 turns NotReady (long enough ago): its terminating pod's address goes at once, its
+    // running pods keep theirs.
+    cp.kubectl_ok(
+        &[
+            "patch",
+            "node",
+            "n1",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"conditions":[{"type":"Ready","status":"False","reason":"NodeStatusUnknown","message":"kubelet stopped posting","lastHeartbeatTime":"2026-01-01T00:00:00Z","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#,
+        ],
+        "",
+    );
+    until("stuck's address reclaimed", || {
+        (p6(&cp) == ["default/db-0", "default/living"]).then_some(())
+    });
+    assert_eq!(by("node"), 1.0, "{}", leader.log());
+    assert!(!cp.kubectl(&["get", "spiderendpoint", "stuck"], "").success);
     let log = leader.log();
     for why in [
         "pod default/gone is gone",
         "pod default/failing is Failed",
         "pod default/reborn is another incarnation now",
         "pod default/ending is terminating since",
+        "pod default/stuck is terminating on node n1, NotReady since 2026-01-01T00:00:00Z",
     ] {
         assert!(log.contains(why), "{why:?} not in the leader's log:\n{log}");
     }

@@ -222,7 +222,14 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
         &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderReservedIP",
             "metadata": {"name": "r"}, "spec": {"ipVersion": 6, "ips": ["fd00::5"]}})
         .to_string(),
-        "SpiderReservedIP \"r\": spec.ipVersion \"6\" IPv6 is disabled",
+        "SpiderReservedIP \"r\": spec.ipVersion \"6\" is not changeable",
+    );
+    refused(
+        &cp,
+        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderReservedIP",
+            "metadata": {"name": "r6"}, "spec": {"ips": ["fd00::5"]}})
+        .to_string(),
+        "SpiderReservedIP \"r6\": spec.ipVersion \"6\" IPv6 is disabled",
     );
     refused(
         &cp,
