@@ -140,9 +140,25 @@ pub async fn start(
     });
     if settings.register {
         register(&client, &settings, &pki.ca).await?;
+        tracing::info!("registered the admission webhooks");
+        // Kept so: a `helm upgrade` re-renders the configurations without the caBundle, and
+        // the API server could then reach no webhook until a restart.
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(REREGISTER);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(e) = register(&client, &settings, &pki.ca).await {
+                    tracing::warn!(error = %e, "re-applying the webhook configurations");
+                }
+            }
+        });
     }
     Ok(())
 }
+
+/// How often the webhook configurations are applied again (a no-op when nothing changed).
+const REREGISTER: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn review(
     State(ctx): State<Arc<Ctx>>,
@@ -208,7 +224,8 @@ async fn mutation(
         }
     };
     let create = req.operation == Operation::Create;
-    if let Err(e) = admission::mutate(ctx.store.as_ref(), &mut obj, create).await {
+    let by = admission::By::Webhook { create };
+    if let Err(e) = admission::mutate(ctx.store.as_ref(), &mut obj, by).await {
         tracing::warn!(object = %obj.describe(), error = %e, "mutating webhook");
         return AdmissionResponse::from(req);
     }
@@ -469,7 +486,7 @@ async fn register(client: &kube::Client, settings: &Settings, ca: &str) -> anyho
         )
         .await
         .context("applying ValidatingWebhookConfiguration spiderpool-controller")?;
-    tracing::info!("registered the admission webhooks");
+    tracing::debug!("registered the admission webhooks");
     Ok(())
 }
 

@@ -81,15 +81,28 @@ fn terminating(old: Option<&Object>) -> bool {
     old.is_some_and(|o| o.metadata().deletion_timestamp.is_some())
 }
 
+/// Who mutates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum By {
+    /// `spiderpoolctl apply`.
+    Apply,
+    /// The controller's mutating webhook, on a create or an update.
+    Webhook {
+        /// The operation is a create.
+        create: bool,
+    },
+}
+
 /// Upstream's mutations: the default `ipVersion`, the CIDR labels, a pool's owner SpiderSubnet
 /// (reference and label) with the subnet's gateway and routes when the pool sets none, and
-/// `ips`/`excludeIPs` merged and sorted; with `finalizer` (a create on Kubernetes, where the
-/// controller removes it), the finalizer on pools and subnets.
-pub async fn mutate(
-    store: &dyn Store,
-    object: &mut Object,
-    finalizer: bool,
-) -> Result<(), ApplyError> {
+/// `ips`/`excludeIPs` merged and sorted; on a webhook's create, the finalizer on pools and
+/// subnets (the controller removes it).
+pub async fn mutate(store: &dyn Store, object: &mut Object, by: By) -> Result<(), ApplyError> {
+    let finalizer = by == By::Webhook { create: true };
+    // The owner reference names the subnet's UID. In a cluster only the webhook sets it: there
+    // the API server gives objects their UIDs, and a subnet created by the same apply has none
+    // yet (a reference to a UID that does not exist gets the pool garbage-collected).
+    let owner_reference = matches!(by, By::Webhook { .. }) || store.owns_nodes();
     match object {
         Object::IPPool(p) => {
             let Ok(net) = p.spec.subnet.parse::<ipnet::IpNet>() else {
@@ -102,7 +115,7 @@ pub async fn mutate(
                 .insert(LABEL_POOL_CIDR.into(), cidr_label(&net));
             p.spec.ips = merged(&p.spec.ips, family);
             p.spec.exclude_ips = merged(&p.spec.exclude_ips, family);
-            adopt(store, p, &net).await?;
+            adopt(store, p, &net, owner_reference).await?;
         }
         Object::Subnet(s) => {
             let Ok(net) = s.spec.subnet.parse::<ipnet::IpNet>() else {
@@ -151,6 +164,7 @@ async fn adopt(
     store: &dyn Store,
     pool: &mut SpiderIPPool,
     net: &ipnet::IpNet,
+    owner_reference: bool,
 ) -> Result<(), ApplyError> {
     for (o, _) in typed::list(store, Kind::Subnet).await? {
         let Object::Subnet(sub) = o else { continue };
@@ -167,7 +181,8 @@ async fn adopt(
         pool.metadata
             .labels
             .insert(LABEL_OWNER_SUBNET.into(), name.clone());
-        if let Some(uid) = sub.metadata.uid.clone().filter(|u| !u.is_empty()) {
+        let uid = sub.metadata.uid.clone().filter(|u| !u.is_empty());
+        if let Some(uid) = uid.filter(|_| owner_reference) {
             let refs = &mut pool.metadata.owner_references;
             if !refs
                 .iter()

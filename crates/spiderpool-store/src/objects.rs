@@ -47,6 +47,9 @@ fn invalid(msg: String) -> ApplyError {
     ApplyError::Invalid(ValidationError::Invalid(msg))
 }
 
+/// kubectl's annotation of what it last applied, kept across `spiderpoolctl apply`.
+const KUBECTL_LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// What applying one object writes, and what that does to it.
 struct Planned {
     ops: Vec<Op>,
@@ -57,12 +60,30 @@ struct Planned {
 /// The stored status, creation time and UID are kept; a new object gets them.
 async fn plan(store: &dyn Store, mut object: Object) -> Result<Planned, ApplyError> {
     let kind = object.kind();
-    admission::mutate(store, &mut object, false).await?;
     let key = object.key();
     // A pool is checked against its holders; the commit fails if an address was claimed
     // after they were read (see `Op::NoClaimsSince`), and the check runs again.
     let since = store.revision().await?;
     let current = typed::get(store, kind, &key).await?;
+    // What the system put on the stored object stays, as with kubectl apply: its finalizers
+    // and owners (a document that names its own replaces them), and kubectl's record of what
+    // it last applied.
+    if let Some((old, _)) = &current {
+        let old = old.metadata();
+        let m = object.metadata_mut();
+        if m.finalizers.is_empty() {
+            m.finalizers = old.finalizers.clone();
+        }
+        if m.owner_references.is_empty() {
+            m.owner_references = old.owner_references.clone();
+        }
+        if let Some(last) = old.annotations.get(KUBECTL_LAST_APPLIED) {
+            m.annotations
+                .entry(KUBECTL_LAST_APPLIED.to_string())
+                .or_insert_with(|| last.clone());
+        }
+    }
+    admission::mutate(store, &mut object, admission::By::Apply).await?;
     admission::validate(
         store,
         &object,
@@ -319,6 +340,14 @@ impl Store for Staged {
 
     async fn ping(&self) -> crate::Result<()> {
         self.base.ping().await
+    }
+
+    fn owns_nodes(&self) -> bool {
+        self.base.owns_nodes()
+    }
+
+    fn max_ops(&self) -> usize {
+        self.base.max_ops()
     }
 }
 

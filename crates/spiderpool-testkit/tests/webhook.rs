@@ -146,6 +146,45 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
     assert_eq!(r["spec"]["ipVersion"], 4);
     assert_eq!(r["spec"]["ips"], json!(["10.6.0.6-10.6.0.7"]));
 
+    // spiderpoolctl on the same cluster keeps what the webhook and the controller put there.
+    let ctl_apply = |doc: &str| {
+        let out = spiderpool_testkit::run(
+            std::process::Command::new(spiderpool_testkit::bin("spiderpoolctl"))
+                .args(["--datastore", "kubernetes", "--kubeconfig"])
+                .arg(&cp.kubeconfig)
+                .args(["apply", "-f", "-"]),
+            doc,
+        );
+        assert!(out.success, "{}", out.stderr);
+        out.stdout
+    };
+    let out = ctl_apply(&pool(
+        "child",
+        "10.7.0.0/16",
+        &["10.7.0.10-10.7.0.20"],
+        json!({}),
+    ));
+    assert_eq!(
+        out,
+        "spiderippool.spiderpool.spidernet.io/child unchanged\n"
+    );
+    ctl_apply(&pool(
+        "child",
+        "10.7.0.0/16",
+        &["10.7.0.10-10.7.0.21"],
+        json!({}),
+    ));
+    let again = json_of(&cp, &["get", "spiderippool", "child"]);
+    assert_eq!(
+        again["metadata"]["finalizers"],
+        json!(["spiderpool.spidernet.io"])
+    );
+    assert_eq!(
+        again["metadata"]["ownerReferences"],
+        child["metadata"]["ownerReferences"]
+    );
+    assert_eq!(again["spec"]["ips"], json!(["10.7.0.10-10.7.0.21"]));
+
     // Every rule, through kubectl.
     refused(
         &cp,
@@ -194,7 +233,7 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
     );
     refused(
         &cp,
-        &pool("child", "10.7.0.0/16", &["10.7.0.10-10.7.0.20", "10.7.0.150"], json!({})),
+        &pool("child", "10.7.0.0/16", &["10.7.0.10-10.7.0.21", "10.7.0.150"], json!({})),
         "spec.ips \"[10.7.0.150]\" add some IP ranges [10.7.0.150] that are not contained in controller Subnet s7",
     );
     refused(
@@ -210,7 +249,7 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
     refused(
         &cp,
         &subnet("s7", "10.7.0.0/16", &["10.7.0.50-10.7.0.100"], json!({})),
-        "remove some IP ranges [10.7.0.10-10.7.0.20] that is being used by IPPool child",
+        "remove some IP ranges [10.7.0.10-10.7.0.21] that is being used by IPPool child",
     );
     refused(
         &cp,
@@ -248,7 +287,7 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
     assert_eq!(names, ["child", "m", "q"]);
     assert_eq!(
         json_of(&cp, &["get", "spiderippool", "child"])["spec"]["ips"],
-        json!(["10.7.0.10-10.7.0.20"])
+        json!(["10.7.0.10-10.7.0.21"])
     );
     drop(ctl);
 }

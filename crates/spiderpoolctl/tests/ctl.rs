@@ -32,6 +32,27 @@ fn seed_objects_apply_and_print_the_seed_columns() {
         "{}",
         again.stdout
     );
+    // A pool of a subnet's CIDR belongs to it; an owner reference, where there is one, names
+    // the subnet's real UID (in a cluster the webhook sets it, after the API server gave the
+    // subnet its UID: a reference to a UID that does not exist would get the pool collected).
+    let pool6 = sb.get_json("ippool", "test-ippool-6");
+    assert_eq!(
+        pool6["metadata"]["labels"]["ipam.spidernet.io/owner-spider-subnet"],
+        "subnet-6"
+    );
+    let subnet6 = sb.get_json("subnet", "subnet-6");
+    for owner in pool6["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(owner["uid"], subnet6["metadata"]["uid"], "{pool6}");
+    }
+    assert_eq!(
+        pool6["metadata"]["ownerReferences"].is_array(),
+        !Sandbox::on_kubernetes(),
+        "{pool6}"
+    );
 
     let table = sb.ctl(&["get", "ippool"], "").stdout;
     assert_eq!(
