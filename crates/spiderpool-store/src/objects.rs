@@ -203,6 +203,32 @@ pub async fn apply_all(
     store: Arc<dyn Store>,
     objects: Vec<Object>,
 ) -> Result<Vec<Applied>, ApplyAllError> {
+    apply_all_reporting(store, objects, &|_| {}).await
+}
+
+/// How far an [`apply_all_reporting`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// `done` of `total` objects checked.
+    Checked {
+        /// Checked so far.
+        done: usize,
+        /// All of them.
+        total: usize,
+    },
+    /// Writing `ops` datastore operations.
+    Writing {
+        /// Operations in the transaction.
+        ops: usize,
+    },
+}
+
+/// [`apply_all`], telling `progress` after each object checked and before the write.
+pub async fn apply_all_reporting(
+    store: Arc<dyn Store>,
+    objects: Vec<Object>,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Vec<Applied>, ApplyAllError> {
     let at = |index: usize| {
         move |error: ApplyError| ApplyAllError {
             index: Some(index),
@@ -232,6 +258,10 @@ pub async fn apply_all(
             staged.stage(&planned.ops);
             ops.extend(planned.ops);
             outcomes.push(planned.outcome);
+            progress(Progress::Checked {
+                done: i + 1,
+                total: objects.len(),
+            });
         }
         if ops.is_empty() {
             return Ok(outcomes);
@@ -245,6 +275,7 @@ pub async fn apply_all(
                 store.max_ops()
             ))));
         }
+        progress(Progress::Writing { ops: ops.len() });
         match store.commit(ops).await {
             Ok(_) => return Ok(outcomes),
             Err(StoreError::Conflict(_)) if attempt < 5 => continue,

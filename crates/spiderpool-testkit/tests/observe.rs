@@ -138,15 +138,22 @@ fn metrics_move_with_allocations_failures_and_releases() {
             "spiderpool_agent_datastore_commit_duration_seconds_count"
         ) >= 3.0
     );
-    // Every metric the Grafana dashboard in deploy/ queries is one the agent exports.
+    // Every metric the Grafana dashboard in deploy/ queries is one the agent or the controller
+    // exports.
     let dashboard = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../deploy/grafana/spiderpool-dashboard.json"),
     )
     .unwrap();
     let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let controller = {
+        let m = spiderpool_controller::metrics::Metrics::new();
+        m.reclaimed("deleted", 0);
+        m.render()
+    };
     let exported: std::collections::BTreeSet<&str> = after
         .lines()
+        .chain(controller.lines())
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split([' ', '{']).next())
         .collect();
@@ -159,7 +166,7 @@ fn metrics_move_with_allocations_failures_and_releases() {
                     queried += 1;
                     assert!(
                         exported.contains(word),
-                        "the dashboard queries {word}, which the agent does not export"
+                        "the dashboard queries {word}, which neither the agent nor the controller exports"
                     );
                 }
             }
@@ -182,4 +189,81 @@ fn metrics_move_with_allocations_failures_and_releases() {
         ),
         1.0
     );
+}
+
+#[test]
+fn a_conflict_between_two_agents_is_counted() {
+    // Two agents on one datastore race for one pool: when one commits an address the other
+    // chose too, the loser counts a conflict and chooses again. Rounds go on until one was
+    // counted (a round of thirty concurrent ADDs nearly always has one).
+    let sb = Sandbox::new();
+    sb.apply(
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: p}\nspec: {subnet: 10.31.0.0/16, ips: [10.31.0.1-10.31.0.60]}\n",
+    );
+    let agents: Vec<(Agent, String)> = ["node-1", "node-2"]
+        .iter()
+        .map(|node| {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let a = Agent::start_with(
+                &sb.datastore(),
+                &sb.socket(node),
+                node,
+                "",
+                &["--metrics-addr", &addr],
+                None,
+            );
+            (a, addr)
+        })
+        .collect();
+    let conflicts = || -> f64 {
+        agents
+            .iter()
+            .map(|(_, addr)| {
+                sample(
+                    &get(addr, "/metrics").1,
+                    "spiderpool_ipam_allocation_update_ippool_conflict_counts_total",
+                )
+            })
+            .sum()
+    };
+    assert_eq!(conflicts(), 0.0);
+    let sockets: Vec<std::path::PathBuf> = agents.iter().map(|(a, _)| a.socket.clone()).collect();
+    let mut rounds = 0;
+    while conflicts() == 0.0 {
+        rounds += 1;
+        assert!(
+            rounds <= 20,
+            "20 rounds of 30 racing ADDs and not one conflict counted"
+        );
+        let calls = |command: &'static str| {
+            let threads: Vec<_> = (0..30)
+                .map(|i| {
+                    let socket = sockets[i % 2].clone();
+                    std::thread::spawn(move || {
+                        let conf = json!({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "spiderpool",
+                            "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["p"]}});
+                        CniCall::new(command, &format!("c{i}"), &format!("pod-{i}"), &conf).run()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let added = calls("ADD");
+        let mut seen = std::collections::HashSet::new();
+        for out in &added {
+            assert!(out.success, "{}", out.stdout);
+            let ip = out.json()["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(seen.insert(ip.clone()), "{ip} handed out twice");
+        }
+        for out in calls("DEL") {
+            assert!(out.success, "{}", out.stdout);
+        }
+    }
+    assert_eq!(sb.allocated("p"), 0);
 }

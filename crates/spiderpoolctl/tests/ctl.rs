@@ -801,3 +801,24 @@ fn ipam_gc_reclaims_the_addresses_of_dead_pods_and_keeps_the_living() {
     let out = sb.ctl(&["ipam", "gc", "--grace", "1s"], "");
     assert_eq!(out.stdout, "nothing to reclaim\n");
 }
+
+#[test]
+fn a_large_apply_reports_its_progress_on_stderr() {
+    // 100 objects: as large a file as every datastore commits at once (etcd: 112 operations).
+    let sb = Sandbox::new();
+    let docs: Vec<String> = (0..100).map(|i| pod_yaml(&format!("bulk-{i}"))).collect();
+    let out = sb.ctl(&["apply", "-f", "-"], &docs.join("---\n"));
+    assert!(out.success, "{}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    let expected: Vec<String> = (1..=10)
+        .map(|k| format!("checked {}/100 objects", k * 10))
+        .chain(["writing 100 objects (100 datastore operations)".to_string()])
+        .collect();
+    assert_eq!(lines, expected);
+    // The answer on stdout is unchanged: one line per object.
+    assert_eq!(out.stdout.lines().count(), 100);
+    assert_eq!(out.stdout.lines().next(), Some("pod/bulk-0 created"));
+    // A small file says nothing more than before.
+    let out = sb.ctl(&["apply", "-f", "-"], &pod_yaml("single"));
+    assert_eq!(out.stderr, "");
+}

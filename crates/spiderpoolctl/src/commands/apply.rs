@@ -7,10 +7,13 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use spiderpool_api::manifest::parse_documents;
 use spiderpool_api::{Kind, Object};
-use spiderpool_store::objects::{self, Applied};
+use spiderpool_store::objects::{self, Applied, Progress};
 use spiderpool_store::Store;
 
 use super::singular;
+
+/// Files with this many objects or more report their progress.
+const PROGRESS_FROM: usize = 100;
 
 pub(crate) async fn run(store: Arc<dyn Store>, file: &str) -> anyhow::Result<ExitCode> {
     let text = if file == "-" {
@@ -30,8 +33,21 @@ pub(crate) async fn run(store: Arc<dyn Store>, file: &str) -> anyhow::Result<Exi
         eprintln!("Warning: {w}");
     }
     let names: Vec<String> = docs.iter().map(|d| resource_ref(&d.object)).collect();
-    let objects = docs.into_iter().map(|d| d.object).collect();
-    match objects::apply_all(store, objects).await {
+    let objects: Vec<Object> = docs.into_iter().map(|d| d.object).collect();
+    // A large file takes a while (each object is checked against all before it): say how far
+    // it got, on stderr, about every tenth.
+    let total = objects.len();
+    let step = (total / 10).max(1);
+    let progress = move |p: Progress| match p {
+        Progress::Checked { done, total } if total >= PROGRESS_FROM && done % step == 0 => {
+            eprintln!("checked {done}/{total} objects");
+        }
+        Progress::Writing { ops } if total >= PROGRESS_FROM => {
+            eprintln!("writing {total} objects ({ops} datastore operations)");
+        }
+        _ => {}
+    };
+    match objects::apply_all_reporting(store, objects, &progress).await {
         Ok(outcomes) => {
             for (name, outcome) in names.iter().zip(outcomes) {
                 let what = match outcome {
