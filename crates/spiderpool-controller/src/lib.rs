@@ -3,9 +3,9 @@
 //! addresses of dead pods and releases the finalizers of pools and subnets whose addresses are
 //! all given back.
 
-pub mod finalizer;
 pub mod leader;
 pub mod metrics;
+pub mod pools;
 pub mod reclaim;
 pub mod webhook;
 
@@ -260,11 +260,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             (true, false) => {
                 tracing::info!(%identity, "leading: finalizers and the reclaim of leaked addresses");
                 let mut set = tokio::task::JoinSet::new();
-                set.spawn(finalizer::run(
-                    client.clone(),
-                    store.clone(),
-                    args.gc_interval,
-                ));
+                set.spawn(pools::run(client.clone(), store.clone(), args.gc_interval));
                 if args.gc_enabled {
                     let r = reclaim::Reclaimer::new(
                         client.clone(),

@@ -224,6 +224,14 @@ fn seed_two_zones_on_kubernetes() {
         out.stdout, out.stderr
     );
     let stdout = &out.stdout;
+    // The subnets as the seed shows them, their ten addresses now given to the pools (the
+    // controller keeps the counts).
+    let subnets = kubectl_table(&section(stdout, "kubectl get spidersubnet\n"));
+    for s in ["subnet-6", "subnet-7"] {
+        assert_eq!(subnets[s]["VERSION"], "4", "{s}: {stdout}");
+        assert_eq!(subnets[s]["TOTAL-IP-COUNT"], "10", "{s}: {stdout}");
+        assert_eq!(subnets[s]["ALLOCATED-IP-COUNT"], "10", "{s}: {stdout}");
+    }
     // kubectl's own tables: one of ten allocated in each pool, with the seed's columns.
     let pools = kubectl_table(&section(stdout, "kubectl get spiderippool\n"));
     for p in ["test-ippool-6", "test-ippool-7"] {

@@ -185,6 +185,28 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
     );
     assert_eq!(again["spec"]["ips"], json!(["10.7.0.10-10.7.0.21"]));
 
+    // The leader keeps the counts: a pool's from the moment it exists, a subnet's from its
+    // pools (as kubectl's columns show them).
+    until("the counts written", || {
+        let m = json_of(&cp, &["get", "spiderippool", "m"]);
+        let s7 = json_of(&cp, &["get", "spidersubnet", "s7"]);
+        (m["status"]["totalIPCount"] == 7
+            && m["status"]["allocatedIPCount"] == 0
+            && s7["status"]["totalIPCount"] == 99
+            && s7["status"]["allocatedIPCount"] == 12)
+            .then_some(())
+    });
+    let s7 = json_of(&cp, &["get", "spidersubnet", "s7"]);
+    let controlled: Value =
+        serde_json::from_str(s7["status"]["controlledIPPools"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        controlled,
+        json!({"child": {"ips": ["10.7.0.10-10.7.0.21"]}})
+    );
+    let table = cp.kubectl_ok(&["get", "spidersubnet", "s7"], "");
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row, ["s7", "4", "10.7.0.0/16", "12", "99"], "{table}");
+
     // Every rule, through kubectl.
     refused(
         &cp,
