@@ -800,6 +800,26 @@ fn ipam_gc_reclaims_the_addresses_of_dead_pods_and_keeps_the_living() {
     // Nothing left to do.
     let out = sb.ctl(&["ipam", "gc", "--grace", "1s"], "");
     assert_eq!(out.stdout, "nothing to reclaim\n");
+
+    // A pod terminating with an hour's grace is said to be waiting, and keeps its address
+    // (outside a cluster, where its deletion is what was applied).
+    if !cluster {
+        sb.apply(&pod_yaml("web-4").replace(
+            "namespace: default}",
+            "namespace: default, deletionTimestamp: '2030-01-01T00:00:00Z', deletionGracePeriodSeconds: 3600}",
+        ));
+        let out = sb.ctl(&["ipam", "gc", "--grace", "1s"], "");
+        assert!(out.success, "{}{}", out.stdout, out.stderr);
+        assert!(
+            out.stdout.starts_with("waiting: pod default/web-4 (UID ")
+                && out.stdout.contains(
+                    "pod default/web-4 is terminating since 2030-01-01T00:00:00Z; its addresses go after 2030-01-01T01:00:01Z"
+                ),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(sb.allocated("p"), 2);
+    }
 }
 
 #[test]

@@ -146,6 +146,7 @@ async fn gc(
         return Ok(ExitCode::SUCCESS);
     }
     let mut reclaimed = Vec::new();
+    let mut waiting = Vec::new();
     let mut failed = 0;
     if !first.is_empty() {
         tracker.full(first, &policy, SystemTime::now());
@@ -153,7 +154,23 @@ async fn gc(
         tokio::time::sleep(grace).await;
         let now = SystemTime::now();
         let second = reclaim::scan(store, &policy, None, now).await?;
-        for leak in tracker.full(second, &policy, now) {
+        let ripe = tracker.full(second.clone(), &policy, now);
+        // Leaked, but the pod's own grace period is not over: said, and left for a later run.
+        for l in second.iter().filter(|l| !ripe.contains(l)) {
+            let until = l
+                .due
+                .map(|d| humantime::format_rfc3339_seconds(d + grace).to_string())
+                .unwrap_or_default();
+            if !json {
+                println!(
+                    "waiting: pod {} (UID {}): {}; its addresses go after {until}",
+                    l.pod, l.uid, l.why
+                );
+            }
+            waiting.push(json!({"pod": l.pod, "uid": l.uid, "cause": l.cause.label(),
+                "why": l.why, "until": until}));
+        }
+        for leak in ripe {
             match reclaim::reclaim(store, &policy, &leak, SystemTime::now()).await {
                 Ok(Some(done)) => {
                     if !json {
@@ -179,9 +196,9 @@ async fn gc(
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"reclaimed": reclaimed}))?
+            serde_json::to_string_pretty(&json!({"reclaimed": reclaimed, "waiting": waiting}))?
         );
-    } else if reclaimed.is_empty() && failed == 0 {
+    } else if reclaimed.is_empty() && waiting.is_empty() && failed == 0 {
         println!("nothing to reclaim");
     }
     Ok(if failed == 0 {
