@@ -125,11 +125,11 @@ done
 echo "## spiderpool-controller (webhooks, finalizers, reclaim)"
 # Outside the cluster the API server reaches its webhooks on loopback.
 "$bin_dir/spiderpool-controller" --kubeconfig "$work/admin.kubeconfig" --namespace kube-system \
-  --pod-name spiderpool-controller-0 --health-addr 127.0.0.1:15720 \
-  --webhook-addr 127.0.0.1:15722 --webhook-url https://127.0.0.1:15722 2>"$work/controller.log" &
+  --pod-name spiderpool-controller-0 --health-addr 127.0.0.1:9720 \
+  --webhook-addr 127.0.0.1:9722 --webhook-url https://127.0.0.1:9722 2>"$work/controller.log" &
 agent_pids+=($!)
 controller_ready() {
-  (exec 3<>/dev/tcp/127.0.0.1/15720 && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && head -n 1 <&3 | grep -q ' 200') 2>/dev/null
+  (exec 3<>/dev/tcp/127.0.0.1/9720 && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && head -n 1 <&3 | grep -q ' 200') 2>/dev/null
 }
 for _ in $(seq 300); do controller_ready && break; sleep 0.1; done
 controller_ready || die "the controller is not ready: $(tail -n 20 "$work/controller.log")"

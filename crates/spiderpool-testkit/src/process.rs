@@ -95,11 +95,38 @@ pub fn cpu_time(pid: &str, children: bool) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// A free TCP port on loopback (bound and released; good enough for tests).
+/// A free TCP port on loopback for a server a test starts. It is taken below the kernel's
+/// ephemeral range (`ip_local_port_range`), where no outgoing connection's source port lands
+/// between the check and the server's bind (a port from `bind(:0)` is one of those, and a busy
+/// control plane took one such before etcd could bind it), and never twice by one process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    let (low, span) = *START.get_or_init(|| {
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32768);
+        let low = 10_000u32.min(ephemeral.saturating_sub(1_000));
+        let span = ephemeral.saturating_sub(low).max(1);
+        // Each test process starts somewhere else in the range.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        NEXT.store(
+            std::process::id().wrapping_mul(7919).wrapping_add(nanos) % span,
+            Ordering::SeqCst,
+        );
+        (low, span)
+    });
+    for _ in 0..span {
+        let port = low + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = u16::try_from(port).expect("a port");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {low} and {}", low + span)
 }
