@@ -75,10 +75,28 @@ fn merged(list: &[String], family: IpFamily) -> Vec<String> {
     }
 }
 
-/// Whether the stored object is on its way out: deletion begun, so only the removal of
-/// finalizers is accepted.
-fn terminating(old: Option<&Object>) -> bool {
-    old.is_some_and(|o| o.metadata().deletion_timestamp.is_some())
+/// An update of an object on its way out (deletion begun): refused with `why` while it still
+/// carries our finalizer; `Ok(true)` when it is the removal of the finalizer, which is let
+/// through; `Ok(false)` when the stored object is not terminating.
+fn terminating_update(
+    kind: &str,
+    name: &str,
+    old: Option<&spiderpool_api::meta::ObjectMeta>,
+    new: &spiderpool_api::meta::ObjectMeta,
+    why: &str,
+) -> Result<bool, ApplyError> {
+    if old.is_none_or(|o| o.deletion_timestamp.is_none()) {
+        return Ok(false);
+    }
+    if new.finalizers.iter().any(|f| f == FINALIZER) {
+        return Err(forbidden(kind, name, why));
+    }
+    Ok(true)
+}
+
+/// Whether two CIDRs share an address (one contains the other).
+fn overlap(a: &ipnet::IpNet, b: &ipnet::IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// Who mutates.
@@ -238,13 +256,13 @@ pub async fn validate(
             let name = &r.metadata.name;
             // What may not change is checked before what the new version says.
             if let Some(Object::ReservedIP(o)) = old {
-                if terminating(old) && r.metadata.finalizers.iter().any(|f| f == FINALIZER) {
-                    return Err(forbidden(
-                        "SpiderReservedIP",
-                        name,
-                        "cannot update a terminating ReservedIP",
-                    ));
-                }
+                terminating_update(
+                    "SpiderReservedIP",
+                    name,
+                    Some(&o.metadata),
+                    &r.metadata,
+                    "cannot update a terminating ReservedIP",
+                )?;
                 if o.spec.ip_version.is_some() && o.spec.ip_version != r.spec.ip_version {
                     return Err(invalid(
                         "SpiderReservedIP",
@@ -290,14 +308,15 @@ async fn validate_pool(
 ) -> Result<(), ApplyError> {
     const KIND: &str = "SpiderIPPool";
     let name = &new.metadata.name;
-    if let Some(o) = old {
-        if o.metadata.deletion_timestamp.is_some() {
-            // Only the removal of the finalizer is let through.
-            if new.metadata.finalizers.iter().any(|f| f == FINALIZER) {
-                return Err(forbidden(KIND, name, "cannot update a terminating IPPool"));
-            }
-            return Ok(());
-        }
+    let old_meta = old.map(|o| &o.metadata);
+    if terminating_update(
+        KIND,
+        name,
+        old_meta,
+        &new.metadata,
+        "cannot update a terminating IPPool",
+    )? {
+        return Ok(());
     }
     let pool = new.to_pool()?;
     families.check(KIND, name, pool.family)?;
@@ -342,9 +361,7 @@ async fn validate_pool(
             continue;
         }
         if other.subnet != pool.subnet {
-            let overlaps = other.subnet.contains(&pool.subnet.network())
-                || pool.subnet.contains(&other.subnet.network());
-            if overlaps && old.is_none() {
+            if overlap(&other.subnet, &pool.subnet) && old.is_none() {
                 return Err(invalid(
                     KIND,
                     name,
@@ -421,14 +438,10 @@ async fn validate_subnet(
 ) -> Result<(), ApplyError> {
     const KIND: &str = "SpiderSubnet";
     let name = &new.metadata.name;
-    if let Some(o) = old {
-        if o.metadata.deletion_timestamp.is_some() {
-            if new.metadata.finalizers.iter().any(|f| f == FINALIZER) {
-                // Upstream's spelling.
-                return Err(forbidden(KIND, name, "cannot update a terminaing Subnet"));
-            }
-            return Ok(());
-        }
+    // Upstream's spelling.
+    let why = "cannot update a terminaing Subnet";
+    if terminating_update(KIND, name, old.map(|o| &o.metadata), &new.metadata, why)? {
+        return Ok(());
     }
     let s = new.to_pool()?;
     families.check(KIND, name, s.family)?;
@@ -449,8 +462,7 @@ async fn validate_subnet(
         if &other.name == name || other.family != s.family {
             continue;
         }
-        if other.subnet.contains(&s.subnet.network()) || s.subnet.contains(&other.subnet.network())
-        {
+        if overlap(&other.subnet, &s.subnet) {
             return Err(invalid(
                 KIND,
                 name,
@@ -467,9 +479,7 @@ async fn validate_subnet(
     let pools = typed::list(store, Kind::IPPool).await?;
     for p in pools_of(&pools).iter().filter(|p| p.family == s.family) {
         if p.subnet != s.subnet {
-            let overlaps =
-                p.subnet.contains(&s.subnet.network()) || s.subnet.contains(&p.subnet.network());
-            if overlaps && old.is_none() {
+            if overlap(&p.subnet, &s.subnet) && old.is_none() {
                 return Err(invalid(
                     KIND,
                     name,

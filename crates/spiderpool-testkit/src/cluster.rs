@@ -223,11 +223,7 @@ impl ControlPlane {
             &["create", "token", name, "-n", namespace, "--duration=2h"],
             "",
         );
-        let ca = {
-            use base64::Engine as _;
-            let data = std::fs::read(self.dir.path().join("pki/ca.crt")).expect("pki file");
-            base64::engine::general_purpose::STANDARD.encode(data)
-        };
+        let ca = pki_base64(&self.dir.path().join("pki"), "ca.crt");
         let path = self
             .dir
             .path()
@@ -367,13 +363,16 @@ fn make_pki(dir: &Path) {
 }
 
 /// An admin kubeconfig with the certificates embedded.
+/// A file of the control plane's PKI, base64 as a kubeconfig embeds it.
+fn pki_base64(pki: &Path, file: &str) -> String {
+    use base64::Engine as _;
+    let data = std::fs::read(pki.join(file)).expect("pki file");
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
 fn write_kubeconfig(path: &Path, server: &str, pki: &Path) {
     use std::fmt::Write as _;
-    let b64 = |f: &str| {
-        use base64::Engine as _;
-        let data = std::fs::read(pki.join(f)).expect("pki file");
-        base64::engine::general_purpose::STANDARD.encode(data)
-    };
+    let b64 = |f: &str| pki_base64(pki, f);
     let mut s = String::new();
     let _ = write!(
         s,
