@@ -65,6 +65,14 @@ pub struct Args {
     /// Time a client has to send a request's headers before its connection is closed.
     #[arg(long, env = "SPIDERPOOL_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub header_timeout: std::time::Duration,
+    /// How long an ADD waits for its SpiderSubnet auto pool to be created or grown before it
+    /// fails with CNI code 11 (try again later).
+    #[arg(long, env = "SPIDERPOOL_AUTO_POOL_WAIT", default_value = "50s", value_parser = humantime::parse_duration)]
+    pub auto_pool_wait: std::time::Duration,
+    /// Serve pods whose annotations ask for SpiderSubnet auto pools (`ipam.spidernet.io/subnet(s)`);
+    /// when off they are refused.
+    #[arg(long, env = "SPIDERPOOL_ENABLE_AUTO_POOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_auto_pool: bool,
     /// Datastore: sqlite:///path/db, etcd://host:port[,host:port]?prefix=/spiderpool or kubernetes.
     #[arg(long, env = "SPIDERPOOL_DATASTORE", default_value = DEFAULT_DATASTORE)]
     pub datastore: DatastoreUrl,
@@ -133,13 +141,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let store = spiderpool_store::open_with(&args.datastore, args.kubeconfig.as_deref())
         .await
         .with_context(|| format!("opening datastore {:?}", args.datastore))?;
-    let svc = Arc::new(IpamService::new(
-        store,
-        NodeIdentity {
-            name: args.node_name.clone(),
-            labels: args.node_labels.clone(),
-        },
-    ));
+    let svc = Arc::new(
+        IpamService::new(
+            store,
+            NodeIdentity {
+                name: args.node_name.clone(),
+                labels: args.node_labels.clone(),
+            },
+        )
+        .with_auto_pool_wait(args.enable_auto_pool.then_some(args.auto_pool_wait)),
+    );
     svc.register_node()
         .await
         .with_context(|| format!("registering node {}", args.node_name))?;

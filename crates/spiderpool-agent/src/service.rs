@@ -55,6 +55,9 @@ pub enum ServiceError {
     /// STATUS: ADD cannot be served.
     #[error("{0}")]
     NotReady(String),
+    /// The pod's auto pool is not there or not grown yet, after waiting for the reconciler.
+    #[error("{0}")]
+    AutoPoolNotReady(String),
     /// CHECK: the container holds no reservation for the interface.
     #[error("container {container_id} holds no address for interface {nic} (pod {pod})")]
     NoReservation {
@@ -98,6 +101,7 @@ impl ServiceError {
                 code::UNKNOWN_CONTAINER
             }
             ServiceError::NotReady(_) => code::PLUGIN_NOT_AVAILABLE,
+            ServiceError::AutoPoolNotReady(_) => code::TRY_AGAIN_LATER,
         }
     }
 }
@@ -131,7 +135,13 @@ pub struct IpamService {
     queue: std::sync::Mutex<Vec<PendingAdd>>,
     /// What the agent counts (`--metrics-addr`).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// How long an ADD waits for its auto pool (`--auto-pool-wait`); `None`: auto pools are
+    /// off (`--enable-auto-pool=false`).
+    auto_pool_wait: Option<Duration>,
 }
+
+/// How long an ADD waits for its auto pool by default (upstream: 25 tries 2 s apart).
+pub const AUTO_POOL_WAIT: Duration = Duration::from_secs(50);
 
 /// Evaluates the attempt (an expression yielding a future of `Result`) until it does not end
 /// in a conflict, a bounded number of times, then tells the caller to try again later. (A
@@ -195,7 +205,15 @@ impl IpamService {
             node,
             queue: std::sync::Mutex::new(Vec::new()),
             metrics: Arc::default(),
+            auto_pool_wait: Some(AUTO_POOL_WAIT),
         }
+    }
+
+    /// How long an ADD waits for its auto pool to be created or grown; `None` turns auto pools
+    /// off (a pod that asks for one is refused).
+    pub fn with_auto_pool_wait(mut self, wait: Option<Duration>) -> Self {
+        self.auto_pool_wait = wait;
+        self
     }
 
     /// Keeps the cached view read ahead of requests: now, again whenever the datastore's watch

@@ -229,6 +229,9 @@ pub struct RequestFacts<'a> {
     pub annotations: &'a std::collections::BTreeMap<String, String>,
     /// The pod's labels.
     pub labels: spiderpool_core::Labels,
+    /// The pod-affinity labels of the pod's top controller (`ipam.spidernet.io/app-*`), when
+    /// the caller looked it up; the pod's own labels under that prefix never count.
+    pub app_labels: Option<spiderpool_core::Labels>,
     /// The namespace's labels.
     pub namespace_labels: spiderpool_core::Labels,
     /// The namespace's annotations.
@@ -241,20 +244,15 @@ pub struct RequestFacts<'a> {
     pub cni_default: PoolNames,
     /// `clean_gateway` of the CNI config.
     pub cni_clean_gateway: bool,
+    /// The auto pools of the pod's application for this NIC, when its
+    /// `ipam.spidernet.io/subnet(s)` annotation names subnets for it (the caller finds them).
+    pub auto_pools: Option<PoolNames>,
 }
 
 /// The allocation request the annotations describe, or the first annotation that is wrong
 /// (naming the pod or namespace and the value). The same for an ADD and for `explain`.
 pub fn request(f: RequestFacts<'_>) -> Result<spiderpool_core::Request, ValidationError> {
     let key = format!("{}/{}", f.namespace, f.pod);
-    for unsupported in [SUBNET, SUBNETS] {
-        if f.annotations.contains_key(unsupported) {
-            return Err(ValidationError::Invalid(format!(
-                "pod {key}: annotation {unsupported} (SpiderSubnet auto pools) is not supported by this version; \
-                 name the pools with {IPPOOL} or {IPPOOLS}"
-            )));
-        }
-    }
     let in_pod = |e: ValidationError| ValidationError::Invalid(format!("pod {key}: {e}"));
     let pod_ippools = f
         .annotations
@@ -278,11 +276,15 @@ pub fn request(f: RequestFacts<'_>) -> Result<spiderpool_core::Request, Validati
             .map(String::as_str),
     )
     .map_err(|e| ValidationError::Invalid(format!("namespace {}: {e}", f.namespace)))?;
+    let mut pod_labels = f.labels;
+    pod_labels.retain(|k, _| !k.starts_with(crate::autopool::APP_PREFIX));
+    pod_labels.extend(f.app_labels.unwrap_or_default());
     Ok(spiderpool_core::Request {
+        auto_pools: f.auto_pools,
         nic: f.nic.to_string(),
         namespace: f.namespace.to_string(),
         pod: f.pod.to_string(),
-        pod_labels: f.labels,
+        pod_labels,
         node: f.node.to_string(),
         node_labels: f.node_labels,
         namespace_labels: f.namespace_labels,

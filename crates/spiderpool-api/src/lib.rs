@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod annotation;
+pub mod autopool;
 pub mod cni;
 pub mod crd;
 pub mod k8s;

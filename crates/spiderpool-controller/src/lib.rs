@@ -3,6 +3,7 @@
 //! addresses of dead pods and releases the finalizers of pools and subnets whose addresses are
 //! all given back.
 
+pub mod apps;
 pub mod leader;
 pub mod metrics;
 pub mod pools;
@@ -94,6 +95,17 @@ pub struct Args {
     /// Whether the leader reclaims the addresses of dead pods.
     #[arg(long, env = "SPIDERPOOL_GC_IP_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub gc_enabled: bool,
+    /// Reconcile SpiderSubnet auto pools for Deployments, ReplicaSets, StatefulSets, DaemonSets,
+    /// Jobs and CronJobs whose pod template has `ipam.spidernet.io/subnet(s)`.
+    #[arg(long, env = "SPIDERPOOL_ENABLE_AUTO_POOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_pool: bool,
+    /// Addresses an auto pool gets beyond the replicas when the template has no
+    /// `ipam.spidernet.io/ippool-ip-number` (upstream's `defaultRedundantIPNumber`).
+    #[arg(long, env = "SPIDERPOOL_AUTO_POOL_REDUNDANCY", default_value_t = 1)]
+    pub auto_pool_redundancy: u64,
+    /// Time between two passes over every application's auto pools.
+    #[arg(long, env = "SPIDERPOOL_AUTO_POOL_RESYNC", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub auto_pool_resync: Duration,
     /// Time between two full scans of every address (and one when leadership is won).
     #[arg(long, env = "SPIDERPOOL_GC_DEFAULT_INTERVAL_DURATION", default_value = "600s", value_parser = humantime::parse_duration)]
     pub gc_interval: Duration,
@@ -261,6 +273,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 tracing::info!(%identity, "leading: finalizers and the reclaim of leaked addresses");
                 let mut set = tokio::task::JoinSet::new();
                 set.spawn(pools::run(client.clone(), store.clone(), args.gc_interval));
+                if args.auto_pool {
+                    set.spawn(apps::run(
+                        client.clone(),
+                        store.clone(),
+                        spiderpool_store::autopool::Settings {
+                            default_redundancy: args.auto_pool_redundancy,
+                        },
+                        args.auto_pool_resync,
+                    ));
+                }
                 if args.gc_enabled {
                     let r = reclaim::Reclaimer::new(
                         client.clone(),

@@ -71,6 +71,24 @@ pub struct Settings {
 struct Ctx {
     store: Arc<dyn Store>,
     families: Families,
+    /// The user this controller acts as: its writes are the auto-pool reconciler's.
+    identity: Option<String>,
+}
+
+/// The user the API server knows this client as (a SelfSubjectReview).
+async fn whoami(client: &kube::Client) -> Option<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let api: Api<SelfSubjectReview> = Api::all(client.clone());
+    match api
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+    {
+        Ok(r) => r.status.and_then(|s| s.user_info).and_then(|u| u.username),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot learn this controller's own user (SelfSubjectReview): nobody may change an auto-created pool's addresses");
+            None
+        }
+    }
 }
 
 fn path(mutate: bool, suffix: &str) -> String {
@@ -90,9 +108,12 @@ pub async fn start(
         .await
         .with_context(|| format!("binding --webhook-addr {}", settings.addr))?;
     tracing::info!(addr = %settings.addr, "serving the admission webhooks");
+    let identity = whoami(&client).await;
+    tracing::info!(user = ?identity, "the auto-pool reconciler's writes are this user's");
     let ctx = Arc::new(Ctx {
         store,
         families: settings.families,
+        identity,
     });
     let mut routes = Router::new();
     for (kind, _, suffix) in SERVED {
@@ -223,8 +244,7 @@ async fn mutation(
             return AdmissionResponse::from(req);
         }
     };
-    let create = req.operation == Operation::Create;
-    let by = admission::By::Webhook { create };
+    let by = by(ctx, req);
     if let Err(e) = admission::mutate(ctx.store.as_ref(), &mut obj, by).await {
         tracing::warn!(object = %obj.describe(), error = %e, "mutating webhook");
         return AdmissionResponse::from(req);
@@ -244,6 +264,17 @@ async fn mutation(
             tracing::error!(error = %e, "mutating webhook: patch");
             AdmissionResponse::from(req)
         }
+    }
+}
+
+/// Who asks: this controller's own writes are the auto-pool reconciler's.
+fn by(ctx: &Ctx, req: &AdmissionRequest<DynamicObject>) -> admission::By {
+    let create = req.operation == Operation::Create;
+    let own = ctx.identity.is_some() && req.user_info.username == ctx.identity;
+    if own {
+        admission::By::Reconciler { create }
+    } else {
+        admission::By::Webhook { create }
     }
 }
 
@@ -280,7 +311,8 @@ async fn validation(
         Ok(o) => o.map(|(_, o)| o),
         Err(_) => None,
     };
-    match admission::validate(ctx.store.as_ref(), &new, old.as_ref(), &ctx.families).await {
+    let by = by(ctx, req);
+    match admission::validate(ctx.store.as_ref(), &new, old.as_ref(), &ctx.families, by).await {
         Ok(()) => AdmissionResponse::from(req),
         Err(ApplyError::Invalid(e)) => deny(req, e.to_string()),
         Err(e) => {

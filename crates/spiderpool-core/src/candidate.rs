@@ -40,6 +40,9 @@ impl PoolNames {
 /// Where a NIC's candidate pools came from, highest priority first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// The auto pools of the pod's application, for the subnets its
+    /// `ipam.spidernet.io/subnet(s)` annotation names.
+    AutoPool,
     /// Pod annotation `ipam.spidernet.io/ippools` (the entry for this NIC).
     PodIppools,
     /// Pod annotation `ipam.spidernet.io/ippool`.
@@ -55,6 +58,7 @@ pub enum Source {
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Source::AutoPool => "the auto pools of pod annotation ipam.spidernet.io/subnet(s)",
             Source::PodIppools => "pod annotation ipam.spidernet.io/ippools",
             Source::PodIppool => "pod annotation ipam.spidernet.io/ippool",
             Source::NamespaceDefault => {
@@ -83,6 +87,8 @@ pub struct Request {
     pub node_labels: Labels,
     /// Labels of the pod's namespace.
     pub namespace_labels: Labels,
+    /// The auto pools of the pod's application for this NIC (`ipam.spidernet.io/subnet(s)`).
+    pub auto_pools: Option<PoolNames>,
     /// Pools for this NIC from the pod's `ipam.spidernet.io/ippools` annotation.
     pub pod_ippools: Option<PoolNames>,
     /// Pools from the pod's `ipam.spidernet.io/ippool` annotation.
@@ -340,7 +346,9 @@ impl Request {
             clean_gateway: None,
         };
         let nonempty = |n: &Option<PoolNames>| n.as_ref().filter(|n| !n.is_empty()).cloned();
-        let (source, names) = if let Some(n) = nonempty(&self.pod_ippools) {
+        let (source, names) = if let Some(n) = nonempty(&self.auto_pools) {
+            (Source::AutoPool, n)
+        } else if let Some(n) = nonempty(&self.pod_ippools) {
             (Source::PodIppools, n)
         } else if let Some(n) = nonempty(&self.pod_ippool) {
             (Source::PodIppool, n)

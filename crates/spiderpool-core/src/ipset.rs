@@ -418,6 +418,45 @@ impl IpSet {
         })
     }
 
+    /// The `n` lowest addresses of the set (IPv4 before IPv6), or all of them when it holds
+    /// fewer.
+    pub fn lowest(&self, n: u128) -> IpSet {
+        let mut left = n;
+        let mut out = Vec::new();
+        for r in self.ranges() {
+            if left == 0 {
+                break;
+            }
+            let take = r.len().min(left);
+            out.push(IpRange {
+                end: r.start + (take - 1),
+                ..r
+            });
+            left -= take;
+        }
+        Self::from_ranges(out)
+    }
+
+    /// The `n` highest addresses of the set (IPv6 before IPv4), or all of them when it holds
+    /// fewer.
+    pub fn highest(&self, n: u128) -> IpSet {
+        let mut left = n;
+        let mut out = Vec::new();
+        let all: Vec<IpRange> = self.ranges().collect();
+        for r in all.into_iter().rev() {
+            if left == 0 {
+                break;
+            }
+            let take = r.len().min(left);
+            out.push(IpRange {
+                start: r.end - (take - 1),
+                ..r
+            });
+            left -= take;
+        }
+        Self::from_ranges(out)
+    }
+
     /// The set's ranges, IPv4 first, each in ascending order.
     pub fn ranges(&self) -> impl Iterator<Item = IpRange> + '_ {
         let v4 = self.v4.0.iter().map(|&(start, end)| IpRange {
@@ -625,5 +664,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn lowest_and_highest_addresses() {
+        let set = IpSet::parse_list(&["10.6.0.1-10.6.0.3", "10.6.0.10-10.6.0.12"], None).unwrap();
+        assert_eq!(
+            set.lowest(4).to_strings(),
+            ["10.6.0.1-10.6.0.3", "10.6.0.10"]
+        );
+        assert_eq!(set.highest(2).to_strings(), ["10.6.0.11-10.6.0.12"]);
+        assert_eq!(set.highest(9), set);
+        assert!(set.lowest(0).is_empty());
     }
 }

@@ -109,6 +109,12 @@ pub enum By {
         /// The operation is a create.
         create: bool,
     },
+    /// The auto-pool reconciler (in a cluster: the controller's webhook sees its own
+    /// identity). Only it changes an auto-created pool's addresses.
+    Reconciler {
+        /// The operation is a create.
+        create: bool,
+    },
 }
 
 /// Upstream's mutations: the default `ipVersion`, the CIDR labels, a pool's owner SpiderSubnet
@@ -116,7 +122,12 @@ pub enum By {
 /// `ips`/`excludeIPs` merged and sorted; on a webhook's create, the finalizer on pools and
 /// subnets (the controller removes it).
 pub async fn mutate(store: &dyn Store, object: &mut Object, by: By) -> Result<(), ApplyError> {
-    let finalizer = by == By::Webhook { create: true };
+    // Only in a cluster: there the controller removes it.
+    let finalizer = match by {
+        By::Webhook { create } => create,
+        By::Reconciler { create } => create && !store.owns_nodes(),
+        By::Apply => false,
+    };
     // The owner reference names the subnet's UID. In a cluster only the webhook sets it: there
     // the API server gives objects their UIDs, and a subnet created by the same apply has none
     // yet (a reference to a UID that does not exist gets the pool garbage-collected).
@@ -229,6 +240,7 @@ pub async fn validate(
     object: &Object,
     old: Option<&Object>,
     families: &Families,
+    by: By,
 ) -> Result<(), ApplyError> {
     if object.kind() == Kind::Endpoint {
         return Err(ApplyError::Invalid(ValidationError::Invalid(format!(
@@ -243,7 +255,7 @@ pub async fn validate(
                 Some(Object::IPPool(p)) => Some(p),
                 _ => None,
             };
-            validate_pool(store, new, old, families).await
+            validate_pool(store, new, old, families, by).await
         }
         Object::Subnet(new) => {
             let old = match old {
@@ -305,6 +317,7 @@ async fn validate_pool(
     new: &SpiderIPPool,
     old: Option<&SpiderIPPool>,
     families: &Families,
+    by: By,
 ) -> Result<(), ApplyError> {
     const KIND: &str = "SpiderIPPool";
     let name = &new.metadata.name;
@@ -354,6 +367,7 @@ async fn validate_pool(
             ));
         }
     }
+    validate_auto_pool(new, old, &pool, by)?;
     let usable = pool.usable();
     let others = typed::list(store, Kind::IPPool).await?;
     for other in pools_of(&others).iter().filter(|o| &o.name != name) {
@@ -426,6 +440,66 @@ async fn validate_pool(
                 allocs.len()
             ),
         ));
+    }
+    Ok(())
+}
+
+/// An auto-created pool keeps the pod affinity that binds it to its application, and only the
+/// reconciler changes its addresses (they follow the application's replicas).
+fn validate_auto_pool(
+    new: &SpiderIPPool,
+    old: Option<&SpiderIPPool>,
+    pool: &Pool,
+    by: By,
+) -> Result<(), ApplyError> {
+    use spiderpool_api::autopool::{self, APP_PREFIX};
+    const KIND: &str = "SpiderIPPool";
+    let name = &new.metadata.name;
+    if !autopool::is_auto(&new.metadata.labels) {
+        return Ok(());
+    }
+    let affinity = new.spec.pod_affinity.as_ref();
+    let keys: Vec<&String> = affinity
+        .map(|a| a.match_labels.keys().collect())
+        .unwrap_or_default();
+    let expected = [
+        autopool::APP_API_GROUP,
+        autopool::APP_API_VERSION,
+        autopool::APP_KIND,
+        autopool::APP_NAMESPACE,
+        autopool::APP_NAME,
+    ];
+    let exact = affinity.is_some_and(|a| a.match_expressions.is_empty())
+        && keys.len() == expected.len()
+        && keys
+            .iter()
+            .all(|k| k.starts_with(APP_PREFIX) && expected.contains(&k.as_str()));
+    if !exact {
+        return Err(invalid(
+            KIND,
+            name,
+            "spec.podAffinity",
+            &serde_json::to_string(&affinity).unwrap_or_default(),
+            "it's invalid to add additional podAffinity matchLabels/matchExpressions for auto-created SpiderIPPool",
+        ));
+    }
+    if matches!(by, By::Reconciler { .. }) {
+        return Ok(());
+    }
+    if let Some(old_pool) = old.and_then(|o| o.to_pool().ok()) {
+        if old_pool.ips != pool.ips {
+            return Err(invalid(
+                KIND,
+                name,
+                "spec.ips",
+                &ranges(&pool.ips),
+                &format!(
+                    "it's illegal to update AutoPool.Spec.IPs that are different from corresponding SpiderSubnet.Status.ControlledIPPools (they are {}): an auto-created pool's addresses follow its application's replicas and annotation {}",
+                    ranges(&old_pool.ips),
+                    autopool::IP_NUMBER
+                ),
+            ));
+        }
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod audit;
+pub mod autopool;
 pub mod conformance;
 pub mod etcd;
 pub mod kubernetes;

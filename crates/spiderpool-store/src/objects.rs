@@ -51,14 +51,32 @@ fn invalid(msg: String) -> ApplyError {
 const KUBECTL_LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// What applying one object writes, and what that does to it.
-struct Planned {
-    ops: Vec<Op>,
-    outcome: Applied,
+pub(crate) struct Planned {
+    pub(crate) ops: Vec<Op>,
+    pub(crate) outcome: Applied,
 }
 
 /// Checks `object` against the admission rules on `store` and says what applying it writes.
 /// The stored status, creation time and UID are kept; a new object gets them.
-async fn plan(store: &dyn Store, mut object: Object) -> Result<Planned, ApplyError> {
+async fn plan(store: &dyn Store, object: Object) -> Result<Planned, ApplyError> {
+    plan_as(store, object, Who::User).await
+}
+
+/// Who applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Who {
+    /// A user, through `spiderpoolctl apply`.
+    User,
+    /// The auto-pool reconciler.
+    Reconciler,
+}
+
+/// [`plan`] on behalf of `who`; the ops are `Put` (and for a pool `NoClaimsSince`).
+pub(crate) async fn plan_as(
+    store: &dyn Store,
+    mut object: Object,
+    who: Who,
+) -> Result<Planned, ApplyError> {
     let kind = object.kind();
     let key = object.key();
     // A pool is checked against its holders; the commit fails if an address was claimed
@@ -83,12 +101,19 @@ async fn plan(store: &dyn Store, mut object: Object) -> Result<Planned, ApplyErr
                 .or_insert_with(|| last.clone());
         }
     }
-    admission::mutate(store, &mut object, admission::By::Apply).await?;
+    let by = match who {
+        Who::User => admission::By::Apply,
+        Who::Reconciler => admission::By::Reconciler {
+            create: current.is_none(),
+        },
+    };
+    admission::mutate(store, &mut object, by).await?;
     admission::validate(
         store,
         &object,
         current.as_ref().map(|(o, _)| o),
         &admission::Families::default(),
+        by,
     )
     .await?;
     let (expect, outcome) = match &current {
@@ -559,6 +584,28 @@ pub async fn pool_status(
     })
 }
 
+/// `apps_v1_Deployment_default_web`: the application an auto pool serves, from its labels and
+/// pod affinity (`None` for a pool made by hand).
+fn auto_pool_application(pool: &SpiderIPPool) -> Option<String> {
+    use spiderpool_api::autopool;
+    let l = &pool.metadata.labels;
+    if !autopool::is_auto(l) {
+        return None;
+    }
+    let name = pool
+        .spec
+        .pod_affinity
+        .as_ref()?
+        .match_labels
+        .get(autopool::APP_NAME)?;
+    Some(format!(
+        "{}_{}_{}_{name}",
+        l.get(autopool::LABEL_APP_GV)?,
+        l.get(autopool::LABEL_APP_KIND)?,
+        l.get(autopool::LABEL_APP_NAMESPACE)?
+    ))
+}
+
 /// The status of a subnet: its usable addresses, and those given to pools of the same subnet.
 pub fn subnet_status(subnet: &SpiderSubnet, pools: &[SpiderIPPool]) -> SubnetStatus {
     let Ok(s) = subnet.to_pool() else {
@@ -567,17 +614,22 @@ pub fn subnet_status(subnet: &SpiderSubnet, pools: &[SpiderIPPool]) -> SubnetSta
     let usable = s.usable();
     let mut controlled = BTreeMap::new();
     let mut given = IpSet::new();
-    for p in pools.iter().filter_map(|p| p.to_pool().ok()) {
+    for (object, p) in pools
+        .iter()
+        .filter_map(|o| o.to_pool().ok().map(|p| (o, p)))
+    {
         if p.subnet != s.subnet {
             continue;
         }
         let mine = p.ips.intersection(&usable);
         if !mine.is_empty() {
             given = given.union(&mine);
-            controlled.insert(
-                p.name.clone(),
-                serde_json::json!({"ips": mine.to_strings()}),
-            );
+            let mut entry = serde_json::json!({"ips": mine.to_strings()});
+            // An auto pool names its application, as upstream records it.
+            if let Some(app) = auto_pool_application(object) {
+                entry["application"] = app.into();
+            }
+            controlled.insert(p.name.clone(), entry);
         }
     }
     SubnetStatus {

@@ -226,9 +226,10 @@ fn a00003_missing_pools_unknown_keys_and_malformed_annotations_fail() {
             "cleangateway",
         ),
         (
+            // I00023: an orphan pod has no application to carve a pool for.
             json!({"ipam.spidernet.io/subnet": r#"{"ipv4":["s"]}"#}),
             7,
-            "annotation ipam.spidernet.io/subnet (SpiderSubnet auto pools) is not supported",
+            "pod default/bad: SpiderSubnet feature doesn't support no-controller pod",
         ),
     ];
     for (annotations, code, needle) in cases {
@@ -1223,6 +1224,189 @@ fn check_fails_when_the_reservation_is_gone() {
     assert_eq!(code, 3);
     assert!(
         msg.contains("container c holds no address for interface eth0"),
+        "{msg}"
+    );
+}
+
+/// SpiderSubnet `subnet-6` (10 addresses, .102 excluded) for the auto-pool tests.
+const AUTO_SUBNET: &str = "---\napiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderSubnet\nmetadata: {name: subnet-6}\nspec:\n  subnet: 10.6.0.0/16\n  ips: [10.6.168.101-10.6.168.110]\n  excludeIPs: [10.6.168.102]\n  gateway: 10.6.0.1\n";
+
+/// The subnet annotations of the `web` Deployment's pod template (and so of its pods).
+fn auto_annotations() -> Value {
+    json!({"ipam.spidernet.io/subnet": r#"{"ipv4": ["subnet-6"]}"#,
+        "ipam.spidernet.io/ippool-ip-number": "+1"})
+}
+
+/// Deployment `web` with `replicas`, its ReplicaSet and one pod of it per name in `pods`, as a
+/// controller-manager would have made them (owner references by UID).
+fn web(replicas: u64, pods: &[&str]) -> String {
+    let template = json!({"metadata": {"labels": {"app": "web"}, "annotations": auto_annotations()},
+        "spec": {"containers": [{"name": "c", "image": "registry.invalid/c"}]}});
+    let deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "default", "uid": "d0d0d0d0-0000-0000-0000-abcde0000000"},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}}, "template": template.clone()}});
+    let rs = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": "web-5f8d", "namespace": "default", "uid": "e1e1e1e1-0000-0000-0000-000000000001",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web",
+                "uid": "d0d0d0d0-0000-0000-0000-abcde0000000", "controller": true}]},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}}, "template": template}});
+    let mut out = format!("---\n{deploy}\n---\n{rs}\n");
+    for p in pods {
+        let doc = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": p, "namespace": "default", "annotations": auto_annotations(),
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5f8d",
+                    "uid": "e1e1e1e1-0000-0000-0000-000000000001", "controller": true}]},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "registry.invalid/c"}]}});
+        out.push_str(&format!("---\n{doc}\n"));
+    }
+    out
+}
+
+/// `ALLOCATED-IP-COUNT` of `get subnet subnet-6 -o json`: the addresses its pools have.
+fn subnet_given(lab: &Lab) -> u64 {
+    lab.sb.get_json("subnet", "subnet-6")["status"]["allocatedIPCount"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn i00003_i00004_i00020_auto_pools_outside_a_cluster_follow_their_deployment() {
+    if Sandbox::on_kubernetes() {
+        eprintln!("SKIPPED: in a cluster the controller reconciles auto pools (tests/autopool.rs)");
+        return;
+    }
+    let lab = Lab::new(AUTO_SUBNET);
+    assert_eq!(subnet_given(&lab), 0);
+    let pool = "auto4-web-eth0-abcde";
+    // Applying the Deployment carves its pool: replicas + 1, the subnet's lowest free
+    // addresses, never the excluded one (I00004).
+    let out = lab.sb.ctl(
+        &["apply", "-f", "-"],
+        &web(2, &["web-5f8d-a", "web-5f8d-b"]),
+    );
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains(&format!(
+            "Deployment default/web: created SpiderIPPool {pool} with 3 IPs"
+        )),
+        "{}",
+        out.stdout
+    );
+    let p = lab.sb.get_json("ippool", pool);
+    assert_eq!(
+        p["spec"]["ips"],
+        json!(["10.6.168.101", "10.6.168.103-10.6.168.104"])
+    );
+    assert_eq!(
+        p["spec"]["podAffinity"]["matchLabels"]["ipam.spidernet.io/app-name"],
+        "web"
+    );
+    assert_eq!(
+        p["metadata"]["labels"]["ipam.spidernet.io/owner-spider-subnet"],
+        "subnet-6"
+    );
+    assert_eq!(subnet_given(&lab), 3);
+    let controlled: Value = serde_json::from_str(
+        lab.sb.get_json("subnet", "subnet-6")["status"]["controlledIPPools"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        controlled[pool]["application"],
+        "apps_v1_Deployment_default_web"
+    );
+
+    // Its pods get addresses from it, through the real plugin.
+    assert_eq!(ip(&lab.add("web-5f8d-a", "ca", "eth0")), "10.6.168.101/16");
+    assert_eq!(ip(&lab.add("web-5f8d-b", "cb", "eth0")), "10.6.168.103/16");
+
+    // I00020: its spare address is the application's: another pod naming the pool is refused,
+    // also when it wears the application's affinity labels itself.
+    let app_labels = json!({"ipam.spidernet.io/app-api-group": "apps", "ipam.spidernet.io/app-api-version": "v1",
+        "ipam.spidernet.io/app-kind": "Deployment", "ipam.spidernet.io/app-namespace": "default",
+        "ipam.spidernet.io/app-name": "web"});
+    lab.sb.apply(&pod(
+        "default",
+        "intruder",
+        json!({"ipam.spidernet.io/ippool": json!({"ipv4": [pool]}).to_string()}),
+        app_labels,
+        Some(("Deployment", "other")),
+    ));
+    let (code, msg) = failure(&lab.add("intruder", "ci", "eth0"));
+    assert_eq!(code, 100, "{msg}");
+    assert!(msg.contains("spec.podAffinity does not match"), "{msg}");
+
+    // Scaled up: the pool grows by the lowest free addresses; scaled down: it gives back the
+    // highest addresses no pod holds.
+    let out = lab.sb.ctl(&["apply", "-f", "-"], &web(4, &[]));
+    assert!(
+        out.stdout
+            .contains(&format!("scaled SpiderIPPool {pool} from 3 to 5 IPs")),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(subnet_given(&lab), 5);
+    let out = lab.sb.ctl(&["apply", "-f", "-"], &web(0, &[]));
+    assert!(
+        out.stdout
+            .contains(&format!("scaled SpiderIPPool {pool} from 5 to 2 IPs")),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    // Never below what is in use: both held addresses stay.
+    assert_eq!(
+        lab.sb.get_json("ippool", pool)["spec"]["ips"],
+        json!(["10.6.168.101", "10.6.168.103"])
+    );
+
+    // Deleted: the pool waits for its pods' addresses, then goes with `reconcile`.
+    let out = lab.sb.ctl(&["delete", "deployment", "web"], "");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains(&format!(
+            "SpiderIPPool {pool} is deleted once its 2 IPs in use are released"
+        )),
+        "{}",
+        out.stdout
+    );
+    assert!(lab.del("web-5f8d-a", "ca", "eth0").success);
+    assert!(lab.del("web-5f8d-b", "cb", "eth0").success);
+    let out = lab.sb.ctl(&["reconcile"], "");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains(&format!("deleted SpiderIPPool {pool}")),
+        "{}",
+        out.stdout
+    );
+    // The subnet is as it started.
+    assert_eq!(subnet_given(&lab), 0);
+    assert!(!lab.sb.ctl(&["get", "ippool", pool], "").success);
+}
+
+#[test]
+fn i00024_auto_pools_turned_off_refuse_the_pod() {
+    let sb = Sandbox::new();
+    sb.apply(AUTO_SUBNET);
+    if Sandbox::on_kubernetes() {
+        sb.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n");
+    }
+    let agent = Agent::start_with(
+        &sb.datastore(),
+        &sb.socket("node-1"),
+        "node-1",
+        "",
+        &["--enable-auto-pool=false"],
+        None,
+    );
+    let lab = Lab { sb, agent };
+    lab.sb.apply(&web(1, &["web-5f8d-a"]));
+    let (code, msg) = failure(&lab.add("web-5f8d-a", "ca", "eth0"));
+    assert_eq!(code, 7, "{msg}");
+    assert!(
+        msg.contains("it's invalid to use 'ipam.spidernet.io/subnets' or 'ipam.spidernet.io/subnet' annotation when Auto-Pool feature is disabled"),
         "{msg}"
     );
 }

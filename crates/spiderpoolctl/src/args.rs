@@ -17,6 +17,15 @@ pub(crate) struct Args {
     /// `~/.kube/config`).
     #[arg(long, env = "SPIDERPOOL_KUBECONFIG", global = true)]
     pub(crate) kubeconfig: Option<std::path::PathBuf>,
+    /// Addresses an auto pool gets beyond its application's replicas when the pod template
+    /// has no `ipam.spidernet.io/ippool-ip-number` (sqlite and etcd datastores).
+    #[arg(
+        long,
+        env = "SPIDERPOOL_AUTO_POOL_REDUNDANCY",
+        default_value_t = 1,
+        global = true
+    )]
+    pub(crate) auto_pool_redundancy: u64,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -87,6 +96,11 @@ pub(crate) enum Command {
         #[arg(short = 'o', long = "output", value_enum)]
         output: Option<Output>,
     },
+    /// Bring every SpiderSubnet auto pool in line with its application (sqlite and etcd
+    /// datastores; in a cluster the controller does it): create, scale and take over pools, and
+    /// delete those of applications gone once their addresses are released. `apply` and
+    /// `delete` of a workload do it for that workload.
+    Reconcile,
     /// Delete an object. Deleting a SpiderEndpoint releases the addresses it records.
     Delete {
         /// Kind, as for `get`.

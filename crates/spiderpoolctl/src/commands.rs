@@ -6,6 +6,7 @@ mod delete;
 mod explain;
 mod get;
 mod ipam;
+mod reconcile;
 
 use std::process::ExitCode;
 
@@ -19,8 +20,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let store = spiderpool_store::open_with(&args.datastore, args.kubeconfig.as_deref())
         .await
         .with_context(|| format!("opening datastore {:?}", args.datastore))?;
+    let settings = spiderpool_store::autopool::Settings {
+        default_redundancy: args.auto_pool_redundancy,
+    };
     match args.command {
-        Command::Apply { file } => apply::run(store, &file).await,
+        Command::Apply { file } => apply::run(store, &file, settings).await,
+        Command::Reconcile => reconcile::run(store.as_ref(), settings).await,
         Command::Get {
             kind,
             name,
@@ -56,7 +61,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             kind,
             name,
             namespace,
-        } => delete::run(store.as_ref(), &kind, &name, namespace.as_deref()).await,
+        } => delete::run(store.as_ref(), &kind, &name, namespace.as_deref(), settings).await,
     }
 }
 
@@ -68,7 +73,32 @@ fn parse_kind(s: &str) -> anyhow::Result<Kind> {
     })
 }
 
+/// A workload kind as kubectl names it (`deployment`, `deployments`, `deploy`, `sts`, …).
+fn workload_kind(s: &str) -> Option<&'static str> {
+    let s = s.to_ascii_lowercase();
+    let short = match s.as_str() {
+        "deploy" => "deployment",
+        "rs" => "replicaset",
+        "sts" => "statefulset",
+        "ds" => "daemonset",
+        "cj" => "cronjob",
+        other => other.strip_suffix('s').unwrap_or(other),
+    };
+    spiderpool_api::k8s::WORKLOAD_KINDS
+        .iter()
+        .find(|k| k.to_ascii_lowercase() == short)
+        .copied()
+}
+
 fn object_key(kind: Kind, name: &str, namespace: Option<&str>) -> String {
+    let ns = namespace.unwrap_or("default");
+    if kind == Kind::Workload {
+        // `Kind/name` or `namespace/Kind/name`.
+        return match name.matches('/').count() {
+            1 => format!("{ns}/{name}"),
+            _ => name.to_string(),
+        };
+    }
     if kind.namespaced() && !name.contains('/') {
         format!("{}/{name}", namespace.unwrap_or("default"))
     } else {

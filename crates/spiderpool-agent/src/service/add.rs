@@ -9,7 +9,7 @@ use spiderpool_api::crd::{EndpointInterface, EndpointStatus, RouteSpec, API_VERS
 use spiderpool_api::{Object, ObjectMeta, SpiderEndpoint, ValidationError};
 use spiderpool_core::candidate::{free_at, AllocError, Rejected, Rejection, Spread};
 use spiderpool_core::{IpFamily, Pool, PoolNames, Request};
-use spiderpool_store::{typed, Holder, Kind, Op, Revision, StoreError};
+use spiderpool_store::{autopool, typed, Holder, Kind, Op, Revision, StoreError};
 use tokio::sync::oneshot;
 
 use super::*;
@@ -63,8 +63,40 @@ pub(super) struct Picks {
 }
 
 impl IpamService {
-    /// CNI ADD: the NIC's addresses, the same ones again when repeated.
+    /// CNI ADD: the NIC's addresses, the same ones again when repeated. A pod whose auto pool
+    /// the reconciler has not created or grown yet waits for it (outside the agent's lock), up
+    /// to `--auto-pool-wait`.
     pub async fn add(&self, args: &IpamAddArgs) -> Result<IpamAddResponse> {
+        let wait = self.auto_pool_wait.unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let r = match self.add_once(args).await {
+                // An auto pool this agent's view has not heard of yet.
+                Err(ServiceError::Alloc(
+                    e @ AllocError::PoolNotFound {
+                        named_by: spiderpool_core::Source::AutoPool,
+                        ..
+                    },
+                )) => Err(ServiceError::AutoPoolNotReady(e.to_string())),
+                other => other,
+            };
+            match r {
+                Err(ServiceError::AutoPoolNotReady(m)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ServiceError::AutoPoolNotReady(format!(
+                            "{m} after waiting {}s; try again later",
+                            wait.as_secs()
+                        )));
+                    }
+                    tracing::debug!(reason = %m, "ADD waits for its auto pool");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn add_once(&self, args: &IpamAddArgs) -> Result<IpamAddResponse> {
         let pod = PodRef::of_add(args)?;
         // Group commit: the request joins the queue; whoever holds the lock serves everything
         // queued so far in one transaction, so concurrent ADDs on this agent cost one commit.
@@ -292,6 +324,52 @@ impl IpamService {
             .node_labels(store, &self.node.name)
             .await?
             .unwrap_or_else(|| self.node.labels.clone());
+        // The auto pools of the pod's application; and the application's pod-affinity labels
+        // whenever an auto pool could be a candidate (they bind auto pools to it).
+        let (auto_pools, app_labels) = match &pod_obj {
+            Some(p)
+                if self.auto_pool_wait.is_none()
+                    && (annotations.contains_key(annotation::SUBNET)
+                        || annotations.contains_key(annotation::SUBNETS)) =>
+            {
+                return Err(ValidationError::Invalid(format!(
+                    "pod {key}: it's invalid to use '{}' or '{}' annotation when Auto-Pool feature is disabled (--enable-auto-pool=false)",
+                    annotation::SUBNETS,
+                    annotation::SUBNET
+                ))
+                .into());
+            }
+            Some(p) => {
+                let auto_pools =
+                    autopool::pod_pools(store, p, &pod.nic)
+                        .await
+                        .map_err(|e| match e {
+                            autopool::PodPoolsError::NotReady(m) => {
+                                ServiceError::AutoPoolNotReady(m)
+                            }
+                            autopool::PodPoolsError::Invalid(e) => ServiceError::Invalid(e),
+                            autopool::PodPoolsError::Store(e) => ServiceError::Store(e),
+                            other => {
+                                ServiceError::Invalid(ValidationError::Invalid(other.to_string()))
+                            }
+                        })?;
+                let any_auto = view.pools.iter().any(|p| {
+                    p.pod_affinity.as_ref().is_some_and(|a| {
+                        a.match_labels
+                            .contains_key(spiderpool_api::autopool::APP_NAME)
+                    })
+                });
+                let app_labels = if any_auto {
+                    autopool::top_controller(store, p)
+                        .await?
+                        .map(|a| a.affinity_labels())
+                } else {
+                    None
+                };
+                (auto_pools, app_labels)
+            }
+            None => (None, None),
+        };
         let req = annotation::request(annotation::RequestFacts {
             namespace: &pod.namespace,
             pod: &pod.name,
@@ -308,6 +386,8 @@ impl IpamService {
                 clean_gateway: None,
             },
             cni_clean_gateway: args.clean_gateway,
+            auto_pools,
+            app_labels,
         })?;
         let spread = contended.then(|| view.spread(&self.node.name));
         let pools = std::mem::take(&mut view.pools);

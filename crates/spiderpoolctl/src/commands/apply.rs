@@ -15,7 +15,11 @@ use super::singular;
 /// Files with this many objects or more report their progress.
 const PROGRESS_FROM: usize = 100;
 
-pub(crate) async fn run(store: Arc<dyn Store>, file: &str) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(
+    store: Arc<dyn Store>,
+    file: &str,
+    settings: spiderpool_store::autopool::Settings,
+) -> anyhow::Result<ExitCode> {
     let text = if file == "-" {
         let mut s = String::new();
         std::io::stdin()
@@ -34,6 +38,11 @@ pub(crate) async fn run(store: Arc<dyn Store>, file: &str) -> anyhow::Result<Exi
     }
     let names: Vec<String> = docs.iter().map(|d| resource_ref(&d.object)).collect();
     let objects: Vec<Object> = docs.into_iter().map(|d| d.object).collect();
+    let workloads: Vec<String> = objects
+        .iter()
+        .filter(|o| o.kind() == Kind::Workload)
+        .map(Object::key)
+        .collect();
     // A large file takes a while (each object is checked against all before it): say how far
     // it got, on stderr, about every tenth.
     let total = objects.len();
@@ -47,7 +56,7 @@ pub(crate) async fn run(store: Arc<dyn Store>, file: &str) -> anyhow::Result<Exi
         }
         _ => {}
     };
-    match objects::apply_all_reporting(store, objects, &progress).await {
+    match objects::apply_all_reporting(store.clone(), objects, &progress).await {
         Ok(outcomes) => {
             for (name, outcome) in names.iter().zip(outcomes) {
                 let what = match outcome {
@@ -56,6 +65,13 @@ pub(crate) async fn run(store: Arc<dyn Store>, file: &str) -> anyhow::Result<Exi
                     Applied::Unchanged => "unchanged",
                 };
                 println!("{name} {what}");
+            }
+            // The applied workloads' auto pools (in a cluster, the controller's).
+            if super::reconcile::ours(store.as_ref())
+                && !super::reconcile::apps(store.as_ref(), &workloads, settings).await
+            {
+                eprintln!("the objects were applied; their auto pools were not all reconciled (`spiderpoolctl reconcile` tries again)");
+                return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -12,10 +12,30 @@ pub(crate) async fn run(
     kind: &str,
     name: &str,
     namespace: Option<&str>,
+    settings: spiderpool_store::autopool::Settings,
 ) -> anyhow::Result<ExitCode> {
-    let kind = parse_kind(kind)?;
-    let key = object_key(kind, name, namespace);
+    // `delete deployment web` names a workload by its kind.
+    let (kind, key) = match super::workload_kind(kind) {
+        Some(w) => (
+            spiderpool_api::Kind::Workload,
+            object_key(
+                spiderpool_api::Kind::Workload,
+                &format!("{w}/{name}"),
+                namespace,
+            ),
+        ),
+        None => {
+            let kind = parse_kind(kind)?;
+            (kind, object_key(kind, name, namespace))
+        }
+    };
     objects::delete(store, kind, &key).await?;
     println!("{}/{key} deleted", singular(kind));
+    if kind == spiderpool_api::Kind::Workload
+        && super::reconcile::ours(store)
+        && !super::reconcile::apps(store, &[key], settings).await
+    {
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,7 @@ use serde_json::json;
 use spiderpool_api::{annotation, Object};
 use spiderpool_core::candidate::{free_set, lowest_free};
 use spiderpool_core::{IpSet, PoolNames};
-use spiderpool_store::{typed, Kind, Store};
+use spiderpool_store::{autopool, typed, Kind, Store};
 
 /// What to explain.
 pub(crate) struct Ask {
@@ -67,6 +67,19 @@ pub(crate) async fn run(store: &dyn Store, ask: Ask) -> anyhow::Result<ExitCode>
             .await?
             .map(|(o, _)| o),
     );
+    let auto_pools = match autopool::pod_pools(store, &pod_obj, &ask.nic).await {
+        Ok(p) => p,
+        Err(autopool::PodPoolsError::NotReady(m)) => {
+            bail!(
+                "pod {key} interface {} waits for its auto pool: {m}",
+                ask.nic
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let app_labels = autopool::top_controller(store, &pod_obj)
+        .await?
+        .map(|a| a.affinity_labels());
     let req = annotation::request(annotation::RequestFacts {
         namespace,
         pod,
@@ -83,6 +96,8 @@ pub(crate) async fn run(store: &dyn Store, ask: Ask) -> anyhow::Result<ExitCode>
             clean_gateway: None,
         },
         cni_clean_gateway: false,
+        auto_pools,
+        app_labels,
     })?;
     let mut pools = Vec::new();
     let mut invalid = Vec::new();
