@@ -131,7 +131,8 @@ pub async fn mutate(store: &dyn Store, object: &mut Object, by: By) -> Result<()
     // The owner reference names the subnet's UID. In a cluster only the webhook sets it: there
     // the API server gives objects their UIDs, and a subnet created by the same apply has none
     // yet (a reference to a UID that does not exist gets the pool garbage-collected).
-    let owner_reference = matches!(by, By::Webhook { .. }) || store.owns_nodes();
+    // (The reconciler carves from a subnet that exists, UID and all.)
+    let owner_reference = by != By::Apply || store.owns_nodes();
     match object {
         Object::IPPool(p) => {
             let Ok(net) = p.spec.subnet.parse::<ipnet::IpNet>() else {

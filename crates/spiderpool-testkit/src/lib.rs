@@ -11,6 +11,7 @@ mod netns;
 mod node_sim;
 mod process;
 mod sandbox;
+pub mod scale;
 
 use std::path::PathBuf;
 use std::process::Command;

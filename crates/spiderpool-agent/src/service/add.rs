@@ -84,7 +84,7 @@ impl IpamService {
                 Err(ServiceError::AutoPoolNotReady(m)) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(ServiceError::AutoPoolNotReady(format!(
-                            "{m} after waiting {}s; try again later",
+                            "{m} (waited {}s for the controller to create or grow it; try again later)",
                             wait.as_secs()
                         )));
                     }
