@@ -182,3 +182,97 @@ pub fn deployments_scale(cp: &ControlPlane, n: usize, addressing: &Addressing<'_
         delete,
     }
 }
+
+/// A controller running as a ServiceAccount of its own (not as the tests' kubectl user: the
+/// webhook tells the reconciler's writes by their user).
+pub fn controller(cp: &ControlPlane, dir: &std::path::Path, identity: &str) -> Controller {
+    if !cp
+        .kubectl(
+            &[
+                "get",
+                "serviceaccount",
+                "-n",
+                "kube-system",
+                "spiderpool-controller",
+            ],
+            "",
+        )
+        .success
+    {
+        cp.kubectl_ok(
+            &[
+                "create",
+                "serviceaccount",
+                "-n",
+                "kube-system",
+                "spiderpool-controller",
+            ],
+            "",
+        );
+        cp.kubectl_ok(
+            &[
+                "create",
+                "clusterrolebinding",
+                "spiderpool-controller",
+                "--clusterrole=cluster-admin",
+                "--serviceaccount=kube-system:spiderpool-controller",
+            ],
+            "",
+        );
+    }
+    let kc = cp.service_account_kubeconfig("kube-system", "spiderpool-controller");
+    let webhook = format!("127.0.0.1:{}", free_port());
+    Controller::start_as(&kc, dir, identity, &webhook, &["--auto-pool-resync", "3s"])
+}
+
+/// A control plane with the controller (as its own ServiceAccount), the macvlan NAD, the
+/// given subnets, and two simulated nodes: `node-a` (label `zone=a`, its agent waits the
+/// default 50 s for an auto pool) and `node-b` (`zone=b`, 8 s).
+pub struct World {
+    /// The control plane.
+    pub cp: ControlPlane,
+    _zones: Zones,
+    _nodes: Vec<KubeNode>,
+    /// The controller.
+    pub controller: Controller,
+    /// Where the controllers log.
+    pub dir: tempfile::TempDir,
+}
+
+/// [`World`], or `None` (skipped) without the control plane's binaries or root.
+pub fn world(prefix: &str, subnets: &[String]) -> Option<World> {
+    let kbin = kube_bin()?;
+    if !is_root() {
+        eprintln!("SKIPPED: needs root for network namespaces");
+        return None;
+    }
+    let cp = ControlPlane::start(&kbin, true);
+    cp.install_crds();
+    let n1 = format!("{prefix}-n1");
+    let n2 = format!("{prefix}-n2");
+    let z = zones(prefix, &[(&n1, "10.6.0.1/16"), (&n2, "10.7.0.1/16")]);
+    cp.kubectl_ok(&["apply", "-f", "-"], &macvlan_nad());
+    let dir = tempfile::tempdir().expect("test setup");
+    let controller = controller(&cp, dir.path(), &format!("{prefix}-c"));
+    for s in subnets {
+        cp.kubectl_ok(&["apply", "-f", "-"], s);
+    }
+    // Node a waits the default 50 s for an auto pool; node b only 8 s.
+    let nodes = vec![
+        kube_node(&cp, "node-a", &[("zone", "a")], &n1, &[]),
+        kube_node(
+            &cp,
+            "node-b",
+            &[("zone", "b")],
+            &n2,
+            &["--auto-pool-wait", "8s"],
+        ),
+    ];
+    Some(World {
+        cp,
+        _zones: z,
+        _nodes: nodes,
+        controller,
+        dir,
+    })
+}

@@ -5,11 +5,10 @@
 //! I00006/I00008 (30 Deployments at once); the subnet's arithmetic is checked after each step.
 
 use serde_json::{json, Value};
-use spiderpool_testkit::scale::{auto_pool_sizes, deployments_scale, ip_count, Addressing};
-use spiderpool_testkit::{
-    free_port, is_root, json_of, kube_bin, kube_node, macvlan_nad, running, until, zones,
-    ControlPlane, Controller,
+use spiderpool_testkit::scale::{
+    auto_pool_sizes, controller, deployments_scale, ip_count, world, Addressing,
 };
+use spiderpool_testkit::{json_of, running, until, ControlPlane};
 
 const MULTUS: &str = "v1.multus-cni.io/default-network";
 
@@ -180,93 +179,6 @@ fn in_ips(ip: &str, ips: &Value) -> bool {
                 (a.parse().unwrap(), b.parse().unwrap());
             a <= ip && ip <= b
         })
-}
-
-/// A controller running as a ServiceAccount of its own (not as the tests' kubectl user: the
-/// webhook tells the reconciler's writes by their user).
-fn controller(cp: &ControlPlane, dir: &std::path::Path, identity: &str) -> Controller {
-    if !cp
-        .kubectl(
-            &[
-                "get",
-                "serviceaccount",
-                "-n",
-                "kube-system",
-                "spiderpool-controller",
-            ],
-            "",
-        )
-        .success
-    {
-        cp.kubectl_ok(
-            &[
-                "create",
-                "serviceaccount",
-                "-n",
-                "kube-system",
-                "spiderpool-controller",
-            ],
-            "",
-        );
-        cp.kubectl_ok(
-            &[
-                "create",
-                "clusterrolebinding",
-                "spiderpool-controller",
-                "--clusterrole=cluster-admin",
-                "--serviceaccount=kube-system:spiderpool-controller",
-            ],
-            "",
-        );
-    }
-    let kc = cp.service_account_kubeconfig("kube-system", "spiderpool-controller");
-    let webhook = format!("127.0.0.1:{}", free_port());
-    Controller::start_as(&kc, dir, identity, &webhook, &["--auto-pool-resync", "3s"])
-}
-
-struct World {
-    cp: ControlPlane,
-    _zones: spiderpool_testkit::Zones,
-    _nodes: Vec<spiderpool_testkit::KubeNode>,
-    controller: Controller,
-    dir: tempfile::TempDir,
-}
-
-fn world(prefix: &str, subnets: &[String]) -> Option<World> {
-    let kbin = kube_bin()?;
-    if !is_root() {
-        eprintln!("SKIPPED: needs root for network namespaces");
-        return None;
-    }
-    let cp = ControlPlane::start(&kbin, true);
-    cp.install_crds();
-    let n1 = format!("{prefix}-n1");
-    let n2 = format!("{prefix}-n2");
-    let z = zones(prefix, &[(&n1, "10.6.0.1/16"), (&n2, "10.7.0.1/16")]);
-    cp.kubectl_ok(&["apply", "-f", "-"], &macvlan_nad());
-    let dir = tempfile::tempdir().unwrap();
-    let controller = controller(&cp, dir.path(), &format!("{prefix}-c"));
-    for s in subnets {
-        cp.kubectl_ok(&["apply", "-f", "-"], s);
-    }
-    // Node a waits the default 50 s for an auto pool; node b only 8 s.
-    let nodes = vec![
-        kube_node(&cp, "node-a", &[("zone", "a")], &n1, &[]),
-        kube_node(
-            &cp,
-            "node-b",
-            &[("zone", "b")],
-            &n2,
-            &["--auto-pool-wait", "8s"],
-        ),
-    ];
-    Some(World {
-        cp,
-        _zones: z,
-        _nodes: nodes,
-        controller,
-        dir,
-    })
 }
 
 #[test]
