@@ -665,9 +665,13 @@ pub async fn pod_pools(
         .into());
     };
     if !app.built_in() {
+        // Upstream's answer first: a third party's application needs a fixed size.
+        let why = match config.ip_number {
+            Some(autopool::IpNumber::Fixed(_)) => "is a third-party controller: this version carves auto pools for Deployments, ReplicaSets, StatefulSets, DaemonSets, Jobs and CronJobs only; name pools with ipam.spidernet.io/ippool instead",
+            _ => "only supports fixed auto-created IPPool IP Number",
+        };
         return Err(in_pod(ValidationError::Invalid(format!(
-            "{}/{}/{} is a third-party controller: its auto pools are not created by this version; \
-             name pools with ipam.spidernet.io/ippool instead",
+            "{}/{}/{} {why}",
             app.kind, app.namespace, app.name
         )))
         .into());

@@ -60,6 +60,9 @@ pub struct AddTiming {
 /// A running simulated node; [`NodeSim::stop`] (or drop) stops it without any DEL.
 pub struct NodeSim {
     stop: Arc<AtomicBool>,
+    /// The network namespaces of its pods not torn down yet: removed when the simulator is
+    /// dropped (the test is over), so no test leaves them on the machine.
+    netns: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     adds: Arc<std::sync::Mutex<Vec<AddTiming>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The node's name.
@@ -76,13 +79,15 @@ impl NodeSim {
         let flag = stop.clone();
         let adds: Arc<std::sync::Mutex<Vec<AddTiming>>> = Arc::default();
         let timings = adds.clone();
+        let netns: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> = Arc::default();
+        let live = netns.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let sim = match Sim::connect(&kubeconfig, spec, timings).await {
+                let sim = match Sim::connect(&kubeconfig, spec, timings, live).await {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -104,6 +109,7 @@ impl NodeSim {
         }
         NodeSim {
             stop,
+            netns,
             adds,
             thread: Some(thread),
             name,
@@ -127,6 +133,10 @@ impl NodeSim {
 impl Drop for NodeSim {
     fn drop(&mut self) {
         self.stop();
+        let left = std::mem::take(&mut *self.netns.lock().expect("netns lock"));
+        for ns in left {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
     }
 }
 
@@ -142,6 +152,8 @@ struct Sim {
     /// many pods of one node are set up at the same time.
     pods: std::sync::Mutex<BTreeMap<String, Slot>>,
     adds: Arc<std::sync::Mutex<Vec<AddTiming>>>,
+    /// The network namespaces made and not yet removed (shared with [`NodeSim`]).
+    netns: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 struct SetUp {
@@ -158,6 +170,7 @@ impl Sim {
         kubeconfig: &std::path::Path,
         spec: NodeSpec,
         adds: Arc<std::sync::Mutex<Vec<AddTiming>>>,
+        netns: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     ) -> SimResult<Sim> {
         let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
@@ -169,6 +182,7 @@ impl Sim {
             spec,
             pods: Default::default(),
             adds,
+            netns,
         })
     }
 
@@ -354,6 +368,7 @@ impl Sim {
         let netns = format!("sim-{}", &uid.replace('-', "")[..12]);
         let container_id = format!("{:0>64}", uid.replace('-', ""));
         let add = netns.clone();
+        self.netns.lock().expect("netns lock").insert(netns.clone());
         tokio::task::spawn_blocking(move || sh(&["ip", "netns", "add", &add]))
             .await
             .map_err(|e| e.to_string())?;
@@ -460,6 +475,7 @@ impl Sim {
                 let _ = Command::new("ip")
                     .args(["netns", "del", &set.netns])
                     .output();
+                sim.netns.lock().expect("netns lock").remove(&set.netns);
             })
             .await;
         }

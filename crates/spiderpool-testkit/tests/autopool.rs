@@ -23,11 +23,13 @@ fn subnet(name: &str, cidr: &str, ips: &str, exclude: &[&str], gateway: &str) ->
 fn workload(kind: &str, name: &str, replicas: u64, annotations: Value, node_zone: &str) -> String {
     let mut a = annotations;
     a[MULTUS] = "kube-system/macvlan-conf".into();
-    let template = json!({"metadata": {"labels": {"app": name}, "annotations": a},
+    // A label value has at most 63 characters; the name may have more (I00017).
+    let name_label: String = name.chars().take(63).collect();
+    let template = json!({"metadata": {"labels": {"app": name_label}, "annotations": a},
         "spec": {"terminationGracePeriodSeconds": 0, "nodeSelector": {"zone": node_zone},
             "restartPolicy": if kind == "Job" { "Never" } else { "Always" },
             "containers": [{"name": "c", "image": "registry.invalid/app"}]}});
-    let selector = json!({"matchLabels": {"app": name}});
+    let selector = json!({"matchLabels": {"app": name_label}});
     let (api, spec) = match kind {
         "Deployment" => (
             "apps/v1",
@@ -516,6 +518,27 @@ fn auto_pools_follow_their_applications_on_a_real_control_plane() {
             .then_some(())
     });
     subnet_gives(cp, "subnet-6", 12);
+
+    // I00017: an application name longer than a label value.
+    let long = format!("long-{}", "x".repeat(90));
+    apply(&workload(
+        "Deployment",
+        &long,
+        1,
+        subnet_annotation("subnet-6", "+0"),
+        "a",
+    ));
+    let p = pool_sized(cp, "Deployment", &long, "eth0", 1);
+    let label = p["metadata"]["labels"]["ipam.spidernet.io/owner-application-name"]
+        .as_str()
+        .unwrap();
+    assert_eq!(label.len(), 63, "{label}");
+    assert!(p["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("auto4-{long}-eth0-")));
+    running_pods(cp, "long-", 1);
+    cp.kubectl_ok(&["delete", "deployment", &long, "--wait=false"], "");
 
     // I00003: the pools survive a controller restart unchanged.
     let before = pool_sized(cp, "Deployment", "web", "eth0", 2)["spec"]["ips"].clone();

@@ -1387,6 +1387,44 @@ fn i00003_i00004_i00020_auto_pools_outside_a_cluster_follow_their_deployment() {
 }
 
 #[test]
+fn i00023_orphans_and_third_party_controllers_get_upstreams_answer() {
+    let lab = Lab::new(AUTO_SUBNET);
+    let subnet = json!({"ipam.spidernet.io/subnet": r#"{"ipv4": ["subnet-6"]}"#});
+    let kruise = |n: &str, annotations: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": n, "namespace": "default", "annotations": annotations,
+                "ownerReferences": [{"apiVersion": "apps.kruise.io/v1alpha1", "kind": "CloneSet",
+                    "name": "clone", "uid": "c1c1c1c1-0000-0000-0000-000000000001", "controller": true}]},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "registry.invalid/c"}]}})
+        .to_string()
+    };
+    lab.sb.apply(&kruise("k1", subnet.clone()));
+    let (code, msg) = failure(&lab.add("k1", "c1", "eth0"));
+    assert_eq!(code, 7, "{msg}");
+    assert!(
+        msg.contains("pod default/k1: CloneSet/default/clone only supports fixed auto-created IPPool IP Number"),
+        "{msg}"
+    );
+    let mut fixed = subnet.clone();
+    fixed["ipam.spidernet.io/ippool-ip-number"] = "2".into();
+    lab.sb.apply(&kruise("k2", fixed));
+    let (code, msg) = failure(&lab.add("k2", "c2", "eth0"));
+    assert_eq!(code, 7, "{msg}");
+    assert!(
+        msg.contains("CloneSet/default/clone is a third-party controller"),
+        "{msg}"
+    );
+    lab.sb
+        .apply(&pod("default", "alone", subnet, json!({}), None));
+    let (code, msg) = failure(&lab.add("alone", "c3", "eth0"));
+    assert_eq!(code, 7, "{msg}");
+    assert!(
+        msg.contains("SpiderSubnet feature doesn't support no-controller pod"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn i00024_auto_pools_turned_off_refuse_the_pod() {
     let sb = Sandbox::new();
     sb.apply(AUTO_SUBNET);
