@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::Api;
 use spiderpool_api::autopool;
-use spiderpool_store::autopool::{reconcile, Settings};
+use spiderpool_store::autopool::{reconcile, Action, Settings};
 use spiderpool_store::Store;
 
 /// How long events are gathered before one pass.
@@ -85,13 +87,72 @@ fn take(
     }
 }
 
-/// Runs until aborted.
+/// The application under a workload key, as an event's object.
+fn reference(key: &str) -> Option<ObjectReference> {
+    let mut parts = key.splitn(3, '/');
+    let (namespace, kind, name) = (parts.next()?, parts.next()?, parts.next()?);
+    let group = autopool::APP_KINDS.iter().find(|(_, k)| *k == kind)?.0;
+    Some(ObjectReference {
+        api_version: Some(format!("{group}/v1")),
+        kind: Some(kind.to_string()),
+        namespace: Some(namespace.to_string()),
+        name: Some(name.to_string()),
+        ..Default::default()
+    })
+}
+
+/// The event of an action on one of the application's pools (`kubectl describe deployment`
+/// shows them); none while a pool waits for its addresses.
+fn event_of(action: &Action) -> Option<Event> {
+    let reason = match action {
+        Action::Created { .. } => "CreateIPPool",
+        Action::Scaled { .. } => "ScaleIPPool",
+        Action::Adopted { .. } => "TakeOverIPPool",
+        Action::Deleted { .. } => "DeleteIPPool",
+        Action::Reserved { .. } => "KeepIPPool",
+        Action::Waiting { .. } => return None,
+    };
+    Some(Event {
+        type_: EventType::Normal,
+        reason: reason.into(),
+        note: Some(action.to_string()),
+        action: reason.into(),
+        secondary: None,
+    })
+}
+
+/// Publishes the events sent on the channel, in order, on their applications; logs (does not
+/// fail) when one cannot be published. A task of its own, so reconciling never waits for it.
+async fn publish(
+    recorder: Recorder,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<(String, Event)>,
+) {
+    while let Some((key, event)) = events.recv().await {
+        let Some(r) = reference(&key) else { continue };
+        if let Err(e) = recorder.publish(&event, &r).await {
+            tracing::debug!(app = %key, error = %e, "auto pools: publishing an event");
+        }
+    }
+}
+
+/// Runs until aborted; events are published as the controller `identity`.
 pub async fn run(
     client: kube::Client,
     store: Arc<dyn Store>,
     settings: Settings,
     resync: Duration,
+    identity: String,
 ) {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "spiderpool-controller".into(),
+            instance: Some(identity),
+        },
+    );
+    let (to_publish, published) = tokio::sync::mpsc::unbounded_channel();
+    // Ends when `to_publish` is dropped with this future.
+    tokio::spawn(publish(recorder, published));
     let mut streams = Vec::new();
     for (group, kind) in autopool::APP_KINDS {
         let plural = format!("{}s", kind.to_ascii_lowercase());
@@ -160,10 +221,27 @@ pub async fn run(
                     failed.remove(&key);
                     for a in &report.actions {
                         tracing::info!(app = %report.app, "{a}");
+                        if let Some(ev) = event_of(a) {
+                            let _ = to_publish.send((key.clone(), ev));
+                        }
                     }
                 }
                 Err(e) => {
                     tracing::warn!(app = %key, error = %e, "auto pools: trying again");
+                    let message = e.to_string();
+                    let reason = if message.contains("ApplicationSubnetChanged") {
+                        "ApplicationSubnetChanged"
+                    } else {
+                        "AutoPoolFailed"
+                    };
+                    let ev = Event {
+                        type_: EventType::Warning,
+                        reason: reason.into(),
+                        note: Some(message.chars().take(1000).collect()),
+                        action: "ReconcileIPPool".into(),
+                        secondary: None,
+                    };
+                    let _ = to_publish.send((key.clone(), ev));
                     failed.insert(key, tokio::time::Instant::now() + RETRY);
                 }
             }

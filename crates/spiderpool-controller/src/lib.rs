@@ -281,6 +281,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                             default_redundancy: args.auto_pool_redundancy,
                         },
                         args.auto_pool_resync,
+                        identity.clone(),
                     ));
                 }
                 if args.gc_enabled {

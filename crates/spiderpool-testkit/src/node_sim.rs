@@ -4,7 +4,9 @@
 //! CNI chain there exactly as a runtime would — the NetworkAttachmentDefinition named by
 //! `v1.multus-cni.io/default-network`, else the node's default network — with the runtime's
 //! `CNI_*` environment and `K8S_POD_*` arguments, then reports the pod Running and Ready with its
-//! addresses. A deleted pod gets DEL, its namespace is removed and the pod finalized. Stopping
+//! addresses. A failed ADD is reported on the pod (condition `CNIFailed`), its sandbox killed
+//! (DEL) and made again after a backoff (1 s doubling to 10 s), as kubelet does. A deleted pod
+//! gets DEL, its namespace is removed and the pod finalized. Stopping
 //! the simulator stands for a node that died: no DEL comes.
 
 use std::collections::BTreeMap;
@@ -141,6 +143,11 @@ impl Drop for NodeSim {
 }
 
 type SimResult<T> = Result<T, String>;
+
+/// The first wait before a failed sandbox is made again; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two tries of a failed sandbox.
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// One pod's sandbox: locked while its ADD or DEL runs, `None` until set up.
 type Slot = Arc<tokio::sync::Mutex<Option<SetUp>>>;
@@ -315,12 +322,21 @@ impl Sim {
                 return;
             }
             let slot: Slot = Arc::default();
-            pods.insert(uid, slot.clone());
+            pods.insert(uid.clone(), slot.clone());
             slot
         };
         tokio::spawn(async move {
-            let mut guard = slot.lock().await;
-            if let Err(e) = sim.setup(&pod, &mut guard).await {
+            // As kubelet: a failed sandbox is killed (DEL for what its ADD made, the namespace
+            // removed) and made again after a backoff, until it comes up or the pod goes.
+            let mut backoff = RETRY_FIRST;
+            loop {
+                let mut guard = slot.lock().await;
+                if !sim.pods.lock().expect("pods lock").contains_key(&uid) {
+                    return;
+                }
+                let Err(e) = sim.setup(&pod, &mut guard).await else {
+                    return;
+                };
                 eprintln!(
                     "node simulator {}: pod {}/{}: {e}",
                     sim.spec.name,
@@ -328,6 +344,12 @@ impl Sim {
                     pod.metadata.name.as_deref().unwrap_or("")
                 );
                 let _ = sim.report_failure(&pod, &e).await;
+                if let Some(set) = guard.take() {
+                    sim.clone().unmake(set, uid.clone()).await;
+                }
+                drop(guard);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
             }
         });
     }
@@ -453,6 +475,23 @@ impl Sim {
         .map_err(|e| e.to_string())
     }
 
+    /// DEL for what a sandbox was given, and its namespace removed.
+    async fn unmake(self: Arc<Self>, mut set: SetUp, uid: String) {
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = self.chain(&mut set, &uid, "DEL") {
+                eprintln!(
+                    "node simulator {}: DEL {}/{}: {e}",
+                    self.spec.name, set.namespace, set.name
+                );
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", &set.netns])
+                .output();
+            self.netns.lock().expect("netns lock").remove(&set.netns);
+        })
+        .await;
+    }
+
     /// DEL for what the pod was given, its namespace removed, and (`finalize`) the pod deleted
     /// for good, as kubelet does once the containers are gone.
     async fn teardown(self: Arc<Self>, pod: &Pod, finalize: bool) {
@@ -463,23 +502,9 @@ impl Sim {
             Some(slot) => slot.lock().await.take(),
             None => None,
         };
-        if let Some(mut set) = set {
-            let sim = self.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Err(e) = sim.chain(&mut set, &uid, "DEL") {
-                    eprintln!(
-                        "node simulator {}: DEL {}/{}: {e}",
-                        sim.spec.name, set.namespace, set.name
-                    );
-                }
-                let _ = Command::new("ip")
-                    .args(["netns", "del", &set.netns])
-                    .output();
-                sim.netns.lock().expect("netns lock").remove(&set.netns);
-            })
-            .await;
+        if let Some(set) = set {
+            self.clone().unmake(set, uid.clone()).await;
         }
-        let uid = pod.metadata.uid.clone().unwrap_or_default();
         if finalize {
             let pods: Api<Pod> = Api::namespaced(
                 self.client.clone(),

@@ -165,6 +165,29 @@ fn subnet_gives(cp: &ControlPlane, name: &str, given: u64) -> Value {
     })
 }
 
+/// The notes of the events with `reason` on the Deployment `name`, once there is one.
+fn events_of(cp: &ControlPlane, name: &str, reason: &str) -> String {
+    until(&format!("a {reason} event on Deployment {name}"), || {
+        let v = json_of(
+            cp,
+            &[
+                "get",
+                "events.events.k8s.io",
+                "--field-selector",
+                &format!("regarding.name={name},reason={reason}"),
+            ],
+        );
+        let notes: Vec<String> = v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["regarding"]["kind"] == "Deployment")
+            .filter_map(|e| e["note"].as_str().map(String::from))
+            .collect();
+        (!notes.is_empty()).then(|| notes.join("\n"))
+    })
+}
+
 fn pod_ip(p: &Value) -> String {
     p["status"]["podIP"].as_str().unwrap().to_string()
 }
@@ -261,6 +284,12 @@ fn auto_pools_follow_their_applications_on_a_real_control_plane() {
     assert_eq!(
         controlled[&name]["application"],
         "apps_v1_Deployment_default_web"
+    );
+    // `kubectl describe deployment web` tells what happened to its pools.
+    let said = events_of(cp, "web", "CreateIPPool");
+    assert!(
+        said.contains(&format!("created SpiderIPPool {name} with 3 IPs")),
+        "{said}"
     );
 
     // I00018: its addresses and affinity are not the user's to change.
@@ -402,6 +431,11 @@ fn auto_pools_follow_their_applications_on_a_real_control_plane() {
             && why.contains("nope")
             && why.contains("waited 8s for the controller"),
         "{why}"
+    );
+    let said = events_of(cp, "lost", "AutoPoolFailed");
+    assert!(
+        said.contains("SpiderSubnet \"nope\" named for interface eth0 does not exist"),
+        "{said}"
     );
     cp.kubectl_ok(&["delete", "deployment", "lost"], "");
 
