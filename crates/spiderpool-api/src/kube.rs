@@ -8,6 +8,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde::{Deserialize, Serialize};
 
+use crate::coordinator::SpiderCoordinatorResource;
 use crate::crd::{
     EndpointStatus, SpiderIPPoolResource, SpiderReservedIPResource, SpiderSubnetResource,
     API_VERSION,
@@ -45,6 +46,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         SpiderSubnetResource::crd(),
         SpiderReservedIPResource::crd(),
         endpoint_crd(),
+        SpiderCoordinatorResource::crd(),
     ]
 }
 
@@ -117,7 +119,7 @@ pub fn crd_files() -> Vec<(String, String)> {
         .map(|c| {
             let name = format!("{}_{}.yaml", c.spec.group, c.spec.names.plural);
             let yaml = serde_norway::to_string(&c).expect("a CRD serialises");
-            (name, format!("# Generated from the Rust types in crates/spiderpool-api/src/crd.rs; do not edit.\n# Regenerate: SPIDERPOOL_UPDATE_CRDS=1 cargo test -p spiderpool-testkit --test kube crds\n---\n{yaml}"))
+            (name, format!("# Generated from the Rust types in crates/spiderpool-api/src/ (crd.rs, coordinator.rs); do not edit.\n# Regenerate: SPIDERPOOL_UPDATE_CRDS=1 cargo test -p spiderpool-testkit --test kube crds\n---\n{yaml}"))
         })
         .collect()
 }

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod annotation;
 pub mod autopool;
 pub mod cni;
+pub mod coordinator;
 pub mod crd;
 pub mod k8s;
 #[cfg(feature = "kube")]
@@ -16,6 +17,7 @@ pub mod names;
 
 use thiserror::Error;
 
+pub use coordinator::SpiderCoordinator;
 pub use crd::{SpiderEndpoint, SpiderIPPool, SpiderReservedIP, SpiderSubnet};
 pub use k8s::KubeObject;
 pub use manifest::{Kind, Object};

@@ -9,6 +9,7 @@ use serde::de::{self, DeserializeOwned, DeserializeSeed, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::coordinator::SpiderCoordinator;
 use crate::crd::{SpiderEndpoint, SpiderIPPool, SpiderReservedIP, SpiderSubnet, API_VERSION};
 use crate::k8s::{KubeObject, WORKLOAD_KINDS};
 use crate::meta::ObjectMeta;
@@ -25,6 +26,8 @@ pub enum Kind {
     ReservedIP,
     /// SpiderEndpoint.
     Endpoint,
+    /// SpiderCoordinator.
+    Coordinator,
     /// v1 Node.
     Node,
     /// v1 Namespace.
@@ -45,6 +48,7 @@ impl Kind {
             Kind::Subnet => "spidersubnets",
             Kind::ReservedIP => "spiderreservedips",
             Kind::Endpoint => "spiderendpoints",
+            Kind::Coordinator => "spidercoordinators",
             Kind::Node => "nodes",
             Kind::Namespace => "namespaces",
             Kind::Pod => "pods",
@@ -64,6 +68,9 @@ impl Kind {
             }
             "endpoint" | "endpoints" | "spiderendpoint" | "spiderendpoints" | "se" => {
                 Kind::Endpoint
+            }
+            "coordinator" | "coordinators" | "spidercoordinator" | "spidercoordinators" | "scc" => {
+                Kind::Coordinator
             }
             "node" | "nodes" | "no" => Kind::Node,
             "namespace" | "namespaces" | "ns" => Kind::Namespace,
@@ -104,6 +111,8 @@ pub enum Object {
     ReservedIP(SpiderReservedIP),
     /// SpiderEndpoint.
     Endpoint(SpiderEndpoint),
+    /// SpiderCoordinator.
+    Coordinator(SpiderCoordinator),
     /// Node, Namespace, Pod, workload or NetworkAttachmentDefinition.
     Kube(Kind, KubeObject),
 }
@@ -136,6 +145,7 @@ impl Object {
             Object::Subnet(_) => Kind::Subnet,
             Object::ReservedIP(_) => Kind::ReservedIP,
             Object::Endpoint(_) => Kind::Endpoint,
+            Object::Coordinator(_) => Kind::Coordinator,
             Object::Kube(k, _) => *k,
         }
     }
@@ -147,6 +157,7 @@ impl Object {
             Object::Subnet(o) => &o.metadata,
             Object::ReservedIP(o) => &o.metadata,
             Object::Endpoint(o) => &o.metadata,
+            Object::Coordinator(o) => &o.metadata,
             Object::Kube(_, o) => &o.metadata,
         }
     }
@@ -158,6 +169,7 @@ impl Object {
             Object::Subnet(o) => &mut o.metadata,
             Object::ReservedIP(o) => &mut o.metadata,
             Object::Endpoint(o) => &mut o.metadata,
+            Object::Coordinator(o) => &mut o.metadata,
             Object::Kube(_, o) => &mut o.metadata,
         }
     }
@@ -180,6 +192,7 @@ impl Object {
             Object::Subnet(_) => "SpiderSubnet",
             Object::ReservedIP(_) => "SpiderReservedIP",
             Object::Endpoint(_) => "SpiderEndpoint",
+            Object::Coordinator(_) => "SpiderCoordinator",
             Object::Kube(_, o) => o.kind.as_str(),
         };
         format!("{kind} {:?}", self.key())
@@ -195,6 +208,7 @@ impl Object {
             Object::Subnet(o) => v(o),
             Object::ReservedIP(o) => v(o),
             Object::Endpoint(o) => v(o),
+            Object::Coordinator(o) => v(o),
             Object::Kube(_, o) => v(o),
         }
     }
@@ -210,6 +224,7 @@ impl Object {
             Kind::Subnet => Object::Subnet(serde_json::from_value(value).map_err(err)?),
             Kind::ReservedIP => Object::ReservedIP(serde_json::from_value(value).map_err(err)?),
             Kind::Endpoint => Object::Endpoint(serde_json::from_value(value).map_err(err)?),
+            Kind::Coordinator => Object::Coordinator(serde_json::from_value(value).map_err(err)?),
             k => Object::Kube(k, serde_json::from_value(value).map_err(err)?),
         })
     }
@@ -251,6 +266,10 @@ impl Object {
                 let (o, w) = typed(doc, &what)?;
                 (Object::ReservedIP(o), w)
             }
+            (API_VERSION, "SpiderCoordinator") => {
+                let (o, w) = typed(doc, &what)?;
+                (Object::Coordinator(o), w)
+            }
             ("v1", "Node") => kube(Kind::Node, doc, &what)?,
             ("v1", "Namespace") => kube(Kind::Namespace, doc, &what)?,
             ("v1", "Pod") => kube(Kind::Pod, doc, &what)?,
@@ -261,7 +280,7 @@ impl Object {
             _ => {
                 return Err(ValidationError::Invalid(format!(
                     "{what}: unsupported apiVersion {api_version:?} kind {kind:?} (supported: \
-                     {API_VERSION} SpiderIPPool, SpiderSubnet, SpiderReservedIP; v1 Node, Namespace, Pod; \
+                     {API_VERSION} SpiderIPPool, SpiderSubnet, SpiderReservedIP, SpiderCoordinator; v1 Node, Namespace, Pod; \
                      apps/v1 {}; k8s.cni.cncf.io/v1 NetworkAttachmentDefinition)",
                     WORKLOAD_KINDS.join(", ")
                 )))

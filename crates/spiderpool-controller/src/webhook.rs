@@ -33,10 +33,11 @@ pub const NAME: &str = "spiderpool-controller";
 pub const SECRET: &str = "spiderpool-controller-webhook";
 
 /// The kinds served, with the resource, the webhook name and the path suffix.
-const SERVED: [(Kind, &str, &str); 3] = [
+const SERVED: [(Kind, &str, &str); 4] = [
     (Kind::IPPool, "spiderippools", "spiderippool"),
     (Kind::Subnet, "spidersubnets", "spidersubnet"),
     (Kind::ReservedIP, "spiderreservedips", "spiderreservedip"),
+    (Kind::Coordinator, "spidercoordinators", "spidercoordinator"),
 ];
 
 /// Where the API server reaches the webhooks.
@@ -218,17 +219,33 @@ fn deny(req: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionResp
     resp
 }
 
-/// The paths the mutations write; the patch touches nothing else of the object.
-const MUTATED: [&str; 8] = [
-    "/metadata/finalizers",
-    "/metadata/labels",
-    "/metadata/ownerReferences",
-    "/spec/ipVersion",
-    "/spec/ips",
-    "/spec/excludeIPs",
-    "/spec/gateway",
-    "/spec/routes",
-];
+/// The paths the mutations of a kind write; the patch touches nothing else of the object.
+fn mutated_paths(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Coordinator => &[
+            "/spec/mode",
+            "/spec/hijackCIDR",
+            "/spec/tunePodRoutes",
+            "/spec/hostRuleTable",
+            "/spec/hostRPFilter",
+            "/spec/podRPFilter",
+            "/spec/txQueueLen",
+            "/spec/vethMTU",
+            "/spec/detectIPConflict",
+            "/spec/detectGateway",
+        ],
+        _ => &[
+            "/metadata/finalizers",
+            "/metadata/labels",
+            "/metadata/ownerReferences",
+            "/spec/ipVersion",
+            "/spec/ips",
+            "/spec/excludeIPs",
+            "/spec/gateway",
+            "/spec/routes",
+        ],
+    }
+}
 
 async fn mutation(
     ctx: &Ctx,
@@ -251,7 +268,7 @@ async fn mutation(
     }
     let mutated = obj.to_value();
     let mut desired = raw.clone();
-    for p in MUTATED {
+    for p in mutated_paths(kind) {
         set_pointer(&mut desired, p, mutated.pointer(p).cloned());
     }
     let patch = json_patch::diff(&raw, &desired);

@@ -1,5 +1,5 @@
-//! Admission: upstream's webhook rules and mutations for SpiderIPPool, SpiderSubnet and
-//! SpiderReservedIP, in one place for every entry point — `spiderpoolctl apply` (all
+//! Admission: upstream's webhook rules and mutations for SpiderIPPool, SpiderSubnet,
+//! SpiderReservedIP and SpiderCoordinator, in one place for every entry point — `spiderpoolctl apply` (all
 //! datastores) and the controller's admission webhooks (Kubernetes). Messages name the object,
 //! the field and the value, with upstream's wording (`../spec/spiderpool-reference.md` §8).
 
@@ -170,6 +170,7 @@ pub async fn mutate(store: &dyn Store, object: &mut Object, by: By) -> Result<()
                 r.spec.ips = merged(&r.spec.ips, family);
             }
         }
+        Object::Coordinator(c) => c.default_spec(),
         _ => {}
     }
     if finalizer && matches!(object, Object::IPPool(_) | Object::Subnet(_)) {
@@ -292,6 +293,7 @@ pub async fn validate(
             }
             Ok(())
         }
+        Object::Coordinator(c) => Ok(c.validate()?),
         _ => Ok(()),
     }
 }

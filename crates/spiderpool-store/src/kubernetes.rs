@@ -148,6 +148,7 @@ fn api_resource(kind: Kind, workload: Option<&str>) -> Result<ApiResource> {
         Kind::Subnet => spider("SpiderSubnet"),
         Kind::ReservedIP => spider("SpiderReservedIP"),
         Kind::Endpoint => spider("SpiderEndpoint"),
+        Kind::Coordinator => spider("SpiderCoordinator"),
         Kind::Node => resource("", "v1", "Node", "nodes"),
         Kind::Namespace => resource("", "v1", "Namespace", "namespaces"),
         Kind::Pod => resource("", "v1", "Pod", "pods"),

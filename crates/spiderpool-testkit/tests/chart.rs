@@ -111,7 +111,7 @@ fn the_chart_lints_renders_and_installs_on_the_api_server() {
     ] {
         let w = find(&docs, kind, "spiderpool-controller");
         let hooks = w["webhooks"].as_array().unwrap();
-        assert_eq!(hooks.len(), 3);
+        assert_eq!(hooks.len(), 4);
         assert_eq!(
             hooks[0]["clientConfig"]["service"]["name"],
             "spiderpool-controller"
@@ -121,7 +121,7 @@ fn the_chart_lints_renders_and_installs_on_the_api_server() {
         docs.iter()
             .filter(|d| d["kind"] == "CustomResourceDefinition")
             .count(),
-        5
+        6
     );
 
     // The API server accepts every rendered object.

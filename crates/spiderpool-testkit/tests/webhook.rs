@@ -62,7 +62,7 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
     ] {
         let w = json_of(&cp, &["get", kind, "spiderpool-controller"]);
         let hooks = w["webhooks"].as_array().unwrap();
-        assert_eq!(hooks.len(), 3, "{w}");
+        assert_eq!(hooks.len(), 4, "{w}");
         assert!(hooks.iter().all(|h| h["clientConfig"]["caBundle"]
             .as_str()
             .is_some_and(|b| !b.is_empty())));
@@ -310,6 +310,78 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
     assert_eq!(
         json_of(&cp, &["get", "spiderippool", "child"])["spec"]["ips"],
         json!(["10.7.0.10-10.7.0.21"])
+    );
+
+    // SpiderCoordinator: upstream's defaults, a bare hijack address made a host CIDR, and each
+    // rule naming field and value.
+    let coordinator = |spec: Value| {
+        json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderCoordinator",
+            "metadata": {"name": "default"}, "spec": spec})
+        .to_string()
+    };
+    refused(
+        &cp,
+        &coordinator(json!({"mode": "underlay"})),
+        "SpiderCoordinator \"default\": spec.podCIDRType is required (supported values: \"auto\", \"cluster\"",
+    );
+    for (spec, want) in [
+        (
+            json!({"podCIDRType": "cluster", "podMACPrefix": "01:1b"}),
+            "spec.podMACPrefix \"01:1b\" is not a unicast MAC: the lowest bit of the first byte must be 0",
+        ),
+        (
+            json!({"podCIDRType": "cluster", "txQueueLen": -1}),
+            "spec.txQueueLen \"-1\" is invalid: txQueueLen can't be less than 0",
+        ),
+        (
+            json!({"podCIDRType": "cluster", "vethLinkAddress": "169.254.1"}),
+            "spec.vethLinkAddress \"169.254.1\" is invalid: vethLinkAddress is an invalid IP address",
+        ),
+        (
+            json!({"podCIDRType": "cluster", "vethMTU": 0}),
+            "spec.vethMTU \"0\" is invalid: vethMTU must be greater than 0",
+        ),
+        (
+            json!({"podCIDRType": "cluster", "podRPFilter": 5}),
+            "spec.podRPFilter \"5\" is not supported (supported values: 0, 1, 2",
+        ),
+        (
+            json!({"podCIDRType": "cluster", "policyRoutes": [{"dst": "fd00::/64", "gw": "10.6.0.1"}]}),
+            "spec.policyRoutes[0] \"fd00::/64 via 10.6.0.1\" is invalid: dst and gw must use the same IP family",
+        ),
+    ] {
+        refused(&cp, &coordinator(spec), want);
+    }
+    // The API server's schema knows the enums itself.
+    let out = cp.kubectl(
+        &["apply", "-f", "-"],
+        &coordinator(json!({"podCIDRType": "flannel"})),
+    );
+    assert!(
+        !out.success && out.stderr.contains("spec.podCIDRType") && out.stderr.contains("flannel"),
+        "{}",
+        out.stderr
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &coordinator(json!({"podCIDRType": "cluster", "hijackCIDR": ["10.9.0.1", "fd00:9::/64"]})),
+    );
+    let c = json_of(&cp, &["get", "scc", "default"]);
+    assert_eq!(
+        c["spec"],
+        json!({"mode": "auto", "podCIDRType": "cluster", "hijackCIDR": ["10.9.0.1/32", "fd00:9::/64"],
+            "tunePodRoutes": true, "hostRuleTable": 500, "hostRPFilter": 0, "podRPFilter": 0,
+            "txQueueLen": 0, "vethMTU": 1500, "detectIPConflict": false, "detectGateway": false}),
+    );
+    // An update is checked as well, and what was stored stays.
+    refused(
+        &cp,
+        &coordinator(json!({"podCIDRType": "cluster", "vethMTU": -1})),
+        "vethMTU must be greater than 0",
+    );
+    assert_eq!(
+        json_of(&cp, &["get", "scc", "default"])["spec"]["vethMTU"],
+        1500
     );
     drop(ctl);
 }

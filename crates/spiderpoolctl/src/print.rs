@@ -42,6 +42,7 @@ pub(crate) fn table(kind: Kind, items: &[Object], wide: bool) -> String {
             "IPV6",
             "NODE",
         ],
+        Kind::Coordinator => vec!["NAME", "MODE", "PODCIDRTYPE", "PHASE"],
         Kind::Node | Kind::Namespace => vec!["NAME", "LABELS"],
         Kind::Pod => vec!["NAMESPACE", "NAME", "NODE", "UID"],
         Kind::Workload => vec!["NAMESPACE", "KIND", "NAME", "REPLICAS"],
@@ -111,6 +112,12 @@ pub(crate) fn table(kind: Kind, items: &[Object], wide: bool) -> String {
                     ]);
                 }
             }
+            Object::Coordinator(c) => rows.push(vec![
+                m.name.clone(),
+                s(c.spec.mode.as_ref()),
+                s(c.spec.pod_cidr_type.as_ref()),
+                s(c.status.as_ref().map(|st| &st.phase)),
+            ]),
             Object::Kube(Kind::Pod, k) => rows.push(vec![
                 s(m.namespace.as_ref()),
                 m.name.clone(),

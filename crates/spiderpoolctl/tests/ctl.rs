@@ -842,3 +842,76 @@ fn a_large_apply_reports_its_progress_on_stderr() {
     let out = sb.ctl(&["apply", "-f", "-"], &pod_yaml("single"));
     assert_eq!(out.stderr, "");
 }
+
+#[test]
+fn a_coordinator_gets_upstream_defaults_and_bad_settings_are_refused_by_field() {
+    let sb = Sandbox::new();
+    let doc = |spec: &str| {
+        format!("apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderCoordinator\nmetadata: {{name: default}}\nspec: {spec}\n")
+    };
+    for (spec, want) in [
+        (
+            "{mode: underlay}",
+            "SpiderCoordinator \"default\": spec.podCIDRType is required",
+        ),
+        (
+            "{podCIDRType: weave}",
+            "spec.podCIDRType \"weave\" is not supported (supported values: \"auto\", \"cluster\", \"calico\", \"cilium\", \"none\")",
+        ),
+        (
+            "{podCIDRType: none, podMACPrefix: '0a:1b:2c'}",
+            "spec.podMACPrefix \"0a:1b:2c\" is not a valid MAC prefix",
+        ),
+        (
+            "{podCIDRType: none, hijackCIDR: [10.9.0.0/40]}",
+            "spec.hijackCIDR[0] \"10.9.0.0/40\" is not an IP address or CIDR",
+        ),
+        (
+            "{podCIDRType: none, hostRPFilter: 4}",
+            "spec.hostRPFilter \"4\" is not supported",
+        ),
+    ] {
+        let out = sb.ctl(&["apply", "-f", "-"], &doc(spec));
+        assert!(
+            !out.success && out.stderr.contains(want),
+            "{spec}: want {want:?} in {}",
+            out.stderr
+        );
+    }
+    assert_eq!(sb.ctl(&["get", "scc"], "").stderr, "No resources found\n");
+
+    let out = sb.ctl(
+        &["apply", "-f", "-"],
+        &doc("{podCIDRType: cluster, mode: underlay, hijackCIDR: [10.9.0.1], vethMTU: 9000}"),
+    );
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "spidercoordinator.spiderpool.spidernet.io/default created\n"
+    );
+    let c = sb.get_json("scc", "default");
+    assert_eq!(
+        c["spec"],
+        json!({"mode": "underlay", "podCIDRType": "cluster", "hijackCIDR": ["10.9.0.1/32"],
+            "tunePodRoutes": true, "hostRuleTable": 500, "hostRPFilter": 0, "podRPFilter": 0,
+            "txQueueLen": 0, "vethMTU": 9000, "detectIPConflict": false, "detectGateway": false})
+    );
+    assert_eq!(
+        sb.ctl(&["get", "spidercoordinators"], "").stdout,
+        "NAME      MODE       PODCIDRTYPE   PHASE\ndefault   underlay   cluster\n"
+    );
+    // A bad update is refused and the stored settings stay.
+    let out = sb.ctl(
+        &["apply", "-f", "-"],
+        &doc("{podCIDRType: cluster, txQueueLen: -2}"),
+    );
+    assert!(
+        out.stderr
+            .contains("spec.txQueueLen \"-2\" is invalid: txQueueLen can't be less than 0"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(sb.get_json("scc", "default")["spec"]["vethMTU"], 9000);
+    assert!(sb.ctl(&["delete", "scc", "default"], "").success);
+    assert_eq!(sb.ctl(&["get", "scc"], "").stderr, "No resources found\n");
+}
