@@ -4,6 +4,7 @@
 //! all given back.
 
 pub mod apps;
+pub mod coordinators;
 pub mod leader;
 pub mod metrics;
 pub mod pools;
@@ -106,6 +107,11 @@ pub struct Args {
     /// Time between two passes over every application's auto pools.
     #[arg(long, env = "SPIDERPOOL_AUTO_POOL_RESYNC", default_value = "60s", value_parser = humantime::parse_duration)]
     pub auto_pool_resync: Duration,
+    /// Time between two computations of every SpiderCoordinator's status beyond those its own
+    /// and the ServiceCIDRs' changes cause (kubeadm-config, the controller-manager's flags and
+    /// Calico's IPPools are read then).
+    #[arg(long, env = "SPIDERPOOL_COORDINATOR_RESYNC", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub coordinator_resync: Duration,
     /// Time between two full scans of every address (and one when leadership is won).
     #[arg(long, env = "SPIDERPOOL_GC_DEFAULT_INTERVAL_DURATION", default_value = "600s", value_parser = humantime::parse_duration)]
     pub gc_interval: Duration,
@@ -273,6 +279,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 tracing::info!(%identity, "leading: finalizers and the reclaim of leaked addresses");
                 let mut set = tokio::task::JoinSet::new();
                 set.spawn(pools::run(client.clone(), store.clone(), args.gc_interval));
+                set.spawn(coordinators::run(client.clone(), args.coordinator_resync));
                 if args.auto_pool {
                     set.spawn(apps::run(
                         client.clone(),

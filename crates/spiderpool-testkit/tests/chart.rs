@@ -268,6 +268,18 @@ fn agent_and_controller_work_under_exactly_the_charts_permissions() {
         (gone("spiderippool", "p") && gone("spidersubnet", "s")).then_some(())
     });
 
+    // A SpiderCoordinator's status: every source read under the chart's permissions.
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderCoordinator",
+            "metadata": {"name": "default"}, "spec": {"podCIDRType": "auto"}})
+        .to_string(),
+    );
+    until("the coordinator synced", || {
+        let c = json_of(&cp, &["get", "scc", "default"]);
+        (c["status"]["phase"] == "Synced").then_some(())
+    });
+
     // Nothing either of them did was refused.
     for (who, log) in [("controller", ctl.log()), ("agent", agent.log())] {
         assert!(

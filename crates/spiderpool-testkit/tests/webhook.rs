@@ -53,7 +53,12 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
     let ctl = started(
         &cp,
         dir.path(),
-        &["--gc-enabled=false", "--enable-ipv6=false"],
+        &[
+            "--gc-enabled=false",
+            "--enable-ipv6=false",
+            "--coordinator-resync",
+            "1s",
+        ],
     );
     // The controller registered both configurations with its CA.
     for kind in [
@@ -383,6 +388,52 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
         json_of(&cp, &["get", "scc", "default"])["spec"]["vethMTU"],
         1500
     );
+
+    // The leader writes the status: the API server's ServiceCIDR (its
+    // --service-cluster-ip-range), and for podCIDRType cluster the pod subnet kubeadm-config
+    // names (none here until it is created: still Synced, as upstream).
+    let status = |want: &dyn Fn(&Value) -> bool| {
+        until("the SpiderCoordinator's status", || {
+            let s = json_of(&cp, &["get", "scc", "default"])["status"].clone();
+            want(&s).then_some(s)
+        })
+    };
+    let s = status(&|s| s["phase"] == "Synced");
+    assert_eq!(
+        s,
+        json!({"phase": "Synced", "serviceCIDR": ["10.233.0.0/18"], "overlayPodCIDR": []})
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "kubeadm-config", "namespace": "kube-system"},
+            "data": {"ClusterConfiguration": "apiVersion: kubeadm.k8s.io/v1beta4\nkind: ClusterConfiguration\nnetworking:\n  podSubnet: 10.244.0.0/16\n  serviceSubnet: 10.96.0.0/12\n"}})
+        .to_string(),
+    );
+    let s = status(&|s| s["overlayPodCIDR"] != json!([]));
+    assert_eq!(s["overlayPodCIDR"], json!(["10.244.0.0/16"]));
+    // The ServiceCIDR objects win over kubeadm-config.
+    assert_eq!(s["serviceCIDR"], json!(["10.233.0.0/18"]));
+    // Calico named but not installed: NotReady, and why.
+    cp.kubectl_ok(
+        &[
+            "patch",
+            "scc",
+            "default",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"podCIDRType":"calico"}}"#,
+        ],
+        "",
+    );
+    let s = status(&|s| s["phase"] == "NotReady");
+    assert!(
+        s["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("Calico needs to be installed first")),
+        "{s}"
+    );
+    assert_eq!(s["serviceCIDR"], json!([]));
     drop(ctl);
 }
 
