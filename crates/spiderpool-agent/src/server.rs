@@ -16,8 +16,9 @@ use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use spiderpool_api::agent::{
-    ErrorBody, IpamAddArgs, IpamDelArgs, IpamGcArgs, IpamGcResponse, IpamStatusArgs, PATH_CHECK,
-    PATH_GC, PATH_HEALTHY, PATH_IP, PATH_STATUS,
+    CoordinatorConfigArgs, ErrorBody, IpamAddArgs, IpamDelArgs, IpamGcArgs, IpamGcResponse,
+    IpamStatusArgs, PATH_CHECK, PATH_COORDINATOR_CONFIG, PATH_GC, PATH_HEALTHY, PATH_IP,
+    PATH_STATUS,
 };
 use spiderpool_api::cni::code;
 use tokio::net::UnixListener;
@@ -141,6 +142,20 @@ async fn status(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
     }
 }
 
+async fn coordinator_config(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
+    let args: CoordinatorConfigArgs = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return bad_body(e),
+    };
+    match svc
+        .coordinator_config(&args.pod_namespace, &args.pod_name)
+        .await
+    {
+        Ok(c) => Json(c).into_response(),
+        Err(e) => service_error(e),
+    }
+}
+
 /// The health endpoints on `--health-addr`: `/healthz` answers while the process serves,
 /// `/readyz` when the datastore answers too (503 with the reason otherwise).
 pub fn health_router(svc: Arc<IpamService>) -> Router {
@@ -186,6 +201,7 @@ pub fn router(svc: Arc<IpamService>) -> Router {
         .route(PATH_CHECK, post(check))
         .route(PATH_GC, post(gc))
         .route(PATH_STATUS, post(status))
+        .route(PATH_COORDINATOR_CONFIG, post(coordinator_config))
         .with_state(svc)
 }
 

@@ -184,6 +184,7 @@ macro_rules! retrying {
 mod add;
 mod batch;
 mod check;
+mod coordinator;
 mod del;
 mod gc;
 mod pod;

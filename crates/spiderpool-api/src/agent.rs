@@ -14,6 +14,9 @@ pub const PATH_CHECK: &str = "/v1/ipam/check";
 pub const PATH_GC: &str = "/v1/ipam/gc";
 /// `POST` answers whether ADD can be served (CNI STATUS).
 pub const PATH_STATUS: &str = "/v1/ipam/status";
+/// `POST`: the chained `coordinator` plugin's settings for a pod ([`CoordinatorConfigArgs`] in,
+/// [`CoordinatorConfig`] out).
+pub const PATH_COORDINATOR_CONFIG: &str = "/v1/coordinator/config";
 
 /// Body of `POST /v1/ipam/gc`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,4 +157,64 @@ pub struct ErrorBody {
     pub code: u32,
     /// What went wrong, naming the bad value.
     pub message: String,
+}
+
+/// Body of `POST /v1/coordinator/config`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CoordinatorConfigArgs {
+    /// `K8S_POD_NAMESPACE`.
+    #[serde(default)]
+    pub pod_namespace: String,
+    /// `K8S_POD_NAME` (empty: a container without a pod; no annotation applies).
+    #[serde(default)]
+    pub pod_name: String,
+}
+
+/// The coordinator plugin's settings for one pod: the SpiderCoordinator's spec with its defaults,
+/// the CIDRs of its status, and the pod's `ipam.spidernet.io/default-route-nic`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CoordinatorConfig {
+    /// `auto`, `underlay`, `overlay` or `disabled`.
+    pub mode: String,
+    /// The cluster's overlay pod CIDRs.
+    #[serde(rename = "overlayPodCIDR")]
+    pub overlay_pod_cidr: Vec<String>,
+    /// The cluster's Service CIDRs.
+    #[serde(rename = "serviceCIDR")]
+    pub service_cidr: Vec<String>,
+    /// Further CIDRs reached through the node.
+    #[serde(rename = "hijackCIDR")]
+    pub hijack_cidr: Vec<String>,
+    /// Routes added in the pod.
+    pub policy_routes: Vec<crate::coordinator::PolicyRoute>,
+    /// The first two bytes of the pod's MAC address (empty: unchanged).
+    #[serde(rename = "podMACPrefix")]
+    pub pod_mac_prefix: String,
+    /// Whether routes are tuned across the pod's NICs.
+    pub tune_pod_routes: bool,
+    /// The NIC of the pod's default route (empty: the first).
+    #[serde(rename = "podDefaultRouteNIC")]
+    pub pod_default_route_nic: String,
+    /// The node's policy-routing table for pod traffic.
+    pub host_rule_table: i64,
+    /// The node's `rp_filter` (negative: left alone).
+    #[serde(rename = "hostRPFilter")]
+    pub host_rp_filter: i64,
+    /// The pod's `rp_filter` (negative: left alone).
+    #[serde(rename = "podRPFilter")]
+    pub pod_rp_filter: i64,
+    /// The veth's transmit queue length (0: the kernel's default).
+    pub tx_queue_len: i64,
+    /// The address of the veth's node end (empty: none).
+    pub veth_link_address: String,
+    /// The veth's MTU.
+    #[serde(rename = "vethMTU")]
+    pub veth_mtu: i64,
+    /// Whether ADD probes the segment for the address first.
+    #[serde(rename = "detectIPConflict")]
+    pub detect_ip_conflict: bool,
+    /// Whether ADD checks that the gateway answers.
+    pub detect_gateway: bool,
 }

@@ -81,6 +81,11 @@ impl Sandbox {
         })
     }
 
+    /// The control plane the sandbox runs on (SPIDERPOOL_TEST_DATASTORE=kubernetes).
+    pub fn cluster(&self) -> Option<&ControlPlane> {
+        self._cluster.as_ref()
+    }
+
     /// A socket path inside the sandbox.
     pub fn socket(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.sock"))

@@ -147,3 +147,86 @@ fn pool_changes(sb: &Sandbox, watched: bool) {
     );
     assert_eq!(sb.allocated("shared"), 2);
 }
+
+/// `POST /v1/coordinator/config` on the agent's socket.
+fn coordinator_config(agent: &Agent, namespace: &str, pod: &str) -> (u16, serde_json::Value) {
+    spiderpool_testkit::request(
+        &agent.socket,
+        "POST",
+        spiderpool_api::agent::PATH_COORDINATOR_CONFIG,
+        &json!({"podNamespace": namespace, "podName": pod}).to_string(),
+    )
+}
+
+#[test]
+fn the_coordinator_plugin_gets_the_coordinators_settings_and_the_pods_default_route_nic() {
+    let sb = Sandbox::new();
+    let agent = sb.agent("node-a", "zone=a");
+    // No SpiderCoordinator: not available, saying what to do.
+    let (status, body) = coordinator_config(&agent, "default", "web");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], 50, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains(
+            "coordinator config not found: no SpiderCoordinator (apply one named \"default\")"
+        ),
+        "{body}"
+    );
+    sb.apply(
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderCoordinator\nmetadata: {name: default}\n\
+         spec: {podCIDRType: none, mode: underlay, podDefaultRouteNIC: eth0, hijackCIDR: [169.254.25.10]}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: default\n  uid: 5e1f0000-0000-4000-8000-000000000001\n  \
+         annotations: {ipam.spidernet.io/default-route-nic: net1}\nspec: {nodeName: node-a, containers: [{name: c, image: x}]}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\n  namespace: default\n  uid: 5e1f0000-0000-4000-8000-000000000002\n  \
+         annotations: {ipam.spidernet.io/default-route-nic: 'eth0/../x'}\nspec: {nodeName: node-a, containers: [{name: c, image: x}]}\n",
+    );
+    let mut services = json!([]);
+    if let Some(cp) = sb.cluster() {
+        // In a cluster the controller writes the status; until it is Synced, nothing is served.
+        let (status, body) = coordinator_config(&agent, "default", "web");
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(
+                "spidercoordinator: default not ready (phase \"\"): the controller has not written its status yet"
+            ),
+            "{body}"
+        );
+        cp.kubectl_ok(
+            &[
+                "patch",
+                "scc",
+                "default",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                r#"{"status":{"phase":"Synced","serviceCIDR":["10.233.0.0/18"],"overlayPodCIDR":[]}}"#,
+            ],
+            "",
+        );
+        services = json!(["10.233.0.0/18"]);
+    }
+    let (status, body) = coordinator_config(&agent, "default", "web");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"mode": "underlay", "overlayPodCIDR": [], "serviceCIDR": services,
+            "hijackCIDR": ["169.254.25.10/32"], "policyRoutes": [], "podMACPrefix": "",
+            "tunePodRoutes": true, "podDefaultRouteNIC": "net1", "hostRuleTable": 500,
+            "hostRPFilter": 0, "podRPFilter": 0, "txQueueLen": 0, "vethLinkAddress": "",
+            "vethMTU": 1500, "detectIPConflict": false, "detectGateway": false})
+    );
+    // Without the annotation (or without a Pod object), the coordinator's NIC.
+    let (_, body) = coordinator_config(&agent, "default", "other");
+    assert_eq!(body["podDefaultRouteNIC"], "eth0", "{body}");
+    // A bad annotation is refused by name.
+    let (status, body) = coordinator_config(&agent, "default", "bad");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("pod default/bad: annotation ipam.spidernet.io/default-route-nic")
+            && body["message"].as_str().unwrap().contains("eth0/../x"),
+        "{body}"
+    );
+}

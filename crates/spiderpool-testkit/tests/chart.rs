@@ -279,6 +279,15 @@ fn agent_and_controller_work_under_exactly_the_charts_permissions() {
         let c = json_of(&cp, &["get", "scc", "default"]);
         (c["status"]["phase"] == "Synced").then_some(())
     });
+    // ... and served by the agent to the coordinator plugin under its permissions.
+    let (status, config) = spiderpool_testkit::request(
+        &agent.socket,
+        "POST",
+        spiderpool_api::agent::PATH_COORDINATOR_CONFIG,
+        r#"{"podNamespace": "default", "podName": "web"}"#,
+    );
+    assert_eq!(status, 200, "{config}");
+    assert_eq!(config["serviceCIDR"], json!(["10.233.0.0/18"]), "{config}");
 
     // Nothing either of them did was refused.
     for (who, log) in [("controller", ctl.log()), ("agent", agent.log())] {
