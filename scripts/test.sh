@@ -24,7 +24,7 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 # The suites built on sandboxes (allocation rules, agents, CNI, CLI) once more, every sandbox on
 # an etcd of its own: the agents then follow a watch instead of checking SQLite's revision.
 for suite in "-p spiderpool-testkit --test rulebook --test agents" \
-             "-p spiderpool-cni --test cni" "-p spiderpoolctl --test ctl"; do
+             "-p spiderpool-cni --test cni --test coordinator" "-p spiderpoolctl --test ctl"; do
   # shellcheck disable=SC2086
   SPIDERPOOL_TEST_DATASTORE=etcd cargo test --locked $suite 2>&1 | tee -a "$log"
 done
@@ -32,7 +32,7 @@ done
 # kube-apiserver, the CRDs installed): pools, endpoints and pods are API objects, the agents
 # read and write them through the API server.
 for suite in "-p spiderpool-testkit --test rulebook --test agents" \
-             "-p spiderpool-cni --test cni" "-p spiderpoolctl --test ctl"; do
+             "-p spiderpool-cni --test cni --test coordinator" "-p spiderpoolctl --test ctl"; do
   # shellcheck disable=SC2086
   SPIDERPOOL_TEST_DATASTORE=kubernetes cargo test --locked $suite 2>&1 | tee -a "$log"
 done

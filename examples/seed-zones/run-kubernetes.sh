@@ -17,9 +17,10 @@
 # simulator per node, which gives each pod bound to its node a network namespace and runs the
 # pod's CNI chain there as a runtime would.
 #
-# The seed's NetworkAttachmentDefinition chains Spiderpool's own `veth` plugin after macvlan,
-# which this project does not have yet; the NAD applied here is the seed's without that plugin.
-# Every other manifest is applied unchanged.
+# Every manifest is applied unchanged, the NetworkAttachmentDefinition too: it chains macvlan
+# with "ipam": {"type": "spiderpool"} and then `veth` (this project's coordinator plugin under
+# that name), which gives each pod a veth pair to its node with routes to the node and to the
+# Service CIDR through it. Each node has an address in its zone (10.6.0.2, 10.7.0.2).
 #
 # Needs root, iproute2, iputils-ping, containernetworking-plugins, util-linux, openssl, Go (for
 # the first build of the control plane, ~7 minutes on 2 cores, cached after) and the built
@@ -34,7 +35,7 @@ cni_plugins=${CNI_PLUGINS_DIR:-/usr/lib/cni}
 
 die() { echo "error: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root: the scenario creates network namespaces"
-for b in spiderpool spiderpool-agent spiderpool-controller spiderpool-sim-cluster; do
+for b in spiderpool veth spiderpool-agent spiderpool-controller spiderpool-sim-cluster; do
   [ -x "$bin_dir/$b" ] || die "$bin_dir/$b not found: build with 'cargo build --release' or set SPIDERPOOL_BIN_DIR"
 done
 [ -x "$cni_plugins/macvlan" ] || die "$cni_plugins/macvlan not found: apt-get install containernetworking-plugins"
@@ -50,6 +51,7 @@ router=spk-router
 nodes=(controller-node-1 worker-node-1)
 declare -A zone=([controller-node-1]=subnet-6 [worker-node-1]=subnet-7)
 declare -A gw=([controller-node-1]=10.6.0.1/16 [worker-node-1]=10.7.0.1/16)
+declare -A node_ip=([controller-node-1]=10.6.0.2/16 [worker-node-1]=10.7.0.2/16)
 declare -A uplink=([controller-node-1]=to-cn1 [worker-node-1]=to-wn1)
 # The network namespace standing in for each node's host.
 declare -A host=([controller-node-1]=spk-cn1 [worker-node-1]=spk-wn1)
@@ -81,6 +83,7 @@ trap cleanup EXIT
 mkdir -p "$work/cni-bin"
 ln -s "$cni_plugins/macvlan" "$work/cni-bin/macvlan"
 ln -s "$bin_dir/spiderpool" "$work/cni-bin/spiderpool"
+ln -s "$bin_dir/veth" "$work/cni-bin/veth"
 
 echo "## network: router $router, nodes ${nodes[*]}"
 ip netns add "$router"
@@ -92,6 +95,8 @@ for n in "${nodes[@]}"; do
   ip -n "$h" link set lo up
   ip link add ens192 netns "$h" type veth peer name "${uplink[$n]}" netns "$router"
   ip -n "$h" link set ens192 up
+  ip -n "$h" addr add "${node_ip[$n]}" dev ens192
+  ip -n "$h" route add default via "${gw[$n]%/*}"
   ip -n "$router" addr add "${gw[$n]}" dev "${uplink[$n]}"
   ip -n "$router" link set "${uplink[$n]}" up
 done
@@ -138,30 +143,7 @@ echo "spiderpool-controller ready"
 echo "## kubectl apply: the seed's manifests"
 kubectl apply -f "$manifests/02-subnets.yaml"
 kubectl apply -f "$manifests/03-ippools.yaml"
-# The seed's NAD without its `veth` plugin (see the top of this script).
-kubectl apply -f - <<'EOF2'
-apiVersion: k8s.cni.cncf.io/v1
-kind: NetworkAttachmentDefinition
-metadata:
-  name: macvlan-conf
-  namespace: kube-system
-spec:
-  config: |-
-    {
-        "cniVersion": "0.3.1",
-        "name": "macvlan-conf",
-        "plugins": [
-            {
-                "type": "macvlan",
-                "master": "ens192",
-                "mode": "bridge",
-                "ipam": {
-                    "type": "spiderpool"
-                }
-            }
-        ]
-    }
-EOF2
+kubectl apply -f "$manifests/04-macvlan-nad.yaml"
 kubectl apply -f "$manifests/05-daemonset.yaml"
 
 echo "## waiting for the DaemonSet's pods"
@@ -189,6 +171,10 @@ uid=$(pod_on $a metadata.uid)
 netns_a="sim-$(echo "$uid" | tr -d - | cut -c1-12)"
 echo "## ping from $pa ($ipa) to $pb ($ipb)"
 ip netns exec "$netns_a" ping -c 2 -W 2 "$ipb"
+echo "## routes in $pa (veth0 leads to its node)"
+ip -n "$netns_a" route
+echo "## ping from $pa to its node (${node_ip[$a]%/*}) through veth0"
+ip netns exec "$netns_a" ping -c 2 -W 2 "${node_ip[$a]%/*}"
 
 echo "## kubectl delete daemonset test-app"
 kubectl delete daemonset test-app

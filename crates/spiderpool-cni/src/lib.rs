@@ -9,10 +9,73 @@
 //! without I/O; none of them panics on any input.
 
 pub mod client;
+pub mod coordinator;
 pub mod log_file;
+pub mod netlink;
 pub mod plugin;
 
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
 use serde_json::Value;
+use spiderpool_api::cni::CniErrorJson;
+
+/// One CNI call of a plugin: the environment and stdin in, `Ok(Some(json))` to print, or the
+/// error with the version to report it in.
+pub type Run = fn(
+    &std::collections::HashMap<String, String>,
+    &[u8],
+) -> Result<Option<Value>, (String, CniError)>;
+
+/// A plugin binary's `main`: reads stdin and the environment, runs `run`, and prints its answer
+/// or CNI error JSON (exit status 1).
+pub fn main_with(run: Run) -> ExitCode {
+    let mut stdin = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut stdin);
+    // `std::env::vars` panics on a value that is not UTF-8; such a value is read lossily here
+    // and then refused by the checks it fails (a container ID with U+FFFD in it, say).
+    let env: std::collections::HashMap<String, String> = std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    let outcome = match read {
+        Ok(_) => run(&env, &stdin),
+        Err(e) => Err((
+            plugin::FALLBACK_VERSION.to_string(),
+            CniError::new(
+                spiderpool_api::cni::code::IO_FAILURE,
+                format!("reading stdin: {e}"),
+            ),
+        )),
+    };
+    let mut out = std::io::stdout().lock();
+    match outcome {
+        Ok(Some(v)) => {
+            let _ = writeln!(out, "{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err((version, e)) => {
+            tracing::error!(code = e.code, error = %e.msg, "failed");
+            let j = CniErrorJson {
+                cni_version: version,
+                code: e.code,
+                msg: e.msg,
+                details: String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&j).expect("error serialises")
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// A failure with its CNI error code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

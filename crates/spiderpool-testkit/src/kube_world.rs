@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::*;
 
 /// The seed's zones: a router namespace with the gateways, one namespace per node with a veth
-/// end `ens192` as macvlan master.
+/// end `ens192` as macvlan master and the address after its gateway (the node's own).
 pub struct Zones {
     _router: Netns,
     _nodes: Vec<Netns>,
@@ -48,8 +48,23 @@ pub fn zones(prefix: &str, nodes: &[(&str, &str)]) -> Zones {
             &router.name,
         ]);
         sh(&["ip", "-n", &ns.name, "link", "set", "ens192", "up"]);
+        // The node's own address, the one after its gateway (10.6.0.2/16 for 10.6.0.1/16),
+        // and its default route through the gateway.
+        let net: ipnet::Ipv4Net = gw.parse().expect("a gateway like 10.6.0.1/16");
+        let node_ip = format!(
+            "{}/{}",
+            std::net::Ipv4Addr::from(u32::from(net.addr()) + 1),
+            net.prefix_len()
+        );
+        sh(&[
+            "ip", "-n", &ns.name, "addr", "add", &node_ip, "dev", "ens192",
+        ]);
         sh(&["ip", "-n", &router.name, "addr", "add", gw, "dev", &up]);
         sh(&["ip", "-n", &router.name, "link", "set", &up, "up"]);
+        let gw_ip = net.addr().to_string();
+        sh(&[
+            "ip", "-n", &ns.name, "route", "add", "default", "via", &gw_ip,
+        ]);
         out.push(ns);
     }
     Zones {
@@ -58,14 +73,14 @@ pub fn zones(prefix: &str, nodes: &[(&str, &str)]) -> Zones {
     }
 }
 
-/// The seed's NAD without its `veth` plugin (Spiderpool's own, not Debian's; issue 13).
+/// The seed's NetworkAttachmentDefinition, verbatim: macvlan with spiderpool IPAM, then `veth`
+/// (the coordinator plugin) with the Service CIDR.
 pub fn macvlan_nad() -> String {
-    json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-        "metadata": {"name": "macvlan-conf", "namespace": "kube-system"},
-        "spec": {"config": json!({"cniVersion": "0.3.1", "name": "macvlan-conf", "plugins": [
-            {"type": "macvlan", "master": "ens192", "mode": "bridge", "ipam": {"type": "spiderpool"}}
-        ]}).to_string()}})
-    .to_string()
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/seed-zones/manifests/04-macvlan-nad.yaml"),
+    )
+    .expect("the seed's NAD")
 }
 
 /// A simulated node whose plugins reach its own agent at `/var/run/spidernet`.
@@ -91,6 +106,7 @@ pub fn kube_node(
     std::fs::create_dir_all(&cni).expect("test setup");
     std::os::unix::fs::symlink("/usr/lib/cni/macvlan", cni.join("macvlan")).expect("test setup");
     std::os::unix::fs::symlink(bin("spiderpool"), cni.join("spiderpool")).expect("test setup");
+    std::os::unix::fs::symlink(bin("veth"), cni.join("veth")).expect("test setup");
     let sim = NodeSim::start(
         &cp.kubeconfig,
         NodeSpec {

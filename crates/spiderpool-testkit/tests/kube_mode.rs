@@ -142,6 +142,35 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
     ]);
     assert!(ping.contains("ttl=63"), "{ping}");
 
+    // The NAD's `veth` (the coordinator, chained after macvlan): a veth pair to the node,
+    // routes to the node and the Service CIDR through it, the node's route back to the pod.
+    let pod_routes = sh(&["ip", "-n", &netns_of(pod6), "route"]);
+    assert!(
+        pod_routes.contains("10.6.0.2 dev veth0 scope link")
+            && pod_routes.contains("10.233.0.0/18 via 10.6.0.2 dev veth0"),
+        "{pod_routes}"
+    );
+    let node_routes = sh(&["ip", "-n", "kz-ctrl", "route"]);
+    assert!(
+        node_routes
+            .lines()
+            .any(|l| l.starts_with("10.6.168.60 dev veth") && l.contains("scope link")),
+        "{node_routes}"
+    );
+    let to_node = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &netns_of(pod6),
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "10.6.0.2",
+    ]);
+    assert!(to_node.contains("ttl=64"), "{to_node}");
+
     // Deleting the DaemonSet frees both addresses and both records.
     cp.kubectl_ok(&["delete", "daemonset", "test-app"], "");
     until("both pools empty", || {
@@ -160,6 +189,17 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
             .is_empty()
             .then_some(())
     });
+    // DEL removed the pairs and their routes: the nodes are as they were before any pod.
+    for node in ["kz-ctrl", "kz-work"] {
+        let links = sh(&["ip", "-n", node, "-o", "link"]);
+        assert_eq!(links.lines().count(), 2, "lo and ens192 only: {links}");
+        let routes = sh(&["ip", "-n", node, "route"]);
+        assert_eq!(
+            routes.lines().count(),
+            2,
+            "default and the zone's: {routes}"
+        );
+    }
     for n in &nodes {
         assert!(n.agent.log().contains("datastore"), "{}", n.agent.log());
         let _ = &n.sim;

@@ -264,6 +264,19 @@ fn seed_two_zones_on_kubernetes() {
         ping.contains(&format!("from {}: icmp_seq=1 ttl=63", b["IP"])),
         "{ping}"
     );
+    // The NAD's `veth` (the coordinator): the pod reaches its node and the Service CIDR
+    // through veth0; the node answers directly (ttl 64), not through the router.
+    let routes = section(stdout, "routes in").join("\n");
+    assert!(
+        routes.contains("10.233.0.0/18 via 10.6.0.2 dev veth0")
+            && routes.contains("10.6.0.2 dev veth0 scope link"),
+        "{routes}"
+    );
+    let to_node = section(stdout, &format!("ping from {} to its node", a["NAME"])).join("\n");
+    assert!(
+        to_node.contains("from 10.6.0.2: icmp_seq=1 ttl=64"),
+        "{to_node}"
+    );
     // Deleting the DaemonSet frees both addresses.
     let after = kubectl_table(&section(
         stdout,

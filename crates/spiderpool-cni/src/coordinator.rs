@@ -1,0 +1,608 @@
+//! The chained `coordinator` CNI plugin, also installed as `veth` (the seed's NAD chains
+//! `macvlan` → `{"type": "veth", "service_cidr": [...]}`). Underlay mode: an underlay pod's
+//! default route leads to the data-center gateway, which knows neither the cluster's Service
+//! addresses nor the pod's own node. The plugin gives the pod a veth pair to its node (`veth0`
+//! in the pod, `veth<hash>` on the node): in the pod, a route to each node address through
+//! `veth0` and the Service CIDRs and `hijackCIDR` through the node; on the node, a route to each
+//! pod address through the host end. Traffic to a Service then meets kube-proxy's rules in the
+//! node's namespace, and the node reaches its pods directly.
+//!
+//! Settings: the agent's `POST /v1/coordinator/config` (the SpiderCoordinator), overridden by
+//! the network config's keys (`mode`, `service_cidr`/`serviceCIDR`, `hijackCIDR`, `vethMTU`,
+//! `txQueueLen`, `podRPFilter`); without a SpiderCoordinator the config's keys alone apply.
+//! DEL removes the pair (its routes go with it) and is idempotent; CHECK verifies the pair and
+//! the node's routes.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use nix::sched::{setns, CloneFlags};
+use serde_json::{json, Value};
+use spiderpool_api::agent::{CoordinatorConfig, CoordinatorConfigArgs, PATH_COORDINATOR_CONFIG};
+use spiderpool_api::cni::{code, DEFAULT_SOCKET, SUPPORTED_VERSIONS};
+
+use crate::netlink::{Netlink, RouteSpec};
+use crate::plugin::{prev_result_addresses, CniEnv, Command, FALLBACK_VERSION};
+use crate::CniError;
+
+/// The pod's end of the pair.
+pub const POD_VETH: &str = "veth0";
+
+/// The node's end of the pair of a container's interface: `veth` and 11 hex digits of a hash
+/// of the container ID and interface (15 characters, the kernel's limit).
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    // FNV-1a, 64 bits: stable across builds and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("veth{:011x}", h & 0x0fff_ffff_ffff)
+}
+
+/// The settings of one call: the agent's, with the network config's keys over them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `underlay`, `auto` (as underlay here) or `disabled`.
+    pub mode: String,
+    /// Reached through the node.
+    pub service_cidr: Vec<ipnet::IpNet>,
+    /// Reached through the node too.
+    pub hijack_cidr: Vec<ipnet::IpNet>,
+    /// The pair's MTU.
+    pub veth_mtu: u32,
+    /// The pair's transmit queue length (0: the kernel's default).
+    pub tx_queue_len: u32,
+    /// The pod's `rp_filter` (negative: left alone).
+    pub pod_rp_filter: i64,
+}
+
+fn invalid(msg: String) -> CniError {
+    CniError::new(code::INVALID_NETWORK_CONFIG, msg)
+}
+
+fn cidrs(key: &str, v: &Value) -> Result<Vec<ipnet::IpNet>, CniError> {
+    let list = v.as_array().ok_or_else(|| {
+        invalid(format!(
+            "{key}: {} is not a list of CIDRs",
+            crate::excerpt(v)
+        ))
+    })?;
+    list.iter()
+        .map(|c| {
+            let s = c.as_str().unwrap_or_default();
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| invalid(format!("{key}: {} is not a CIDR", crate::excerpt(c))))
+        })
+        .collect()
+}
+
+impl Settings {
+    /// The agent's settings (`None`: no SpiderCoordinator) with `conf`'s keys over them. Pure.
+    pub fn merge(agent: Option<&CoordinatorConfig>, conf: &Value) -> Result<Self, CniError> {
+        let mut s = Settings {
+            mode: "auto".into(),
+            service_cidr: Vec::new(),
+            hijack_cidr: Vec::new(),
+            veth_mtu: 1500,
+            tx_queue_len: 0,
+            pod_rp_filter: 0,
+        };
+        if let Some(a) = agent {
+            s.mode = a.mode.clone();
+            let strings = |l: &[String]| Value::from(l.to_vec());
+            s.service_cidr = cidrs("serviceCIDR", &strings(&a.service_cidr))?;
+            s.hijack_cidr = cidrs("hijackCIDR", &strings(&a.hijack_cidr))?;
+            s.veth_mtu = u32::try_from(a.veth_mtu).unwrap_or(1500);
+            s.tx_queue_len = u32::try_from(a.tx_queue_len).unwrap_or(0);
+            s.pod_rp_filter = a.pod_rp_filter;
+        }
+        if let Some(m) = conf.get("mode") {
+            s.mode = m
+                .as_str()
+                .filter(|m| ["auto", "underlay", "overlay", "disabled"].contains(m))
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "mode: {} is not one of \"auto\", \"underlay\", \"overlay\", \"disabled\"",
+                        crate::excerpt(m)
+                    ))
+                })?
+                .to_string();
+        }
+        for key in ["service_cidr", "serviceCIDR"] {
+            if let Some(v) = conf.get(key) {
+                s.service_cidr = cidrs(key, v)?;
+            }
+        }
+        if let Some(v) = conf.get("hijackCIDR") {
+            s.hijack_cidr = cidrs("hijackCIDR", v)?;
+        }
+        let number = |key: &str, min: i64, max: i64| -> Result<Option<i64>, CniError> {
+            conf.get(key)
+                .map(|v| {
+                    v.as_i64()
+                        .filter(|n| (min..=max).contains(n))
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "{key}: {} is not a whole number from {min} to {max}",
+                                crate::excerpt(v)
+                            ))
+                        })
+                })
+                .transpose()
+        };
+        if let Some(n) = number("vethMTU", 68, 65535)? {
+            s.veth_mtu = n as u32;
+        }
+        if let Some(n) = number("txQueueLen", 0, i64::from(u32::MAX))? {
+            s.tx_queue_len = n as u32;
+        }
+        if let Some(n) = number("podRPFilter", i64::MIN, 2)? {
+            s.pod_rp_filter = n;
+        }
+        Ok(s)
+    }
+}
+
+/// The agent's coordinator settings for the pod; `None` when the agent has no SpiderCoordinator.
+fn agent_settings(conf: &Value, env: &CniEnv) -> Result<Option<CoordinatorConfig>, CniError> {
+    let socket = PathBuf::from(
+        conf.get("ipam_unix_socket_path")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_SOCKET),
+    );
+    let args = CoordinatorConfigArgs {
+        pod_namespace: env
+            .args
+            .get("K8S_POD_NAMESPACE")
+            .cloned()
+            .unwrap_or_default(),
+        pod_name: env.args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
+    };
+    let reply = crate::client::call(&socket, "POST", PATH_COORDINATOR_CONFIG, Some(&args))?;
+    match reply.json::<CoordinatorConfig>(&socket) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if e.msg.starts_with("coordinator config not found") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn io(what: &str, e: impl std::fmt::Display) -> CniError {
+    CniError::new(code::IO_FAILURE, format!("{what}: {e}"))
+}
+
+fn enter(ns: &File, what: &str) -> Result<(), CniError> {
+    setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| io(&format!("entering {what}"), e))
+}
+
+fn sysctl(path: &str, value: &str) -> Result<(), CniError> {
+    std::fs::write(path, value).map_err(|e| io(&format!("writing {path}"), e))
+}
+
+/// The node's addresses to route through: per family, the global addresses of the interface of
+/// the node's default route, else every global address (none of the pair's own).
+fn node_addresses(host: &mut Netlink, skip: u32) -> Result<Vec<IpAddr>, CniError> {
+    let all: Vec<(IpAddr, u32)> = host
+        .global_addresses()
+        .map_err(|e| io("listing the node's addresses", e))?
+        .into_iter()
+        .filter(|(_, i)| *i != skip)
+        .collect();
+    let routes = host
+        .routes()
+        .map_err(|e| io("listing the node's routes", e))?;
+    let mut out = Vec::new();
+    for v4 in [true, false] {
+        let family: Vec<&(IpAddr, u32)> = all.iter().filter(|(a, _)| a.is_ipv4() == v4).collect();
+        let default_oif = routes
+            .iter()
+            .find(|(d, _)| d.prefix_len() == 0 && d.addr().is_ipv4() == v4)
+            .and_then(|(_, oif)| *oif);
+        let on_default: Vec<IpAddr> = family
+            .iter()
+            .filter(|(_, i)| Some(*i) == default_oif)
+            .map(|(a, _)| *a)
+            .collect();
+        if on_default.is_empty() {
+            out.extend(family.iter().map(|(a, _)| *a));
+        } else {
+            out.extend(on_default);
+        }
+    }
+    Ok(out)
+}
+
+fn host_routes(pod_ips: &[IpAddr], oif: u32) -> Vec<RouteSpec> {
+    pod_ips
+        .iter()
+        .map(|ip| RouteSpec {
+            dst: ipnet::IpNet::from(*ip),
+            via: None,
+            oif,
+        })
+        .collect()
+}
+
+/// The pod's routes: each node address on `veth0`, then the Service and hijacked CIDRs
+/// through the node address of their family (only families the pod has an address of).
+pub fn pod_routes(s: &Settings, pod_ips: &[IpAddr], nodes: &[IpAddr], oif: u32) -> Vec<RouteSpec> {
+    let mut out = Vec::new();
+    for v4 in [true, false] {
+        if !pod_ips.iter().any(|ip| ip.is_ipv4() == v4) {
+            continue;
+        }
+        let family: Vec<IpAddr> = nodes
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv4() == v4)
+            .collect();
+        for n in &family {
+            out.push(RouteSpec {
+                dst: ipnet::IpNet::from(*n),
+                via: None,
+                oif,
+            });
+        }
+        let Some(gw) = family.first() else { continue };
+        for c in s.service_cidr.iter().chain(&s.hijack_cidr) {
+            if c.addr().is_ipv4() == v4 {
+                out.push(RouteSpec {
+                    dst: c.trunc(),
+                    via: Some(*gw),
+                    oif,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn pod_ips(prev: &Value) -> Result<Vec<IpAddr>, CniError> {
+    prev_result_addresses(prev)?
+        .iter()
+        .map(|a| {
+            a.parse::<ipnet::IpNet>()
+                .map(|n| n.addr())
+                .or_else(|_| a.parse::<IpAddr>())
+                .map_err(|_| {
+                    CniError::new(
+                        code::DECODING_FAILURE,
+                        format!("decoding prevResult: address {a:?} is not a CIDR"),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
+    let prev = conf.get("prevResult").cloned().ok_or_else(|| {
+        invalid("prevResult is missing: coordinator is a chained plugin; put it after the interface plugin (e.g. macvlan with ipam spiderpool)".into())
+    })?;
+    let settings = Settings::merge(agent_settings(conf, env)?.as_ref(), conf)?;
+    match settings.mode.as_str() {
+        "disabled" => return Ok(prev),
+        "overlay" => {
+            return Err(invalid(
+                "mode \"overlay\" is not supported by this coordinator yet (underlay and auto are)"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    let ips = pod_ips(&prev)?;
+    if ips.is_empty() {
+        return Err(invalid(
+            "prevResult has no addresses: the interface plugin before coordinator must give the pod one"
+                .into(),
+        ));
+    }
+    let host_ns = File::open("/proc/self/ns/net")
+        .map_err(|e| io("opening the node's network namespace", e))?;
+    let pod_ns =
+        File::open(&env.netns).map_err(|e| io(&format!("opening CNI_NETNS {:?}", env.netns), e))?;
+    let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
+    let host_name = host_veth_name(&env.container_id, &env.ifname);
+    // A pair left by an earlier ADD of this container is made again.
+    if let Some(old) = host
+        .link(&host_name)
+        .map_err(|e| io("netlink on the node", e))?
+    {
+        host.delete_link(old.index)
+            .map_err(|e| io(&format!("deleting the earlier {host_name}"), e))?;
+    }
+    host.add_veth(
+        &host_name,
+        POD_VETH,
+        pod_ns.as_raw_fd(),
+        settings.veth_mtu,
+        settings.tx_queue_len,
+    )
+    .map_err(|e| {
+        io(
+            &format!("creating the veth pair {host_name} / {POD_VETH}"),
+            e,
+        )
+    })?;
+    let made = (|| {
+        let hl = host
+            .link(&host_name)
+            .map_err(|e| io("netlink on the node", e))?
+            .ok_or_else(|| io("the new veth", format!("{host_name} is gone")))?;
+        host.set_up(hl.index)
+            .map_err(|e| io(&format!("setting {host_name} up"), e))?;
+        for r in host_routes(&ips, hl.index) {
+            host.add_route(&r).map_err(|e| {
+                io(
+                    &format!("adding the node's route to {} via {host_name}", r.dst),
+                    e,
+                )
+            })?;
+        }
+        let nodes = node_addresses(&mut host, hl.index)?;
+        // The pod's side: a socket opened inside its namespace keeps acting there.
+        enter(&pod_ns, "the pod's network namespace")?;
+        let pod = (|| {
+            let nl = Netlink::open().map_err(|e| io("netlink in the pod", e));
+            if settings.pod_rp_filter >= 0 {
+                let v = settings.pod_rp_filter.to_string();
+                for dev in ["all", POD_VETH] {
+                    sysctl(&format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"), &v)?;
+                }
+            }
+            nl
+        })();
+        enter(&host_ns, "the node's network namespace")?;
+        let mut pod = pod?;
+        let pl = pod
+            .link(POD_VETH)
+            .map_err(|e| io("netlink in the pod", e))?
+            .ok_or_else(|| io("the new veth", format!("{POD_VETH} is not in the pod")))?;
+        pod.set_up(pl.index)
+            .map_err(|e| io(&format!("setting {POD_VETH} up in the pod"), e))?;
+        for r in pod_routes(&settings, &ips, &nodes, pl.index) {
+            pod.add_route(&r).map_err(|e| {
+                io(
+                    &format!("adding the pod's route to {} via {POD_VETH}", r.dst),
+                    e,
+                )
+            })?;
+        }
+        Ok::<_, CniError>((hl, pl))
+    })();
+    let (hl, pl) = match made {
+        Ok(l) => l,
+        Err(e) => {
+            // Nothing half-made stays behind.
+            if let Ok(Some(l)) = host.link(&host_name) {
+                let _ = host.delete_link(l.index);
+            }
+            return Err(e);
+        }
+    };
+    let mut result = prev;
+    let interfaces = result
+        .as_object_mut()
+        .ok_or_else(|| {
+            CniError::new(
+                code::DECODING_FAILURE,
+                "decoding prevResult: not a JSON object",
+            )
+        })?
+        .entry("interfaces")
+        .or_insert_with(|| json!([]));
+    if let Some(list) = interfaces.as_array_mut() {
+        list.push(json!({"name": host_name, "mac": hl.mac}));
+        list.push(json!({"name": POD_VETH, "mac": pl.mac, "sandbox": env.netns}));
+    }
+    Ok(result)
+}
+
+fn del(env: &CniEnv) -> Result<(), CniError> {
+    let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
+    let name = host_veth_name(&env.container_id, &env.ifname);
+    if let Some(l) = host.link(&name).map_err(|e| io("netlink on the node", e))? {
+        match host.delete_link(l.index) {
+            // Gone meanwhile (its pod's namespace was removed): nothing left to do.
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENODEV as i32) => {}
+            r => r.map_err(|e| io(&format!("deleting {name}"), e))?,
+        }
+    }
+    Ok(())
+}
+
+fn check(conf: &Value, env: &CniEnv) -> Result<(), CniError> {
+    let settings = Settings::merge(None, conf)?;
+    if settings.mode == "disabled" {
+        return Ok(());
+    }
+    let prev = conf
+        .get("prevResult")
+        .ok_or_else(|| invalid("prevResult is missing".into()))?;
+    let ips = pod_ips(prev)?;
+    let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
+    let name = host_veth_name(&env.container_id, &env.ifname);
+    let l = host
+        .link(&name)
+        .map_err(|e| io("netlink on the node", e))?
+        .ok_or_else(|| {
+            CniError::new(
+                code::CHECK_MISMATCH,
+                format!(
+                    "the node has no {name}, the veth of container {}",
+                    env.container_id
+                ),
+            )
+        })?;
+    let routes = host
+        .routes()
+        .map_err(|e| io("listing the node's routes", e))?;
+    for want in host_routes(&ips, l.index) {
+        if !routes
+            .iter()
+            .any(|(d, oif)| *d == want.dst && *oif == Some(l.index))
+        {
+            return Err(CniError::new(
+                code::CHECK_MISMATCH,
+                format!("the node has no route to {} via {name}", want.dst),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs one CNI call of the coordinator. `Ok(Some(json))` is printed on stdout; errors carry
+/// the version to report them in.
+pub fn run(
+    env: &HashMap<String, String>,
+    stdin: &[u8],
+) -> Result<Option<Value>, (String, CniError)> {
+    let cmd = Command::parse(env.get("CNI_COMMAND").map(String::as_str))
+        .map_err(|e| (FALLBACK_VERSION.to_string(), e))?;
+    let conf: Value = match serde_json::from_slice(stdin) {
+        Ok(v) => v,
+        Err(e) if cmd != Command::Version => {
+            return Err((
+                FALLBACK_VERSION.to_string(),
+                CniError::new(
+                    code::DECODING_FAILURE,
+                    format!("decoding the network config: {e}"),
+                ),
+            ))
+        }
+        Err(_) => Value::Null,
+    };
+    let asked = conf
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or(FALLBACK_VERSION)
+        .to_string();
+    if cmd == Command::Version {
+        let v = if SUPPORTED_VERSIONS.contains(&asked.as_str()) {
+            asked
+        } else {
+            SUPPORTED_VERSIONS.last().expect("versions").to_string()
+        };
+        return Ok(Some(
+            json!({"cniVersion": v, "supportedVersions": SUPPORTED_VERSIONS}),
+        ));
+    }
+    if !SUPPORTED_VERSIONS.contains(&asked.as_str()) {
+        return Err((
+            FALLBACK_VERSION.to_string(),
+            CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!(
+                    "cniVersion {asked:?} is not supported (supported: {})",
+                    SUPPORTED_VERSIONS.join(", ")
+                ),
+            ),
+        ));
+    }
+    let with = |e: CniError| (asked.clone(), e);
+    match cmd {
+        Command::Gc | Command::Status | Command::Version => Ok(None),
+        Command::Add => {
+            let env = CniEnv::read(env, cmd).map_err(with)?;
+            add(&conf, &env).map(Some).map_err(with)
+        }
+        Command::Del => {
+            let env = CniEnv::read(env, cmd).map_err(with)?;
+            del(&env).map(|()| None).map_err(with)
+        }
+        Command::Check => {
+            let env = CniEnv::read(env, cmd).map_err(with)?;
+            check(&conf, &env).map(|()| None).map_err(with)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_stable_short_and_distinct() {
+        let a = host_veth_name("abc", "eth0");
+        assert_eq!(a, host_veth_name("abc", "eth0"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("veth"));
+        assert_ne!(a, host_veth_name("abc", "net1"));
+        assert_ne!(a, host_veth_name("abd", "eth0"));
+    }
+
+    #[test]
+    fn the_configs_keys_win_over_the_agents_and_bad_ones_are_named() {
+        let agent = CoordinatorConfig {
+            mode: "underlay".into(),
+            service_cidr: vec!["10.233.0.0/18".into()],
+            hijack_cidr: vec!["169.254.25.10/32".into()],
+            veth_mtu: 1500,
+            ..Default::default()
+        };
+        let s = Settings::merge(Some(&agent), &json!({"vethMTU": 9000})).unwrap();
+        assert_eq!(s.mode, "underlay");
+        assert_eq!(
+            s.service_cidr,
+            ["10.233.0.0/18".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert_eq!(s.veth_mtu, 9000);
+        // The seed's veth plugin keys, without any SpiderCoordinator.
+        let s = Settings::merge(None, &json!({"service_cidr": ["10.233.0.0/18"]})).unwrap();
+        assert_eq!((s.mode.as_str(), s.service_cidr.len()), ("auto", 1));
+        for (conf, want) in [
+            (
+                json!({"service_cidr": ["10.233.0.0/33"]}),
+                "service_cidr: \"10.233.0.0/33\" is not a CIDR",
+            ),
+            (
+                json!({"service_cidr": "10.233.0.0/18"}),
+                "service_cidr: \"10.233.0.0/18\" is not a list of CIDRs",
+            ),
+            (json!({"mode": "bridge"}), "mode: \"bridge\" is not one of"),
+            (
+                json!({"vethMTU": 10}),
+                "vethMTU: 10 is not a whole number from 68 to 65535",
+            ),
+            (
+                json!({"podRPFilter": 3}),
+                "podRPFilter: 3 is not a whole number",
+            ),
+        ] {
+            let e = Settings::merge(None, &conf).unwrap_err();
+            assert_eq!(e.code, code::INVALID_NETWORK_CONFIG);
+            assert!(e.msg.contains(want), "{conf}: {}", e.msg);
+        }
+    }
+
+    #[test]
+    fn pod_routes_go_through_the_node_of_their_family() {
+        let s = Settings::merge(
+            None,
+            &json!({"service_cidr": ["10.233.0.0/18", "fd00:233::/112"], "hijackCIDR": ["169.254.25.10"]}),
+        )
+        .unwrap();
+        let node: IpAddr = "10.6.0.1".parse().unwrap();
+        let r = pod_routes(
+            &s,
+            &["10.6.168.60".parse().unwrap()],
+            &[node, "fd00::1".parse().unwrap()],
+            7,
+        );
+        let shown: Vec<String> = r
+            .iter()
+            .map(|r| format!("{} {:?} {}", r.dst, r.via, r.oif))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "10.6.0.1/32 None 7",
+                "10.233.0.0/18 Some(10.6.0.1) 7",
+                "169.254.25.10/32 Some(10.6.0.1) 7"
+            ]
+        );
+    }
+}

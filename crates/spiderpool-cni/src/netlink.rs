@@ -1,0 +1,294 @@
+//! A small synchronous rtnetlink client for the coordinator plugin (no async runtime): the
+//! messages come from `netlink-packet-route`, the socket from `netlink-sys`. A socket acts in
+//! the network namespace it was opened in, so the plugin opens one in the host's namespace and
+//! one in the pod's and never has to switch back and forth while it works.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::RawFd;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+/// A link: its index and MAC address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// Interface index.
+    pub index: u32,
+    /// MAC address (`aa:bb:…`), empty when it has none.
+    pub mac: String,
+}
+
+/// A route to add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// Destination.
+    pub dst: ipnet::IpNet,
+    /// Next hop (`None`: on link).
+    pub via: Option<IpAddr>,
+    /// Outgoing interface.
+    pub oif: u32,
+}
+
+/// An rtnetlink socket of one network namespace.
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+}
+
+fn other(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{what}: {e}"))
+}
+
+impl Netlink {
+    /// A socket in the calling thread's current network namespace.
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Netlink { socket, seq: 0 })
+    }
+
+    /// Sends one request and gathers its answers until the acknowledgement (or, for a dump,
+    /// its end); a refusal is the kernel's errno.
+    fn request(
+        &mut self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        self.seq = self.seq.wrapping_add(1);
+        header.sequence_number = self.seq;
+        let mut m = NetlinkMessage::new(header, NetlinkPayload::from(message));
+        m.finalize();
+        let mut buf = vec![0; m.buffer_len()];
+        m.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = self.socket.recv_from_full()?;
+            let mut at = 0;
+            while at < data.len() {
+                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[at..])
+                    .map_err(|e| other("netlink answer", e))?;
+                let len = m.header.length as usize;
+                if m.header.sequence_number == self.seq {
+                    match m.payload {
+                        NetlinkPayload::Done(_) => return Ok(out),
+                        NetlinkPayload::Error(e) => {
+                            return match e.code {
+                                None => Ok(out),
+                                Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+                            }
+                        }
+                        NetlinkPayload::InnerMessage(i) => out.push(i),
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                at += len;
+            }
+        }
+    }
+
+    /// The link named `name`, or `None`.
+    pub fn link(&mut self, name: &str) -> io::Result<Option<Link>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        match self.request(RouteNetlinkMessage::GetLink(msg), NLM_F_ACK) {
+            Ok(answers) => Ok(answers.into_iter().find_map(|a| match a {
+                RouteNetlinkMessage::NewLink(l) => Some(Link {
+                    index: l.header.index,
+                    mac: l
+                        .attributes
+                        .iter()
+                        .find_map(|a| match a {
+                            LinkAttribute::Address(b) => Some(
+                                b.iter()
+                                    .map(|x| format!("{x:02x}"))
+                                    .collect::<Vec<_>>()
+                                    .join(":"),
+                            ),
+                            _ => None,
+                        })
+                        .unwrap_or_default(),
+                }),
+                _ => None,
+            })),
+            Err(e) if e.raw_os_error() == Some(libc_enodev()) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a veth pair: `name` here, `peer` in the namespace `peer_netns` (a file
+    /// descriptor of it), both with `mtu` and, when not 0, `tx_queue_len`.
+    pub fn add_veth(
+        &mut self,
+        name: &str,
+        peer: &str,
+        peer_netns: RawFd,
+        mtu: u32,
+        tx_queue_len: u32,
+    ) -> io::Result<()> {
+        let mut common = vec![LinkAttribute::Mtu(mtu)];
+        if tx_queue_len > 0 {
+            common.push(LinkAttribute::TxQueueLen(tx_queue_len));
+        }
+        let mut peer_msg = LinkMessage::default();
+        peer_msg.attributes.push(LinkAttribute::IfName(peer.into()));
+        peer_msg.attributes.push(LinkAttribute::NetNsFd(peer_netns));
+        peer_msg.attributes.extend(common.iter().cloned());
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        msg.attributes.extend(common);
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
+        ]));
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(|_| ())
+    }
+
+    /// Sets the link up.
+    pub fn set_up(&mut self, index: u32) -> io::Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        self.request(RouteNetlinkMessage::SetLink(msg), NLM_F_ACK)
+            .map(|_| ())
+    }
+
+    /// Deletes the link (a veth takes its peer with it).
+    pub fn delete_link(&mut self, index: u32) -> io::Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        self.request(RouteNetlinkMessage::DelLink(msg), NLM_F_ACK)
+            .map(|_| ())
+    }
+
+    /// Adds a route to the main table; one that exists already is left as it is.
+    pub fn add_route(&mut self, r: &RouteSpec) -> io::Result<()> {
+        let mut msg = RouteMessage::default();
+        let addr = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => RouteAddress::Inet(a),
+            IpAddr::V6(a) => RouteAddress::Inet6(a),
+        };
+        msg.header = RouteHeader {
+            address_family: if r.dst.addr().is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            },
+            destination_prefix_length: r.dst.prefix_len(),
+            table: RouteHeader::RT_TABLE_MAIN,
+            protocol: RouteProtocol::Boot,
+            scope: if r.via.is_some() {
+                RouteScope::Universe
+            } else {
+                RouteScope::Link
+            },
+            kind: RouteType::Unicast,
+            ..Default::default()
+        };
+        msg.attributes
+            .push(RouteAttribute::Destination(addr(r.dst.network())));
+        if let Some(gw) = r.via {
+            msg.attributes.push(RouteAttribute::Gateway(addr(gw)));
+        }
+        msg.attributes.push(RouteAttribute::Oif(r.oif));
+        match self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// The routes of the main table: (destination, outgoing interface).
+    pub fn routes(&mut self) -> io::Result<Vec<(ipnet::IpNet, Option<u32>)>> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = family;
+            for a in self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_DUMP)? {
+                let RouteNetlinkMessage::NewRoute(r) = a else {
+                    continue;
+                };
+                if r.header.table != RouteHeader::RT_TABLE_MAIN {
+                    continue;
+                }
+                let len = r.header.destination_prefix_length;
+                let mut dst = None;
+                let mut oif = None;
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(v)) => {
+                            dst = ipnet::IpNet::new(IpAddr::V4(*v), len).ok()
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(v)) => {
+                            dst = ipnet::IpNet::new(IpAddr::V6(*v), len).ok()
+                        }
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                let dst = dst.or_else(|| {
+                    let any = if family == AddressFamily::Inet {
+                        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                    } else {
+                        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                    };
+                    ipnet::IpNet::new(any, 0).ok()
+                });
+                if let Some(d) = dst {
+                    out.push((d, oif));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The global (universe-scope) addresses of this namespace: (address, interface index).
+    pub fn global_addresses(&mut self) -> io::Result<Vec<(IpAddr, u32)>> {
+        let answers = self.request(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|a| match a {
+                RouteNetlinkMessage::NewAddress(m) if m.header.scope == AddressScope::Universe => {
+                    m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some((*ip, m.header.index)),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// `ENODEV`, the answer for a link that does not exist.
+fn libc_enodev() -> i32 {
+    nix::errno::Errno::ENODEV as i32
+}

@@ -1,0 +1,200 @@
+//! The `coordinator` plugin (also `veth`) as a runtime runs it: chained after Debian's macvlan in
+//! network namespaces standing for a node and a pod, its settings from a SpiderCoordinator the
+//! agent serves and from the network config. What the pod and the node see is checked with
+//! iproute2 and ping; after DEL the node has exactly the links and routes it had before.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+use spiderpool_testkit::{bin, is_root, sh, zones, CniCall, Netns, Sandbox};
+
+/// Whether this machine can run the test; with SPIDERPOOL_E2E_REQUIRED=1 it must.
+fn prerequisites() -> bool {
+    let missing = if !is_root() {
+        Some("not running as root")
+    } else if !Path::new("/usr/lib/cni/macvlan").exists() {
+        Some("/usr/lib/cni/macvlan is missing (apt-get install containernetworking-plugins)")
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var("SPIDERPOOL_E2E_REQUIRED").as_deref() == Ok("1") => {
+            panic!("prerequisites missing: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}
+
+/// The node's links and main-table routes, one per line.
+fn node_state(node: &str) -> (String, String) {
+    let links: Vec<String> = sh(&["ip", "-n", node, "-o", "link"])
+        .lines()
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .collect();
+    (links.join("\n"), sh(&["ip", "-n", node, "route"]))
+}
+
+fn call(command: &str, conf: &Value) -> CniCall {
+    CniCall::new(command, "co-pod", "web", conf)
+}
+
+fn in_node(c: &CniCall, plugin: &Path) -> spiderpool_testkit::Output {
+    c.run_program_via(plugin, &["ip", "netns", "exec", "co-n1"])
+}
+
+#[test]
+fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_removes() {
+    if !prerequisites() {
+        return;
+    }
+    let _zones = zones("co", &[("co-n1", "10.6.0.1/16")]);
+    let _pod = Netns::new("co-pod");
+    let sb = Sandbox::new();
+    let agent = sb.agent("co-n1", "");
+    sb.apply(
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderCoordinator\nmetadata: {name: default}\n\
+         spec: {podCIDRType: none, mode: underlay, hijackCIDR: [169.254.25.10], vethMTU: 1400}\n",
+    );
+    if let Some(cp) = sb.cluster() {
+        // On a control plane without the controller, its status stands in for the leader's.
+        cp.kubectl_ok(
+            &["patch", "scc", "default", "--subresource=status", "--type=merge", "-p",
+                r#"{"status":{"phase":"Synced","serviceCIDR":["10.233.0.0/18"],"overlayPodCIDR":[]}}"#],
+            "",
+        );
+    }
+    let macvlan = Path::new("/usr/lib/cni/macvlan");
+    let mac_conf = json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "macvlan",
+        "master": "ens192", "mode": "bridge",
+        "ipam": {"type": "static", "addresses": [{"address": "10.6.168.60/16", "gateway": "10.6.0.1"}]}});
+    let before = node_state("co-n1");
+    let out = in_node(&call("ADD", &mac_conf), macvlan);
+    assert!(out.success, "macvlan: {}{}", out.stdout, out.stderr);
+    let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+    let conf = |extra: Value| {
+        let mut c = json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "veth",
+            "service_cidr": ["10.233.0.0/18"], "ipam_unix_socket_path": agent.socket,
+            "prevResult": prev});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let veth = bin("veth");
+
+    // Bad settings and a missing prevResult are refused by name, and nothing is made.
+    let with_macvlan = node_state("co-n1");
+    for (bad, want) in [
+        (
+            conf(json!({"service_cidr": ["10.233.0.0/40"]})),
+            "service_cidr: \"10.233.0.0/40\" is not a CIDR",
+        ),
+        (
+            conf(json!({"vethMTU": 20})),
+            "vethMTU: 20 is not a whole number from 68 to 65535",
+        ),
+    ] {
+        let out = in_node(&call("ADD", &bad), &veth);
+        assert!(!out.success, "{bad}");
+        let e: Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(e["code"], 7, "{e}");
+        assert!(e["msg"].as_str().unwrap().contains(want), "{e}");
+    }
+    let mut no_prev = conf(json!({}));
+    no_prev.as_object_mut().unwrap().remove("prevResult");
+    let out = in_node(&call("ADD", &no_prev), &veth);
+    assert!(
+        out.stdout.contains("prevResult is missing"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(node_state("co-n1"), with_macvlan);
+
+    // ADD: the pair, the routes on both sides; the result names both ends.
+    let out = in_node(&call("ADD", &conf(json!({}))), &veth);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let result: Value = serde_json::from_str(&out.stdout).unwrap();
+    let names: Vec<&str> = result["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "{result}");
+    assert_eq!((names[0], names[2]), ("eth0", "veth0"), "{result}");
+    let host_veth = names[1];
+    assert!(
+        host_veth.starts_with("veth") && host_veth.len() == 15,
+        "{result}"
+    );
+    assert_eq!(result["interfaces"][2]["sandbox"], "/var/run/netns/co-pod");
+    assert_eq!(result["ips"], prev["ips"]);
+    let pod_routes = sh(&["ip", "-n", "co-pod", "route"]);
+    for want in [
+        "10.6.0.2 dev veth0 scope link",
+        "10.233.0.0/18 via 10.6.0.2 dev veth0",
+        // From the SpiderCoordinator, as a host route.
+        "169.254.25.10 via 10.6.0.2 dev veth0",
+    ] {
+        assert!(pod_routes.contains(want), "{want:?} in {pod_routes}");
+    }
+    assert!(sh(&["ip", "-n", "co-pod", "link", "show", "veth0"]).contains("mtu 1400"));
+    let node_routes = sh(&["ip", "-n", "co-n1", "route"]);
+    assert!(
+        node_routes.contains(&format!("10.6.168.60 dev {host_veth} scope link")),
+        "{node_routes}"
+    );
+    // The pod reaches its node (macvlan alone cannot: the master does not talk to its
+    // macvlans), and the node reaches the pod, both through the pair.
+    let ping = sh(&[
+        "ip", "netns", "exec", "co-pod", "ping", "-c", "1", "-W", "2", "10.6.0.2",
+    ]);
+    assert!(ping.contains("ttl=64"), "{ping}");
+    let ping = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        "co-n1",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "10.6.168.60",
+    ]);
+    assert!(ping.contains("ttl=64"), "{ping}");
+
+    // CHECK holds; a second ADD of the container makes the pair again.
+    let check = |c: &Value| in_node(&call("CHECK", c), &veth);
+    let mut checked = conf(json!({}));
+    checked["prevResult"] = result.clone();
+    assert!(check(&checked).success, "{}", check(&checked).stdout);
+    let again = in_node(&call("ADD", &conf(json!({}))), &veth);
+    assert!(again.success, "{}", again.stdout);
+    assert!(check(&checked).success);
+
+    // DEL removes the pair and its routes; again, nothing to do; CHECK then names what is gone.
+    for _ in 0..2 {
+        let out = in_node(&call("DEL", &checked), &veth);
+        assert!(out.success, "{}{}", out.stdout, out.stderr);
+        assert_eq!(node_state("co-n1"), with_macvlan);
+    }
+    let out = check(&checked);
+    let e: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(e["code"], 101, "{e}");
+    assert!(
+        e["msg"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("the node has no {host_veth}")),
+        "{e}"
+    );
+    assert!(!sh(&["ip", "-n", "co-pod", "-o", "link"]).contains("veth0"));
+    let out = in_node(&call("DEL", &mac_conf), macvlan);
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(node_state("co-n1"), before);
+}
