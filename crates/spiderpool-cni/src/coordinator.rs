@@ -9,7 +9,8 @@
 //!
 //! Settings: the agent's `POST /v1/coordinator/config` (the SpiderCoordinator), overridden by
 //! the network config's keys (`mode`, `service_cidr`/`serviceCIDR`, `hijackCIDR`, `vethMTU`,
-//! `txQueueLen`, `podRPFilter`); without a SpiderCoordinator the config's keys alone apply.
+//! `txQueueLen`, `podRPFilter`, `podMACPrefix`: the pod interface's MAC becomes the prefix and
+//! its address's last four bytes); without a SpiderCoordinator the config's keys alone apply.
 //! DEL removes the pair (its routes go with it) and is idempotent; CHECK verifies the pair and
 //! the node's routes.
 
@@ -58,6 +59,47 @@ pub struct Settings {
     pub tx_queue_len: u32,
     /// The pod's `rp_filter` (negative: left alone).
     pub pod_rp_filter: i64,
+    /// The first two bytes of the pod interface's MAC address; the other four are its
+    /// address's last four (`None`: the MAC is left as it is).
+    pub pod_mac_prefix: Option<[u8; 2]>,
+}
+
+/// A MAC prefix (`0a:1b`): two bytes of a unicast address.
+fn mac_prefix(key: &str, v: &str) -> Result<Option<[u8; 2]>, CniError> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let bytes: Vec<Option<u8>> = v
+        .split(':')
+        .map(|b| {
+            (b.len() == 2)
+                .then(|| u8::from_str_radix(b, 16).ok())
+                .flatten()
+        })
+        .collect();
+    match bytes.as_slice() {
+        [Some(a), Some(b)] if a & 1 == 0 => Ok(Some([*a, *b])),
+        [Some(_), Some(_)] => Err(invalid(format!(
+            "{key}: {v:?} is not a unicast MAC prefix (the lowest bit of the first byte must be 0)"
+        ))),
+        _ => Err(invalid(format!(
+            "{key}: {v:?} is not a MAC prefix of two bytes like \"0a:1b\""
+        ))),
+    }
+}
+
+/// The pod interface's MAC: the prefix, then the last four bytes of its first address (IPv4
+/// first).
+pub fn pod_mac(prefix: [u8; 2], ips: &[IpAddr]) -> Option<[u8; 6]> {
+    let ip = ips.iter().find(|i| i.is_ipv4()).or_else(|| ips.first())?;
+    let tail: [u8; 4] = match ip {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+    };
+    Some([prefix[0], prefix[1], tail[0], tail[1], tail[2], tail[3]])
 }
 
 fn invalid(msg: String) -> CniError {
@@ -91,6 +133,7 @@ impl Settings {
             veth_mtu: 1500,
             tx_queue_len: 0,
             pod_rp_filter: 0,
+            pod_mac_prefix: None,
         };
         if let Some(a) = agent {
             s.mode = a.mode.clone();
@@ -100,6 +143,16 @@ impl Settings {
             s.veth_mtu = u32::try_from(a.veth_mtu).unwrap_or(1500);
             s.tx_queue_len = u32::try_from(a.tx_queue_len).unwrap_or(0);
             s.pod_rp_filter = a.pod_rp_filter;
+            s.pod_mac_prefix = mac_prefix("podMACPrefix", &a.pod_mac_prefix)?;
+        }
+        if let Some(v) = conf.get("podMACPrefix") {
+            let text = v.as_str().ok_or_else(|| {
+                invalid(format!(
+                    "podMACPrefix: {} is not a string",
+                    crate::excerpt(v)
+                ))
+            })?;
+            s.pod_mac_prefix = mac_prefix("podMACPrefix", text)?;
         }
         if let Some(m) = conf.get("mode") {
             s.mode = m
@@ -361,6 +414,21 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
             .link(POD_VETH)
             .map_err(|e| io("netlink in the pod", e))?
             .ok_or_else(|| io("the new veth", format!("{POD_VETH} is not in the pod")))?;
+        let mut nic_mac = None;
+        if let Some(mac) = settings.pod_mac_prefix.and_then(|p| pod_mac(p, &ips)) {
+            let nic = pod
+                .link(&env.ifname)
+                .map_err(|e| io("netlink in the pod", e))?
+                .ok_or_else(|| io("podMACPrefix", format!("the pod has no {}", env.ifname)))?;
+            pod.set_mac(nic.index, &mac)
+                .map_err(|e| io(&format!("setting the MAC address of {}", env.ifname), e))?;
+            nic_mac = Some(
+                mac.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            );
+        }
         pod.set_up(pl.index)
             .map_err(|e| io(&format!("setting {POD_VETH} up in the pod"), e))?;
         for r in pod_routes(&settings, &ips, &nodes, pl.index) {
@@ -371,9 +439,9 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
                 )
             })?;
         }
-        Ok::<_, CniError>((hl, pl))
+        Ok::<_, CniError>((hl, pl, nic_mac))
     })();
-    let (hl, pl) = match made {
+    let (hl, pl, nic_mac) = match made {
         Ok(l) => l,
         Err(e) => {
             // Nothing half-made stays behind.
@@ -395,6 +463,13 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
         .entry("interfaces")
         .or_insert_with(|| json!([]));
     if let Some(list) = interfaces.as_array_mut() {
+        if let Some(mac) = nic_mac {
+            for i in list.iter_mut() {
+                if i["name"] == env.ifname.as_str() && i["sandbox"] == env.netns.as_str() {
+                    i["mac"] = mac.clone().into();
+                }
+            }
+        }
         list.push(json!({"name": host_name, "mac": hl.mac}));
         list.push(json!({"name": POD_VETH, "mac": pl.mac, "sandbox": env.netns}));
     }
@@ -576,6 +651,24 @@ mod tests {
             assert_eq!(e.code, code::INVALID_NETWORK_CONFIG);
             assert!(e.msg.contains(want), "{conf}: {}", e.msg);
         }
+    }
+
+    #[test]
+    fn the_pod_mac_is_the_prefix_and_the_addresss_last_four_bytes() {
+        let ips: Vec<IpAddr> = vec![
+            "fd00::a:b0c".parse().unwrap(),
+            "10.6.168.60".parse().unwrap(),
+        ];
+        assert_eq!(
+            pod_mac([0x0a, 0x1b], &ips),
+            Some([0x0a, 0x1b, 10, 6, 168, 60])
+        );
+        let v6: Vec<IpAddr> = vec!["fd00::a:b0c".parse().unwrap()];
+        assert_eq!(
+            pod_mac([0x0a, 0x1b], &v6),
+            Some([0x0a, 0x1b, 0, 0x0a, 0x0b, 0x0c])
+        );
+        assert_eq!(pod_mac([0x0a, 0x1b], &[]), None);
     }
 
     #[test]

@@ -176,6 +176,19 @@ impl Netlink {
             .map(|_| ())
     }
 
+    /// Sets the link's MAC address (taking it down and up again around the change).
+    pub fn set_mac(&mut self, index: u32, mac: &[u8]) -> io::Result<()> {
+        let mut down = LinkMessage::default();
+        down.header.index = index;
+        down.header.change_mask = LinkFlags::Up;
+        self.request(RouteNetlinkMessage::SetLink(down), NLM_F_ACK)?;
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        self.request(RouteNetlinkMessage::SetLink(msg), NLM_F_ACK)?;
+        self.set_up(index)
+    }
+
     /// Deletes the link (a veth takes its peer with it).
     pub fn delete_link(&mut self, index: u32) -> io::Result<()> {
         let mut msg = LinkMessage::default();

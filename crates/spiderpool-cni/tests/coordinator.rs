@@ -57,7 +57,7 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
     let agent = sb.agent("co-n1", "");
     sb.apply(
         "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderCoordinator\nmetadata: {name: default}\n\
-         spec: {podCIDRType: none, mode: underlay, hijackCIDR: [169.254.25.10], vethMTU: 1400}\n",
+         spec: {podCIDRType: none, mode: underlay, hijackCIDR: [169.254.25.10], vethMTU: 1400, podMACPrefix: '0a:1b'}\n",
     );
     if let Some(cp) = sb.cluster() {
         // On a control plane without the controller, its status stands in for the leader's.
@@ -143,6 +143,17 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
         assert!(pod_routes.contains(want), "{want:?} in {pod_routes}");
     }
     assert!(sh(&["ip", "-n", "co-pod", "link", "show", "veth0"]).contains("mtu 1400"));
+    // podMACPrefix: the pod's NIC gets the prefix and its address's bytes (10.6.168.60).
+    assert!(
+        sh(&["ip", "-n", "co-pod", "link", "show", "eth0"])
+            .contains("link/ether 0a:1b:0a:06:a8:3c"),
+        "{}",
+        sh(&["ip", "-n", "co-pod", "link", "show", "eth0"])
+    );
+    assert_eq!(
+        result["interfaces"][0]["mac"], "0a:1b:0a:06:a8:3c",
+        "{result}"
+    );
     let node_routes = sh(&["ip", "-n", "co-n1", "route"]);
     assert!(
         node_routes.contains(&format!("10.6.168.60 dev {host_veth} scope link")),
