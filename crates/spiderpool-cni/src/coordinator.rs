@@ -10,15 +10,21 @@
 //! Settings: the agent's `POST /v1/coordinator/config` (the SpiderCoordinator), overridden by
 //! the network config's keys (`mode`, `service_cidr`/`serviceCIDR`, `hijackCIDR`, `vethMTU`,
 //! `txQueueLen`, `podRPFilter`, `podMACPrefix`: the pod interface's MAC becomes the prefix and
-//! its address's last four bytes); without a SpiderCoordinator the config's keys alone apply.
+//! its address's last four bytes, `detectIPConflict`, `detectGateway`); without a
+//! SpiderCoordinator the config's keys alone apply. Before anything is made, on the pod's
+//! interface: with `detectIPConflict` an ARP probe for each IPv4 address fails the ADD (code 11)
+//! naming the address and the MAC that answered; with `detectGateway` a gateway that does not
+//! answer fails it likewise; then a gratuitous ARP announces each address.
 //! DEL removes the pair (its routes go with it) and is idempotent; CHECK verifies the pair and
 //! the node's routes.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::net::IpAddr;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use nix::sched::{setns, CloneFlags};
 use serde_json::{json, Value};
@@ -62,6 +68,10 @@ pub struct Settings {
     /// The first two bytes of the pod interface's MAC address; the other four are its
     /// address's last four (`None`: the MAC is left as it is).
     pub pod_mac_prefix: Option<[u8; 2]>,
+    /// Probe the segment for the pod's IPv4 addresses before they are used.
+    pub detect_ip_conflict: bool,
+    /// Check that each IPv4 gateway of the pod answers.
+    pub detect_gateway: bool,
 }
 
 /// A MAC prefix (`0a:1b`): two bytes of a unicast address.
@@ -134,6 +144,8 @@ impl Settings {
             tx_queue_len: 0,
             pod_rp_filter: 0,
             pod_mac_prefix: None,
+            detect_ip_conflict: false,
+            detect_gateway: false,
         };
         if let Some(a) = agent {
             s.mode = a.mode.clone();
@@ -144,6 +156,18 @@ impl Settings {
             s.tx_queue_len = u32::try_from(a.tx_queue_len).unwrap_or(0);
             s.pod_rp_filter = a.pod_rp_filter;
             s.pod_mac_prefix = mac_prefix("podMACPrefix", &a.pod_mac_prefix)?;
+            s.detect_ip_conflict = a.detect_ip_conflict;
+            s.detect_gateway = a.detect_gateway;
+        }
+        for (key, flag) in [
+            ("detectIPConflict", &mut s.detect_ip_conflict),
+            ("detectGateway", &mut s.detect_gateway),
+        ] {
+            if let Some(v) = conf.get(key) {
+                *flag = v.as_bool().ok_or_else(|| {
+                    invalid(format!("{key}: {} is not true or false", crate::excerpt(v)))
+                })?;
+            }
         }
         if let Some(v) = conf.get("podMACPrefix") {
             let text = v.as_str().ok_or_else(|| {
@@ -331,6 +355,81 @@ fn pod_ips(prev: &Value) -> Result<Vec<IpAddr>, CniError> {
         .collect()
 }
 
+/// How long a probe waits for an answer, per try.
+const PROBE_WAIT: Duration = Duration::from_millis(200);
+/// Tries of a probe and of a gateway request.
+const PROBE_TRIES: u32 = 3;
+
+/// IP conflict and gateway detection on the pod's interface (`detectIPConflict`,
+/// `detectGateway`), then a gratuitous ARP for each IPv4 address. Runs in the pod's namespace.
+fn segment_checks(
+    s: &Settings,
+    prev: &Value,
+    ips: &[IpAddr],
+    ifname: &str,
+) -> Result<(), CniError> {
+    let v4: Vec<Ipv4Addr> = ips
+        .iter()
+        .filter_map(|i| match i {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    if v4.is_empty() {
+        return Ok(());
+    }
+    let failed = |e: io::Error| io(&format!("ARP on the pod's {ifname}"), e);
+    let mut arp = crate::arp::Arp::open(ifname).map_err(failed)?;
+    if s.detect_ip_conflict {
+        for ip in &v4 {
+            if let Some(mac) = arp
+                .ask(Ipv4Addr::UNSPECIFIED, *ip, PROBE_TRIES, PROBE_WAIT)
+                .map_err(failed)?
+            {
+                return Err(CniError::new(
+                    code::TRY_AGAIN_LATER,
+                    format!("IP conflict: {ip} is already used on the segment of {ifname} by {mac} (detectIPConflict)"),
+                ));
+            }
+        }
+    }
+    if s.detect_gateway {
+        for entry in prev
+            .get("ips")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let (Some(gw), Some(addr)) = (
+                entry.get("gateway").and_then(Value::as_str),
+                entry.get("address").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            let (Ok(gw), Ok(net)) = (gw.parse::<Ipv4Addr>(), addr.parse::<ipnet::Ipv4Net>()) else {
+                continue;
+            };
+            if arp
+                .ask(net.addr(), gw, PROBE_TRIES, PROBE_WAIT)
+                .map_err(failed)?
+                .is_none()
+            {
+                return Err(CniError::new(
+                    code::TRY_AGAIN_LATER,
+                    format!(
+                        "gateway {gw} of {} does not answer ARP on {ifname} (detectGateway)",
+                        net.addr()
+                    ),
+                ));
+            }
+        }
+    }
+    for ip in &v4 {
+        arp.announce(*ip).map_err(failed)?;
+    }
+    Ok(())
+}
+
 fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
     let prev = conf.get("prevResult").cloned().ok_or_else(|| {
         invalid("prevResult is missing: coordinator is a chained plugin; put it after the interface plugin (e.g. macvlan with ipam spiderpool)".into())
@@ -357,6 +456,12 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
         .map_err(|e| io("opening the node's network namespace", e))?;
     let pod_ns =
         File::open(&env.netns).map_err(|e| io(&format!("opening CNI_NETNS {:?}", env.netns), e))?;
+    // On the shared segment first, before anything is made: nobody else answers for the pod's
+    // addresses, its gateways answer; then the pod announces itself.
+    enter(&pod_ns, "the pod's network namespace")?;
+    let checked = segment_checks(&settings, &prev, &ips, &env.ifname);
+    enter(&host_ns, "the node's network namespace")?;
+    checked?;
     let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
     let host_name = host_veth_name(&env.container_id, &env.ifname);
     // A pair left by an earlier ADD of this container is made again.

@@ -8,6 +8,7 @@
 //! [`log_file::LogFile::from_ipam`]) are pure and public, so a fuzz target can drive them
 //! without I/O; none of them panics on any input.
 
+pub mod arp;
 pub mod client;
 pub mod coordinator;
 pub mod log_file;

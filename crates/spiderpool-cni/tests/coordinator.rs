@@ -209,3 +209,142 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
     assert!(out.success, "{}", out.stderr);
     assert_eq!(node_state("co-n1"), before);
 }
+
+#[test]
+fn an_address_already_on_the_segment_or_a_silent_gateway_fails_add_before_anything_is_made() {
+    if !prerequisites() {
+        return;
+    }
+    let _zones = zones("cc", &[("cc-n1", "10.6.0.1/16")]);
+    let _holder = Netns::new("cc-a");
+    let _pod = Netns::new("cc-pod");
+    // No SpiderCoordinator: the network config's keys alone.
+    let sb = Sandbox::new();
+    let agent = sb.agent("cc-n1", "");
+    let macvlan = Path::new("/usr/lib/cni/macvlan");
+    let mac_conf = |ip: &str, gw: &str| {
+        json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "macvlan",
+            "master": "ens192", "mode": "bridge",
+            "ipam": {"type": "static", "addresses": [{"address": ip, "gateway": gw}]}})
+    };
+    let run = |netns: &str, command: &str, conf: &Value, plugin: &Path| {
+        CniCall::new(command, netns, "web", conf)
+            .run_program_via(plugin, &["ip", "netns", "exec", "cc-n1"])
+    };
+    let veth = bin("coordinator");
+    let coordinator = |prev: &Value| {
+        json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "coordinator",
+            "service_cidr": ["10.233.0.0/18"], "ipam_unix_socket_path": agent.socket,
+            "detectIPConflict": true, "detectGateway": true, "prevResult": prev})
+    };
+    // Another host of the segment already has 10.6.168.61.
+    assert!(
+        run(
+            "cc-a",
+            "ADD",
+            &mac_conf("10.6.168.61/16", "10.6.0.1"),
+            macvlan
+        )
+        .success
+    );
+    let holder_mac = sh(&["ip", "-n", "cc-a", "-o", "link", "show", "eth0"])
+        .split("link/ether ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let before = node_state("cc-n1");
+    let out = run(
+        "cc-pod",
+        "ADD",
+        &mac_conf("10.6.168.61/16", "10.6.0.1"),
+        macvlan,
+    );
+    let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+    let out = run("cc-pod", "ADD", &coordinator(&prev), &veth);
+    assert!(!out.success);
+    let e: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(e["code"], 11, "{e}");
+    assert_eq!(
+        e["msg"],
+        format!("IP conflict: 10.6.168.61 is already used on the segment of eth0 by {holder_mac} (detectIPConflict)")
+    );
+    assert_eq!(node_state("cc-n1"), before, "nothing was made");
+    assert!(
+        run(
+            "cc-pod",
+            "DEL",
+            &mac_conf("10.6.168.61/16", "10.6.0.1"),
+            macvlan
+        )
+        .success
+    );
+
+    // A free address and a gateway that answers (the zone's router): the ADD goes through.
+    let out = run(
+        "cc-pod",
+        "ADD",
+        &mac_conf("10.6.168.62/16", "10.6.0.1"),
+        macvlan,
+    );
+    let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+    let out = run("cc-pod", "ADD", &coordinator(&prev), &veth);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(run("cc-pod", "DEL", &coordinator(&prev), &veth).success);
+    assert!(
+        run(
+            "cc-pod",
+            "DEL",
+            &mac_conf("10.6.168.62/16", "10.6.0.1"),
+            macvlan
+        )
+        .success
+    );
+
+    // A gateway nobody answers for.
+    let out = run(
+        "cc-pod",
+        "ADD",
+        &mac_conf("10.6.168.63/16", "10.6.0.99"),
+        macvlan,
+    );
+    let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+    let out = run("cc-pod", "ADD", &coordinator(&prev), &veth);
+    let e: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(e["code"], 11, "{e}");
+    assert_eq!(
+        e["msg"],
+        "gateway 10.6.0.99 of 10.6.168.63 does not answer ARP on eth0 (detectGateway)"
+    );
+    assert_eq!(node_state("cc-n1"), before, "nothing was made");
+    // A flag that is not a boolean is named.
+    let mut bad = coordinator(&prev);
+    bad["detectGateway"] = json!("yes");
+    let out = run("cc-pod", "ADD", &bad, &veth);
+    assert!(
+        out.stdout
+            .contains("detectGateway: \\\"yes\\\" is not true or false"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        run(
+            "cc-pod",
+            "DEL",
+            &mac_conf("10.6.168.63/16", "10.6.0.99"),
+            macvlan
+        )
+        .success
+    );
+    assert!(
+        run(
+            "cc-a",
+            "DEL",
+            &mac_conf("10.6.168.61/16", "10.6.0.1"),
+            macvlan
+        )
+        .success
+    );
+}
