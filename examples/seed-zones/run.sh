@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The seed scenario on one machine: two nodes in two network zones, one pod per node attached by
-# Debian's real macvlan plugin with "ipam": {"type": "spiderpool"}, each pod getting an address
-# from the pool that matches its node, and a ping across the zones through a router.
+# the seed NAD's chain, Debian's real macvlan plugin with "ipam": {"type": "spiderpool"} and then
+# `veth` (the coordinator: a veth pair to the node, routes to the node and the Service CIDR
+# through it), each pod getting an address from the pool that matches its node, and a ping
+# across the zones through a router and to the pod's own node.
 #
 #   router (netns sp-router)       10.6.0.1/16 on to-cn1, 10.7.0.1/16 on to-wn1, forwarding on
 #     | veth                          | veth
@@ -24,7 +26,7 @@ cni_plugins=${CNI_PLUGINS_DIR:-/usr/lib/cni}
 
 die() { echo "error: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root: the scenario creates network namespaces"
-for b in spiderpool spiderpool-agent spiderpoolctl; do
+for b in spiderpool veth spiderpool-agent spiderpoolctl; do
   [ -x "$bin_dir/$b" ] || die "$bin_dir/$b not found: build with 'cargo build --release' or set SPIDERPOOL_BIN_DIR"
 done
 [ -x "$cni_plugins/macvlan" ] || die "$cni_plugins/macvlan not found: apt-get install containernetworking-plugins"
@@ -52,12 +54,30 @@ cni_conf() { # the NAD's macvlan plugin, master and agent socket filled in for t
 EOF
 }
 
-cni() { # cni COMMAND NODE
+veth_conf() { # the NAD's veth plugin, the agent socket filled in, the result before it given
+  cat <<EOF
+{"cniVersion": "0.3.1", "name": "macvlan-conf", "type": "veth", "service_cidr": ["10.233.0.0/18"],
+ "ipam_unix_socket_path": "$work/$1.sock", "prevResult": ${2:-null}}
+EOF
+}
+
+plugin() { # plugin COMMAND NODE PROGRAM < config, as a runtime calls it for the node's pod
   local cmd=$1 node=$2 p=${pod[$2]}
-  cni_conf "$node" | ip netns exec "$node" env -i PATH="$PATH" \
+  ip netns exec "$node" env -i PATH="$PATH" \
     CNI_COMMAND="$cmd" CNI_CONTAINERID="ctr-$p" CNI_NETNS="/var/run/netns/$p" CNI_IFNAME=eth0 \
     CNI_PATH="$work/cni-bin" CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=$p;K8S_POD_UID=uid-$p" \
-    "$cni_plugins/macvlan"
+    "$3"
+}
+
+cni() { # cni COMMAND NODE: the NAD's chain, ADD in order (each given the result before), DEL in reverse
+  local cmd=$1 node=$2 result
+  if [ "$cmd" = ADD ]; then
+    result=$(cni_conf "$node" | plugin ADD "$node" "$cni_plugins/macvlan") || { echo "$result"; return 1; }
+    veth_conf "$node" "$result" | plugin ADD "$node" "$work/cni-bin/veth"
+  else
+    veth_conf "$node" | plugin "$cmd" "$node" "$work/cni-bin/veth" || return 1
+    cni_conf "$node" | plugin "$cmd" "$node" "$cni_plugins/macvlan"
+  fi
 }
 
 cleanup() {
@@ -79,6 +99,7 @@ trap cleanup EXIT
 mkdir -p "$work/cni-bin"
 ln -s "$cni_plugins/macvlan" "$work/cni-bin/macvlan"
 ln -s "$bin_dir/spiderpool" "$work/cni-bin/spiderpool"
+ln -s "$bin_dir/veth" "$work/cni-bin/veth"
 
 echo "## network: router $router, nodes ${nodes[*]}"
 ip netns add "$router"
@@ -134,7 +155,7 @@ for n in "${nodes[@]}"; do
   echo "spiderpool-agent serving $n on $work/$n.sock"
 done
 
-echo "## pods: ADD through /usr/lib/cni/macvlan with ipam spiderpool"
+echo "## pods: ADD through /usr/lib/cni/macvlan with ipam spiderpool, then veth"
 declare -A ip=()
 for n in "${nodes[@]}"; do
   result=$(cni ADD "$n") || die "ADD for ${pod[$n]} failed: $result"
@@ -155,6 +176,10 @@ ctl get endpoint
 a=controller-node-1 b=worker-node-1
 echo "## ping from ${pod[$a]} (${ip[$a]}) to ${pod[$b]} (${ip[$b]})"
 ip netns exec "${pod[$a]}" ping -c 2 -W 2 "${ip[$b]}"
+echo "## routes in ${pod[$a]} (veth0 leads to its node)"
+ip -n "${pod[$a]}" route
+echo "## ping from ${pod[$a]} to its node (${node_ip[$a]%/*}) through veth0"
+ip netns exec "${pod[$a]}" ping -c 2 -W 2 "${node_ip[$a]%/*}"
 
 echo "## pods: DEL"
 for n in "${nodes[@]}"; do

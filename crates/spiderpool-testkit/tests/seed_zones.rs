@@ -151,6 +151,19 @@ fn seed_two_zones_end_to_end() {
         "{ping}"
     );
     assert!(ping.contains("2 received, 0% packet loss"), "{ping}");
+    // The NAD's `veth` (the coordinator) after macvlan: the pod reaches its own node (which
+    // macvlan alone cannot) and the Service CIDR through veth0.
+    let routes = section(stdout, "routes in").join("\n");
+    assert!(
+        routes.contains("10.6.168.71 dev veth0 scope link")
+            && routes.contains("10.233.0.0/18 via 10.6.168.71 dev veth0"),
+        "{routes}"
+    );
+    let to_node = section(stdout, "ping from test-app-j9ftl to its node").join("\n");
+    assert!(
+        to_node.contains("from 10.6.168.71: icmp_seq=1 ttl=64"),
+        "{to_node}"
+    );
 
     // After DEL both pools show 0 allocated.
     let after = table(&section(
