@@ -270,25 +270,16 @@ impl SpiderCoordinator {
             }
         }
         if let Some(p) = s.pod_mac_prefix.as_deref().filter(|p| !p.is_empty()) {
-            let bytes: Vec<Option<u8>> = p
-                .split(':')
-                .map(|b| {
-                    (b.len() == 2)
-                        .then(|| u8::from_str_radix(b, 16).ok())
-                        .flatten()
-                })
-                .collect();
-            match bytes.as_slice() {
-                [Some(first), Some(_)] => {
-                    if first & 1 != 0 {
-                        return Err(ValidationError::field(
-                            "spec.podMACPrefix",
-                            p,
-                            "is not a unicast MAC: the lowest bit of the first byte must be 0",
-                        ));
-                    }
+            match parse_mac_prefix(p) {
+                Ok(_) => {}
+                Err(MacPrefixError::Multicast) => {
+                    return Err(ValidationError::field(
+                        "spec.podMACPrefix",
+                        p,
+                        "is not a unicast MAC: the lowest bit of the first byte must be 0",
+                    ))
                 }
-                _ => {
+                Err(MacPrefixError::NotTwoBytes) => {
                     return Err(ValidationError::field(
                         "spec.podMACPrefix",
                         p,
@@ -343,6 +334,32 @@ impl SpiderCoordinator {
             ));
         }
         Ok(())
+    }
+}
+
+/// Why a MAC prefix is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MacPrefixError {
+    /// Not two bytes of two hex digits each (`0a:1b`).
+    NotTwoBytes,
+    /// The lowest bit of the first byte is set: a multicast address.
+    Multicast,
+}
+
+/// A pod MAC prefix (`0a:1b`): two bytes of a unicast address. Pure.
+pub fn parse_mac_prefix(p: &str) -> Result<[u8; 2], MacPrefixError> {
+    let bytes: Vec<Option<u8>> = p
+        .split(':')
+        .map(|b| {
+            (b.len() == 2)
+                .then(|| u8::from_str_radix(b, 16).ok())
+                .flatten()
+        })
+        .collect();
+    match bytes.as_slice() {
+        [Some(a), Some(_)] if a & 1 != 0 => Err(MacPrefixError::Multicast),
+        [Some(a), Some(b)] => Ok([*a, *b]),
+        _ => Err(MacPrefixError::NotTwoBytes),
     }
 }
 

@@ -29,10 +29,13 @@ use std::time::Duration;
 use nix::sched::{setns, CloneFlags};
 use serde_json::{json, Value};
 use spiderpool_api::agent::{CoordinatorConfig, CoordinatorConfigArgs, PATH_COORDINATOR_CONFIG};
-use spiderpool_api::cni::{code, DEFAULT_SOCKET, SUPPORTED_VERSIONS};
+use spiderpool_api::cni::{code, DEFAULT_SOCKET};
+use spiderpool_api::coordinator::{parse_mac_prefix, MacPrefixError};
 
 use crate::netlink::{Netlink, RouteSpec};
-use crate::plugin::{prev_result_addresses, CniEnv, Command, FALLBACK_VERSION};
+use crate::plugin::{
+    check_version, prev_result_addresses, version_answer, CniEnv, Command, FALLBACK_VERSION,
+};
 use crate::CniError;
 
 /// The pod's end of the pair.
@@ -74,25 +77,17 @@ pub struct Settings {
     pub detect_gateway: bool,
 }
 
-/// A MAC prefix (`0a:1b`): two bytes of a unicast address.
+/// A MAC prefix (`0a:1b`) from the config or the SpiderCoordinator (empty: none).
 fn mac_prefix(key: &str, v: &str) -> Result<Option<[u8; 2]>, CniError> {
     if v.is_empty() {
         return Ok(None);
     }
-    let bytes: Vec<Option<u8>> = v
-        .split(':')
-        .map(|b| {
-            (b.len() == 2)
-                .then(|| u8::from_str_radix(b, 16).ok())
-                .flatten()
-        })
-        .collect();
-    match bytes.as_slice() {
-        [Some(a), Some(b)] if a & 1 == 0 => Ok(Some([*a, *b])),
-        [Some(_), Some(_)] => Err(invalid(format!(
+    match parse_mac_prefix(v) {
+        Ok(p) => Ok(Some(p)),
+        Err(MacPrefixError::Multicast) => Err(invalid(format!(
             "{key}: {v:?} is not a unicast MAC prefix (the lowest bit of the first byte must be 0)"
         ))),
-        _ => Err(invalid(format!(
+        Err(MacPrefixError::NotTwoBytes) => Err(invalid(format!(
             "{key}: {v:?} is not a MAC prefix of two bytes like \"0a:1b\""
         ))),
     }
@@ -527,12 +522,7 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
                 .ok_or_else(|| io("podMACPrefix", format!("the pod has no {}", env.ifname)))?;
             pod.set_mac(nic.index, &mac)
                 .map_err(|e| io(&format!("setting the MAC address of {}", env.ifname), e))?;
-            nic_mac = Some(
-                mac.iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":"),
-            );
+            nic_mac = Some(crate::netlink::mac_string(&mac));
         }
         pod.set_up(pl.index)
             .map_err(|e| io(&format!("setting {POD_VETH} up in the pod"), e))?;
@@ -642,46 +632,24 @@ pub fn run(
 ) -> Result<Option<Value>, (String, CniError)> {
     let cmd = Command::parse(env.get("CNI_COMMAND").map(String::as_str))
         .map_err(|e| (FALLBACK_VERSION.to_string(), e))?;
-    let conf: Value = match serde_json::from_slice(stdin) {
-        Ok(v) => v,
-        Err(e) if cmd != Command::Version => {
-            return Err((
-                FALLBACK_VERSION.to_string(),
-                CniError::new(
-                    code::DECODING_FAILURE,
-                    format!("decoding the network config: {e}"),
-                ),
-            ))
-        }
-        Err(_) => Value::Null,
-    };
+    if cmd == Command::Version {
+        return Ok(Some(version_answer(stdin)));
+    }
+    let conf: Value = serde_json::from_slice(stdin).map_err(|e| {
+        (
+            FALLBACK_VERSION.to_string(),
+            CniError::new(
+                code::DECODING_FAILURE,
+                format!("decoding the network config: {e}"),
+            ),
+        )
+    })?;
     let asked = conf
         .get("cniVersion")
         .and_then(Value::as_str)
         .unwrap_or(FALLBACK_VERSION)
         .to_string();
-    if cmd == Command::Version {
-        let v = if SUPPORTED_VERSIONS.contains(&asked.as_str()) {
-            asked
-        } else {
-            SUPPORTED_VERSIONS.last().expect("versions").to_string()
-        };
-        return Ok(Some(
-            json!({"cniVersion": v, "supportedVersions": SUPPORTED_VERSIONS}),
-        ));
-    }
-    if !SUPPORTED_VERSIONS.contains(&asked.as_str()) {
-        return Err((
-            FALLBACK_VERSION.to_string(),
-            CniError::new(
-                code::INCOMPATIBLE_VERSION,
-                format!(
-                    "cniVersion {asked:?} is not supported (supported: {})",
-                    SUPPORTED_VERSIONS.join(", ")
-                ),
-            ),
-        ));
-    }
+    check_version(&asked).map_err(|e| (FALLBACK_VERSION.to_string(), e))?;
     let with = |e: CniError| (asked.clone(), e);
     match cmd {
         Command::Gc | Command::Status | Command::Version => Ok(None),

@@ -21,6 +21,15 @@ use netlink_packet_route::route::{
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
+/// A MAC address as text (`aa:bb:cc:dd:ee:ff`).
+pub fn mac_string(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// A link: its index and MAC address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -117,12 +126,7 @@ impl Netlink {
                         .attributes
                         .iter()
                         .find_map(|a| match a {
-                            LinkAttribute::Address(b) => Some(
-                                b.iter()
-                                    .map(|x| format!("{x:02x}"))
-                                    .collect::<Vec<_>>()
-                                    .join(":"),
-                            ),
+                            LinkAttribute::Address(b) => Some(mac_string(b)),
                             _ => None,
                         })
                         .unwrap_or_default(),

@@ -173,18 +173,34 @@ pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
             format!("decoding the network configuration on stdin: {e}"),
         )
     })?;
-    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
-        return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
-            format!(
-                "cniVersion {:?} is not supported (supported: {})",
-                conf.cni_version,
-                SUPPORTED_VERSIONS.join(", ")
-            ),
-        ));
-    }
+    check_version(&conf.cni_version)?;
     LogFile::from_ipam(&conf.ipam)?;
     Ok(conf)
+}
+
+/// A config's `cniVersion`: one this plugin speaks, else code 1 naming it. Pure.
+pub fn check_version(v: &str) -> Result<(), CniError> {
+    if SUPPORTED_VERSIONS.contains(&v) {
+        return Ok(());
+    }
+    Err(CniError::new(
+        code::INCOMPATIBLE_VERSION,
+        format!(
+            "cniVersion {v:?} is not supported (supported: {})",
+            SUPPORTED_VERSIONS.join(", ")
+        ),
+    ))
+}
+
+/// The answer to VERSION: the versions spoken, in the config's `cniVersion` when it is one of
+/// them, else the newest (stdin unreadable included). Pure.
+pub fn version_answer(stdin: &[u8]) -> Value {
+    let asked = serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| SUPPORTED_VERSIONS.last().expect("versions").to_string());
+    json!({"cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS})
 }
 
 /// The version an error is reported in: the config's `cniVersion` if this plugin speaks it,
@@ -270,14 +286,7 @@ pub fn run(
     let cmd = Command::parse(env.get("CNI_COMMAND").map(String::as_str))
         .map_err(|e| (FALLBACK_VERSION.to_string(), e))?;
     if cmd == Command::Version {
-        let asked = serde_json::from_slice::<Value>(stdin)
-            .ok()
-            .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
-            .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
-            .unwrap_or_else(|| SUPPORTED_VERSIONS.last().expect("versions").to_string());
-        return Ok(Some(
-            json!({"cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS}),
-        ));
+        return Ok(Some(version_answer(stdin)));
     }
     // As libcni does, the environment is judged before the config: a bad container ID or
     // interface name is refused whatever stdin holds. The config is still read so that the

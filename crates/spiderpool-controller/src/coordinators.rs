@@ -218,11 +218,7 @@ async fn facts(client: &kube::Client) -> Result<Facts, kube::Error> {
 }
 
 fn coordinators(client: &kube::Client) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("spiderpool.spidernet.io", "v2beta1", "SpiderCoordinator");
-    Api::all_with(
-        client.clone(),
-        &ApiResource::from_gvk_with_plural(&gvk, "spidercoordinators"),
-    )
+    crate::pools::api(client, "SpiderCoordinator", "spidercoordinators")
 }
 
 /// One pass: every coordinator's status written where it changed.
@@ -286,23 +282,7 @@ pub async fn run(client: kube::Client, resync: Duration) {
             .boxed(),
     );
     let mut tick = tokio::time::interval(resync);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            ev = events.next() => {
-                if ev.is_none() {
-                    return;
-                }
-                let quiet = tokio::time::sleep(COALESCE);
-                tokio::pin!(quiet);
-                loop {
-                    tokio::select! {
-                        _ = &mut quiet => break,
-                        ev = events.next() => if ev.is_none() { return },
-                    }
-                }
-            }
-        }
+    while crate::passes::next(&mut events, &mut tick, COALESCE).await {
         if let Err(e) = reconcile(&client).await {
             tracing::warn!(error = %e, "SpiderCoordinator status: trying again at the next event");
         }

@@ -7,6 +7,7 @@ pub mod apps;
 pub mod coordinators;
 pub mod leader;
 pub mod metrics;
+mod passes;
 pub mod pools;
 pub mod reclaim;
 pub mod webhook;

@@ -21,7 +21,8 @@ use spiderpool_api::{Kind, Object, SpiderIPPool};
 use spiderpool_store::admission::{FINALIZER, LABEL_OWNER_SUBNET};
 use spiderpool_store::{objects, Store};
 
-fn api(client: &kube::Client, kind: &str, plural: &str) -> Api<DynamicObject> {
+/// The cluster-wide API of a `spiderpool.spidernet.io/v2beta1` kind.
+pub(crate) fn api(client: &kube::Client, kind: &str, plural: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("spiderpool.spidernet.io", "v2beta1", kind);
     Api::all_with(
         client.clone(),
@@ -38,24 +39,7 @@ pub async fn run(client: kube::Client, store: Arc<dyn Store>, resync: Duration) 
         watcher(subnets.clone(), watcher::Config::default()).boxed(),
     );
     let mut tick = tokio::time::interval(resync);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            ev = events.next() => {
-                if ev.is_none() {
-                    return;
-                }
-                // The rest of the burst.
-                let quiet = tokio::time::sleep(COALESCE);
-                tokio::pin!(quiet);
-                loop {
-                    tokio::select! {
-                        _ = &mut quiet => break,
-                        ev = events.next() => if ev.is_none() { return },
-                    }
-                }
-            }
-        }
+    while crate::passes::next(&mut events, &mut tick, COALESCE).await {
         if let Err(e) = reconcile(&pools, &subnets, store.as_ref()).await {
             tracing::warn!(error = %e, "pools and subnets: trying again at the next event");
         }
