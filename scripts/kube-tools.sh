@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test control plane's binaries — etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler and kubectl of the Kubernetes release pinned in tools/kube/go.mod — from their Go
-# modules into a cache outside the checkout, keyed by that release and the recipe's contents.
+# kube-scheduler, kube-proxy and kubectl of the Kubernetes release pinned in tools/kube/go.mod —
+# from their Go modules into a cache outside the checkout, keyed by that release and the
+# recipe's contents.
 # Idempotent: a cached build is reused. Prints the bin directory as its last line.
 #   scripts/kube-tools.sh            # cache in ${SPIDERPOOL_KUBE_CACHE:-~/.cache/spiderpool-kube}
 set -euo pipefail
@@ -12,7 +13,7 @@ k8s=$(sed -n 's#^[[:space:]]*k8s.io/kubernetes v\(1\.[0-9.]*\).*#v\1#p' go.mod |
 key=$(cat go.mod go.sum main.go | sha256sum | cut -c1-16)
 cache=${SPIDERPOOL_KUBE_CACHE:-$HOME/.cache/spiderpool-kube}
 bin="$cache/$k8s-$key/bin"
-components=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl)
+components=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl)
 if [ ! -x "$bin/kube-plane" ]; then
   echo "building the control plane of Kubernetes $k8s into $bin (cold: tens of minutes on 2 cores)" >&2
   minor=${k8s#v1.}; minor=${minor%%.*}

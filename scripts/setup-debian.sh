@@ -6,6 +6,8 @@
 #   containernetworking-plugins         the reference CNI plugins (/usr/lib/cni)
 #   iproute2, iputils-ping              network namespaces and ping for the examples and tests
 #   openssl                             the test control plane's certificates
+#   iptables                            kube-proxy's iptables mode on the simulated nodes
+#   curl                                the Kubernetes example's requests to its Service
 #   util-linux                          setpriv: the tests run the plugin as an untrusted user
 #   strace                              scripts/check-build-packages.sh traces the build with it
 # Idempotent: installs only what is missing. `--list` prints the names and installs nothing
@@ -18,6 +20,8 @@ packages=(
   iproute2
   iputils-ping
   openssl
+  iptables
+  curl
   util-linux
   strace
 )

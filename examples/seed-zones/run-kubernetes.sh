@@ -13,16 +13,23 @@
 #     ens192 = macvlan master         ens192 = macvlan master
 #
 # Only kubelet and the container runtime are simulated: spiderpool-sim-cluster (test
-# infrastructure from crates/spiderpool-testkit, not shipped) runs the control plane and a node
-# simulator per node, which gives each pod bound to its node a network namespace and runs the
-# pod's CNI chain there as a runtime would.
+# infrastructure from crates/spiderpool-testkit, not shipped) runs the control plane, and per
+# node a node simulator, which gives each pod bound to its node a network namespace and runs the
+# pod's CNI chain there as a runtime would (the pod's `nginx` stands in as an HTTP responder on
+# its containerPort 80, answering with the pod's name), and a real kube-proxy (iptables mode)
+# inside the node's namespace.
 #
 # Every manifest is applied unchanged, the NetworkAttachmentDefinition too: it chains macvlan
 # with "ipam": {"type": "spiderpool"} and then `veth` (this project's coordinator plugin under
 # that name), which gives each pod a veth pair to its node with routes to the node and to the
-# Service CIDR through it. Each node has an address in its zone (10.6.0.2, 10.7.0.2).
+# Service CIDR through it. Each node has an address in its zone (10.6.0.2, 10.7.0.2) and
+# forwarding on. The run ends as the seed's document does, with the pods of the two zones
+# talking by Pod IP, clusterIP and nodePort: the pod on controller-node-1 asks a NodePort
+# Service whose only endpoint is the pod on worker-node-1, by its ClusterIP and through the
+# NodePort of each node.
 #
-# Needs root, iproute2, iputils-ping, containernetworking-plugins, util-linux, openssl, Go (for
+# Needs root, iproute2, iputils-ping, iptables, curl, containernetworking-plugins, util-linux,
+# openssl, Go (for
 # the first build of the control plane, ~7 minutes on 2 cores, cached after) and the built
 # binaries (SPIDERPOOL_BIN_DIR, default target/release). Removes everything it made on exit.
 set -euo pipefail
@@ -40,6 +47,8 @@ for b in spiderpool veth spiderpool-agent spiderpool-controller spiderpool-sim-c
 done
 [ -x "$cni_plugins/macvlan" ] || die "$cni_plugins/macvlan not found: apt-get install containernetworking-plugins"
 command -v ping >/dev/null || die "ping not found: apt-get install iputils-ping"
+command -v iptables >/dev/null || die "iptables not found (kube-proxy needs it): apt-get install iptables"
+command -v curl >/dev/null || die "curl not found: apt-get install curl"
 
 echo "## control plane binaries (scripts/kube-tools.sh; built once, then cached)"
 kube_bin=${SPIDERPOOL_KUBE_BIN:-$("$repo/scripts/kube-tools.sh" | tail -1)}
@@ -93,6 +102,7 @@ for n in "${nodes[@]}"; do
   h=${host[$n]}
   ip netns add "$h"
   ip -n "$h" link set lo up
+  ip netns exec "$h" sysctl -qw net.ipv4.ip_forward=1
   ip link add ens192 netns "$h" type veth peer name "${uplink[$n]}" netns "$router"
   ip -n "$h" link set ens192 up
   ip -n "$h" addr add "${node_ip[$n]}" dev ens192
@@ -101,7 +111,7 @@ for n in "${nodes[@]}"; do
   ip -n "$router" link set "${uplink[$n]}" up
 done
 
-echo "## control plane and simulated nodes"
+echo "## control plane, simulated nodes and a kube-proxy per node"
 node_args=()
 for n in "${nodes[@]}"; do node_args+=(--node "$n,${host[$n]},node-subnet=${zone[$n]}"); done
 "$bin_dir/spiderpool-sim-cluster" --kube-bin "$kube_bin" --dir "$work" --cni-path "$work/cni-bin" \
@@ -175,6 +185,45 @@ echo "## routes in $pa (veth0 leads to its node)"
 ip -n "$netns_a" route
 echo "## ping from $pa to its node (${node_ip[$a]%/*}) through veth0"
 ip netns exec "$netns_a" ping -c 2 -W 2 "${node_ip[$a]%/*}"
+
+echo "## Service test-app-worker (NodePort) selecting only $pb"
+kubectl label pod "$pb" serve=worker
+kubectl apply -f - <<'EOF'
+apiVersion: v1
+kind: Service
+metadata:
+  name: test-app-worker
+  namespace: default
+spec:
+  type: NodePort
+  selector:
+    app: test-app
+    serve: worker
+  ports:
+  - name: http
+    port: 80
+    targetPort: http
+EOF
+for _ in $(seq 300); do
+  eps=$(kubectl get endpointslices -l kubernetes.io/service-name=test-app-worker \
+    -o jsonpath='{.items[*].endpoints[*].addresses[*]}')
+  [ "$eps" = "$ipb" ] && break
+  sleep 0.2
+done
+[ "$eps" = "$ipb" ] || die "the Service's EndpointSlice does not name $ipb: '$eps'"
+kubectl get endpointslices -l kubernetes.io/service-name=test-app-worker
+cluster_ip=$(kubectl get service test-app-worker -o jsonpath='{.spec.clusterIP}')
+node_port=$(kubectl get service test-app-worker -o jsonpath='{.spec.ports[0].nodePort}')
+# kube-proxy writes its rules within a second or two of the EndpointSlice: a few tries.
+get() { ip netns exec "$netns_a" curl -sS --max-time 3 --retry 10 --retry-all-errors --retry-delay 1 "$1"; }
+echo "## curl from $pa to the ClusterIP http://$cluster_ip/"
+get "http://$cluster_ip/"
+for n in "${nodes[@]}"; do
+  echo "## curl from $pa to the NodePort of $n http://${node_ip[$n]%/*}:$node_port/"
+  get "http://${node_ip[$n]%/*}:$node_port/"
+done
+echo "## kubectl delete service test-app-worker"
+kubectl delete service test-app-worker
 
 echo "## kubectl delete daemonset test-app"
 kubectl delete daemonset test-app

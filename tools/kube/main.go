@@ -1,9 +1,9 @@
 // Command kube-plane is a build recipe, not product code: one multi-call binary holding the
-// real etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kubectl of one
+// real etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy and kubectl of one
 // Kubernetes release, built from their Go modules for the project's tests (no prebuilt binary
 // can be downloaded on the project's machines). Call it as
 //
-//	kube-plane <etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubectl> [flags]
+//	kube-plane <etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kube-proxy|kubectl> [flags]
 //
 // or through a symlink named after the component (scripts/kube-tools.sh makes them).
 package main
@@ -26,10 +26,11 @@ import (
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserverapp "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	kcmapp "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxyapp "k8s.io/kubernetes/cmd/kube-proxy/app"
 	schedulerapp "k8s.io/kubernetes/cmd/kube-scheduler/app"
 )
 
-var components = []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"}
+var components = []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl"}
 
 func isComponent(s string) bool {
 	for _, c := range components {
@@ -60,6 +61,8 @@ func main() {
 		os.Exit(cli.Run(kcmapp.NewControllerManagerCommand()))
 	case "kube-scheduler":
 		os.Exit(cli.Run(schedulerapp.NewSchedulerCommand()))
+	case "kube-proxy":
+		os.Exit(cli.Run(proxyapp.NewProxyCommand()))
 	case "kubectl":
 		logs.GlogSetter(kubectlcmd.GetLogVerbosity(os.Args)) //nolint:errcheck // as upstream
 		if err := cli.RunNoErrOutput(kubectlcmd.NewDefaultKubectlCommand()); err != nil {

@@ -155,6 +155,11 @@ impl ControlPlane {
         self.children.push((component.to_string(), child));
     }
 
+    /// The path of one of the control plane's binaries (`kube-proxy`, `kubectl`, ...).
+    pub fn component(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
     /// What `component` logged so far.
     pub fn log(&self, component: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{component}.log")))

@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use crate::*;
 
 /// The seed's zones: a router namespace with the gateways, one namespace per node with a veth
-/// end `ens192` as macvlan master and the address after its gateway (the node's own).
+/// end `ens192` as macvlan master, the address after its gateway (the node's own) and
+/// forwarding on.
 pub struct Zones {
     _router: Netns,
     _nodes: Vec<Netns>,
@@ -48,6 +49,17 @@ pub fn zones(prefix: &str, nodes: &[(&str, &str)]) -> Zones {
             &router.name,
         ]);
         sh(&["ip", "-n", &ns.name, "link", "set", "ens192", "up"]);
+        // Forwarding on, as on any Kubernetes node (kubeadm's preflight requires it): Service
+        // traffic from the pods goes through the node.
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
         // The node's own address, the one after its gateway (10.6.0.2/16 for 10.6.0.1/16),
         // and its default route through the gateway.
         let net: ipnet::Ipv4Net = gw.parse().expect("a gateway like 10.6.0.1/16");
@@ -271,4 +283,90 @@ fn http_get_quiet(addr: &str, path: &str) -> Option<u16> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The pod CIDR the test cluster's kube-proxies are told of (`--cluster-cidr`), kubespray's
+/// beside the Service CIDR 10.233.0.0/18. The underlay subnets lie outside it, so kube-proxy
+/// masquerades their Service traffic, as on a cluster whose pods are underlay.
+pub const KUBE_PROXY_CLUSTER_CIDR: &str = "10.233.64.0/18";
+
+/// A real kube-proxy (iptables mode) for one simulated node, run inside the node's network
+/// namespace, where its rules take effect. It reaches the API server on loopback as any
+/// node's kube-proxy would: a relay listens on the API server's address inside the node's
+/// namespace. Killed on drop.
+pub struct KubeProxy {
+    child: Child,
+    _relay: crate::Relay,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl KubeProxy {
+    /// Starts kube-proxy for node `node` in the network namespace `netns` and waits until its
+    /// first sync is done (its health endpoint answers 200).
+    pub fn start(cp: &ControlPlane, node: &str, netns: &str) -> KubeProxy {
+        let dir = tempfile::tempdir().expect("test setup");
+        let api: std::net::SocketAddr = cp
+            .server
+            .trim_start_matches("https://")
+            .parse()
+            .expect("the API server on loopback");
+        let relay = crate::Relay::start(netns, api, api).expect("relaying the API server");
+        let log = dir.path().join("kube-proxy.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(cp.component("kube-proxy"))
+            .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
+            .arg(format!("--hostname-override={node}"))
+            .args(["--proxy-mode=iptables"])
+            .arg(format!("--cluster-cidr={KUBE_PROXY_CLUSTER_CIDR}"))
+            // Leave the machine-wide conntrack limits and timeouts as they are.
+            .args([
+                "--conntrack-max-per-core=0",
+                "--conntrack-tcp-timeout-established=0",
+                "--conntrack-tcp-timeout-close-wait=0",
+            ])
+            .args([
+                "--healthz-bind-address=127.0.0.1:10256",
+                "--metrics-bind-address=127.0.0.1:10249",
+                "--v=2",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("kube-proxy log"))
+            .spawn()
+            .expect("starting kube-proxy");
+        let mut p = KubeProxy {
+            child,
+            _relay: relay,
+            log,
+            _dir: dir,
+        };
+        let health: std::net::SocketAddr = "127.0.0.1:10256".parse().expect("address");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !matches!(crate::http_get_in(netns, health, "/healthz"), Ok((200, _))) {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("kube-proxy of {node} exited with {status}:\n{}", p.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-proxy of {node} not healthy in time:\n{}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        p
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for KubeProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -21,9 +21,10 @@ pub use cluster::{helm_bin, kube_bin, ControlPlane};
 pub use cni::CniCall;
 pub use etcd::{etcd_available, etcd_binary, Etcd};
 pub use kube_world::{
-    json_of, kube_node, macvlan_nad, running, until, zones, Controller, KubeNode, Zones,
+    json_of, kube_node, macvlan_nad, running, until, zones, Controller, KubeNode, KubeProxy, Zones,
+    KUBE_PROXY_CLUSTER_CIDR,
 };
-pub use netns::Netns;
+pub use netns::{http_get_in, in_netns, Netns, Relay};
 pub use node_sim::{AddTiming, NodeSim, NodeSpec};
 pub use process::{cpu_time, free_port, run, sh, Output};
 pub use sandbox::{allocated, ctl, Sandbox};

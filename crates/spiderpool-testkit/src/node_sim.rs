@@ -4,7 +4,10 @@
 //! CNI chain there exactly as a runtime would — the NetworkAttachmentDefinition named by
 //! `v1.multus-cni.io/default-network`, else the node's default network — with the runtime's
 //! `CNI_*` environment and `K8S_POD_*` arguments, then reports the pod Running and Ready with its
-//! addresses. A failed ADD is reported on the pod (condition `CNIFailed`), its sandbox killed
+//! addresses. As the container runtime's stand-in for the pod's containers, each TCP
+//! `containerPort` the pod declares answers HTTP inside the pod's namespace with the pod's name
+//! (an `nginx` pod answers on port 80). The Node's addresses are its host namespace's global
+//! ones. A failed ADD is reported on the pod (condition `CNIFailed`), its sandbox killed
 //! (DEL) and made again after a backoff (1 s doubling to 10 s), as kubelet does. A deleted pod
 //! gets DEL, its namespace is removed and the pod finalized. Stopping
 //! the simulator stands for a node that died: no DEL comes.
@@ -155,6 +158,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<SetUp>>>;
 struct Sim {
     client: kube::Client,
     spec: NodeSpec,
+    /// The node's addresses (its host namespace's global ones; loopback without one).
+    addresses: Vec<String>,
     /// Pods seen, by UID. Each pod is served by a task of its own, as kubelet's pod workers:
     /// many pods of one node are set up at the same time.
     pods: std::sync::Mutex<BTreeMap<String, Slot>>,
@@ -170,6 +175,8 @@ struct SetUp {
     container_id: String,
     network: Value,
     results: Vec<Value>,
+    /// The pod's HTTP responders, one per TCP container port, stopped before its DEL.
+    servers: Vec<tokio::task::AbortHandle>,
 }
 
 impl Sim {
@@ -184,8 +191,18 @@ impl Sim {
             .await
             .map_err(|e| e.to_string())?;
         let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+        let addresses = match &spec.host_netns {
+            Some(ns) => global_addresses(ns)?,
+            None => Vec::new(),
+        };
+        let addresses = if addresses.is_empty() {
+            vec!["127.0.0.1".to_string()]
+        } else {
+            addresses
+        };
         Ok(Sim {
             client,
+            addresses,
             spec,
             pods: Default::default(),
             adds,
@@ -207,7 +224,10 @@ impl Sim {
                 "conditions": [self.ready_condition()],
                 "capacity": {"cpu": "8", "memory": "16Gi", "pods": "250"},
                 "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "250"},
-                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                "addresses": self.addresses.iter()
+                    .map(|a| json!({"type": "InternalIP", "address": a}))
+                    .chain([json!({"type": "Hostname", "address": self.spec.name})])
+                    .collect::<Vec<_>>(),
                 "nodeInfo": {"kubeletVersion": "v1.36.3-sim", "containerRuntimeVersion": "spiderpool-testkit://sim",
                     "architecture": "amd64", "operatingSystem": "linux", "bootID": "", "kernelVersion": "",
                     "kubeProxyVersion": "", "machineID": "", "osImage": "", "systemUUID": ""}
@@ -401,6 +421,7 @@ impl Sim {
             container_id,
             network,
             results: Vec::new(),
+            servers: Vec::new(),
         };
         let sim = self.clone();
         let key = uid.clone();
@@ -419,8 +440,17 @@ impl Sim {
         // Recorded even when ADD failed part way, so that deletion runs DEL for what was made.
         let ips = result.as_ref().map(ips_of);
         let (ns, name) = (set.namespace.clone(), set.name.clone());
+        let served = if ips.is_ok() {
+            serve_ports(pod, &set.netns, &name).await
+        } else {
+            Ok(Vec::new())
+        };
         *slot = Some(set);
         let ips = ips.map_err(|e| e.clone())?;
+        let servers = served?;
+        if let Some(set) = slot.as_mut() {
+            set.servers = servers;
+        }
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
         let now = Self::now();
         let containers: Vec<Value> = pod
@@ -443,8 +473,8 @@ impl Sim {
         let cond = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
         let status = json!({"status": {
             "phase": "Running",
-            "hostIP": "127.0.0.1",
-            "hostIPs": [{"ip": "127.0.0.1"}],
+            "hostIP": self.addresses[0],
+            "hostIPs": self.addresses.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
             "podIP": ips.first(),
             "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
             "startTime": now,
@@ -477,6 +507,9 @@ impl Sim {
 
     /// DEL for what a sandbox was given, and its namespace removed.
     async fn unmake(self: Arc<Self>, mut set: SetUp, uid: String) {
+        for s in set.servers.drain(..) {
+            s.abort();
+        }
         let _ = tokio::task::spawn_blocking(move || {
             if let Err(e) = self.chain(&mut set, &uid, "DEL") {
                 eprintln!(
@@ -628,6 +661,97 @@ impl Sim {
             ))
         }
     }
+}
+
+/// The global addresses of the network namespace `netns`, IPv4 first.
+fn global_addresses(netns: &str) -> SimResult<Vec<String>> {
+    let out = Command::new("ip")
+        .args(["-j", "-n", netns, "addr", "show", "scope", "global"])
+        .output()
+        .map_err(|e| format!("ip addr in {netns}: {e}"))?;
+    let links: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("ip -j addr in {netns} printed no JSON: {e}"))?;
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for info in links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().into_iter().flatten())
+    {
+        if let Some(a) = info["local"].as_str() {
+            match info["family"].as_str() {
+                Some("inet") => v4.push(a.to_string()),
+                Some("inet6") => v6.push(a.to_string()),
+                _ => {}
+            }
+        }
+    }
+    v4.extend(v6);
+    Ok(v4)
+}
+
+/// Starts an HTTP responder inside the pod's namespace `netns` for each TCP container port of
+/// `pod`, answering every request with 200 and the pod's name.
+async fn serve_ports(
+    pod: &Pod,
+    netns: &str,
+    name: &str,
+) -> SimResult<Vec<tokio::task::AbortHandle>> {
+    let ports: Vec<u16> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| u16::try_from(p.container_port).ok())
+        .collect();
+    let mut out = Vec::new();
+    for port in ports {
+        let ns = netns.to_string();
+        let listener = tokio::task::spawn_blocking(move || {
+            in_netns(&ns, move || {
+                // Both families where the namespace has IPv6, else IPv4 alone.
+                let l = std::net::TcpListener::bind(("::", port))
+                    .or_else(|_| std::net::TcpListener::bind(("0.0.0.0", port)))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("listening on port {port} in {netns}: {e}"))?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        let body = format!("{name}\n");
+        let task = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                // The request's head, read until its blank line (5 s at most).
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Ok(n) = conn.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                        if req.windows(4).any(|w| w == b"\r\n\r\n") || req.len() > 16384 {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            }
+        });
+        out.push(task.abort_handle());
+    }
+    Ok(out)
 }
 
 /// The addresses of a CNI result, without prefix length.

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 use spiderpool_testkit::{
-    bin, is_root, json_of, kube_bin, kube_node as node, macvlan_nad, running, sh, until, zones,
-    Agent, ControlPlane,
+    bin, http_get_in, is_root, json_of, kube_bin, kube_node as node, macvlan_nad, running, sh,
+    until, zones, Agent, ControlPlane, KubeProxy,
 };
 
 fn root() -> std::path::PathBuf {
@@ -42,6 +42,11 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
             "kz-work",
             &[],
         ),
+    ];
+    // A real kube-proxy per node, in the node's namespace.
+    let _proxies = [
+        KubeProxy::start(&cp, "controller-node-1", "kz-ctrl"),
+        KubeProxy::start(&cp, "worker-node-1", "kz-work"),
     ];
     let seed = root().join("examples/seed-zones/manifests");
     for f in ["02-subnets.yaml", "03-ippools.yaml"] {
@@ -170,6 +175,60 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
         "10.6.0.2",
     ]);
     assert!(to_node.contains("ttl=64"), "{to_node}");
+
+    // Services: a NodePort Service whose only endpoint is the pod on worker-node-1 (the
+    // simulated nginx answers with its pod's name), in an EndpointSlice of the real
+    // controller-manager, reached from the pod on controller-node-1 through each node's real
+    // kube-proxy: by its ClusterIP (the pod's veth to its node, where kube-proxy's rules are)
+    // and by the NodePort of either node.
+    let pod7 = &by_node["worker-node-1"];
+    let name7 = pod7["metadata"]["name"].as_str().unwrap();
+    cp.kubectl_ok(&["label", "pod", name7, "serve=worker"], "");
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "test-app-worker", "namespace": "default"},
+            "spec": {"type": "NodePort", "selector": {"app": "test-app", "serve": "worker"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}"#,
+    );
+    let svc = json_of(&cp, &["get", "service", "test-app-worker"]);
+    let cluster_ip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let node_port = svc["spec"]["ports"][0]["nodePort"].as_u64().unwrap();
+    assert!(cluster_ip.starts_with("10.233."), "{svc}");
+    let slice = until("the Service's EndpointSlice names the worker's pod", || {
+        let slices = json_of(
+            &cp,
+            &[
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=test-app-worker",
+            ],
+        );
+        let s = slices["items"].get(0)?.clone();
+        (s["endpoints"].as_array()?.len() == 1).then_some(s)
+    });
+    assert_eq!(slice["endpoints"][0]["addresses"][0], ip("worker-node-1"));
+    assert_eq!(slice["endpoints"][0]["nodeName"], "worker-node-1");
+    let targets = [
+        ("the ClusterIP", format!("{cluster_ip}:80")),
+        (
+            "the NodePort of controller-node-1",
+            format!("10.6.0.2:{node_port}"),
+        ),
+        (
+            "the NodePort of worker-node-1",
+            format!("10.7.0.2:{node_port}"),
+        ),
+    ];
+    for (what, addr) in &targets {
+        let addr = addr.parse().unwrap();
+        let answer = until(&format!("an answer through {what} ({addr})"), || {
+            http_get_in(&netns_of(pod6), addr, "/").ok()
+        });
+        assert_eq!(answer, (200, format!("{name7}\n")), "through {what}");
+    }
+    cp.kubectl_ok(&["delete", "service", "test-app-worker"], "");
 
     // Deleting the DaemonSet frees both addresses and both records.
     cp.kubectl_ok(&["delete", "daemonset", "test-app"], "");

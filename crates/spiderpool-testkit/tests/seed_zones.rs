@@ -290,6 +290,30 @@ fn seed_two_zones_on_kubernetes() {
         to_node.contains("from 10.6.0.2: icmp_seq=1 ttl=64"),
         "{to_node}"
     );
+    // The seed's conclusion, clusterIP and nodePort: a Service whose only endpoint is the pod
+    // on worker-node-1 (its EndpointSlice from the real controller-manager), asked from the
+    // pod on controller-node-1 through each node's real kube-proxy. The simulated nginx
+    // answers with its pod's name.
+    let slice = section(stdout, "Service test-app-worker").join("\n");
+    assert!(slice.contains(&format!("{} ", b["IP"])), "{slice}");
+    let answers = [
+        format!("curl from {} to the ClusterIP http://10.233.", a["NAME"]),
+        format!(
+            "curl from {} to the NodePort of controller-node-1 http://10.6.0.2:",
+            a["NAME"]
+        ),
+        format!(
+            "curl from {} to the NodePort of worker-node-1 http://10.7.0.2:",
+            a["NAME"]
+        ),
+    ];
+    for title in &answers {
+        assert_eq!(
+            section(stdout, title),
+            [b["NAME"].as_str()],
+            "{title}: {stdout}"
+        );
+    }
     // Deleting the DaemonSet frees both addresses.
     let after = kubectl_table(&section(
         stdout,

@@ -1,8 +1,8 @@
 //! `spiderpool-sim-cluster`: test infrastructure for the examples, never shipped. Starts the
 //! local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler built by
-//! `scripts/kube-tools.sh`), installs the project's CRDs, and runs one node simulator per
-//! `--node` standing in for kubelet and the container runtime, until SIGTERM or SIGINT, then
-//! removes all of it.
+//! `scripts/kube-tools.sh`), installs the project's CRDs, and runs for each `--node` a node
+//! simulator standing in for kubelet and the container runtime and a real kube-proxy (iptables
+//! mode) inside the node's network namespace, until SIGTERM or SIGINT, then removes all of it.
 //!
 //! ```text
 //! spiderpool-sim-cluster --kube-bin DIR --dir DIR --cni-path DIR \
@@ -15,7 +15,7 @@
 
 use std::path::PathBuf;
 
-use spiderpool_testkit::{ControlPlane, NodeSim, NodeSpec};
+use spiderpool_testkit::{ControlPlane, KubeProxy, NodeSim, NodeSpec};
 
 fn usage(why: &str) -> ! {
     eprintln!("spiderpool-sim-cluster: {why}\nusage: spiderpool-sim-cluster --kube-bin DIR --dir DIR --cni-path DIR --node NAME,NETNS[,label=value...] ...");
@@ -47,6 +47,7 @@ fn main() {
     let cp = ControlPlane::start(&kube_bin, true);
     cp.install_crds();
     let mut sims = Vec::new();
+    let mut proxies = Vec::new();
     for n in &nodes {
         let mut parts = n.split(',');
         let (Some(name), Some(netns)) = (parts.next(), parts.next()) else {
@@ -73,6 +74,7 @@ fn main() {
                 run_dir: Some(run_dir),
             },
         ));
+        proxies.push(KubeProxy::start(&cp, name, netns));
     }
     std::fs::copy(&cp.kubeconfig, dir.join("admin.kubeconfig")).expect("copying the kubeconfig");
     println!("ready");
@@ -88,6 +90,7 @@ fn main() {
             _ = tokio::signal::ctrl_c() => {}
         }
     });
+    drop(proxies);
     drop(sims);
     drop(cp);
 }
