@@ -73,6 +73,19 @@ pub struct Args {
     /// when off they are refused.
     #[arg(long, env = "SPIDERPOOL_ENABLE_AUTO_POOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_auto_pool: bool,
+    /// How long an address the coordinator found in conflict (another host answered its ARP
+    /// probe) is held back from allocation, by a SpiderReservedIP `ip-conflict-ADDRESS`, before
+    /// it is tried again.
+    #[arg(long, env = "SPIDERPOOL_IP_CONFLICT_HOLD", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub ip_conflict_hold: std::time::Duration,
+    /// Upstream's `enableIPConflictDetection`: every coordinator probes each address before
+    /// the pod uses it, whatever its SpiderCoordinator's `detectIPConflict` says.
+    #[arg(long, env = "SPIDERPOOL_ENABLE_IP_CONFLICT_DETECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enable_ip_conflict_detection: bool,
+    /// Upstream's `enableGatewayDetection`: every coordinator checks that the pod's gateways
+    /// answer, whatever its SpiderCoordinator's `detectGateway` says.
+    #[arg(long, env = "SPIDERPOOL_ENABLE_GATEWAY_DETECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enable_gateway_detection: bool,
     /// Datastore: sqlite:///path/db, etcd://host:port[,host:port]?prefix=/spiderpool or kubernetes.
     #[arg(long, env = "SPIDERPOOL_DATASTORE", default_value = DEFAULT_DATASTORE)]
     pub datastore: DatastoreUrl,
@@ -149,12 +162,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 labels: args.node_labels.clone(),
             },
         )
-        .with_auto_pool_wait(args.enable_auto_pool.then_some(args.auto_pool_wait)),
+        .with_auto_pool_wait(args.enable_auto_pool.then_some(args.auto_pool_wait))
+        .with_conflict_hold(args.ip_conflict_hold)
+        .with_detection(
+            args.enable_ip_conflict_detection,
+            args.enable_gateway_detection,
+        ),
     );
     svc.register_node()
         .await
         .with_context(|| format!("registering node {}", args.node_name))?;
     svc.keep_warm();
+    svc.sweep_conflicts((args.ip_conflict_hold / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    ));
     let (listener, _guard) = socket::bind(&args.socket, args.socket_group)?;
     let trust = socket::Trust::new(args.socket_group);
     let limits = server::Limits {

@@ -11,14 +11,14 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use spiderpool_api::agent::{
-    CoordinatorConfigArgs, ErrorBody, IpamAddArgs, IpamDelArgs, IpamGcArgs, IpamGcResponse,
-    IpamStatusArgs, PATH_CHECK, PATH_COORDINATOR_CONFIG, PATH_GC, PATH_HEALTHY, PATH_IP,
-    PATH_STATUS,
+    CoordinatorConfigArgs, ErrorBody, IpamAddArgs, IpamBatchDelArgs, IpamDelArgs, IpamGcArgs,
+    IpamGcResponse, IpamStatusArgs, PATH_CHECK, PATH_COORDINATOR_CONFIG, PATH_GC, PATH_HEALTHY,
+    PATH_IP, PATH_IPS, PATH_STATUS,
 };
 use spiderpool_api::cni::code;
 use tokio::net::UnixListener;
@@ -142,6 +142,19 @@ async fn status(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
     }
 }
 
+async fn release_conflicts(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
+    let args: IpamBatchDelArgs = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return bad_body(e),
+    };
+    let span = tracing::info_span!("release_conflicts", container_id = %args.container_id, pod = %format!("{}/{}", args.pod_namespace, args.pod_name), ifname = %args.if_name);
+    let work = async move { svc.release_conflicts(&args).await };
+    match detached(tracing::Instrument::instrument(work, span)).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => service_error(e),
+    }
+}
+
 async fn coordinator_config(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
     let args: CoordinatorConfigArgs = match serde_json::from_slice(&body) {
         Ok(a) => a,
@@ -202,6 +215,7 @@ pub fn router(svc: Arc<IpamService>) -> Router {
         .route(PATH_GC, post(gc))
         .route(PATH_STATUS, post(status))
         .route(PATH_COORDINATOR_CONFIG, post(coordinator_config))
+        .route(PATH_IPS, delete(release_conflicts))
         .with_state(svc)
 }
 

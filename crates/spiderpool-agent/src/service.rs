@@ -3,6 +3,7 @@
 //! commits the claims together with the pod's endpoint record in one compare-and-swap
 //! transaction, retrying a bounded number of times on conflicts with other agents.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,6 +139,11 @@ pub struct IpamService {
     /// How long an ADD waits for its auto pool (`--auto-pool-wait`); `None`: auto pools are
     /// off (`--enable-auto-pool=false`).
     auto_pool_wait: Option<Duration>,
+    /// How long an address found in conflict is held back (`--ip-conflict-hold`).
+    conflict_hold: Duration,
+    /// Upstream's switches (`--enable-ip-conflict-detection`, `--enable-gateway-detection`):
+    /// the coordinator probes even where its SpiderCoordinator does not ask for it.
+    detection: (bool, bool),
 }
 
 /// How long an ADD waits for its auto pool by default (upstream: 25 tries 2 s apart).
@@ -184,6 +190,7 @@ macro_rules! retrying {
 mod add;
 mod batch;
 mod check;
+mod conflict;
 mod coordinator;
 mod del;
 mod gc;
@@ -194,6 +201,10 @@ mod status;
 
 use add::{Commit, Prefetched, Prepared};
 use batch::PendingAdd;
+pub use conflict::{
+    conflict_reservation_name, ANNOTATION_CONFLICT_MAC, ANNOTATION_CONFLICT_POD,
+    ANNOTATION_CONFLICT_UNTIL, CONFLICT_HOLD, LABEL_IP_CONFLICT,
+};
 use pod::PodRef;
 use record::{endpoint_of, endpoint_write, kube_of, record_of, response_of};
 
@@ -207,6 +218,8 @@ impl IpamService {
             queue: std::sync::Mutex::new(Vec::new()),
             metrics: Arc::default(),
             auto_pool_wait: Some(AUTO_POOL_WAIT),
+            conflict_hold: conflict::CONFLICT_HOLD,
+            detection: (false, false),
         }
     }
 

@@ -14,6 +14,11 @@ pub const PATH_CHECK: &str = "/v1/ipam/check";
 pub const PATH_GC: &str = "/v1/ipam/gc";
 /// `POST` answers whether ADD can be served (CNI STATUS).
 pub const PATH_STATUS: &str = "/v1/ipam/status";
+/// `DELETE`: upstream's batch release after an IP conflict ([`IpamBatchDelArgs`] in,
+/// [`IpamBatchDelResponse`] out): the addresses found in conflict are held back from allocation
+/// for a while, and with `isReleaseConflictIPs` the container's addresses on the interface are
+/// released (a StatefulSet member keeps them).
+pub const PATH_IPS: &str = "/v1/ipam/ips";
 /// `POST`: the chained `coordinator` plugin's settings for a pod ([`CoordinatorConfigArgs`] in,
 /// [`CoordinatorConfig`] out).
 pub const PATH_COORDINATOR_CONFIG: &str = "/v1/coordinator/config";
@@ -148,6 +153,68 @@ pub struct IpamDelArgs {
     /// `K8S_POD_UID`.
     #[serde(default, rename = "podUID")]
     pub pod_uid: String,
+}
+
+/// Body of `DELETE /v1/ipam/ips`: upstream's `IpamBatchDelArgs`, with the interface and the
+/// conflicts found (this project's additions).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamBatchDelArgs {
+    /// `CNI_CONTAINERID`.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// `CNI_IFNAME`: the interface whose addresses were found in conflict.
+    #[serde(default)]
+    pub if_name: String,
+    /// `CNI_NETNS`.
+    #[serde(default)]
+    pub net_namespace: String,
+    /// `K8S_POD_NAMESPACE`.
+    #[serde(default)]
+    pub pod_namespace: String,
+    /// `K8S_POD_NAME`.
+    #[serde(default)]
+    pub pod_name: String,
+    /// `K8S_POD_UID`.
+    #[serde(default, rename = "podUID")]
+    pub pod_uid: String,
+    /// Release the container's addresses on the interface (upstream's flag).
+    #[serde(default, rename = "isReleaseConflictIPs")]
+    pub is_release_conflict_ips: bool,
+    /// The container's addresses another host answered for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<IpConflict>,
+}
+
+/// An address of the container that another host of the segment answered for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpConflict {
+    /// The address.
+    pub ip: std::net::IpAddr,
+    /// The MAC address that answered.
+    pub mac: String,
+}
+
+/// Answer of `DELETE /v1/ipam/ips`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamBatchDelResponse {
+    /// Each address held back, the SpiderReservedIP that holds it and until when.
+    pub held_back: Vec<HeldBack>,
+    /// Whether the container's addresses were released (false: a StatefulSet member keeps
+    /// them, or nothing was asked).
+    pub released: bool,
+}
+
+/// An address held back from allocation after a conflict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldBack {
+    /// The address.
+    pub ip: std::net::IpAddr,
+    /// The SpiderReservedIP holding it.
+    pub reservation: String,
+    /// RFC 3339: when it is tried again.
+    pub until: String,
 }
 
 /// Error body of every endpoint.

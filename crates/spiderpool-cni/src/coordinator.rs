@@ -13,7 +13,8 @@
 //! its address's last four bytes, `detectIPConflict`, `detectGateway`); without a
 //! SpiderCoordinator the config's keys alone apply. Before anything is made, on the pod's
 //! interface: with `detectIPConflict` an ARP probe for each IPv4 address fails the ADD (code 11)
-//! naming the address and the MAC that answered; with `detectGateway` a gateway that does not
+//! naming the address and the MAC that answered, and the agent holds the address back from
+//! allocation for a while (`DELETE /v1/ipam/ips`); with `detectGateway` a gateway that does not
 //! answer fails it likewise; then a gratuitous ARP announces each address.
 //! DEL removes the pair (its routes go with it) and is idempotent; CHECK verifies the pair and
 //! the node's routes.
@@ -28,7 +29,10 @@ use std::time::Duration;
 
 use nix::sched::{setns, CloneFlags};
 use serde_json::{json, Value};
-use spiderpool_api::agent::{CoordinatorConfig, CoordinatorConfigArgs, PATH_COORDINATOR_CONFIG};
+use spiderpool_api::agent::{
+    CoordinatorConfig, CoordinatorConfigArgs, IpConflict, IpamBatchDelArgs, IpamBatchDelResponse,
+    PATH_COORDINATOR_CONFIG, PATH_IPS,
+};
 use spiderpool_api::cni::{code, DEFAULT_SOCKET};
 use spiderpool_api::coordinator::{parse_mac_prefix, MacPrefixError};
 
@@ -357,12 +361,13 @@ const PROBE_TRIES: u32 = 3;
 
 /// IP conflict and gateway detection on the pod's interface (`detectIPConflict`,
 /// `detectGateway`), then a gratuitous ARP for each IPv4 address. Runs in the pod's namespace.
+/// `Ok(Some((address, MAC)))`: another host answered for one of the pod's addresses.
 fn segment_checks(
     s: &Settings,
     prev: &Value,
     ips: &[IpAddr],
     ifname: &str,
-) -> Result<(), CniError> {
+) -> Result<Option<(IpAddr, String)>, CniError> {
     let v4: Vec<Ipv4Addr> = ips
         .iter()
         .filter_map(|i| match i {
@@ -371,7 +376,7 @@ fn segment_checks(
         })
         .collect();
     if v4.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let failed = |e: io::Error| io(&format!("ARP on the pod's {ifname}"), e);
     let mut arp = crate::arp::Arp::open(ifname).map_err(failed)?;
@@ -381,10 +386,7 @@ fn segment_checks(
                 .ask(Ipv4Addr::UNSPECIFIED, *ip, PROBE_TRIES, PROBE_WAIT)
                 .map_err(failed)?
             {
-                return Err(CniError::new(
-                    code::TRY_AGAIN_LATER,
-                    format!("IP conflict: {ip} is already used on the segment of {ifname} by {mac} (detectIPConflict)"),
-                ));
+                return Ok(Some((IpAddr::V4(*ip), mac.to_string())));
             }
         }
     }
@@ -422,7 +424,47 @@ fn segment_checks(
     for ip in &v4 {
         arp.announce(*ip).map_err(failed)?;
     }
-    Ok(())
+    Ok(None)
+}
+
+/// Tells the agent that another host (`mac`) answers for the pod's `ip`: the agent holds the
+/// address back from allocation and releases the container's addresses (upstream's
+/// `DELETE /v1/ipam/ips` with `isReleaseConflictIPs`). Returns what to add to the ADD's error.
+fn report_conflict(conf: &Value, env: &CniEnv, ip: IpAddr, mac: &str) -> String {
+    let socket = PathBuf::from(
+        conf.get("ipam_unix_socket_path")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_SOCKET),
+    );
+    let arg = |k: &str| env.args.get(k).cloned().unwrap_or_default();
+    let args = IpamBatchDelArgs {
+        container_id: env.container_id.clone(),
+        if_name: env.ifname.clone(),
+        net_namespace: env.netns.clone(),
+        pod_namespace: arg("K8S_POD_NAMESPACE"),
+        pod_name: arg("K8S_POD_NAME"),
+        pod_uid: arg("K8S_POD_UID"),
+        is_release_conflict_ips: true,
+        conflicts: vec![IpConflict {
+            ip,
+            mac: mac.to_string(),
+        }],
+    };
+    let reply = crate::client::call(&socket, "DELETE", PATH_IPS, Some(&args))
+        .and_then(|r| r.json::<IpamBatchDelResponse>(&socket));
+    match reply {
+        Ok(r) => r
+            .held_back
+            .iter()
+            .map(|h| {
+                format!(
+                    "; held back from allocation until {} (SpiderReservedIP {})",
+                    h.until, h.reservation
+                )
+            })
+            .collect(),
+        Err(e) => format!("; not held back: {}", e.msg),
+    }
 }
 
 fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
@@ -456,7 +498,16 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
     enter(&pod_ns, "the pod's network namespace")?;
     let checked = segment_checks(&settings, &prev, &ips, &env.ifname);
     enter(&host_ns, "the node's network namespace")?;
-    checked?;
+    if let Some((ip, mac)) = checked? {
+        let held = report_conflict(conf, env, ip, &mac);
+        return Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!(
+                "IP conflict: {ip} is already used on the segment of {} by {mac} (detectIPConflict){held}",
+                env.ifname
+            ),
+        ));
+    }
     let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
     let host_name = host_veth_name(&env.container_id, &env.ifname);
     // A pair left by an earlier ADD of this container is made again.

@@ -267,9 +267,11 @@ fn an_address_already_on_the_segment_or_a_silent_gateway_fails_add_before_anythi
     assert!(!out.success);
     let e: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(e["code"], 11, "{e}");
+    // The address is not the container's (static IPAM): nothing is held back for it.
     assert_eq!(
         e["msg"],
-        format!("IP conflict: 10.6.168.61 is already used on the segment of eth0 by {holder_mac} (detectIPConflict)")
+        format!("IP conflict: 10.6.168.61 is already used on the segment of eth0 by {holder_mac} (detectIPConflict); \
+                 not held back: 10.6.168.61 is not held by container cc-pod of pod default/web on eth0: only its holder can report a conflict for it")
     );
     assert_eq!(node_state("cc-n1"), before, "nothing was made");
     assert!(
@@ -347,4 +349,131 @@ fn an_address_already_on_the_segment_or_a_silent_gateway_fails_add_before_anythi
         )
         .success
     );
+}
+
+#[test]
+fn an_address_found_in_conflict_is_held_back_while_its_other_host_answers() {
+    if !prerequisites() {
+        return;
+    }
+    let _zones = zones("cq", &[("cq-n1", "10.6.0.1/16")]);
+    let _holder = Netns::new("cq-a");
+    let _pods = [Netns::new("cq-pod"), Netns::new("cq-pod2")];
+    let sb = Sandbox::new();
+    let agent = sb.agent_with("cq-n1", "", &["--ip-conflict-hold", "8s"]);
+    sb.apply(
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: cq}\n\
+         spec: {subnet: 10.6.0.0/16, ips: [10.6.168.61-10.6.168.63], gateway: 10.6.0.1}\n",
+    );
+    let run = |netns: &str, pod: &str, command: &str, conf: &Value, plugin: &Path| {
+        CniCall::new(command, netns, pod, conf)
+            .with_workspace_plugins()
+            .run_program_via(plugin, &["ip", "netns", "exec", "cq-n1"])
+    };
+    let macvlan = Path::new("/usr/lib/cni/macvlan");
+    let mac_conf = json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "macvlan",
+        "master": "ens192", "mode": "bridge",
+        "ipam": {"type": "spiderpool", "ipam_unix_socket_path": agent.socket,
+                 "default_ipv4_ippool": ["cq"]}});
+    let veth = bin("veth");
+    let veth_conf = |prev: &Value| {
+        json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "veth",
+            "service_cidr": ["10.233.0.0/18"], "ipam_unix_socket_path": agent.socket,
+            "detectIPConflict": true, "prevResult": prev})
+    };
+    // The chain as a runtime runs it: macvlan (spiderpool IPAM), then veth; on a failure, DEL
+    // of the whole chain. The address the pod got, and the chain's error if any.
+    let attach = |netns: &str, pod: &str| -> (String, Option<Value>) {
+        let out = run(netns, pod, "ADD", &mac_conf, macvlan);
+        assert!(out.success, "macvlan: {}{}", out.stdout, out.stderr);
+        let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+        let ip = prev["ips"][0]["address"].as_str().unwrap().to_string();
+        let out = run(netns, pod, "ADD", &veth_conf(&prev), &veth);
+        if out.success {
+            return (ip, None);
+        }
+        for (conf, plugin) in [
+            (veth_conf(&prev), veth.as_path()),
+            (mac_conf.clone(), macvlan),
+        ] {
+            assert!(run(netns, pod, "DEL", &conf, plugin).success);
+        }
+        (ip, Some(serde_json::from_str(&out.stdout).unwrap()))
+    };
+    let detach = |netns: &str, pod: &str| {
+        let prev = json!({"cniVersion": "1.0.0", "ips": []});
+        assert!(run(netns, pod, "DEL", &veth_conf(&prev), &veth).success);
+        assert!(run(netns, pod, "DEL", &mac_conf, macvlan).success);
+    };
+    let before = node_state("cq-n1");
+
+    // Another host of the segment has the pool's first address, unknown to Spiderpool.
+    let holder = json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "macvlan",
+        "master": "ens192", "mode": "bridge",
+        "ipam": {"type": "static", "addresses": [{"address": "10.6.168.61/16", "gateway": "10.6.0.1"}]}});
+    assert!(run("cq-a", "other", "ADD", &holder, macvlan).success);
+    let holder_mac = sh(&["ip", "-n", "cq-a", "-o", "link", "show", "eth0"])
+        .split("link/ether ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+
+    // The first pod is given it, the probe finds the other host: ADD fails naming both, and the
+    // address is held back by a SpiderReservedIP that says why.
+    let (ip, err) = attach("cq-pod", "web-1");
+    assert_eq!(ip, "10.6.168.61/16");
+    let e = err.expect("the conflict fails ADD");
+    assert_eq!(e["code"], 11, "{e}");
+    let msg = e["msg"].as_str().unwrap();
+    assert!(
+        msg.starts_with(&format!(
+            "IP conflict: 10.6.168.61 is already used on the segment of eth0 by {holder_mac} (detectIPConflict); held back from allocation until "
+        )) && msg.ends_with("(SpiderReservedIP ip-conflict-10-6-168-61)"),
+        "{msg}"
+    );
+    let hold = sb.get_json("reservedip", "ip-conflict-10-6-168-61");
+    assert_eq!(hold["spec"]["ips"], json!(["10.6.168.61"]), "{hold}");
+    assert_eq!(
+        hold["metadata"]["labels"]["ipam.spidernet.io/ip-conflict"],
+        "true"
+    );
+    let notes = &hold["metadata"]["annotations"];
+    assert_eq!(
+        notes["ipam.spidernet.io/ip-conflict-mac"],
+        holder_mac.as_str()
+    );
+    assert_eq!(notes["ipam.spidernet.io/ip-conflict-pod"], "default/web-1");
+    assert_eq!(sb.allocated("cq"), 0, "the conflicting pod holds nothing");
+
+    // While the other host has it, neither the pod's next sandbox nor another pod is given it.
+    let (ip, err) = attach("cq-pod", "web-1");
+    assert_eq!((ip.as_str(), err), ("10.6.168.62/16", None));
+    let (ip, err) = attach("cq-pod2", "web-2");
+    assert_eq!((ip.as_str(), err), ("10.6.168.63/16", None));
+    detach("cq-pod", "web-1");
+    detach("cq-pod2", "web-2");
+
+    // The other host leaves; once the hold is over (8 s here), the address is tried again, and
+    // the probe finds it free.
+    assert!(run("cq-a", "other", "DEL", &holder, macvlan).success);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sb
+        .ctl(&["get", "reservedip", "ip-conflict-10-6-168-61"], "")
+        .success
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hold never ended:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let (ip, err) = attach("cq-pod", "web-3");
+    assert_eq!((ip.as_str(), err), ("10.6.168.61/16", None));
+    detach("cq-pod", "web-3");
+    assert_eq!(sb.allocated("cq"), 0);
+    assert_eq!(node_state("cq-n1"), before, "the node is as it was");
 }

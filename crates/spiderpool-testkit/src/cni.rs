@@ -21,6 +21,8 @@ pub struct CniCall {
     pub args: String,
     /// stdin.
     pub stdin: String,
+    /// `CNI_PATH`.
+    pub cni_path: String,
 }
 
 impl CniCall {
@@ -33,12 +35,20 @@ impl CniCall {
             netns: Some(format!("/var/run/netns/{container}")),
             args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container}"),
             stdin: conf.to_string(),
+            cni_path: "/usr/lib/cni".into(),
         }
     }
 
     /// Sets the interface.
     pub fn ifname(mut self, ifname: &str) -> Self {
         self.ifname = Some(ifname.into());
+        self
+    }
+
+    /// Sets `CNI_PATH` to the reference plugins and the workspace's binaries, for an interface
+    /// plugin (macvlan) whose IPAM is `spiderpool`.
+    pub fn with_workspace_plugins(mut self) -> Self {
+        self.cni_path = format!("/usr/lib/cni:{}", bin_dir().display());
         self
     }
 
@@ -65,7 +75,7 @@ impl CniCall {
             None => Command::new(program),
         };
         cmd.env_clear()
-            .env("CNI_PATH", "/usr/lib/cni")
+            .env("CNI_PATH", &self.cni_path)
             .env("CNI_ARGS", &self.args);
         for (k, v) in [
             ("CNI_COMMAND", &self.command),

@@ -117,12 +117,24 @@ impl Sandbox {
     /// Starts an agent for `node` with `labels` (`k=v,…`) on its own socket. On Kubernetes the
     /// Node object is made first, as kubelet would have registered it.
     pub fn agent(&self, node: &str, labels: &str) -> Agent {
+        self.agent_with(node, labels, &[])
+    }
+
+    /// [`Sandbox::agent`] with the agent flags `extra`.
+    pub fn agent_with(&self, node: &str, labels: &str, extra: &[&str]) -> Agent {
         if Self::on_kubernetes() && self.ctl(&["get", "node", node], "").stdout.is_empty() {
             self.apply(&format!(
                 "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n"
             ));
         }
-        Agent::start(&self.datastore(), &self.socket(node), node, labels)
+        Agent::start_with(
+            &self.datastore(),
+            &self.socket(node),
+            node,
+            labels,
+            extra,
+            None,
+        )
     }
 }
 

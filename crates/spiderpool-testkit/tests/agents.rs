@@ -218,6 +218,21 @@ fn the_coordinator_plugin_gets_the_coordinators_settings_and_the_pods_default_ro
     // Without the annotation (or without a Pod object), the coordinator's NIC.
     let (_, body) = coordinator_config(&agent, "default", "other");
     assert_eq!(body["podDefaultRouteNIC"], "eth0", "{body}");
+    // Upstream's switches on the agent turn the probes on whatever the coordinator says.
+    let probing = sb.agent_with(
+        "node-b",
+        "",
+        &[
+            "--enable-ip-conflict-detection=true",
+            "--enable-gateway-detection=true",
+        ],
+    );
+    let (_, body) = coordinator_config(&probing, "default", "other");
+    assert_eq!(
+        (&body["detectIPConflict"], &body["detectGateway"]),
+        (&json!(true), &json!(true)),
+        "{body}"
+    );
     // A bad annotation is refused by name.
     let (status, body) = coordinator_config(&agent, "default", "bad");
     assert_eq!(status, 400, "{body}");

@@ -76,6 +76,15 @@ fn the_chart_lints_renders_and_installs_on_the_api_server() {
     assert!(volumes
         .iter()
         .any(|v| v["hostPath"]["path"] == "/opt/cni/bin"));
+    // upstream's detection switches and the conflict hold reach the agent.
+    let agent_args = pod["containers"][0]["args"].to_string();
+    for want in [
+        "--enable-ip-conflict-detection=false",
+        "--enable-gateway-detection=false",
+        "--ip-conflict-hold=10m",
+    ] {
+        assert!(agent_args.contains(want), "{want} not in {agent_args}");
+    }
     let deploy = find(&docs, "Deployment", "spiderpool-controller");
     assert_eq!(deploy["spec"]["replicas"], 2);
     let args: Vec<&str> = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -232,7 +241,12 @@ fn agent_and_controller_work_under_exactly_the_charts_permissions() {
         &socket,
         "n1",
         "",
-        &["--kubeconfig", agent_kc.to_str().unwrap()],
+        &[
+            "--kubeconfig",
+            agent_kc.to_str().unwrap(),
+            "--ip-conflict-hold",
+            "2s",
+        ],
         None,
     );
     let conf = json!({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "spiderpool",
@@ -243,16 +257,50 @@ fn agent_and_controller_work_under_exactly_the_charts_permissions() {
             .unwrap()
             .to_string()
     };
+    let mut api_ip = String::new();
     for name in ["web", "api"] {
         let mut add = CniCall::new("ADD", &format!("c-{name}"), name, &conf);
         add.args.push_str(&format!(";K8S_POD_UID={}", uid(name)));
         let out = add.run();
         assert!(out.success, "{}\n{}", out.stdout, agent.log());
+        api_ip = out.json()["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .to_string();
     }
     assert_eq!(
         json_of(&cp, &["get", "spiderippool", "p"])["status"]["allocatedIPCount"],
         2
     );
+    // api's address found in conflict: held back by a SpiderReservedIP (through the webhook)
+    // and released; the hold (2 s here) is then swept.
+    let api_ip = api_ip.split('/').next().unwrap().to_string();
+    let (status, held) = spiderpool_testkit::request(
+        &agent.socket,
+        "DELETE",
+        spiderpool_api::agent::PATH_IPS,
+        &json!({"containerID": "c-api", "ifName": "eth0", "podNamespace": "default",
+            "podName": "api", "podUID": uid("api"), "isReleaseConflictIPs": true,
+            "conflicts": [{"ip": api_ip, "mac": "02:00:00:00:00:01"}]})
+        .to_string(),
+    );
+    assert_eq!(status, 200, "{held}\n{}", agent.log());
+    assert_eq!(held["released"], true, "{held}");
+    let hold = held["heldBack"][0]["reservation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        json_of(&cp, &["get", "spiderreservedip", &hold])["spec"]["ips"][0],
+        api_ip.as_str()
+    );
+    assert_eq!(
+        json_of(&cp, &["get", "spiderippool", "p"])["status"]["allocatedIPCount"],
+        1
+    );
+    until("the conflict hold swept", || {
+        (!cp.kubectl(&["get", "spiderreservedip", &hold], "").success).then_some(())
+    });
     let out = CniCall::new("DEL", "c-api", "api", &conf).run();
     assert!(out.success, "{}\n{}", out.stdout, agent.log());
 

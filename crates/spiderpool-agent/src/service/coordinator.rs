@@ -14,6 +14,13 @@ use super::*;
 pub const ANNOTATION_DEFAULT_ROUTE_NIC: &str = "ipam.spidernet.io/default-route-nic";
 
 impl IpamService {
+    /// Upstream's detection switches: with `ip_conflict` (`gateway`) every coordinator probes
+    /// for address conflicts (its gateways), whatever the SpiderCoordinator says.
+    pub fn with_detection(mut self, ip_conflict: bool, gateway: bool) -> Self {
+        self.detection = (ip_conflict, gateway);
+        self
+    }
+
     /// The settings for the pod `namespace/name` (an empty name: a container without a pod).
     pub async fn coordinator_config(
         &self,
@@ -93,8 +100,8 @@ impl IpamService {
             tx_queue_len: s.tx_queue_len.unwrap_or_default(),
             veth_link_address: s.veth_link_address.unwrap_or_default(),
             veth_mtu: s.veth_mtu.unwrap_or_default(),
-            detect_ip_conflict: s.detect_ip_conflict.unwrap_or_default(),
-            detect_gateway: s.detect_gateway.unwrap_or_default(),
+            detect_ip_conflict: s.detect_ip_conflict.unwrap_or_default() || self.detection.0,
+            detect_gateway: s.detect_gateway.unwrap_or_default() || self.detection.1,
         })
     }
 }
