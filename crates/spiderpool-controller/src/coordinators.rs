@@ -271,7 +271,10 @@ const COALESCE: Duration = Duration::from_millis(200);
 
 /// Runs until aborted: after every burst of coordinator or ServiceCIDR events, and every
 /// `resync` (kubeadm-config, the controller-manager's flags and Calico's pools are read then).
-pub async fn run(client: kube::Client, resync: Duration) {
+pub async fn run(client: kube::Client, resync: Duration, default: Option<Value>) {
+    if let Some(spec) = default {
+        ensure_default(&client, spec).await;
+    }
     let scs: Api<ServiceCIDR> = Api::all(client.clone());
     let mut events = futures_util::stream::select(
         watcher(coordinators(&client), watcher::Config::default())
@@ -285,6 +288,43 @@ pub async fn run(client: kube::Client, resync: Duration) {
     while crate::passes::next(&mut events, &mut tick, COALESCE).await {
         if let Err(e) = reconcile(&client).await {
             tracing::warn!(error = %e, "SpiderCoordinator status: trying again at the next event");
+        }
+    }
+}
+
+/// Creates the SpiderCoordinator `default` with `spec` unless one exists (through the
+/// admission webhooks, which fill in upstream's defaults and check it).
+async fn ensure_default(client: &kube::Client, spec: Value) {
+    let api = coordinators(client);
+    let object: DynamicObject = match serde_json::from_value(json!({
+        "apiVersion": spiderpool_api::crd::API_VERSION,
+        "kind": "SpiderCoordinator",
+        "metadata": {"name": spiderpool_api::coordinator::DEFAULT_NAME},
+        "spec": spec,
+    })) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "--default-coordinator");
+            return;
+        }
+    };
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match api.create(&Default::default(), &object).await {
+            Ok(_) => {
+                tracing::info!("created the SpiderCoordinator default (--default-coordinator)");
+                return;
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => return,
+            Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => {
+                tracing::error!(error = %e.message, "the SpiderCoordinator default of --default-coordinator is refused");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "creating the SpiderCoordinator default: trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
         }
     }
 }

@@ -113,6 +113,11 @@ pub struct Args {
     /// Calico's IPPools are read then).
     #[arg(long, env = "SPIDERPOOL_COORDINATOR_RESYNC", default_value = "60s", value_parser = humantime::parse_duration)]
     pub coordinator_resync: Duration,
+    /// The spec (JSON) of the SpiderCoordinator `default` the leader creates when there is
+    /// none, as upstream's install does (`{"podCIDRType": "auto", ...}`); an existing one is
+    /// never changed. Unset: none is created.
+    #[arg(long, env = "SPIDERPOOL_DEFAULT_COORDINATOR", value_parser = parse_coordinator_spec)]
+    pub default_coordinator: Option<serde_json::Value>,
     /// Time between two full scans of every address (and one when leadership is won).
     #[arg(long, env = "SPIDERPOOL_GC_DEFAULT_INTERVAL_DURATION", default_value = "600s", value_parser = humantime::parse_duration)]
     pub gc_interval: Duration,
@@ -217,6 +222,20 @@ fn health_router(health: Arc<Health>) -> Router {
 }
 
 /// Runs the controller.
+/// `--default-coordinator`: a SpiderCoordinator spec as a JSON object.
+fn parse_coordinator_spec(s: &str) -> Result<serde_json::Value, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(s).map_err(|e| format!("{s:?} is not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err(format!(
+            "{s:?} is not a JSON object (a SpiderCoordinator spec)"
+        ));
+    }
+    serde_json::from_value::<spiderpool_api::coordinator::CoordinatorSpec>(v.clone())
+        .map_err(|e| format!("{s:?} is not a SpiderCoordinator spec: {e}"))?;
+    Ok(v)
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let store = KubeStore::connect(args.kubeconfig.as_deref())
         .await
@@ -280,7 +299,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 tracing::info!(%identity, "leading: finalizers and the reclaim of leaked addresses");
                 let mut set = tokio::task::JoinSet::new();
                 set.spawn(pools::run(client.clone(), store.clone(), args.gc_interval));
-                set.spawn(coordinators::run(client.clone(), args.coordinator_resync));
+                set.spawn(coordinators::run(
+                    client.clone(),
+                    args.coordinator_resync,
+                    args.default_coordinator.clone(),
+                ));
                 if args.auto_pool {
                     set.spawn(apps::run(
                         client.clone(),
@@ -349,5 +372,24 @@ async fn shutdown() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_coordinator_flag_takes_a_spec_and_names_what_is_not_one() {
+        let v =
+            parse_coordinator_spec(r#"{"podCIDRType": "auto", "hijackCIDR": ["169.254.0.0/16"]}"#)
+                .unwrap();
+        assert_eq!(v["podCIDRType"], "auto");
+        let e = parse_coordinator_spec("[1]").unwrap_err();
+        assert!(e.contains("\"[1]\" is not a JSON object"), "{e}");
+        let e = parse_coordinator_spec("{podCIDRType").unwrap_err();
+        assert!(e.contains("is not JSON"), "{e}");
+        let e = parse_coordinator_spec(r#"{"vethMTU": "big"}"#).unwrap_err();
+        assert!(e.contains("is not a SpiderCoordinator spec"), "{e}");
     }
 }

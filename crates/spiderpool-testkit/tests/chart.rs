@@ -170,12 +170,24 @@ fn agent_and_controller_work_under_exactly_the_charts_permissions() {
     let agent_kc = cp.service_account_kubeconfig("kube-system", "spiderpool-agent");
     let controller_kc = cp.service_account_kubeconfig("kube-system", "spiderpool-controller");
     let dir = tempfile::tempdir().unwrap();
+    // The chart's SpiderCoordinator `default`, as its Deployment passes it.
+    let docs = documents(&yaml);
+    let default_coordinator = find(&docs, "Deployment", "spiderpool-controller")["spec"]
+        ["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .find(|a| a.starts_with("--default-coordinator="))
+        .expect("the chart passes --default-coordinator")
+        .to_string();
     let ctl = Controller::start_as(
         &controller_kc,
         dir.path(),
         "spiderpool-controller-0",
         &webhook,
         &[
+            &default_coordinator,
             "--namespace",
             "kube-system",
             "--gc-interval",
@@ -316,17 +328,31 @@ fn agent_and_controller_work_under_exactly_the_charts_permissions() {
         (gone("spiderippool", "p") && gone("spidersubnet", "s")).then_some(())
     });
 
-    // A SpiderCoordinator's status: every source read under the chart's permissions.
-    cp.kubectl_ok(
-        &["apply", "-f", "-"],
-        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderCoordinator",
-            "metadata": {"name": "default"}, "spec": {"podCIDRType": "auto"}})
-        .to_string(),
-    );
-    until("the coordinator synced", || {
-        let c = json_of(&cp, &["get", "scc", "default"]);
-        (c["status"]["phase"] == "Synced").then_some(())
+    // The chart's SpiderCoordinator `default`, created by the leader through the webhooks
+    // (upstream's defaults filled in), and its status: every source read under the chart's
+    // permissions.
+    let c = until("the coordinator synced", || {
+        let c = cp.kubectl(&["get", "scc", "default", "-o", "json"], "");
+        let c: serde_json::Value = serde_json::from_str(&c.stdout).ok()?;
+        (c["status"]["phase"] == "Synced").then_some(c)
     });
+    assert_eq!(
+        (
+            &c["spec"]["mode"],
+            &c["spec"]["podCIDRType"],
+            &c["spec"]["hijackCIDR"],
+            &c["spec"]["hostRuleTable"],
+            &c["spec"]["vethMTU"],
+        ),
+        (
+            &json!("auto"),
+            &json!("auto"),
+            &json!(["169.254.0.0/16"]),
+            &json!(500),
+            &json!(1500)
+        ),
+        "{c}"
+    );
     // ... and served by the agent to the coordinator plugin under its permissions.
     let (status, config) = spiderpool_testkit::request(
         &agent.socket,
