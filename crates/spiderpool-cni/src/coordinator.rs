@@ -3,12 +3,15 @@
 //! default route leads to the data-center gateway, which knows neither the cluster's Service
 //! addresses nor the pod's own node. The plugin gives the pod a veth pair to its node (`veth0`
 //! in the pod, `veth<hash>` on the node): in the pod, a route to each node address through
-//! `veth0` and the Service CIDRs and `hijackCIDR` through the node; on the node, a route to each
-//! pod address through the host end. Traffic to a Service then meets kube-proxy's rules in the
-//! node's namespace, and the node reaches its pods directly.
+//! `veth0` and the Service CIDRs and `hijackCIDR` through the node, each from the pod's own
+//! address; on the node, a route to each pod address through the host end in `hostRuleTable`
+//! (500), looked up by a rule `to POD-ADDRESS` (priority 1000), so the node's main table is left
+//! alone. Traffic to a Service then meets kube-proxy's rules in the node's namespace, and the
+//! node reaches its pods directly. `vethLinkAddress` goes on the pod's `veth0`.
 //!
 //! Settings: the agent's `POST /v1/coordinator/config` (the SpiderCoordinator), overridden by
-//! the network config's keys (`mode`, `service_cidr`/`serviceCIDR`, `hijackCIDR`, `vethMTU`,
+//! the network config's keys (`mode`, `service_cidr`/`serviceCIDR`, `hijackCIDR`,
+//! `hostRuleTable`, `vethLinkAddress`, `vethMTU`,
 //! `txQueueLen`, `podRPFilter`, `podMACPrefix`: the pod interface's MAC becomes the prefix and
 //! its address's last four bytes, `detectIPConflict`, `detectGateway`); without a
 //! SpiderCoordinator the config's keys alone apply. Before anything is made, on the pod's
@@ -16,8 +19,8 @@
 //! naming the address and the MAC that answered, and the agent holds the address back from
 //! allocation for a while (`DELETE /v1/ipam/ips`); with `detectGateway` a gateway that does not
 //! answer fails it likewise; then a gratuitous ARP announces each address.
-//! DEL removes the pair (its routes go with it) and is idempotent; CHECK verifies the pair and
-//! the node's routes.
+//! DEL removes the node's rules for the pair's routes, then the pair (its routes and neighbour
+//! entries go with it), and is idempotent; CHECK verifies the pair, the node's routes and rules.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -36,7 +39,7 @@ use spiderpool_api::agent::{
 use spiderpool_api::cni::{code, DEFAULT_SOCKET};
 use spiderpool_api::coordinator::{parse_mac_prefix, MacPrefixError};
 
-use crate::netlink::{Netlink, RouteSpec};
+use crate::netlink::{Netlink, RouteSpec, MAIN_TABLE};
 use crate::plugin::{
     check_version, prev_result_addresses, version_answer, CniEnv, Command, FALLBACK_VERSION,
 };
@@ -79,7 +82,17 @@ pub struct Settings {
     pub detect_ip_conflict: bool,
     /// Check that each IPv4 gateway of the pod answers.
     pub detect_gateway: bool,
+    /// The node's table for the routes to its pods (`hostRuleTable`, 500), looked up by a rule
+    /// `to POD-ADDRESS` of priority [`HOST_RULE_PRIORITY`]; 254 puts them in main, without rules.
+    pub host_rule_table: u32,
+    /// An address put on the pod's `veth0` (`vethLinkAddress`, e.g. for Istio).
+    pub veth_link_address: Option<IpAddr>,
 }
+
+/// Priority of the node's rules `to POD-ADDRESS lookup hostRuleTable` (upstream's).
+pub const HOST_RULE_PRIORITY: u32 = 1000;
+/// `hostRuleTable`'s default (upstream's).
+pub const HOST_RULE_TABLE: u32 = 500;
 
 /// A MAC prefix (`0a:1b`) from the config or the SpiderCoordinator (empty: none).
 fn mac_prefix(key: &str, v: &str) -> Result<Option<[u8; 2]>, CniError> {
@@ -132,6 +145,31 @@ fn cidrs(key: &str, v: &Value) -> Result<Vec<ipnet::IpNet>, CniError> {
         .collect()
 }
 
+/// A routing table for the node's pod routes: 1 to 2^32-1, not the kernel's `local` (255) or
+/// `default` (253).
+fn rule_table(key: &str, v: &Value) -> Result<u32, CniError> {
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n > 0 && *n != 253 && *n != 255)
+        .ok_or_else(|| {
+            invalid(format!(
+                "{key}: {} is not a routing table from 1 to 4294967295 other than 253 (default) and 255 (local)",
+                crate::excerpt(v)
+            ))
+        })
+}
+
+fn link_address(v: &Value) -> Result<IpAddr, CniError> {
+    v.as_str()
+        .and_then(|a| a.parse::<IpAddr>().ok())
+        .ok_or_else(|| {
+            invalid(format!(
+                "vethLinkAddress: {} is not an IP address",
+                crate::excerpt(v)
+            ))
+        })
+}
+
 impl Settings {
     /// The agent's settings (`None`: no SpiderCoordinator) with `conf`'s keys over them. Pure.
     pub fn merge(agent: Option<&CoordinatorConfig>, conf: &Value) -> Result<Self, CniError> {
@@ -145,6 +183,8 @@ impl Settings {
             pod_mac_prefix: None,
             detect_ip_conflict: false,
             detect_gateway: false,
+            host_rule_table: HOST_RULE_TABLE,
+            veth_link_address: None,
         };
         if let Some(a) = agent {
             s.mode = a.mode.clone();
@@ -157,6 +197,22 @@ impl Settings {
             s.pod_mac_prefix = mac_prefix("podMACPrefix", &a.pod_mac_prefix)?;
             s.detect_ip_conflict = a.detect_ip_conflict;
             s.detect_gateway = a.detect_gateway;
+            if a.host_rule_table > 0 {
+                s.host_rule_table = rule_table("hostRuleTable", &Value::from(a.host_rule_table))?;
+            }
+            if !a.veth_link_address.is_empty() {
+                s.veth_link_address =
+                    Some(link_address(&Value::from(a.veth_link_address.as_str()))?);
+            }
+        }
+        if let Some(v) = conf.get("hostRuleTable") {
+            s.host_rule_table = rule_table("hostRuleTable", v)?;
+        }
+        if let Some(v) = conf.get("vethLinkAddress") {
+            s.veth_link_address = match v.as_str() {
+                Some("") => None,
+                _ => Some(link_address(v)?),
+            };
         }
         for (key, flag) in [
             ("detectIPConflict", &mut s.detect_ip_conflict),
@@ -292,25 +348,51 @@ fn node_addresses(host: &mut Netlink, skip: u32) -> Result<Vec<IpAddr>, CniError
     Ok(out)
 }
 
-fn host_routes(pod_ips: &[IpAddr], oif: u32) -> Vec<RouteSpec> {
+fn host_routes(pod_ips: &[IpAddr], oif: u32, table: u32) -> Vec<RouteSpec> {
     pod_ips
         .iter()
         .map(|ip| RouteSpec {
             dst: ipnet::IpNet::from(*ip),
             via: None,
             oif,
+            table,
+            src: None,
         })
         .collect()
 }
 
+/// Undoes the node's side of a pair: the rules `to POD-ADDRESS` of the routes through the host
+/// end (found in every table, so no setting is needed), then the pair itself, which takes its
+/// routes and neighbour entries with it. A pair already gone is no error.
+fn remove_host_side(host: &mut Netlink, name: &str, index: u32) -> Result<(), CniError> {
+    let routes = host
+        .all_routes()
+        .map_err(|e| io("listing the node's routes", e))?;
+    for r in routes
+        .iter()
+        .filter(|r| r.oif == Some(index) && r.table != MAIN_TABLE)
+    {
+        host.delete_rule(r.dst, r.table, HOST_RULE_PRIORITY)
+            .map_err(|e| io(&format!("deleting the node's rule to {}", r.dst), e))?;
+    }
+    match host.delete_link(index) {
+        // Gone meanwhile (its pod's namespace was removed): nothing left to do.
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENODEV as i32) => Ok(()),
+        r => r.map_err(|e| io(&format!("deleting {name}"), e)),
+    }
+}
+
 /// The pod's routes: each node address on `veth0`, then the Service and hijacked CIDRs
-/// through the node address of their family (only families the pod has an address of).
+/// through the node address of their family (only families the pod has an address of), each
+/// from the pod's address of the family (an IPv4 one only: the kernel refuses an IPv6 source
+/// still in duplicate address detection), not from `veth0`'s own `vethLinkAddress`.
 pub fn pod_routes(s: &Settings, pod_ips: &[IpAddr], nodes: &[IpAddr], oif: u32) -> Vec<RouteSpec> {
     let mut out = Vec::new();
     for v4 in [true, false] {
-        if !pod_ips.iter().any(|ip| ip.is_ipv4() == v4) {
+        let Some(own) = pod_ips.iter().find(|ip| ip.is_ipv4() == v4) else {
             continue;
-        }
+        };
+        let src = v4.then_some(*own);
         let family: Vec<IpAddr> = nodes
             .iter()
             .copied()
@@ -321,6 +403,8 @@ pub fn pod_routes(s: &Settings, pod_ips: &[IpAddr], nodes: &[IpAddr], oif: u32) 
                 dst: ipnet::IpNet::from(*n),
                 via: None,
                 oif,
+                table: MAIN_TABLE,
+                src,
             });
         }
         let Some(gw) = family.first() else { continue };
@@ -330,6 +414,8 @@ pub fn pod_routes(s: &Settings, pod_ips: &[IpAddr], nodes: &[IpAddr], oif: u32) 
                     dst: c.trunc(),
                     via: Some(*gw),
                     oif,
+                    table: MAIN_TABLE,
+                    src,
                 });
             }
         }
@@ -538,13 +624,25 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
             .ok_or_else(|| io("the new veth", format!("{host_name} is gone")))?;
         host.set_up(hl.index)
             .map_err(|e| io(&format!("setting {host_name} up"), e))?;
-        for r in host_routes(&ips, hl.index) {
+        for r in host_routes(&ips, hl.index, settings.host_rule_table) {
             host.add_route(&r).map_err(|e| {
                 io(
-                    &format!("adding the node's route to {} via {host_name}", r.dst),
+                    &format!(
+                        "adding the node's route to {} via {host_name} (table {})",
+                        r.dst, r.table
+                    ),
                     e,
                 )
             })?;
+            if r.table != MAIN_TABLE {
+                host.add_rule(r.dst, r.table, HOST_RULE_PRIORITY)
+                    .map_err(|e| {
+                        io(
+                            &format!("adding the node's rule to {} lookup {}", r.dst, r.table),
+                            e,
+                        )
+                    })?;
+            }
         }
         let nodes = node_addresses(&mut host, hl.index)?;
         // The pod's side: a socket opened inside its namespace keeps acting there.
@@ -575,6 +673,10 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
                 .map_err(|e| io(&format!("setting the MAC address of {}", env.ifname), e))?;
             nic_mac = Some(crate::netlink::mac_string(&mac));
         }
+        if let Some(a) = settings.veth_link_address {
+            pod.add_address(pl.index, a)
+                .map_err(|e| io(&format!("adding vethLinkAddress {a} to {POD_VETH}"), e))?;
+        }
         pod.set_up(pl.index)
             .map_err(|e| io(&format!("setting {POD_VETH} up in the pod"), e))?;
         for r in pod_routes(&settings, &ips, &nodes, pl.index) {
@@ -592,7 +694,7 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
         Err(e) => {
             // Nothing half-made stays behind.
             if let Ok(Some(l)) = host.link(&host_name) {
-                let _ = host.delete_link(l.index);
+                let _ = remove_host_side(&mut host, &host_name, l.index);
             }
             return Err(e);
         }
@@ -626,11 +728,7 @@ fn del(env: &CniEnv) -> Result<(), CniError> {
     let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
     let name = host_veth_name(&env.container_id, &env.ifname);
     if let Some(l) = host.link(&name).map_err(|e| io("netlink on the node", e))? {
-        match host.delete_link(l.index) {
-            // Gone meanwhile (its pod's namespace was removed): nothing left to do.
-            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENODEV as i32) => {}
-            r => r.map_err(|e| io(&format!("deleting {name}"), e))?,
-        }
+        remove_host_side(&mut host, &name, l.index)?;
     }
     Ok(())
 }
@@ -659,16 +757,29 @@ fn check(conf: &Value, env: &CniEnv) -> Result<(), CniError> {
             )
         })?;
     let routes = host
-        .routes()
+        .all_routes()
         .map_err(|e| io("listing the node's routes", e))?;
-    for want in host_routes(&ips, l.index) {
-        if !routes
+    let rules = host
+        .destination_rules()
+        .map_err(|e| io("listing the node's rules", e))?;
+    for ip in &ips {
+        let dst = ipnet::IpNet::from(*ip);
+        let Some(r) = routes
             .iter()
-            .any(|(d, oif)| *d == want.dst && *oif == Some(l.index))
-        {
+            .find(|r| r.dst == dst && r.oif == Some(l.index))
+        else {
             return Err(CniError::new(
                 code::CHECK_MISMATCH,
-                format!("the node has no route to {} via {name}", want.dst),
+                format!("the node has no route to {dst} via {name}"),
+            ));
+        };
+        if r.table != MAIN_TABLE && !rules.iter().any(|(d, t, _)| *d == dst && *t == r.table) {
+            return Err(CniError::new(
+                code::CHECK_MISMATCH,
+                format!(
+                    "the node has no rule to {dst} lookup {}, where its route via {name} is",
+                    r.table
+                ),
             ));
         }
     }

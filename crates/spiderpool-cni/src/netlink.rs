@@ -18,6 +18,7 @@ use netlink_packet_route::link::{
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -48,6 +49,44 @@ pub struct RouteSpec {
     pub via: Option<IpAddr>,
     /// Outgoing interface.
     pub oif: u32,
+    /// Routing table (254: main).
+    pub table: u32,
+    /// Preferred source address.
+    pub src: Option<IpAddr>,
+}
+
+/// The main routing table.
+pub const MAIN_TABLE: u32 = 254;
+
+/// A route as the kernel lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Destination.
+    pub dst: ipnet::IpNet,
+    /// Outgoing interface.
+    pub oif: Option<u32>,
+    /// Routing table.
+    pub table: u32,
+}
+
+fn route_address(ip: IpAddr) -> RouteAddress {
+    match ip {
+        IpAddr::V4(a) => RouteAddress::Inet(a),
+        IpAddr::V6(a) => RouteAddress::Inet6(a),
+    }
+}
+
+fn family_of(ip: IpAddr) -> AddressFamily {
+    if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+/// A table number as a message header holds it: itself below 256, else "see the attribute".
+fn header_table(table: u32) -> u8 {
+    u8::try_from(table).unwrap_or(0)
 }
 
 /// An rtnetlink socket of one network namespace.
@@ -193,6 +232,24 @@ impl Netlink {
         self.set_up(index)
     }
 
+    /// Adds `ip` as a host address (`/32` or `/128`) to the link `index`; one it has already is
+    /// no error.
+    pub fn add_address(&mut self, index: u32, ip: IpAddr) -> io::Result<()> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = family_of(ip);
+        msg.header.prefix_len = if ip.is_ipv4() { 32 } else { 128 };
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(ip));
+        msg.attributes.push(AddressAttribute::Address(ip));
+        match self.request(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
     /// Deletes the link (a veth takes its peer with it).
     pub fn delete_link(&mut self, index: u32) -> io::Result<()> {
         let mut msg = LinkMessage::default();
@@ -201,21 +258,14 @@ impl Netlink {
             .map(|_| ())
     }
 
-    /// Adds a route to the main table; one that exists already is left as it is.
+    /// Adds a route to its table; one that exists already is left as it is.
     pub fn add_route(&mut self, r: &RouteSpec) -> io::Result<()> {
         let mut msg = RouteMessage::default();
-        let addr = |ip: IpAddr| match ip {
-            IpAddr::V4(a) => RouteAddress::Inet(a),
-            IpAddr::V6(a) => RouteAddress::Inet6(a),
-        };
+        let addr = route_address;
         msg.header = RouteHeader {
-            address_family: if r.dst.addr().is_ipv4() {
-                AddressFamily::Inet
-            } else {
-                AddressFamily::Inet6
-            },
+            address_family: family_of(r.dst.addr()),
             destination_prefix_length: r.dst.prefix_len(),
-            table: RouteHeader::RT_TABLE_MAIN,
+            table: header_table(r.table),
             protocol: RouteProtocol::Boot,
             scope: if r.via.is_some() {
                 RouteScope::Universe
@@ -231,6 +281,10 @@ impl Netlink {
             msg.attributes.push(RouteAttribute::Gateway(addr(gw)));
         }
         msg.attributes.push(RouteAttribute::Oif(r.oif));
+        msg.attributes.push(RouteAttribute::Table(r.table));
+        if let Some(src) = r.src {
+            msg.attributes.push(RouteAttribute::PrefSource(addr(src)));
+        }
         match self.request(
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
@@ -242,6 +296,69 @@ impl Netlink {
 
     /// The routes of the main table: (destination, outgoing interface).
     pub fn routes(&mut self) -> io::Result<Vec<(ipnet::IpNet, Option<u32>)>> {
+        Ok(self
+            .all_routes()?
+            .into_iter()
+            .filter(|r| r.table == MAIN_TABLE)
+            .map(|r| (r.dst, r.oif))
+            .collect())
+    }
+
+    /// Adds the rule `to DST lookup TABLE pref PRIORITY`; one that exists is left as it is.
+    pub fn add_rule(&mut self, dst: ipnet::IpNet, table: u32, priority: u32) -> io::Result<()> {
+        match self.request(
+            RouteNetlinkMessage::NewRule(rule_message(dst, table, priority)),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Deletes the rule `to DST lookup TABLE pref PRIORITY`; a missing one is no error.
+    pub fn delete_rule(&mut self, dst: ipnet::IpNet, table: u32, priority: u32) -> io::Result<()> {
+        match self.request(
+            RouteNetlinkMessage::DelRule(rule_message(dst, table, priority)),
+            NLM_F_ACK,
+        ) {
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// The rules with a destination: (destination, table, priority).
+    pub fn destination_rules(&mut self) -> io::Result<Vec<(ipnet::IpNet, u32, u32)>> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RuleMessage::default();
+            msg.header.family = family;
+            for a in self.request(RouteNetlinkMessage::GetRule(msg), NLM_F_DUMP)? {
+                let RouteNetlinkMessage::NewRule(r) = a else {
+                    continue;
+                };
+                let mut dst = None;
+                let mut table = u32::from(r.header.table);
+                let mut priority = 0;
+                for a in &r.attributes {
+                    match a {
+                        RuleAttribute::Destination(ip) => {
+                            dst = ipnet::IpNet::new(*ip, r.header.dst_len).ok()
+                        }
+                        RuleAttribute::Table(t) => table = *t,
+                        RuleAttribute::Priority(p) => priority = *p,
+                        _ => {}
+                    }
+                }
+                if let Some(d) = dst {
+                    out.push((d, table, priority));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The routes of every table.
+    pub fn all_routes(&mut self) -> io::Result<Vec<Route>> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = RouteMessage::default();
@@ -250,14 +367,13 @@ impl Netlink {
                 let RouteNetlinkMessage::NewRoute(r) = a else {
                     continue;
                 };
-                if r.header.table != RouteHeader::RT_TABLE_MAIN {
-                    continue;
-                }
                 let len = r.header.destination_prefix_length;
                 let mut dst = None;
                 let mut oif = None;
+                let mut table = u32::from(r.header.table);
                 for a in &r.attributes {
                     match a {
+                        RouteAttribute::Table(t) => table = *t,
                         RouteAttribute::Destination(RouteAddress::Inet(v)) => {
                             dst = ipnet::IpNet::new(IpAddr::V4(*v), len).ok()
                         }
@@ -276,8 +392,8 @@ impl Netlink {
                     };
                     ipnet::IpNet::new(any, 0).ok()
                 });
-                if let Some(d) = dst {
-                    out.push((d, oif));
+                if let Some(dst) = dst {
+                    out.push(Route { dst, oif, table });
                 }
             }
         }
@@ -303,6 +419,19 @@ impl Netlink {
             })
             .collect())
     }
+}
+
+fn rule_message(dst: ipnet::IpNet, table: u32, priority: u32) -> RuleMessage {
+    let mut msg = RuleMessage::default();
+    msg.header.family = family_of(dst.addr());
+    msg.header.dst_len = dst.prefix_len();
+    msg.header.table = header_table(table);
+    msg.header.action = RuleAction::ToTable;
+    msg.attributes
+        .push(RuleAttribute::Destination(dst.network()));
+    msg.attributes.push(RuleAttribute::Table(table));
+    msg.attributes.push(RuleAttribute::Priority(priority));
+    msg
 }
 
 /// `ENODEV`, the answer for a link that does not exist.

@@ -29,13 +29,24 @@ fn prerequisites() -> bool {
     }
 }
 
-/// The node's links and main-table routes, one per line.
-fn node_state(node: &str) -> (String, String) {
+/// The node's links, routes of every table, rules and neighbour entries, one per line.
+fn node_state(node: &str) -> [String; 4] {
     let links: Vec<String> = sh(&["ip", "-n", node, "-o", "link"])
         .lines()
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         .collect();
-    (links.join("\n"), sh(&["ip", "-n", node, "route"]))
+    [
+        links.join("\n"),
+        // Less the route of the node's own IPv6 link-local address, which the kernel adds once
+        // its duplicate address detection is over, whenever that is.
+        sh(&["ip", "-n", node, "route", "show", "table", "all"])
+            .lines()
+            .filter(|l| !l.starts_with("local fe80::"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        sh(&["ip", "-n", node, "rule"]) + &sh(&["ip", "-n", node, "-6", "rule"]),
+        sh(&["ip", "-n", node, "neigh"]),
+    ]
 }
 
 fn call(command: &str, conf: &Value) -> CniCall {
@@ -57,7 +68,8 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
     let agent = sb.agent("co-n1", "");
     sb.apply(
         "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderCoordinator\nmetadata: {name: default}\n\
-         spec: {podCIDRType: none, mode: underlay, hijackCIDR: [169.254.25.10], vethMTU: 1400, podMACPrefix: '0a:1b'}\n",
+         spec: {podCIDRType: none, mode: underlay, hijackCIDR: [169.254.25.10], vethMTU: 1400, podMACPrefix: '0a:1b',\n\
+         vethLinkAddress: 169.254.100.1}\n",
     );
     if let Some(cp) = sb.cluster() {
         // On a control plane without the controller, its status stands in for the leader's.
@@ -97,6 +109,14 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
             conf(json!({"vethMTU": 20})),
             "vethMTU: 20 is not a whole number from 68 to 65535",
         ),
+        (
+            conf(json!({"hostRuleTable": 255})),
+            "hostRuleTable: 255 is not a routing table from 1 to 4294967295 other than 253 (default) and 255 (local)",
+        ),
+        (
+            conf(json!({"vethLinkAddress": "nope"})),
+            "vethLinkAddress: \"nope\" is not an IP address",
+        ),
     ] {
         let out = in_node(&call("ADD", &bad), &veth);
         assert!(!out.success, "{bad}");
@@ -135,14 +155,17 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
     assert_eq!(result["ips"], prev["ips"]);
     let pod_routes = sh(&["ip", "-n", "co-pod", "route"]);
     for want in [
-        "10.6.0.2 dev veth0 scope link",
-        "10.233.0.0/18 via 10.6.0.2 dev veth0",
+        "10.6.0.2 dev veth0 scope link src 10.6.168.60",
+        "10.233.0.0/18 via 10.6.0.2 dev veth0 src 10.6.168.60",
         // From the SpiderCoordinator, as a host route.
-        "169.254.25.10 via 10.6.0.2 dev veth0",
+        "169.254.25.10 via 10.6.0.2 dev veth0 src 10.6.168.60",
     ] {
         assert!(pod_routes.contains(want), "{want:?} in {pod_routes}");
     }
     assert!(sh(&["ip", "-n", "co-pod", "link", "show", "veth0"]).contains("mtu 1400"));
+    // vethLinkAddress, on the pod's end.
+    let veth0 = sh(&["ip", "-n", "co-pod", "addr", "show", "veth0"]);
+    assert!(veth0.contains("inet 169.254.100.1/32"), "{veth0}");
     // podMACPrefix: the pod's NIC gets the prefix and its address's bytes (10.6.168.60).
     assert!(
         sh(&["ip", "-n", "co-pod", "link", "show", "eth0"])
@@ -154,10 +177,18 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
         result["interfaces"][0]["mac"], "0a:1b:0a:06:a8:3c",
         "{result}"
     );
-    let node_routes = sh(&["ip", "-n", "co-n1", "route"]);
+    // The node's route to the pod is in hostRuleTable (500), looked up by a rule of its own;
+    // main is left alone.
+    let node_routes = sh(&["ip", "-n", "co-n1", "route", "show", "table", "500"]);
     assert!(
         node_routes.contains(&format!("10.6.168.60 dev {host_veth} scope link")),
         "{node_routes}"
+    );
+    assert!(!sh(&["ip", "-n", "co-n1", "route"]).contains("10.6.168.60"));
+    let rules = sh(&["ip", "-n", "co-n1", "rule"]);
+    assert!(
+        rules.contains("1000:\tfrom all to 10.6.168.60 lookup 500"),
+        "{rules}"
     );
     // The pod reaches its node (macvlan alone cannot: the master does not talk to its
     // macvlans), and the node reaches the pod, both through the pair.
@@ -186,6 +217,31 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
     assert!(check(&checked).success, "{}", check(&checked).stdout);
     let again = in_node(&call("ADD", &conf(json!({}))), &veth);
     assert!(again.success, "{}", again.stdout);
+    assert!(check(&checked).success);
+    // CHECK names a rule gone missing; ADD again puts it back.
+    sh(&[
+        "ip",
+        "-n",
+        "co-n1",
+        "rule",
+        "del",
+        "to",
+        "10.6.168.60",
+        "lookup",
+        "500",
+        "pref",
+        "1000",
+    ]);
+    let e: Value = serde_json::from_str(&check(&checked).stdout).unwrap();
+    assert_eq!(e["code"], 101, "{e}");
+    assert!(
+        e["msg"]
+            .as_str()
+            .unwrap()
+            .contains("the node has no rule to 10.6.168.60/32 lookup 500"),
+        "{e}"
+    );
+    assert!(in_node(&call("ADD", &conf(json!({}))), &veth).success);
     assert!(check(&checked).success);
 
     // DEL removes the pair and its routes; again, nothing to do; CHECK then names what is gone.

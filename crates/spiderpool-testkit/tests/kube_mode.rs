@@ -155,12 +155,17 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
             && pod_routes.contains("10.233.0.0/18 via 10.6.0.2 dev veth0"),
         "{pod_routes}"
     );
-    let node_routes = sh(&["ip", "-n", "kz-ctrl", "route"]);
+    let node_routes = sh(&["ip", "-n", "kz-ctrl", "route", "show", "table", "500"]);
     assert!(
         node_routes
             .lines()
             .any(|l| l.starts_with("10.6.168.60 dev veth") && l.contains("scope link")),
         "{node_routes}"
+    );
+    let rules = sh(&["ip", "-n", "kz-ctrl", "rule"]);
+    assert!(
+        rules.contains("1000:\tfrom all to 10.6.168.60 lookup 500"),
+        "{rules}"
     );
     let to_node = sh(&[
         "ip",
@@ -258,6 +263,10 @@ fn the_seed_runs_on_the_cluster_with_agents_on_the_kubernetes_api() {
             2,
             "default and the zone's: {routes}"
         );
+        let table = sh(&["ip", "-n", node, "route", "show", "table", "500"]);
+        assert_eq!(table, "", "no pod routes left");
+        let rules = sh(&["ip", "-n", node, "rule"]);
+        assert_eq!(rules.lines().count(), 3, "local, main and default: {rules}");
     }
     for n in &nodes {
         assert!(n.agent.log().contains("datastore"), "{}", n.agent.log());
