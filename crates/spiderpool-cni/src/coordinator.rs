@@ -9,6 +9,15 @@
 //! alone. Traffic to a Service then meets kube-proxy's rules in the node's namespace, and the
 //! node reaches its pods directly. `vethLinkAddress` goes on the pod's `veth0`.
 //!
+//! Several NICs: the first NIC's ADD makes the pair; another NIC's ADD (the pod has `veth0`
+//! already) shares it: the node routes that NIC's addresses through it too, and with
+//! `tunePodRoutes` the pod's routes are sorted out. The NIC named by `podDefaultRouteNIC` (the
+//! pod's `ipam.spidernet.io/default-route-nic`; by default the first NIC with a default route)
+//! keeps its default route in main; the other NIC's routes move to table 100 + its interface
+//! index, looked up by rules `from` its addresses, with the routes to the node and the Services
+//! through the pair there too. DEL of such a NIC removes the node's routes to its addresses and
+//! their rules (from the prevResult a runtime passes); the first NIC's DEL removes the pair.
+//!
 //! Settings: the agent's `POST /v1/coordinator/config` (the SpiderCoordinator), overridden by
 //! the network config's keys (`mode`, `service_cidr`/`serviceCIDR`, `hijackCIDR`,
 //! `hostRuleTable`, `vethLinkAddress`, `vethMTU`,
@@ -87,7 +96,16 @@ pub struct Settings {
     pub host_rule_table: u32,
     /// An address put on the pod's `veth0` (`vethLinkAddress`, e.g. for Istio).
     pub veth_link_address: Option<IpAddr>,
+    /// Sort a pod's routes out between its NICs when it gets another one (`tunePodRoutes`).
+    pub tune_pod_routes: bool,
+    /// The NIC whose default route stays in the pod's main table (`podDefaultRouteNIC`, the
+    /// pod's `ipam.spidernet.io/default-route-nic`); empty: the first NIC that has one.
+    pub pod_default_route_nic: String,
 }
+
+/// A pod's table for the routes of a NIC other than its default-route one: 100 + the NIC's
+/// interface index, looked up by a rule `from NIC-ADDRESS`.
+pub const POD_TABLE_BASE: u32 = 100;
 
 /// Priority of the node's rules `to POD-ADDRESS lookup hostRuleTable` (upstream's).
 pub const HOST_RULE_PRIORITY: u32 = 1000;
@@ -185,6 +203,8 @@ impl Settings {
             detect_gateway: false,
             host_rule_table: HOST_RULE_TABLE,
             veth_link_address: None,
+            tune_pod_routes: true,
+            pod_default_route_nic: String::new(),
         };
         if let Some(a) = agent {
             s.mode = a.mode.clone();
@@ -197,12 +217,37 @@ impl Settings {
             s.pod_mac_prefix = mac_prefix("podMACPrefix", &a.pod_mac_prefix)?;
             s.detect_ip_conflict = a.detect_ip_conflict;
             s.detect_gateway = a.detect_gateway;
+            s.tune_pod_routes = a.tune_pod_routes;
+            s.pod_default_route_nic = a.pod_default_route_nic.clone();
             if a.host_rule_table > 0 {
                 s.host_rule_table = rule_table("hostRuleTable", &Value::from(a.host_rule_table))?;
             }
             if !a.veth_link_address.is_empty() {
                 s.veth_link_address =
                     Some(link_address(&Value::from(a.veth_link_address.as_str()))?);
+            }
+        }
+        if let Some(v) = conf.get("tunePodRoutes") {
+            s.tune_pod_routes = v.as_bool().ok_or_else(|| {
+                invalid(format!(
+                    "tunePodRoutes: {} is not true or false",
+                    crate::excerpt(v)
+                ))
+            })?;
+        }
+        for key in ["podDefaultRouteNIC", "podDefaultRouteNic"] {
+            if let Some(v) = conf.get(key) {
+                let Some(nic) = v.as_str() else {
+                    return Err(invalid(format!(
+                        "{key}: {} is not an interface name",
+                        crate::excerpt(v)
+                    )));
+                };
+                if !nic.is_empty() {
+                    spiderpool_api::names::interface_name(nic)
+                        .map_err(|e| invalid(format!("{key}: {}: {e}", crate::excerpt(v))))?;
+                }
+                s.pod_default_route_nic = nic.to_string();
             }
         }
         if let Some(v) = conf.get("hostRuleTable") {
@@ -359,6 +404,182 @@ fn host_routes(pod_ips: &[IpAddr], oif: u32, table: u32) -> Vec<RouteSpec> {
             src: None,
         })
         .collect()
+}
+
+/// The node's routes to `ips` through the host end `index` in `table`, each with its rule
+/// `to ADDRESS lookup table` (none in main).
+fn add_host_routes(
+    host: &mut Netlink,
+    ips: &[IpAddr],
+    index: u32,
+    table: u32,
+    name: &str,
+) -> Result<(), CniError> {
+    for r in host_routes(ips, index, table) {
+        host.add_route(&r).map_err(|e| {
+            io(
+                &format!(
+                    "adding the node's route to {} via {name} (table {})",
+                    r.dst, r.table
+                ),
+                e,
+            )
+        })?;
+        if r.table != MAIN_TABLE {
+            host.add_rule(r.dst, r.table, HOST_RULE_PRIORITY)
+                .map_err(|e| {
+                    io(
+                        &format!("adding the node's rule to {} lookup {}", r.dst, r.table),
+                        e,
+                    )
+                })?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the node's routes to `ips` that a NIC sharing another NIC's pair was given: those
+/// outside main with the coordinator's rule `to ADDRESS`, and the rules.
+fn remove_nic_host_routes(host: &mut Netlink, ips: &[IpAddr]) -> Result<(), CniError> {
+    let routes = host
+        .all_routes()
+        .map_err(|e| io("listing the node's routes", e))?;
+    let rules = host
+        .destination_rules()
+        .map_err(|e| io("listing the node's rules", e))?;
+    for ip in ips {
+        let dst = ipnet::IpNet::from(*ip);
+        for (d, table, priority) in rules
+            .iter()
+            .filter(|(d, t, p)| *d == dst && *p == HOST_RULE_PRIORITY && *t != MAIN_TABLE)
+        {
+            for r in routes.iter().filter(|r| r.dst == *d && r.table == *table) {
+                host.delete_route(r)
+                    .map_err(|e| io(&format!("deleting the node's route to {dst}"), e))?;
+            }
+            host.delete_rule(*d, *table, *priority)
+                .map_err(|e| io(&format!("deleting the node's rule to {dst}"), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// A NIC added to a pod that has a pair already (an earlier NIC's ADD made it): the node's
+/// routes to its addresses go through that pair, and (`tunePodRoutes`) the pod's routes are
+/// sorted out so that one NIC keeps the default route in main and the other's routes move to
+/// a table of its own, looked up by rules `from` its addresses.
+fn add_nic(
+    settings: &Settings,
+    env: &CniEnv,
+    ips: &[IpAddr],
+    host: &mut Netlink,
+    pod: &mut Netlink,
+    pod_veth: &crate::netlink::Link,
+) -> Result<(), CniError> {
+    let host_index = pod_veth.peer.ok_or_else(|| {
+        io(
+            "the pod's pair",
+            format!("{POD_VETH} in the pod has no peer on the node"),
+        )
+    })?;
+    add_host_routes(
+        host,
+        ips,
+        host_index,
+        settings.host_rule_table,
+        "the pod's pair",
+    )?;
+    if !settings.tune_pod_routes {
+        return Ok(());
+    }
+    let tuned = node_addresses(host, host_index)
+        .and_then(|nodes| tune_pod_routes(settings, env, ips, pod, pod_veth.index, &nodes));
+    if tuned.is_err() {
+        let _ = remove_nic_host_routes(host, ips);
+    }
+    tuned
+}
+
+fn tune_pod_routes(
+    settings: &Settings,
+    env: &CniEnv,
+    ips: &[IpAddr],
+    pod: &mut Netlink,
+    veth: u32,
+    nodes: &[IpAddr],
+) -> Result<(), CniError> {
+    let failed = |e: io::Error| io("netlink in the pod", e);
+    let this = pod
+        .link(&env.ifname)
+        .map_err(failed)?
+        .ok_or_else(|| io("tunePodRoutes", format!("the pod has no {}", env.ifname)))?;
+    let main: Vec<crate::netlink::Route> = pod
+        .all_routes()
+        .map_err(failed)?
+        .into_iter()
+        .filter(|r| r.table == MAIN_TABLE && r.unicast)
+        .collect();
+    // The NIC that had the default route before this one came.
+    let other = main
+        .iter()
+        .find(|r| r.dst.prefix_len() == 0 && r.oif.is_some_and(|o| o != this.index && o != veth))
+        .and_then(|r| r.oif);
+    // The NIC whose routes move to a table: this one, unless it is the default-route NIC.
+    let (moved, moved_ips) = if settings.pod_default_route_nic == env.ifname {
+        let Some(o) = other else { return Ok(()) };
+        let addrs = pod
+            .global_addresses()
+            .map_err(failed)?
+            .into_iter()
+            .filter(|(_, i)| *i == o)
+            .map(|(a, _)| a)
+            .collect::<Vec<_>>();
+        (o, addrs)
+    } else {
+        (this.index, ips.to_vec())
+    };
+    let table = POD_TABLE_BASE + moved;
+    for r in main.iter().filter(|r| r.oif == Some(moved)) {
+        if matches!(r.dst, ipnet::IpNet::V6(n) if n.addr().segments()[0] & 0xffc0 == 0xfe80) {
+            continue;
+        }
+        pod.add_route(&RouteSpec {
+            dst: r.dst,
+            via: r.via,
+            oif: moved,
+            table,
+            src: r.src,
+        })
+        .map_err(|e| {
+            io(
+                &format!("copying the route to {} to table {table}", r.dst),
+                e,
+            )
+        })?;
+        if r.dst.prefix_len() == 0 {
+            pod.delete_route(r).map_err(|e| {
+                io(
+                    &format!("moving the default route via {:?} out of main", r.via),
+                    e,
+                )
+            })?;
+        }
+    }
+    // From the moved NIC's addresses, the node and the Services are still through the pair.
+    for mut r in pod_routes(settings, &moved_ips, nodes, veth) {
+        r.table = table;
+        pod.add_route(&r).map_err(|e| {
+            io(
+                &format!("adding the route to {} to table {table}", r.dst),
+                e,
+            )
+        })?;
+    }
+    for ip in &moved_ips {
+        pod.add_source_rule(ipnet::IpNet::from(*ip), table, HOST_RULE_PRIORITY)
+            .map_err(|e| io(&format!("adding the pod's rule from {ip}"), e))?;
+    }
+    Ok(())
 }
 
 /// Undoes the node's side of a pair: the rules `to POD-ADDRESS` of the routes through the host
@@ -596,13 +817,26 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
     }
     let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
     let host_name = host_veth_name(&env.container_id, &env.ifname);
-    // A pair left by an earlier ADD of this container is made again.
-    if let Some(old) = host
+    let own = host
         .link(&host_name)
-        .map_err(|e| io("netlink on the node", e))?
+        .map_err(|e| io("netlink on the node", e))?;
+    // A pod with a pair from another NIC's ADD: this NIC shares it.
+    enter(&pod_ns, "the pod's network namespace")?;
+    let pod_nl = Netlink::open();
+    enter(&host_ns, "the node's network namespace")?;
+    let mut pod_nl = pod_nl.map_err(|e| io("netlink in the pod", e))?;
+    if let Some(pv) = pod_nl
+        .link(POD_VETH)
+        .map_err(|e| io("netlink in the pod", e))?
     {
-        host.delete_link(old.index)
-            .map_err(|e| io(&format!("deleting the earlier {host_name}"), e))?;
+        if own.as_ref().is_none_or(|o| pv.peer != Some(o.index)) {
+            add_nic(&settings, env, &ips, &mut host, &mut pod_nl, &pv)?;
+            return Ok(prev);
+        }
+    }
+    // A pair left by an earlier ADD of this NIC is made again.
+    if let Some(old) = own {
+        remove_host_side(&mut host, &host_name, old.index)?;
     }
     host.add_veth(
         &host_name,
@@ -624,26 +858,13 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
             .ok_or_else(|| io("the new veth", format!("{host_name} is gone")))?;
         host.set_up(hl.index)
             .map_err(|e| io(&format!("setting {host_name} up"), e))?;
-        for r in host_routes(&ips, hl.index, settings.host_rule_table) {
-            host.add_route(&r).map_err(|e| {
-                io(
-                    &format!(
-                        "adding the node's route to {} via {host_name} (table {})",
-                        r.dst, r.table
-                    ),
-                    e,
-                )
-            })?;
-            if r.table != MAIN_TABLE {
-                host.add_rule(r.dst, r.table, HOST_RULE_PRIORITY)
-                    .map_err(|e| {
-                        io(
-                            &format!("adding the node's rule to {} lookup {}", r.dst, r.table),
-                            e,
-                        )
-                    })?;
-            }
-        }
+        add_host_routes(
+            &mut host,
+            &ips,
+            hl.index,
+            settings.host_rule_table,
+            &host_name,
+        )?;
         let nodes = node_addresses(&mut host, hl.index)?;
         // The pod's side: a socket opened inside its namespace keeps acting there.
         enter(&pod_ns, "the pod's network namespace")?;
@@ -724,13 +945,19 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
     Ok(result)
 }
 
-fn del(env: &CniEnv) -> Result<(), CniError> {
+fn del(conf: &Value, env: &CniEnv) -> Result<(), CniError> {
     let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
     let name = host_veth_name(&env.container_id, &env.ifname);
     if let Some(l) = host.link(&name).map_err(|e| io("netlink on the node", e))? {
-        remove_host_side(&mut host, &name, l.index)?;
+        return remove_host_side(&mut host, &name, l.index);
     }
-    Ok(())
+    // A NIC that shared another NIC's pair: the node's routes to its addresses (named by the
+    // prevResult a runtime passes to DEL) and their rules.
+    let ips = conf
+        .get("prevResult")
+        .and_then(|p| pod_ips(p).ok())
+        .unwrap_or_default();
+    remove_nic_host_routes(&mut host, &ips)
 }
 
 fn check(conf: &Value, env: &CniEnv) -> Result<(), CniError> {
@@ -744,24 +971,36 @@ fn check(conf: &Value, env: &CniEnv) -> Result<(), CniError> {
     let ips = pod_ips(prev)?;
     let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
     let name = host_veth_name(&env.container_id, &env.ifname);
-    let l = host
-        .link(&name)
-        .map_err(|e| io("netlink on the node", e))?
-        .ok_or_else(|| {
-            CniError::new(
-                code::CHECK_MISMATCH,
-                format!(
-                    "the node has no {name}, the veth of container {}",
-                    env.container_id
-                ),
-            )
-        })?;
+    let own = host.link(&name).map_err(|e| io("netlink on the node", e))?;
     let routes = host
         .all_routes()
         .map_err(|e| io("listing the node's routes", e))?;
     let rules = host
         .destination_rules()
         .map_err(|e| io("listing the node's rules", e))?;
+    let has_rule = |dst: ipnet::IpNet, table: u32| {
+        table == MAIN_TABLE || rules.iter().any(|(d, t, _)| *d == dst && *t == table)
+    };
+    let Some(l) = own else {
+        // A NIC that shares another NIC's pair: its routes and rules on the node are enough.
+        let shared = !ips.is_empty()
+            && ips.iter().all(|ip| {
+                let dst = ipnet::IpNet::from(*ip);
+                routes
+                    .iter()
+                    .any(|r| r.dst == dst && r.table != MAIN_TABLE && has_rule(dst, r.table))
+            });
+        if shared {
+            return Ok(());
+        }
+        return Err(CniError::new(
+            code::CHECK_MISMATCH,
+            format!(
+                "the node has no {name}, the veth of container {}",
+                env.container_id
+            ),
+        ));
+    };
     for ip in &ips {
         let dst = ipnet::IpNet::from(*ip);
         let Some(r) = routes
@@ -773,7 +1012,7 @@ fn check(conf: &Value, env: &CniEnv) -> Result<(), CniError> {
                 format!("the node has no route to {dst} via {name}"),
             ));
         };
-        if r.table != MAIN_TABLE && !rules.iter().any(|(d, t, _)| *d == dst && *t == r.table) {
+        if !has_rule(dst, r.table) {
             return Err(CniError::new(
                 code::CHECK_MISMATCH,
                 format!(
@@ -821,7 +1060,7 @@ pub fn run(
         }
         Command::Del => {
             let env = CniEnv::read(env, cmd).map_err(with)?;
-            del(&env).map(|()| None).map_err(with)
+            del(&conf, &env).map(|()| None).map_err(with)
         }
         Command::Check => {
             let env = CniEnv::read(env, cmd).map_err(with)?;

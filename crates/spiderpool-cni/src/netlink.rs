@@ -38,6 +38,8 @@ pub struct Link {
     pub index: u32,
     /// MAC address (`aa:bb:…`), empty when it has none.
     pub mac: String,
+    /// A veth's peer: its interface index (in the peer's namespace).
+    pub peer: Option<u32>,
 }
 
 /// A route to add.
@@ -67,6 +69,12 @@ pub struct Route {
     pub oif: Option<u32>,
     /// Routing table.
     pub table: u32,
+    /// Next hop.
+    pub via: Option<IpAddr>,
+    /// Preferred source address.
+    pub src: Option<IpAddr>,
+    /// A unicast route (not local, broadcast, multicast, ...).
+    pub unicast: bool,
 }
 
 fn route_address(ip: IpAddr) -> RouteAddress {
@@ -169,6 +177,10 @@ impl Netlink {
                             _ => None,
                         })
                         .unwrap_or_default(),
+                    peer: l.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::Link(i) => Some(*i),
+                        _ => None,
+                    }),
                 }),
                 _ => None,
             })),
@@ -304,6 +316,53 @@ impl Netlink {
             .collect())
     }
 
+    /// Deletes a route as listed; a missing one is no error.
+    pub fn delete_route(&mut self, r: &Route) -> io::Result<()> {
+        let mut msg = RouteMessage::default();
+        msg.header = RouteHeader {
+            address_family: family_of(r.dst.addr()),
+            destination_prefix_length: r.dst.prefix_len(),
+            table: header_table(r.table),
+            scope: RouteScope::NoWhere,
+            kind: RouteType::Unicast,
+            ..Default::default()
+        };
+        msg.attributes
+            .push(RouteAttribute::Destination(route_address(r.dst.network())));
+        msg.attributes.push(RouteAttribute::Table(r.table));
+        if let Some(oif) = r.oif {
+            msg.attributes.push(RouteAttribute::Oif(oif));
+        }
+        if let Some(gw) = r.via {
+            msg.attributes
+                .push(RouteAttribute::Gateway(route_address(gw)));
+        }
+        match self.request(RouteNetlinkMessage::DelRoute(msg), NLM_F_ACK) {
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ESRCH as i32) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Adds the rule `from SRC lookup TABLE pref PRIORITY`; one that exists is left as it is.
+    pub fn add_source_rule(
+        &mut self,
+        src: ipnet::IpNet,
+        table: u32,
+        priority: u32,
+    ) -> io::Result<()> {
+        let mut msg = rule_message(src, table, priority);
+        msg.header.dst_len = 0;
+        msg.header.src_len = src.prefix_len();
+        msg.attributes[0] = RuleAttribute::Source(src.network());
+        match self.request(
+            RouteNetlinkMessage::NewRule(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
     /// Adds the rule `to DST lookup TABLE pref PRIORITY`; one that exists is left as it is.
     pub fn add_rule(&mut self, dst: ipnet::IpNet, table: u32, priority: u32) -> io::Result<()> {
         match self.request(
@@ -370,10 +429,19 @@ impl Netlink {
                 let len = r.header.destination_prefix_length;
                 let mut dst = None;
                 let mut oif = None;
+                let mut via = None;
+                let mut src = None;
                 let mut table = u32::from(r.header.table);
+                let ip = |a: &RouteAddress| match a {
+                    RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+                    RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+                    _ => None,
+                };
                 for a in &r.attributes {
                     match a {
                         RouteAttribute::Table(t) => table = *t,
+                        RouteAttribute::Gateway(g) => via = ip(g),
+                        RouteAttribute::PrefSource(p) => src = ip(p),
                         RouteAttribute::Destination(RouteAddress::Inet(v)) => {
                             dst = ipnet::IpNet::new(IpAddr::V4(*v), len).ok()
                         }
@@ -393,7 +461,14 @@ impl Netlink {
                     ipnet::IpNet::new(any, 0).ok()
                 });
                 if let Some(dst) = dst {
-                    out.push(Route { dst, oif, table });
+                    out.push(Route {
+                        dst,
+                        oif,
+                        table,
+                        via,
+                        src,
+                        unicast: r.header.kind == RouteType::Unicast,
+                    });
                 }
             }
         }

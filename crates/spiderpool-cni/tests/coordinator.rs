@@ -533,3 +533,179 @@ fn an_address_found_in_conflict_is_held_back_while_its_other_host_answers() {
     assert_eq!(sb.allocated("cq"), 0);
     assert_eq!(node_state("cq-n1"), before, "the node is as it was");
 }
+
+#[test]
+fn a_second_nic_shares_the_pair_and_the_default_route_stays_with_pod_default_route_nic() {
+    if !prerequisites() {
+        return;
+    }
+    let _zones = zones("cm", &[("cm-n1", "10.6.0.1/16")]);
+    let _pod = Netns::new("cm-pod");
+    let sb = Sandbox::new();
+    let agent = sb.agent("cm-n1", "");
+    let macvlan = Path::new("/usr/lib/cni/macvlan");
+    let veth = bin("veth");
+    // Each NIC from macvlan with its default route, as Debian's plugins add them (a second
+    // default route is appended).
+    let mac_conf = |ip: &str, gw: &str| {
+        json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "macvlan",
+            "master": "ens192", "mode": "bridge",
+            "ipam": {"type": "static", "addresses": [{"address": ip, "gateway": gw}],
+                     "routes": [{"dst": "0.0.0.0/0"}]}})
+    };
+    let veth_conf = |prev: &Value, extra: Value| {
+        let mut c = json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "veth",
+            "service_cidr": ["10.233.0.0/18"], "ipam_unix_socket_path": agent.socket,
+            "prevResult": prev});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let call = |command: &str, conf: &Value| CniCall::new(command, "cm-pod", "web", conf);
+    let run = |nic: &str, command: &str, conf: &Value, plugin: &Path| {
+        let out = call(command, conf)
+            .ifname(nic)
+            .run_program_via(plugin, &["ip", "netns", "exec", "cm-n1"]);
+        let ok = out.success;
+        assert!(ok, "{command} {nic}: {}{}", out.stdout, out.stderr);
+        serde_json::from_str::<Value>(&out.stdout).unwrap_or(Value::Null)
+    };
+    let ifindex = |nic: &str| -> u32 {
+        let j: Value =
+            serde_json::from_str(&sh(&["ip", "-n", "cm-pod", "-j", "link", "show", nic])).unwrap();
+        j[0]["ifindex"].as_u64().unwrap() as u32
+    };
+    let pod = |args: &[&str]| sh(&[&["ip", "-n", "cm-pod"][..], args].concat());
+    let before = node_state("cm-n1");
+
+    let eth0 = mac_conf("10.6.168.60/16", "10.6.0.1");
+    let net1 = mac_conf("10.7.168.70/16", "10.7.0.1");
+    let prev0 = run("eth0", "ADD", &eth0, macvlan);
+    run("eth0", "ADD", &veth_conf(&prev0, json!({})), &veth);
+    let prev1 = run("net1", "ADD", &net1, macvlan);
+    run("net1", "ADD", &veth_conf(&prev1, json!({})), &veth);
+
+    // One pair for the pod: the node routes both NICs' addresses through it.
+    let [links, ..] = node_state("cm-n1");
+    assert_eq!(
+        links.lines().count(),
+        before[0].lines().count() + 1,
+        "{links}"
+    );
+    let table500 = sh(&["ip", "-n", "cm-n1", "route", "show", "table", "500"]);
+    let host_veth: Vec<&str> = table500
+        .lines()
+        .map(|l| l.split_whitespace().nth(2).unwrap())
+        .collect();
+    assert_eq!(host_veth.len(), 2, "{table500}");
+    assert_eq!(host_veth[0], host_veth[1], "{table500}");
+    let rules = sh(&["ip", "-n", "cm-n1", "rule"]);
+    for ip in ["10.6.168.60", "10.7.168.70"] {
+        assert!(
+            rules.contains(&format!("1000:\tfrom all to {ip} lookup 500")),
+            "{rules}"
+        );
+    }
+    // eth0, the first NIC, keeps the default route; net1's routes move to a table of its own,
+    // looked up from its address, with the node and the Services still through the pair.
+    let main = pod(&["route"]);
+    let defaults: Vec<&str> = main.lines().filter(|l| l.starts_with("default")).collect();
+    assert_eq!(defaults, ["default via 10.6.0.1 dev eth0 "], "{main}");
+    let t1 = 100 + ifindex("net1");
+    assert!(
+        pod(&["rule"]).contains(&format!("1000:\tfrom 10.7.168.70 lookup {t1}")),
+        "{}",
+        pod(&["rule"])
+    );
+    let table = pod(&["route", "show", "table", &t1.to_string()]);
+    for want in [
+        "default via 10.7.0.1 dev net1",
+        "10.7.0.0/16 dev net1",
+        "10.6.0.2 dev veth0 scope link src 10.7.168.70",
+        "10.233.0.0/18 via 10.6.0.2 dev veth0 src 10.7.168.70",
+    ] {
+        assert!(table.contains(want), "{want:?} in table {t1}:\n{table}");
+    }
+    // Both ways through the pair, from net1's address too.
+    let ping = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        "cm-n1",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "10.7.168.70",
+    ]);
+    assert!(ping.contains("ttl=64"), "{ping}");
+    let ping = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        "cm-pod",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "-I",
+        "10.7.168.70",
+        "10.6.0.2",
+    ]);
+    assert!(ping.contains("ttl=64"), "{ping}");
+    // CHECK of net1 holds; its DEL takes only its routes and rules on the node.
+    let mut checked = veth_conf(&prev1, json!({}));
+    checked["prevResult"] = prev1.clone();
+    run("net1", "CHECK", &checked, &veth);
+    run("net1", "DEL", &checked, &veth);
+    let table500 = sh(&["ip", "-n", "cm-n1", "route", "show", "table", "500"]);
+    assert!(
+        table500.contains("10.6.168.60") && !table500.contains("10.7.168.70"),
+        "{table500}"
+    );
+    assert!(!sh(&["ip", "-n", "cm-n1", "rule"]).contains("10.7.168.70"));
+    run("net1", "DEL", &net1, macvlan);
+
+    // podDefaultRouteNIC net1: net1 keeps its default route, eth0's moves to a table.
+    let prev1 = run("net1", "ADD", &net1, macvlan);
+    run(
+        "net1",
+        "ADD",
+        &veth_conf(&prev1, json!({"podDefaultRouteNIC": "net1"})),
+        &veth,
+    );
+    let main = pod(&["route"]);
+    let defaults: Vec<&str> = main.lines().filter(|l| l.starts_with("default")).collect();
+    assert_eq!(defaults, ["default via 10.7.0.1 dev net1 "], "{main}");
+    let t0 = 100 + ifindex("eth0");
+    assert!(
+        pod(&["rule"]).contains(&format!("1000:\tfrom 10.6.168.60 lookup {t0}")),
+        "{}",
+        pod(&["rule"])
+    );
+    assert!(
+        pod(&["route", "show", "table", &t0.to_string()]).contains("default via 10.6.0.1 dev eth0")
+    );
+    // A bad NIC name is refused by name.
+    let out = call(
+        "ADD",
+        &veth_conf(&prev1, json!({"podDefaultRouteNIC": "net1/x"})),
+    )
+    .ifname("net1")
+    .run_program_via(&veth, &["ip", "netns", "exec", "cm-n1"]);
+    assert!(
+        out.stdout.contains("podDefaultRouteNIC: \\\"net1/x\\\""),
+        "{}",
+        out.stdout
+    );
+
+    // The runtime's DEL, last NIC first: the node is as it was.
+    run("net1", "DEL", &veth_conf(&prev1, json!({})), &veth);
+    run("net1", "DEL", &net1, macvlan);
+    run("eth0", "DEL", &veth_conf(&prev0, json!({})), &veth);
+    run("eth0", "DEL", &eth0, macvlan);
+    assert_eq!(node_state("cm-n1"), before);
+}
