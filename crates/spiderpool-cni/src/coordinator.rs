@@ -24,17 +24,19 @@
 //! `txQueueLen`, `podRPFilter`, `podMACPrefix`: the pod interface's MAC becomes the prefix and
 //! its address's last four bytes, `detectIPConflict`, `detectGateway`); without a
 //! SpiderCoordinator the config's keys alone apply. Before anything is made, on the pod's
-//! interface: with `detectIPConflict` an ARP probe for each IPv4 address fails the ADD (code 11)
-//! naming the address and the MAC that answered, and the agent holds the address back from
-//! allocation for a while (`DELETE /v1/ipam/ips`); with `detectGateway` a gateway that does not
-//! answer fails it likewise; then a gratuitous ARP announces each address.
+//! interface: with `detectIPConflict` an ARP probe for each IPv4 address (an NDP solicitation
+//! from `::` for each IPv6 one) fails the ADD (code 11) naming the address and the MAC that
+//! answered, and the agent holds the address back from allocation for a while
+//! (`DELETE /v1/ipam/ips`); with `detectGateway` a gateway that does not answer ARP (NDP) fails
+//! it likewise; then a gratuitous ARP (an unsolicited neighbour advertisement) announces each
+//! address.
 //! DEL removes the node's rules for the pair's routes, then the pair (its routes and neighbour
 //! entries go with it), and is idempotent; CHECK verifies the pair, the node's routes and rules.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -87,9 +89,9 @@ pub struct Settings {
     /// The first two bytes of the pod interface's MAC address; the other four are its
     /// address's last four (`None`: the MAC is left as it is).
     pub pod_mac_prefix: Option<[u8; 2]>,
-    /// Probe the segment for the pod's IPv4 addresses before they are used.
+    /// Probe the segment for the pod's addresses (ARP, NDP) before they are used.
     pub detect_ip_conflict: bool,
-    /// Check that each IPv4 gateway of the pod answers.
+    /// Check that each gateway of the pod answers (ARP, NDP).
     pub detect_gateway: bool,
     /// The node's table for the routes to its pods (`hostRuleTable`, 500), looked up by a rule
     /// `to POD-ADDRESS` of priority [`HOST_RULE_PRIORITY`]; 254 puts them in main, without rules.
@@ -667,7 +669,8 @@ const PROBE_WAIT: Duration = Duration::from_millis(200);
 const PROBE_TRIES: u32 = 3;
 
 /// IP conflict and gateway detection on the pod's interface (`detectIPConflict`,
-/// `detectGateway`), then a gratuitous ARP for each IPv4 address. Runs in the pod's namespace.
+/// `detectGateway`) by ARP for IPv4 and NDP for IPv6, then a gratuitous ARP or an unsolicited
+/// neighbour advertisement for each address. Runs in the pod's namespace.
 /// `Ok(Some((address, MAC)))`: another host answered for one of the pod's addresses.
 fn segment_checks(
     s: &Settings,
@@ -675,25 +678,25 @@ fn segment_checks(
     ips: &[IpAddr],
     ifname: &str,
 ) -> Result<Option<(IpAddr, String)>, CniError> {
-    let v4: Vec<Ipv4Addr> = ips
+    // Link-local IPv6 addresses are the kernel's own (its duplicate address detection).
+    let ips: Vec<IpAddr> = ips
         .iter()
-        .filter_map(|i| match i {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        })
+        .copied()
+        .filter(|i| !matches!(i, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80))
         .collect();
-    if v4.is_empty() {
+    if ips.is_empty() {
         return Ok(None);
     }
-    let failed = |e: io::Error| io(&format!("ARP on the pod's {ifname}"), e);
-    let mut arp = crate::arp::Arp::open(ifname).map_err(failed)?;
+    let failed = |e: io::Error| io(&format!("ARP/NDP on the pod's {ifname}"), e);
+    let mut seg = crate::arp::Arp::open(ifname).map_err(failed)?;
     if s.detect_ip_conflict {
-        for ip in &v4 {
-            if let Some(mac) = arp
-                .ask(Ipv4Addr::UNSPECIFIED, *ip, PROBE_TRIES, PROBE_WAIT)
-                .map_err(failed)?
-            {
-                return Ok(Some((IpAddr::V4(*ip), mac.to_string())));
+        for ip in &ips {
+            let answer = match ip {
+                IpAddr::V4(a) => seg.ask(Ipv4Addr::UNSPECIFIED, *a, PROBE_TRIES, PROBE_WAIT),
+                IpAddr::V6(a) => seg.ask6(Ipv6Addr::UNSPECIFIED, *a, PROBE_TRIES, PROBE_WAIT),
+            };
+            if let Some(mac) = answer.map_err(failed)? {
+                return Ok(Some((*ip, mac.to_string())));
             }
         }
     }
@@ -710,26 +713,35 @@ fn segment_checks(
             ) else {
                 continue;
             };
-            let (Ok(gw), Ok(net)) = (gw.parse::<Ipv4Addr>(), addr.parse::<ipnet::Ipv4Net>()) else {
+            let (Ok(gw), Ok(net)) = (gw.parse::<IpAddr>(), addr.parse::<ipnet::IpNet>()) else {
                 continue;
             };
-            if arp
-                .ask(net.addr(), gw, PROBE_TRIES, PROBE_WAIT)
-                .map_err(failed)?
-                .is_none()
-            {
+            let (answer, protocol) = match (gw, net.addr()) {
+                (IpAddr::V4(g), IpAddr::V4(own)) => {
+                    (seg.ask(own, g, PROBE_TRIES, PROBE_WAIT), "ARP")
+                }
+                (IpAddr::V6(g), IpAddr::V6(own)) => {
+                    (seg.ask6(own, g, PROBE_TRIES, PROBE_WAIT), "NDP")
+                }
+                _ => continue,
+            };
+            if answer.map_err(failed)?.is_none() {
                 return Err(CniError::new(
                     code::TRY_AGAIN_LATER,
                     format!(
-                        "gateway {gw} of {} does not answer ARP on {ifname} (detectGateway)",
+                        "gateway {gw} of {} does not answer {protocol} on {ifname} (detectGateway)",
                         net.addr()
                     ),
                 ));
             }
         }
     }
-    for ip in &v4 {
-        arp.announce(*ip).map_err(failed)?;
+    for ip in &ips {
+        match ip {
+            IpAddr::V4(a) => seg.announce(*a),
+            IpAddr::V6(a) => seg.announce6(*a),
+        }
+        .map_err(failed)?;
     }
     Ok(None)
 }

@@ -340,7 +340,24 @@ fn an_address_already_on_the_segment_or_a_silent_gateway_fails_add_before_anythi
         .success
     );
 
-    // A free address and a gateway that answers (the zone's router): the ADD goes through.
+    // A free address and a gateway that answers (the zone's router): the ADD goes through,
+    // and the pod's gratuitous ARP updates what a neighbour had cached for the address (past
+    // the kernel's one-second lock on a fresh entry).
+    sh(&[
+        "ip",
+        "-n",
+        "cc-a",
+        "neigh",
+        "add",
+        "10.6.168.62",
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "eth0",
+        "nud",
+        "stale",
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let out = run(
         "cc-pod",
         "ADD",
@@ -350,6 +367,12 @@ fn an_address_already_on_the_segment_or_a_silent_gateway_fails_add_before_anythi
     let prev: Value = serde_json::from_str(&out.stdout).unwrap();
     let out = run("cc-pod", "ADD", &coordinator(&prev), &veth);
     assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let pod_mac = prev["interfaces"][0]["mac"].as_str().unwrap().to_string();
+    let cached = sh(&["ip", "-n", "cc-a", "neigh", "show", "10.6.168.62"]);
+    assert!(
+        cached.contains(&format!("lladdr {pod_mac}")),
+        "{cached} (pod: {pod_mac})"
+    );
     assert!(run("cc-pod", "DEL", &coordinator(&prev), &veth).success);
     assert!(
         run(
@@ -396,6 +419,125 @@ fn an_address_already_on_the_segment_or_a_silent_gateway_fails_add_before_anythi
         )
         .success
     );
+
+    // IPv6, with NDP: a solicitation from :: (as duplicate address detection) finds the host
+    // that has the address; a gateway that does not advertise fails ADD. (The kernel's own
+    // duplicate address detection is off in the pod, as it would otherwise fail the macvlan
+    // ADD first.)
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        "cc-pod",
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.default.accept_dad=0",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        "cc-a",
+        "addr",
+        "add",
+        "fd00:6::61/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let mac6 = |ip: &str, gw: Option<&str>| {
+        let mut a = json!({"address": ip});
+        if let Some(g) = gw {
+            a["gateway"] = json!(g);
+        }
+        json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "macvlan",
+            "master": "ens192", "mode": "bridge",
+            "ipam": {"type": "static", "addresses": [a]}})
+    };
+    let out = run("cc-pod", "ADD", &mac6("fd00:6::61/64", None), macvlan);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+    let out = run("cc-pod", "ADD", &coordinator(&prev), &veth);
+    let e: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(e["code"], 11, "{e}");
+    assert!(
+        e["msg"].as_str().unwrap().starts_with(&format!(
+            "IP conflict: fd00:6::61 is already used on the segment of eth0 by {holder_mac} (detectIPConflict)"
+        )),
+        "{e}"
+    );
+    assert_eq!(node_state("cc-n1"), before, "nothing was made");
+    assert!(run("cc-pod", "DEL", &mac6("fd00:6::61/64", None), macvlan).success);
+    // A free address: ADD goes through and the pod advertises it, unsolicited, overriding
+    // what a neighbour had cached for it.
+    sh(&[
+        "ip",
+        "-n",
+        "cc-a",
+        "neigh",
+        "add",
+        "fd00:6::62",
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "eth0",
+        "nud",
+        "stale",
+    ]);
+    let out = run("cc-pod", "ADD", &mac6("fd00:6::62/64", None), macvlan);
+    let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+    let out = run("cc-pod", "ADD", &coordinator(&prev), &veth);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let pod_mac = prev["interfaces"][0]["mac"].as_str().unwrap().to_string();
+    let cached = sh(&["ip", "-n", "cc-a", "neigh", "show", "fd00:6::62"]);
+    assert!(
+        cached.contains(&format!("lladdr {pod_mac}")),
+        "{cached} (pod: {pod_mac})"
+    );
+    assert!(run("cc-pod", "DEL", &coordinator(&prev), &veth).success);
+    assert!(run("cc-pod", "DEL", &mac6("fd00:6::62/64", None), macvlan).success);
+    // A gateway that advertises itself (the other host, here) lets ADD through.
+    let out = run(
+        "cc-pod",
+        "ADD",
+        &mac6("fd00:6::64/64", Some("fd00:6::61")),
+        macvlan,
+    );
+    let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+    let out = run("cc-pod", "ADD", &coordinator(&prev), &veth);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(run("cc-pod", "DEL", &coordinator(&prev), &veth).success);
+    assert!(
+        run(
+            "cc-pod",
+            "DEL",
+            &mac6("fd00:6::64/64", Some("fd00:6::61")),
+            macvlan
+        )
+        .success
+    );
+    let out = run(
+        "cc-pod",
+        "ADD",
+        &mac6("fd00:6::63/64", Some("fd00:6::99")),
+        macvlan,
+    );
+    let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+    let out = run("cc-pod", "ADD", &coordinator(&prev), &veth);
+    let e: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        e["msg"],
+        "gateway fd00:6::99 of fd00:6::63 does not answer NDP on eth0 (detectGateway)"
+    );
+    assert!(
+        run(
+            "cc-pod",
+            "DEL",
+            &mac6("fd00:6::63/64", Some("fd00:6::99")),
+            macvlan
+        )
+        .success
+    );
+    assert_eq!(node_state("cc-n1"), before);
     assert!(
         run(
             "cc-a",
