@@ -7,7 +7,9 @@
 //! address; on the node, a route to each pod address through the host end in `hostRuleTable`
 //! (500), looked up by a rule `to POD-ADDRESS` (priority 1000), so the node's main table is left
 //! alone. Traffic to a Service then meets kube-proxy's rules in the node's namespace, and the
-//! node reaches its pods directly. `vethLinkAddress` goes on the pod's `veth0`.
+//! node reaches its pods directly. Permanent neighbour entries on both ends (each pod address
+//! on the node, each node address in the pod) spare the pair ARP and NDP. `vethLinkAddress`
+//! goes on the pod's `veth0`.
 //!
 //! Several NICs: the first NIC's ADD makes the pair; another NIC's ADD (the pod has `veth0`
 //! already) shares it: the node routes that NIC's addresses through it too, and with
@@ -408,6 +410,12 @@ fn host_routes(pod_ips: &[IpAddr], oif: u32, table: u32) -> Vec<RouteSpec> {
         .collect()
 }
 
+/// A link's MAC address as bytes.
+fn mac_of(l: &crate::netlink::Link, name: &str) -> Result<[u8; 6], CniError> {
+    crate::netlink::parse_mac(&l.mac)
+        .ok_or_else(|| io(name, format!("no Ethernet address ({:?})", l.mac)))
+}
+
 /// The node's routes to `ips` through the host end `index` in `table`, each with its rule
 /// `to ADDRESS lookup table` (none in main).
 fn add_host_routes(
@@ -458,6 +466,10 @@ fn remove_nic_host_routes(host: &mut Netlink, ips: &[IpAddr]) -> Result<(), CniE
             for r in routes.iter().filter(|r| r.dst == *d && r.table == *table) {
                 host.delete_route(r)
                     .map_err(|e| io(&format!("deleting the node's route to {dst}"), e))?;
+                if let Some(oif) = r.oif {
+                    host.delete_neighbour(oif, *ip)
+                        .map_err(|e| io(&format!("deleting the node's neighbour {ip}"), e))?;
+                }
             }
             host.delete_rule(*d, *table, *priority)
                 .map_err(|e| io(&format!("deleting the node's rule to {dst}"), e))?;
@@ -491,6 +503,11 @@ fn add_nic(
         settings.host_rule_table,
         "the pod's pair",
     )?;
+    let veth0_mac = mac_of(pod_veth, POD_VETH)?;
+    for ip in ips {
+        host.set_neighbour(host_index, *ip, veth0_mac)
+            .map_err(|e| io(&format!("the node's neighbour entry for {ip}"), e))?;
+    }
     if !settings.tune_pod_routes {
         return Ok(());
     }
@@ -919,6 +936,19 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
                     e,
                 )
             })?;
+        }
+        // Static neighbour entries both ways across the pair: no ARP or NDP on it.
+        let (veth0_mac, host_mac) = (mac_of(&pl, POD_VETH)?, mac_of(&hl, &host_name)?);
+        for ip in &ips {
+            host.set_neighbour(hl.index, *ip, veth0_mac)
+                .map_err(|e| io(&format!("the node's neighbour entry for {ip}"), e))?;
+        }
+        for n in nodes
+            .iter()
+            .filter(|n| ips.iter().any(|i| i.is_ipv4() == n.is_ipv4()))
+        {
+            pod.set_neighbour(pl.index, *n, host_mac)
+                .map_err(|e| io(&format!("the pod's neighbour entry for {n}"), e))?;
         }
         Ok::<_, CniError>((hl, pl, nic_mac))
     })();

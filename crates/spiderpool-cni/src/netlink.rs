@@ -9,11 +9,14 @@ use std::os::fd::RawFd;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -29,6 +32,16 @@ pub fn mac_string(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// A MAC address from text (`aa:bb:cc:dd:ee:ff`).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 /// A link: its index and MAC address.
@@ -316,6 +329,36 @@ impl Netlink {
             .collect())
     }
 
+    /// A permanent neighbour entry: `ip` at `mac` on the link `index` (one there is replaced).
+    pub fn set_neighbour(&mut self, index: u32, ip: IpAddr, mac: [u8; 6]) -> io::Result<()> {
+        let mut msg = neighbour_message(index, ip);
+        msg.header.state = NeighbourState::Permanent;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        self.request(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(|_| ())
+    }
+
+    /// Deletes the neighbour entry of `ip` on the link `index`; a missing one is no error.
+    pub fn delete_neighbour(&mut self, index: u32, ip: IpAddr) -> io::Result<()> {
+        match self.request(
+            RouteNetlinkMessage::DelNeighbour(neighbour_message(index, ip)),
+            NLM_F_ACK,
+        ) {
+            Err(e)
+                if [nix::errno::Errno::ENOENT, nix::errno::Errno::ENODEV]
+                    .iter()
+                    .any(|n| e.raw_os_error() == Some(*n as i32)) =>
+            {
+                Ok(())
+            }
+            r => r.map(|_| ()),
+        }
+    }
+
     /// Deletes a route as listed; a missing one is no error.
     pub fn delete_route(&mut self, r: &Route) -> io::Result<()> {
         let mut msg = RouteMessage::default();
@@ -494,6 +537,19 @@ impl Netlink {
             })
             .collect())
     }
+}
+
+fn neighbour_message(index: u32, ip: IpAddr) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = family_of(ip);
+    msg.header.ifindex = index;
+    msg.header.kind = RouteType::Unicast;
+    msg.attributes
+        .push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
+    msg
 }
 
 fn rule_message(dst: ipnet::IpNet, table: u32, priority: u32) -> RuleMessage {

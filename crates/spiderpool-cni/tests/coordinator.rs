@@ -190,6 +190,33 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
         rules.contains("1000:\tfrom all to 10.6.168.60 lookup 500"),
         "{rules}"
     );
+    // Static neighbour entries both ways across the pair.
+    let mac = |ns: &str, dev: &str| {
+        sh(&["ip", "-n", ns, "-o", "link", "show", dev])
+            .split("link/ether ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let neigh = sh(&["ip", "-n", "co-n1", "neigh", "show", "dev", host_veth]);
+    assert!(
+        neigh.contains(&format!(
+            "10.6.168.60 lladdr {} PERMANENT",
+            mac("co-pod", "veth0")
+        )),
+        "{neigh}"
+    );
+    let neigh = sh(&["ip", "-n", "co-pod", "neigh", "show", "dev", "veth0"]);
+    assert!(
+        neigh.contains(&format!(
+            "10.6.0.2 lladdr {} PERMANENT",
+            mac("co-n1", host_veth)
+        )),
+        "{neigh}"
+    );
     // The pod reaches its node (macvlan alone cannot: the master does not talk to its
     // macvlans), and the node reaches the pod, both through the pair.
     let ping = sh(&[
@@ -809,6 +836,11 @@ fn a_second_nic_shares_the_pair_and_the_default_route_stays_with_pod_default_rou
         "{table500}"
     );
     assert!(!sh(&["ip", "-n", "cm-n1", "rule"]).contains("10.7.168.70"));
+    let neigh = sh(&["ip", "-n", "cm-n1", "neigh"]);
+    assert!(
+        neigh.contains("10.6.168.60") && !neigh.contains("10.7.168.70"),
+        "{neigh}"
+    );
     run("net1", "DEL", &net1, macvlan);
 
     // podDefaultRouteNIC net1: net1 keeps its default route, eth0's moves to a table.
