@@ -89,28 +89,42 @@ impl Arp {
         tries: u32,
         wait: Duration,
     ) -> io::Result<Option<MacAddr>> {
+        let own = self.mac;
         for _ in 0..tries {
             self.send(ArpOperations::Request, sender, MacAddr::zero(), target)?;
-            let deadline = Instant::now() + wait;
-            while Instant::now() < deadline {
-                let frame = match self.rx.next() {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
-                    Err(e) => return Err(e),
-                };
-                let Some(eth) = EthernetPacket::new(frame) else {
-                    continue;
-                };
+            let found = self.watch(wait, |frame| {
+                let eth = EthernetPacket::new(frame)?;
                 if eth.get_ethertype() != EtherTypes::Arp {
-                    continue;
+                    return None;
                 }
-                let Some(arp) = ArpPacket::new(eth.payload()) else {
-                    continue;
-                };
+                let arp = ArpPacket::new(eth.payload())?;
                 // Someone else holding (or claiming) the address speaks for it.
-                if arp.get_sender_proto_addr() == target && arp.get_sender_hw_addr() != self.mac {
-                    return Ok(Some(arp.get_sender_hw_addr()));
+                (arp.get_sender_proto_addr() == target && arp.get_sender_hw_addr() != own)
+                    .then(|| arp.get_sender_hw_addr())
+            })?;
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads frames for `wait`, until `f` finds what it looks for in one.
+    fn watch<T>(
+        &mut self,
+        wait: Duration,
+        mut f: impl FnMut(&[u8]) -> Option<T>,
+    ) -> io::Result<Option<T>> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            match self.rx.next() {
+                Ok(frame) => {
+                    if let Some(t) = f(frame) {
+                        return Ok(Some(t));
+                    }
                 }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(None)
@@ -178,18 +192,12 @@ impl Arp {
             ns.extend_from_slice(&[1, 1]);
             ns.extend_from_slice(&self.mac.octets());
         }
+        let own = self.mac;
         for _ in 0..tries {
             self.send6(sender, group, group_mac, ns.clone())?;
-            let deadline = Instant::now() + wait;
-            while Instant::now() < deadline {
-                let frame = match self.rx.next() {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
-                    Err(e) => return Err(e),
-                };
-                if let Some(mac) = advertiser(frame, &t, self.mac) {
-                    return Ok(Some(mac));
-                }
+            let found = self.watch(wait, |frame| advertiser(frame, &t, own))?;
+            if found.is_some() {
+                return Ok(found);
             }
         }
         Ok(None)

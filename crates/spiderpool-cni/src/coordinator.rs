@@ -33,7 +33,8 @@
 //! it likewise; then a gratuitous ARP (an unsolicited neighbour advertisement) announces each
 //! address.
 //! DEL removes the node's rules for the pair's routes, then the pair (its routes and neighbour
-//! entries go with it), and is idempotent; CHECK verifies the pair, the node's routes and rules.
+//! entries go with it), and is idempotent; CHECK verifies the pair, the node's routes, rules and
+//! neighbour entries.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -410,6 +411,20 @@ fn host_routes(pod_ips: &[IpAddr], oif: u32, table: u32) -> Vec<RouteSpec> {
         .collect()
 }
 
+/// The node's routes of every table and its rules with a destination.
+type NodeRules = Vec<(ipnet::IpNet, u32, u32)>;
+fn routes_and_rules(
+    host: &mut Netlink,
+) -> Result<(Vec<crate::netlink::Route>, NodeRules), CniError> {
+    let routes = host
+        .all_routes()
+        .map_err(|e| io("listing the node's routes", e))?;
+    let rules = host
+        .destination_rules()
+        .map_err(|e| io("listing the node's rules", e))?;
+    Ok((routes, rules))
+}
+
 /// A link's MAC address as bytes.
 fn mac_of(l: &crate::netlink::Link, name: &str) -> Result<[u8; 6], CniError> {
     crate::netlink::parse_mac(&l.mac)
@@ -451,12 +466,7 @@ fn add_host_routes(
 /// Removes the node's routes to `ips` that a NIC sharing another NIC's pair was given: those
 /// outside main with the coordinator's rule `to ADDRESS`, and the rules.
 fn remove_nic_host_routes(host: &mut Netlink, ips: &[IpAddr]) -> Result<(), CniError> {
-    let routes = host
-        .all_routes()
-        .map_err(|e| io("listing the node's routes", e))?;
-    let rules = host
-        .destination_rules()
-        .map_err(|e| io("listing the node's rules", e))?;
+    let (routes, rules) = routes_and_rules(host)?;
     for ip in ips {
         let dst = ipnet::IpNet::from(*ip);
         for (d, table, priority) in rules
@@ -1014,12 +1024,7 @@ fn check(conf: &Value, env: &CniEnv) -> Result<(), CniError> {
     let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
     let name = host_veth_name(&env.container_id, &env.ifname);
     let own = host.link(&name).map_err(|e| io("netlink on the node", e))?;
-    let routes = host
-        .all_routes()
-        .map_err(|e| io("listing the node's routes", e))?;
-    let rules = host
-        .destination_rules()
-        .map_err(|e| io("listing the node's rules", e))?;
+    let (routes, rules) = routes_and_rules(&mut host)?;
     let has_rule = |dst: ipnet::IpNet, table: u32| {
         table == MAIN_TABLE || rules.iter().any(|(d, t, _)| *d == dst && *t == table)
     };
@@ -1063,6 +1068,15 @@ fn check(conf: &Value, env: &CniEnv) -> Result<(), CniError> {
                 ),
             ));
         }
+    }
+    let neighbours = host
+        .permanent_neighbours(l.index)
+        .map_err(|e| io("listing the node's neighbour entries", e))?;
+    if let Some(ip) = ips.iter().find(|ip| !neighbours.contains(ip)) {
+        return Err(CniError::new(
+            code::CHECK_MISMATCH,
+            format!("the node has no neighbour entry for {ip} on {name}"),
+        ));
     }
     Ok(())
 }

@@ -428,6 +428,33 @@ impl Netlink {
         }
     }
 
+    /// The permanent neighbour entries of the link `index`: the addresses.
+    pub fn permanent_neighbours(&mut self, index: u32) -> io::Result<Vec<IpAddr>> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = NeighbourMessage::default();
+            msg.header.family = family;
+            for a in self.request(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_DUMP)? {
+                let RouteNetlinkMessage::NewNeighbour(n) = a else {
+                    continue;
+                };
+                if n.header.ifindex != index || n.header.state != NeighbourState::Permanent {
+                    continue;
+                }
+                out.extend(n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
+                        Some(IpAddr::V4(*v))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
+                        Some(IpAddr::V6(*v))
+                    }
+                    _ => None,
+                }));
+            }
+        }
+        Ok(out)
+    }
+
     /// The rules with a destination: (destination, table, priority).
     pub fn destination_rules(&mut self) -> io::Result<Vec<(ipnet::IpNet, u32, u32)>> {
         let mut out = Vec::new();

@@ -49,6 +49,28 @@ fn node_state(node: &str) -> [String; 4] {
     ]
 }
 
+/// The MAC address of the link `dev` in the namespace `ns`.
+fn mac(ns: &str, dev: &str) -> String {
+    sh(&["ip", "-n", ns, "-o", "link", "show", dev])
+        .split("link/ether ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Asserts that the neighbour `ns` caches `ip` at the MAC of the pod's interface in `prev`.
+fn assert_announced(ns: &str, ip: &str, prev: &Value) {
+    let pod_mac = prev["interfaces"][0]["mac"].as_str().unwrap();
+    let cached = sh(&["ip", "-n", ns, "neigh", "show", ip]);
+    assert!(
+        cached.contains(&format!("lladdr {pod_mac}")),
+        "{cached} (pod: {pod_mac})"
+    );
+}
+
 fn call(command: &str, conf: &Value) -> CniCall {
     CniCall::new(command, "co-pod", "web", conf)
 }
@@ -191,16 +213,6 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
         "{rules}"
     );
     // Static neighbour entries both ways across the pair.
-    let mac = |ns: &str, dev: &str| {
-        sh(&["ip", "-n", ns, "-o", "link", "show", dev])
-            .split("link/ether ")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
-    };
     let neigh = sh(&["ip", "-n", "co-n1", "neigh", "show", "dev", host_veth]);
     assert!(
         neigh.contains(&format!(
@@ -270,6 +282,27 @@ fn underlay_pods_reach_their_node_and_services_through_a_veth_pair_that_del_remo
     );
     assert!(in_node(&call("ADD", &conf(json!({}))), &veth).success);
     assert!(check(&checked).success);
+    // ... and a neighbour entry gone missing.
+    sh(&[
+        "ip",
+        "-n",
+        "co-n1",
+        "neigh",
+        "del",
+        "10.6.168.60",
+        "dev",
+        host_veth,
+    ]);
+    let e: Value = serde_json::from_str(&check(&checked).stdout).unwrap();
+    assert_eq!(e["code"], 101, "{e}");
+    assert!(
+        e["msg"].as_str().unwrap().contains(&format!(
+            "the node has no neighbour entry for 10.6.168.60 on {host_veth}"
+        )),
+        "{e}"
+    );
+    assert!(in_node(&call("ADD", &conf(json!({}))), &veth).success);
+    assert!(check(&checked).success);
 
     // DEL removes the pair and its routes; again, nothing to do; CHECK then names what is gone.
     for _ in 0..2 {
@@ -330,14 +363,7 @@ fn an_address_already_on_the_segment_or_a_silent_gateway_fails_add_before_anythi
         )
         .success
     );
-    let holder_mac = sh(&["ip", "-n", "cc-a", "-o", "link", "show", "eth0"])
-        .split("link/ether ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let holder_mac = mac("cc-a", "eth0");
     let before = node_state("cc-n1");
     let out = run(
         "cc-pod",
@@ -394,12 +420,7 @@ fn an_address_already_on_the_segment_or_a_silent_gateway_fails_add_before_anythi
     let prev: Value = serde_json::from_str(&out.stdout).unwrap();
     let out = run("cc-pod", "ADD", &coordinator(&prev), &veth);
     assert!(out.success, "{}{}", out.stdout, out.stderr);
-    let pod_mac = prev["interfaces"][0]["mac"].as_str().unwrap().to_string();
-    let cached = sh(&["ip", "-n", "cc-a", "neigh", "show", "10.6.168.62"]);
-    assert!(
-        cached.contains(&format!("lladdr {pod_mac}")),
-        "{cached} (pod: {pod_mac})"
-    );
+    assert_announced("cc-a", "10.6.168.62", &prev);
     assert!(run("cc-pod", "DEL", &coordinator(&prev), &veth).success);
     assert!(
         run(
@@ -514,12 +535,7 @@ fn an_address_already_on_the_segment_or_a_silent_gateway_fails_add_before_anythi
     let prev: Value = serde_json::from_str(&out.stdout).unwrap();
     let out = run("cc-pod", "ADD", &coordinator(&prev), &veth);
     assert!(out.success, "{}{}", out.stdout, out.stderr);
-    let pod_mac = prev["interfaces"][0]["mac"].as_str().unwrap().to_string();
-    let cached = sh(&["ip", "-n", "cc-a", "neigh", "show", "fd00:6::62"]);
-    assert!(
-        cached.contains(&format!("lladdr {pod_mac}")),
-        "{cached} (pod: {pod_mac})"
-    );
+    assert_announced("cc-a", "fd00:6::62", &prev);
     assert!(run("cc-pod", "DEL", &coordinator(&prev), &veth).success);
     assert!(run("cc-pod", "DEL", &mac6("fd00:6::62/64", None), macvlan).success);
     // A gateway that advertises itself (the other host, here) lets ADD through.
@@ -637,14 +653,7 @@ fn an_address_found_in_conflict_is_held_back_while_its_other_host_answers() {
         "master": "ens192", "mode": "bridge",
         "ipam": {"type": "static", "addresses": [{"address": "10.6.168.61/16", "gateway": "10.6.0.1"}]}});
     assert!(run("cq-a", "other", "ADD", &holder, macvlan).success);
-    let holder_mac = sh(&["ip", "-n", "cq-a", "-o", "link", "show", "eth0"])
-        .split("link/ether ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let holder_mac = mac("cq-a", "eth0");
 
     // The first pod is given it, the probe finds the other host: ADD fails naming both, and the
     // address is held back by a SpiderReservedIP that says why.

@@ -137,15 +137,7 @@ impl IpamService {
             return Ok(out);
         }
         if let Some((_, ep, _, _)) = &record {
-            if self
-                .stateful_member(
-                    &pod.namespace,
-                    &pod.name,
-                    &ep.status.owner_controller_type,
-                    &ep.status.owner_controller_name,
-                )
-                .await?
-            {
+            if self.keeps_addresses(&pod, ep).await? {
                 tracing::info!(pod = %pod.key(), "a StatefulSet member keeps its addresses despite the conflict");
                 return Ok(out);
             }

@@ -25,15 +25,7 @@ impl IpamService {
             tracing::info!(pod = %pod.key(), nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
             return Ok(());
         };
-        if self
-            .stateful_member(
-                &pod.namespace,
-                &pod.name,
-                &ep.status.owner_controller_type,
-                &ep.status.owner_controller_name,
-            )
-            .await?
-        {
+        if self.keeps_addresses(pod, &ep).await? {
             tracing::info!(pod = %key, nic = %pod.nic, statefulset = %ep.status.owner_controller_name,
                 "keeping the addresses of a StatefulSet member for its next sandbox");
             return Ok(());

@@ -19,4 +19,19 @@ impl IpamService {
                 .await?,
         )
     }
+
+    /// [`IpamService::stateful_member`] for the pod `pod` of the endpoint record `ep`.
+    pub(super) async fn keeps_addresses(
+        &self,
+        pod: &PodRef,
+        ep: &spiderpool_api::SpiderEndpoint,
+    ) -> Result<bool> {
+        self.stateful_member(
+            &pod.namespace,
+            &pod.name,
+            &ep.status.owner_controller_type,
+            &ep.status.owner_controller_name,
+        )
+        .await
+    }
 }
