@@ -905,20 +905,18 @@ fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
             &host_name,
         )?;
         let nodes = node_addresses(&mut host, hl.index)?;
-        // The pod's side: a socket opened inside its namespace keeps acting there.
-        enter(&pod_ns, "the pod's network namespace")?;
-        let pod = (|| {
-            let nl = Netlink::open().map_err(|e| io("netlink in the pod", e));
-            if settings.pod_rp_filter >= 0 {
-                let v = settings.pod_rp_filter.to_string();
-                for dev in ["all", POD_VETH] {
-                    sysctl(&format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"), &v)?;
-                }
-            }
-            nl
-        })();
-        enter(&host_ns, "the node's network namespace")?;
-        let mut pod = pod?;
+        // The pod's side, through the socket opened inside its namespace (it keeps acting
+        // there); only its sysctls need the namespace entered.
+        if settings.pod_rp_filter >= 0 {
+            enter(&pod_ns, "the pod's network namespace")?;
+            let v = settings.pod_rp_filter.to_string();
+            let set = ["all", POD_VETH].iter().try_for_each(|dev| {
+                sysctl(&format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"), &v)
+            });
+            enter(&host_ns, "the node's network namespace")?;
+            set?;
+        }
+        let pod = &mut pod_nl;
         let pl = pod
             .link(POD_VETH)
             .map_err(|e| io("netlink in the pod", e))?

@@ -24,6 +24,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use nix::errno::Errno;
 
 /// A MAC address as text (`aa:bb:cc:dd:ee:ff`).
 pub fn mac_string(bytes: &[u8]) -> String {
@@ -174,6 +175,23 @@ impl Netlink {
         }
     }
 
+    /// Creates what `message` describes; one that exists already is left as it is.
+    fn create(&mut self, message: RouteNetlinkMessage) -> io::Result<()> {
+        match self.request(message, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Deletes what `message` describes; the kernel's answers in `missing` (it is not there)
+    /// are no error.
+    fn remove(&mut self, message: RouteNetlinkMessage, missing: &[Errno]) -> io::Result<()> {
+        match self.request(message, NLM_F_ACK) {
+            Err(e) if missing.iter().any(|m| e.raw_os_error() == Some(*m as i32)) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
     /// The link named `name`, or `None`.
     pub fn link(&mut self, name: &str) -> io::Result<Option<Link>> {
         let mut msg = LinkMessage::default();
@@ -266,13 +284,7 @@ impl Netlink {
         msg.header.index = index;
         msg.attributes.push(AddressAttribute::Local(ip));
         msg.attributes.push(AddressAttribute::Address(ip));
-        match self.request(
-            RouteNetlinkMessage::NewAddress(msg),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        ) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            r => r.map(|_| ()),
-        }
+        self.create(RouteNetlinkMessage::NewAddress(msg))
     }
 
     /// Deletes the link (a veth takes its peer with it).
@@ -310,13 +322,7 @@ impl Netlink {
         if let Some(src) = r.src {
             msg.attributes.push(RouteAttribute::PrefSource(addr(src)));
         }
-        match self.request(
-            RouteNetlinkMessage::NewRoute(msg),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        ) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            r => r.map(|_| ()),
-        }
+        self.create(RouteNetlinkMessage::NewRoute(msg))
     }
 
     /// The routes of the main table: (destination, outgoing interface).
@@ -344,19 +350,10 @@ impl Netlink {
 
     /// Deletes the neighbour entry of `ip` on the link `index`; a missing one is no error.
     pub fn delete_neighbour(&mut self, index: u32, ip: IpAddr) -> io::Result<()> {
-        match self.request(
+        self.remove(
             RouteNetlinkMessage::DelNeighbour(neighbour_message(index, ip)),
-            NLM_F_ACK,
-        ) {
-            Err(e)
-                if [nix::errno::Errno::ENOENT, nix::errno::Errno::ENODEV]
-                    .iter()
-                    .any(|n| e.raw_os_error() == Some(*n as i32)) =>
-            {
-                Ok(())
-            }
-            r => r.map(|_| ()),
-        }
+            &[Errno::ENOENT, Errno::ENODEV],
+        )
     }
 
     /// Deletes a route as listed; a missing one is no error.
@@ -380,10 +377,7 @@ impl Netlink {
             msg.attributes
                 .push(RouteAttribute::Gateway(route_address(gw)));
         }
-        match self.request(RouteNetlinkMessage::DelRoute(msg), NLM_F_ACK) {
-            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ESRCH as i32) => Ok(()),
-            r => r.map(|_| ()),
-        }
+        self.remove(RouteNetlinkMessage::DelRoute(msg), &[Errno::ESRCH])
     }
 
     /// Adds the rule `from SRC lookup TABLE pref PRIORITY`; one that exists is left as it is.
@@ -393,39 +387,28 @@ impl Netlink {
         table: u32,
         priority: u32,
     ) -> io::Result<()> {
-        let mut msg = rule_message(src, table, priority);
-        msg.header.dst_len = 0;
-        msg.header.src_len = src.prefix_len();
-        msg.attributes[0] = RuleAttribute::Source(src.network());
-        match self.request(
-            RouteNetlinkMessage::NewRule(msg),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        ) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            r => r.map(|_| ()),
-        }
+        self.create(RouteNetlinkMessage::NewRule(rule_message(
+            Selector::From(src),
+            table,
+            priority,
+        )))
     }
 
     /// Adds the rule `to DST lookup TABLE pref PRIORITY`; one that exists is left as it is.
     pub fn add_rule(&mut self, dst: ipnet::IpNet, table: u32, priority: u32) -> io::Result<()> {
-        match self.request(
-            RouteNetlinkMessage::NewRule(rule_message(dst, table, priority)),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        ) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            r => r.map(|_| ()),
-        }
+        self.create(RouteNetlinkMessage::NewRule(rule_message(
+            Selector::To(dst),
+            table,
+            priority,
+        )))
     }
 
     /// Deletes the rule `to DST lookup TABLE pref PRIORITY`; a missing one is no error.
     pub fn delete_rule(&mut self, dst: ipnet::IpNet, table: u32, priority: u32) -> io::Result<()> {
-        match self.request(
-            RouteNetlinkMessage::DelRule(rule_message(dst, table, priority)),
-            NLM_F_ACK,
-        ) {
-            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) => Ok(()),
-            r => r.map(|_| ()),
-        }
+        self.remove(
+            RouteNetlinkMessage::DelRule(rule_message(Selector::To(dst), table, priority)),
+            &[Errno::ENOENT],
+        )
     }
 
     /// The permanent neighbour entries of the link `index`: the addresses.
@@ -579,14 +562,31 @@ fn neighbour_message(index: u32, ip: IpAddr) -> NeighbourMessage {
     msg
 }
 
-fn rule_message(dst: ipnet::IpNet, table: u32, priority: u32) -> RuleMessage {
+/// What a rule matches.
+enum Selector {
+    /// `to NET`.
+    To(ipnet::IpNet),
+    /// `from NET`.
+    From(ipnet::IpNet),
+}
+
+fn rule_message(selector: Selector, table: u32, priority: u32) -> RuleMessage {
     let mut msg = RuleMessage::default();
-    msg.header.family = family_of(dst.addr());
-    msg.header.dst_len = dst.prefix_len();
+    let net = match selector {
+        Selector::To(n) => {
+            msg.header.dst_len = n.prefix_len();
+            msg.attributes.push(RuleAttribute::Destination(n.network()));
+            n
+        }
+        Selector::From(n) => {
+            msg.header.src_len = n.prefix_len();
+            msg.attributes.push(RuleAttribute::Source(n.network()));
+            n
+        }
+    };
+    msg.header.family = family_of(net.addr());
     msg.header.table = header_table(table);
     msg.header.action = RuleAction::ToTable;
-    msg.attributes
-        .push(RuleAttribute::Destination(dst.network()));
     msg.attributes.push(RuleAttribute::Table(table));
     msg.attributes.push(RuleAttribute::Priority(priority));
     msg
@@ -594,5 +594,5 @@ fn rule_message(dst: ipnet::IpNet, table: u32, priority: u32) -> RuleMessage {
 
 /// `ENODEV`, the answer for a link that does not exist.
 fn libc_enodev() -> i32 {
-    nix::errno::Errno::ENODEV as i32
+    Errno::ENODEV as i32
 }

@@ -106,18 +106,14 @@ impl Agent {
             socket: socket.to_path_buf(),
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !healthy(socket) {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("spiderpool-agent exited with {status}:\n{}", agent.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "spiderpool-agent not healthy in time:\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_ready(
+            "spiderpool-agent",
+            &mut agent.child,
+            &agent.log,
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || healthy(socket),
+        );
         agent
     }
 

@@ -229,18 +229,15 @@ impl Controller {
             health,
             metrics,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get_quiet(&c.health, "/healthz") != Some(200) {
-            if let Ok(Some(status)) = c.child.try_wait() {
-                panic!("spiderpool-controller exited with {status}:\n{}", c.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "spiderpool-controller not healthy in time:\n{}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let health = c.health.clone();
+        wait_ready(
+            "spiderpool-controller",
+            &mut c.child,
+            &c.log,
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || http_get_quiet(&health, "/healthz") == Some(200),
+        );
         c
     }
 
@@ -343,18 +340,14 @@ impl KubeProxy {
             _dir: dir,
         };
         let health: std::net::SocketAddr = "127.0.0.1:10256".parse().expect("address");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !matches!(crate::http_get_in(netns, health, "/healthz"), Ok((200, _))) {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                panic!("kube-proxy of {node} exited with {status}:\n{}", p.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kube-proxy of {node} not healthy in time:\n{}",
-                p.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_ready(
+            &format!("kube-proxy of {node}"),
+            &mut p.child,
+            &p.log,
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            || matches!(crate::http_get_in(netns, health, "/healthz"), Ok((200, _))),
+        );
         p
     }
 

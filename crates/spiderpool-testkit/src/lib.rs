@@ -26,7 +26,7 @@ pub use kube_world::{
 };
 pub use netns::{http_get_in, in_netns, Netns, Relay};
 pub use node_sim::{AddTiming, NodeSim, NodeSpec};
-pub use process::{cpu_time, free_port, run, sh, Output};
+pub use process::{cpu_time, free_port, run, sh, wait_ready, Output};
 pub use sandbox::{allocated, ctl, Sandbox};
 
 /// The directory holding the workspace's built binaries (`target/debug` or `target/release`).

@@ -130,3 +130,28 @@ pub fn free_port() -> u16 {
     }
     panic!("no free port between {low} and {}", low + span)
 }
+
+/// Polls `ready` every `every` until it answers true; panics with the process's log (the file
+/// `log`) when `child` exits first or `within` passes. `what` names the process.
+pub fn wait_ready(
+    what: &str,
+    child: &mut std::process::Child,
+    log: &std::path::Path,
+    within: Duration,
+    every: Duration,
+    mut ready: impl FnMut() -> bool,
+) {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + within;
+    while !ready() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status}:\n{}", log());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} not healthy in time:\n{}",
+            log()
+        );
+        std::thread::sleep(every);
+    }
+}
