@@ -13,7 +13,7 @@ k8s=$(sed -n 's#^[[:space:]]*k8s.io/kubernetes v\(1\.[0-9.]*\).*#v\1#p' go.mod |
 key=$(cat go.mod go.sum main.go | sha256sum | cut -c1-16)
 cache=${SPIDERPOOL_KUBE_CACHE:-$HOME/.cache/spiderpool-kube}
 bin="$cache/$k8s-$key/bin"
-components=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl)
+components=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl)
 if [ ! -x "$bin/kube-plane" ]; then
   echo "building the control plane of Kubernetes $k8s into $bin (cold: tens of minutes on 2 cores)" >&2
   minor=${k8s#v1.}; minor=${minor%%.*}

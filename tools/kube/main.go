@@ -1,14 +1,15 @@
 // Command kube-plane is a build recipe, not product code: one multi-call binary holding the
-// real etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy and kubectl of one
+// real etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubelet and kubectl of one
 // Kubernetes release, built from their Go modules for the project's tests (no prebuilt binary
 // can be downloaded on the project's machines). Call it as
 //
-//	kube-plane <etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kube-proxy|kubectl> [flags]
+//	kube-plane <etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kube-proxy|kubelet|kubectl> [flags]
 //
 // or through a symlink named after the component (scripts/kube-tools.sh makes them).
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -28,9 +29,10 @@ import (
 	kcmapp "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	proxyapp "k8s.io/kubernetes/cmd/kube-proxy/app"
 	schedulerapp "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubeletapp "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
-var components = []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl"}
+var components = []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubelet", "kubectl"}
 
 func isComponent(s string) bool {
 	for _, c := range components {
@@ -63,6 +65,8 @@ func main() {
 		os.Exit(cli.Run(schedulerapp.NewSchedulerCommand()))
 	case "kube-proxy":
 		os.Exit(cli.Run(proxyapp.NewProxyCommand()))
+	case "kubelet":
+		os.Exit(cli.Run(kubeletapp.NewKubeletCommand(context.Background())))
 	case "kubectl":
 		logs.GlogSetter(kubectlcmd.GetLogVerbosity(os.Args)) //nolint:errcheck // as upstream
 		if err := cli.RunNoErrOutput(kubectlcmd.NewDefaultKubectlCommand()); err != nil {
