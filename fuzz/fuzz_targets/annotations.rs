@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use spiderpool_api::annotation::{self, MULTUS_DEFAULT_NETWORK, MULTUS_NETWORKS};
+use spiderpool_api::annotation;
+use spiderpool_api::keys::{MULTUS_DEFAULT_NETWORK, MULTUS_NETWORKS};
 
 fuzz_target!(|data: &[u8]| {
     // Annotations are Kubernetes strings: UTF-8 or nothing.

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use spiderpool_backends::{DatastoreUrl, DEFAULT_DATASTORE};
 use spiderpool_core::Labels;
-use spiderpool_store::{DatastoreUrl, DEFAULT_DATASTORE};
 
 use crate::service::{IpamService, NodeIdentity};
 
@@ -151,7 +151,7 @@ fn init_tracing(level: &str, format: LogFormat) {
 
 /// Runs the agent.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let store = spiderpool_store::open_with(&args.datastore, args.kubeconfig.as_deref())
+    let store = spiderpool_backends::open_with(&args.datastore, args.kubeconfig.as_deref())
         .await
         .with_context(|| format!("opening datastore {:?}", args.datastore))?;
     let svc = Arc::new(

@@ -13,8 +13,24 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::service::ServiceError;
-use spiderpool_core::candidate::AllocError;
+/// Which failure counter a failed request counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Every candidate pool is exhausted (`err_ip_used_out_counts`).
+    IpUsedOut,
+    /// No pool fits the request (`err_no_available_pool_counts`).
+    NoAvailablePool,
+    /// Conflicts outlasted the retries (`err_retries_exhausted_counts`).
+    RetriesExhausted,
+    /// Anything else (`err_internal_counts`).
+    Internal,
+}
+
+/// An error that says which failure counter it belongs to.
+pub trait Outcome {
+    /// The counter.
+    fn failure(&self) -> Failure;
+}
 
 /// Upstream's buckets for request durations, in seconds.
 const DURATION_BUCKETS: [f64; 9] = [0.1, 0.3, 0.5, 1.0, 3.0, 5.0, 7.0, 10.0, 15.0];
@@ -113,7 +129,7 @@ impl Family {
     }
 
     /// Records one request that took `took` and ended in `outcome`.
-    fn observe(&self, took: Duration, outcome: Result<(), &ServiceError>) {
+    fn observe(&self, took: Duration, outcome: Result<(), Failure>) {
         let secs = took.as_secs_f64();
         self.counts.inc();
         self.duration.observe(secs);
@@ -134,29 +150,24 @@ impl Family {
         let Err(e) = outcome else { return };
         self.failure_counts.inc();
         match e {
-            ServiceError::Alloc(AllocError::Exhausted { .. }) => {
-                self.err_ip_used_out_counts.inc();
-            }
-            ServiceError::Alloc(_) => {
-                self.err_no_available_pool_counts.inc();
-            }
-            e if e.retries_exhausted() => {
-                self.err_retries_exhausted_counts.inc();
-            }
-            _ => {
-                self.err_internal_counts.inc();
-            }
+            Failure::IpUsedOut => self.err_ip_used_out_counts.inc(),
+            Failure::NoAvailablePool => self.err_no_available_pool_counts.inc(),
+            Failure::RetriesExhausted => self.err_retries_exhausted_counts.inc(),
+            Failure::Internal => self.err_internal_counts.inc(),
         };
     }
 
     /// Runs `work` and records how long it took and how it ended.
-    pub async fn observed<T>(
+    pub async fn observed<T, E: Outcome>(
         &self,
-        work: impl std::future::Future<Output = Result<T, ServiceError>>,
-    ) -> Result<T, ServiceError> {
+        work: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
         let started = std::time::Instant::now();
         let r = work.await;
-        self.observe(started.elapsed(), r.as_ref().map(|_| ()));
+        self.observe(
+            started.elapsed(),
+            r.as_ref().map(|_| ()).map_err(E::failure),
+        );
         r
     }
 

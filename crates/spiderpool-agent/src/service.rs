@@ -11,14 +11,11 @@ use spiderpool_api::cni::code;
 use spiderpool_api::{KubeObject, Object, ObjectMeta, ValidationError};
 use spiderpool_core::candidate::AllocError;
 use spiderpool_core::Labels;
-use spiderpool_store::{typed, Expect, Kind, Op, Store, StoreError};
+use spiderpool_store::{typed, Expect, Kind, Op, Retry, Store, StoreError};
 use thiserror::Error;
 use tokio::sync::Mutex;
 
 use crate::view::{ViewCache, MAX_WATCHED_AGE};
-
-/// How often a transaction is retried after a conflict before the caller is told to try again.
-const MAX_ATTEMPTS: u32 = 8;
 
 /// Why a request failed. Each variant maps to the CNI code the plugin reports.
 #[derive(Debug, Error)]
@@ -114,6 +111,18 @@ impl ServiceError {
     }
 }
 
+impl crate::metrics::Outcome for ServiceError {
+    fn failure(&self) -> crate::metrics::Failure {
+        use crate::metrics::Failure;
+        match self {
+            ServiceError::Alloc(AllocError::Exhausted { .. }) => Failure::IpUsedOut,
+            ServiceError::Alloc(_) => Failure::NoAvailablePool,
+            e if e.retries_exhausted() => Failure::RetriesExhausted,
+            _ => Failure::Internal,
+        }
+    }
+}
+
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
 /// The agent's identity.
@@ -150,7 +159,7 @@ pub struct IpamService {
 pub const AUTO_POOL_WAIT: Duration = Duration::from_secs(50);
 
 /// Evaluates the attempt (an expression yielding a future of `Result`) until it does not end
-/// in a conflict, a bounded number of times, then tells the caller to try again later. (A
+/// in a conflict, as [`Retry::CONFLICTS`] says, then tells the caller to try again later. (A
 /// conflict means another writer moved the datastore on: the next attempt's view has learnt the
 /// address that was taken, or is read afresh.) A macro rather than a function taking an async
 /// closure, whose futures cannot yet be proven `Send` for the server.
@@ -163,23 +172,18 @@ macro_rules! retrying {
         loop {
             n += 1;
             match $attempt.await {
-                Err(ServiceError::Store(StoreError::Conflict(m))) if n < MAX_ATTEMPTS => {
+                Err(ServiceError::Store(StoreError::Conflict(c))) => {
                     if let Some(f) = $family {
                         f.conflict();
                     }
-                    tracing::debug!(attempt = n, conflict = %m, "{}: retrying after a conflict", $what);
-                    // Jittered backoff keeps racing agents from colliding in lockstep.
-                    let jitter = u64::from(std::process::id() % 7) + u64::from(n);
-                    tokio::time::sleep(Duration::from_millis(2u64.pow(n.min(6)) + jitter)).await;
-                }
-                Err(ServiceError::Store(StoreError::Conflict(m))) => {
-                    if let Some(f) = $family {
-                        f.conflict();
+                    if !Retry::CONFLICTS.more(n) {
+                        break Err(ServiceError::RetriesExhausted(format!(
+                            "{}: gave up after {n} conflicting attempts, last: {c}",
+                            $what
+                        )));
                     }
-                    break Err(ServiceError::RetriesExhausted(format!(
-                        "{}: gave up after {n} conflicting attempts, last: {m}",
-                        $what
-                    )));
+                    tracing::debug!(attempt = n, conflict = %c, "{}: retrying after a conflict", $what);
+                    tokio::time::sleep(Retry::CONFLICTS.wait(n)).await;
                 }
                 other => break other,
             }
@@ -201,10 +205,7 @@ mod status;
 
 use add::{Commit, Prefetched, Prepared};
 use batch::PendingAdd;
-pub use conflict::{
-    conflict_reservation_name, ANNOTATION_CONFLICT_MAC, ANNOTATION_CONFLICT_POD,
-    ANNOTATION_CONFLICT_UNTIL, CONFLICT_HOLD, LABEL_IP_CONFLICT,
-};
+pub use conflict::{conflict_reservation_name, CONFLICT_HOLD};
 use pod::PodRef;
 use record::{endpoint_of, endpoint_write, kube_of, record_of, response_of};
 
@@ -262,7 +263,7 @@ impl IpamService {
 
     async fn try_register_node(&self) -> Result<()> {
         let cur = typed::get(self.store.as_ref(), Kind::Node, &self.node.name).await?;
-        if cur.is_none() && !self.store.owns_nodes() {
+        if cur.is_none() && self.store.mode().is_cluster() {
             return Err(StoreError::Config(format!(
                 "node {:?} does not exist in the cluster: --node-name must name this host's Node object",
                 self.node.name

@@ -3,28 +3,11 @@
 use serde::Deserialize;
 use spiderpool_core::PoolNames;
 
+use crate::keys::{
+    IPPOOL, IPPOOLS, MULTUS_DEFAULT_NETWORK, MULTUS_NETWORKS, NS_DEFAULT_IPV4, NS_DEFAULT_IPV6,
+    ROUTES,
+};
 use crate::ValidationError;
-
-/// Pod annotation: one pool group for the NIC being added.
-pub const IPPOOL: &str = "ipam.spidernet.io/ippool";
-/// Pod annotation: pool groups per NIC.
-pub const IPPOOLS: &str = "ipam.spidernet.io/ippools";
-/// Pod annotation: one subnet group (auto pools).
-pub const SUBNET: &str = "ipam.spidernet.io/subnet";
-/// Pod annotation: subnet groups per NIC (auto pools).
-pub const SUBNETS: &str = "ipam.spidernet.io/subnets";
-/// Namespace annotation: default IPv4 pools.
-pub const NS_DEFAULT_IPV4: &str = "ipam.spidernet.io/default-ipv4-ippool";
-/// Namespace annotation: default IPv6 pools.
-pub const NS_DEFAULT_IPV6: &str = "ipam.spidernet.io/default-ipv6-ippool";
-/// Pod annotation: extra routes, each for the NIC whose subnet holds its gateway.
-pub const ROUTES: &str = "ipam.spidernet.io/routes";
-/// Pod annotation: the one NIC that gets the default route.
-pub const DEFAULT_ROUTE_NIC: &str = "ipam.spidernet.io/default-route-nic";
-/// Multus: the network of the first NIC.
-pub const MULTUS_DEFAULT_NETWORK: &str = "v1.multus-cni.io/default-network";
-/// Multus: the networks of the extra NICs.
-pub const MULTUS_NETWORKS: &str = "k8s.v1.cni.cncf.io/networks";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -277,7 +260,7 @@ pub fn request(f: RequestFacts<'_>) -> Result<spiderpool_core::Request, Validati
     )
     .map_err(|e| ValidationError::Invalid(format!("namespace {}: {e}", f.namespace)))?;
     let mut pod_labels = f.labels;
-    pod_labels.retain(|k, _| !k.starts_with(crate::autopool::APP_PREFIX));
+    pod_labels.retain(|k, _| !k.starts_with(crate::keys::APP_PREFIX));
     pod_labels.extend(f.app_labels.unwrap_or_default());
     Ok(spiderpool_core::Request {
         auto_pools: f.auto_pools,

@@ -8,47 +8,13 @@ use serde::Deserialize;
 use serde_json::Value;
 use spiderpool_core::{IpFamily, LabelSelector, Labels};
 
-use crate::annotation::{SUBNET, SUBNETS};
 use crate::k8s::KubeObject;
+use crate::keys::{
+    APP_API_GROUP, APP_API_VERSION, APP_KIND, APP_NAME, APP_NAMESPACE, IPPOOL_IP_NUMBER,
+    IPPOOL_RECLAIM, LABEL_APP_GV, LABEL_APP_KIND, LABEL_APP_NAME, LABEL_APP_NAMESPACE,
+    LABEL_APP_UID, LABEL_INTERFACE, LABEL_IP_VERSION, LABEL_RECLAIM, SUBNET, SUBNETS,
+};
 use crate::ValidationError;
-
-/// Pod-template annotation: how many addresses the auto pool holds, `"+N"` (replicas + N) or
-/// `"N"` (exactly N).
-pub const IP_NUMBER: &str = "ipam.spidernet.io/ippool-ip-number";
-/// Pod-template annotation: whether the auto pool goes with its application (default `true`).
-pub const RECLAIM: &str = "ipam.spidernet.io/ippool-reclaim";
-
-/// Label: the application's API group and version, `apps_v1` (`v1` for the core group).
-pub const LABEL_APP_GV: &str = "ipam.spidernet.io/owner-application-gv";
-/// Label: the application's kind.
-pub const LABEL_APP_KIND: &str = "ipam.spidernet.io/owner-application-kind";
-/// Label: the application's namespace.
-pub const LABEL_APP_NAMESPACE: &str = "ipam.spidernet.io/owner-application-namespace";
-/// Label: the application's name (cut to a label value's 63 characters; the pod affinity
-/// holds it whole).
-pub const LABEL_APP_NAME: &str = "ipam.spidernet.io/owner-application-name";
-/// Label: the UID of the application the pool serves now.
-pub const LABEL_APP_UID: &str = "ipam.spidernet.io/owner-application-uid";
-/// Label: the pod interface the pool serves.
-pub const LABEL_INTERFACE: &str = "ipam.spidernet.io/interface";
-/// Label: `IPv4` or `IPv6`.
-pub const LABEL_IP_VERSION: &str = "ipam.spidernet.io/ip-version";
-/// Label: `true` when the pool goes with its application.
-pub const LABEL_RECLAIM: &str = "ipam.spidernet.io/ippool-reclaim";
-
-/// Pod-affinity key: the application's API group (empty for the core group). These keys are
-/// matched against the pod's top controller, never against the pod's own labels.
-pub const APP_API_GROUP: &str = "ipam.spidernet.io/app-api-group";
-/// Pod-affinity key: the application's API version.
-pub const APP_API_VERSION: &str = "ipam.spidernet.io/app-api-version";
-/// Pod-affinity key: the application's kind.
-pub const APP_KIND: &str = "ipam.spidernet.io/app-kind";
-/// Pod-affinity key: the application's namespace.
-pub const APP_NAMESPACE: &str = "ipam.spidernet.io/app-namespace";
-/// Pod-affinity key: the application's name.
-pub const APP_NAME: &str = "ipam.spidernet.io/app-name";
-/// The prefix every pod-affinity key of an application shares.
-pub const APP_PREFIX: &str = "ipam.spidernet.io/app-";
 
 /// The controllers whose applications get auto pools from the controller: (group, kind).
 pub const APP_KINDS: [(&str, &str); 6] = [
@@ -137,7 +103,7 @@ pub fn parse_ip_number(value: &str) -> Result<IpNumber, ValidationError> {
         .filter(|_| !digits.starts_with('+'))
         .ok_or_else(|| {
             ValidationError::Invalid(format!(
-                "annotation {IP_NUMBER}: {value:?} is neither \"+N\" (replicas + N) nor \"N\" (exactly N) with N a whole number ≥ 0"
+                "annotation {IPPOOL_IP_NUMBER}: {value:?} is neither \"+N\" (replicas + N) nor \"N\" (exactly N) with N a whole number ≥ 0"
             ))
         })?;
     Ok(if flexible {
@@ -153,7 +119,7 @@ pub fn parse_reclaim(value: &str) -> Result<bool, ValidationError> {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
         _ => Err(ValidationError::Invalid(format!(
-            "annotation {RECLAIM}: {value:?} is not a boolean (\"true\" or \"false\")"
+            "annotation {IPPOOL_RECLAIM}: {value:?} is not a boolean (\"true\" or \"false\")"
         ))),
     }
 }
@@ -276,11 +242,11 @@ pub fn config(
         }
     }
     let ip_number = annotations
-        .get(IP_NUMBER)
+        .get(IPPOOL_IP_NUMBER)
         .map(|v| parse_ip_number(v))
         .transpose()?;
     let reclaim = annotations
-        .get(RECLAIM)
+        .get(IPPOOL_RECLAIM)
         .map(|v| parse_reclaim(v))
         .transpose()?
         .unwrap_or(true);
@@ -533,8 +499,8 @@ mod tests {
                 r#"[{"interface":"eth0","ipv4":["a"]},{"interface":"net1","ipv4":["b"]}]"#,
             ),
             (SUBNET, r#"{"ipv4":["ignored"]}"#),
-            (IP_NUMBER, "5"),
-            (RECLAIM, "false"),
+            (IPPOOL_IP_NUMBER, "5"),
+            (IPPOOL_RECLAIM, "false"),
         ]))
         .unwrap()
         .unwrap();
@@ -563,11 +529,11 @@ mod tests {
             e.starts_with("annotation ipam.spidernet.io/subnet \"subnet-6\""),
             "{e}"
         );
-        let e = err(&[(SUBNET, r#"{"ipv4": ["a"]}"#), (IP_NUMBER, "++1")]);
+        let e = err(&[(SUBNET, r#"{"ipv4": ["a"]}"#), (IPPOOL_IP_NUMBER, "++1")]);
         assert!(e.contains("\"++1\" is neither"), "{e}");
-        let e = err(&[(SUBNET, r#"{"ipv4": ["a"]}"#), (IP_NUMBER, "-1")]);
+        let e = err(&[(SUBNET, r#"{"ipv4": ["a"]}"#), (IPPOOL_IP_NUMBER, "-1")]);
         assert!(e.contains("\"-1\""), "{e}");
-        let e = err(&[(SUBNET, r#"{"ipv4": ["a"]}"#), (RECLAIM, "yes")]);
+        let e = err(&[(SUBNET, r#"{"ipv4": ["a"]}"#), (IPPOOL_RECLAIM, "yes")]);
         assert!(e.contains("\"yes\" is not a boolean"), "{e}");
     }
 

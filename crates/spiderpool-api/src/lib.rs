@@ -9,11 +9,14 @@ pub mod cni;
 pub mod coordinator;
 pub mod crd;
 pub mod k8s;
+pub mod keys;
 #[cfg(feature = "kube")]
 pub mod kube;
 pub mod manifest;
 pub mod meta;
 pub mod names;
+#[cfg(feature = "kube")]
+pub mod schema;
 
 use thiserror::Error;
 

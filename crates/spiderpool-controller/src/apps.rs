@@ -1,6 +1,6 @@
 //! The leader's SpiderSubnet auto-pool loop: every Deployment, ReplicaSet, StatefulSet,
 //! DaemonSet, Job and CronJob event, and every event of an auto pool, queues its application;
-//! each queued application is reconciled by `spiderpool_store::autopool` (the same reconciler
+//! each queued application is reconciled by `spiderpool_control::autopool` (the same reconciler
 //! `spiderpoolctl` runs outside a cluster). Applications that failed (a subnet full or missing)
 //! are tried again on every subnet event and after a back-off; every application is looked at
 //! again each resync.
@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
-use kube::Api;
+use kube::api::DynamicObject;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use spiderpool_api::autopool;
-use spiderpool_store::autopool::{reconcile, Action, Settings};
-use spiderpool_store::Store;
+use spiderpool_control::apply::ApplyError;
+use spiderpool_control::autopool::{reconcile, Action, Settings};
+use spiderpool_store::Kind;
+
+use crate::cache::{CachedKube, Change, Event};
+use crate::metrics::Metrics;
 
 /// How long events are gathered before one pass.
 const COALESCE: Duration = Duration::from_millis(200);
@@ -29,12 +31,8 @@ enum Queued {
     App(String),
     /// A subnet changed: failed applications may succeed now.
     Subnet,
-}
-
-fn key_of_workload(o: &DynamicObject, kind: &str) -> Option<String> {
-    let ns = o.metadata.namespace.as_deref()?;
-    let name = o.metadata.name.as_deref()?;
-    Some(format!("{ns}/{kind}/{name}"))
+    /// A watch missed events: every application.
+    All,
 }
 
 fn key_of_pool(o: &DynamicObject) -> Option<String> {
@@ -45,37 +43,33 @@ fn key_of_pool(o: &DynamicObject) -> Option<String> {
     let name = o
         .data
         .pointer("/spec/podAffinity/matchLabels")?
-        .get(autopool::APP_NAME)?
+        .get(spiderpool_api::keys::APP_NAME)?
         .as_str()?;
     Some(format!(
         "{}/{}/{name}",
-        labels.get(autopool::LABEL_APP_NAMESPACE)?,
-        labels.get(autopool::LABEL_APP_KIND)?
+        labels.get(spiderpool_api::keys::LABEL_APP_NAMESPACE)?,
+        labels.get(spiderpool_api::keys::LABEL_APP_KIND)?
     ))
 }
 
-fn events<F>(api: Api<DynamicObject>, f: F) -> futures_util::stream::BoxStream<'static, Vec<Queued>>
-where
-    F: Fn(&DynamicObject) -> Vec<Queued> + Send + Sync + 'static,
-{
-    watcher(api, watcher::Config::default())
-        .map(move |ev| match ev {
-            Ok(
-                watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o),
-            ) => f(&o),
-            Ok(_) => Vec::new(),
-            Err(e) => {
-                tracing::debug!(error = %e, "auto pools: a watch restarts");
-                Vec::new()
-            }
-        })
-        .boxed()
+/// What a cache event asks of the loop.
+fn queued(ev: &Event) -> Vec<Queued> {
+    match (&ev.change, ev.kind) {
+        (Change::Relisted, _) => vec![Queued::All],
+        (_, Kind::Subnet) => vec![Queued::Subnet],
+        (Change::Applied(o) | Change::Deleted(o), Kind::IPPool) => {
+            key_of_pool(o).map(Queued::App).into_iter().collect()
+        }
+        (_, Kind::Workload) => vec![Queued::App(ev.key.clone())],
+        _ => Vec::new(),
+    }
 }
 
 fn take(
     q: Vec<Queued>,
     queue: &mut BTreeSet<String>,
     failed: &BTreeMap<String, tokio::time::Instant>,
+    all: &mut bool,
 ) {
     for x in q {
         match x {
@@ -83,6 +77,7 @@ fn take(
                 queue.insert(k);
             }
             Queued::Subnet => queue.extend(failed.keys().cloned()),
+            Queued::All => *all = true,
         }
     }
 }
@@ -103,7 +98,7 @@ fn reference(key: &str) -> Option<ObjectReference> {
 
 /// The event of an action on one of the application's pools (`kubectl describe deployment`
 /// shows them); none while a pool waits for its addresses.
-fn event_of(action: &Action) -> Option<Event> {
+fn event_of(action: &Action) -> Option<KubeEvent> {
     let reason = match action {
         Action::Created { .. } => "CreateIPPool",
         Action::Scaled { .. } => "ScaleIPPool",
@@ -112,7 +107,7 @@ fn event_of(action: &Action) -> Option<Event> {
         Action::Reserved { .. } => "KeepIPPool",
         Action::Waiting { .. } => return None,
     };
-    Some(Event {
+    Some(KubeEvent {
         type_: EventType::Normal,
         reason: reason.into(),
         note: Some(action.to_string()),
@@ -125,7 +120,7 @@ fn event_of(action: &Action) -> Option<Event> {
 /// fail) when one cannot be published. A task of its own, so reconciling never waits for it.
 async fn publish(
     recorder: Recorder,
-    mut events: tokio::sync::mpsc::UnboundedReceiver<(String, Event)>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<(String, KubeEvent)>,
 ) {
     while let Some((key, event)) = events.recv().await {
         let Some(r) = reference(&key) else { continue };
@@ -138,10 +133,11 @@ async fn publish(
 /// Runs until aborted; events are published as the controller `identity`.
 pub async fn run(
     client: kube::Client,
-    store: Arc<dyn Store>,
+    store: CachedKube,
     settings: Settings,
     resync: Duration,
     identity: String,
+    metrics: Arc<Metrics>,
 ) {
     let recorder = Recorder::new(
         client.clone(),
@@ -153,70 +149,52 @@ pub async fn run(
     let (to_publish, published) = tokio::sync::mpsc::unbounded_channel();
     // Ends when `to_publish` is dropped with this future.
     tokio::spawn(publish(recorder, published));
-    let mut streams = Vec::new();
-    for (group, kind) in autopool::APP_KINDS {
-        let plural = format!("{}s", kind.to_ascii_lowercase());
-        let gvk = GroupVersionKind::gvk(group, "v1", kind);
-        let api = Api::all_with(
-            client.clone(),
-            &ApiResource::from_gvk_with_plural(&gvk, &plural),
-        );
-        streams.push(events(api, move |o| {
-            key_of_workload(o, kind)
-                .map(Queued::App)
-                .into_iter()
-                .collect()
-        }));
-    }
-    let spider = |kind: &str, plural: &str| {
-        let gvk = GroupVersionKind::gvk("spiderpool.spidernet.io", "v2beta1", kind);
-        Api::<DynamicObject>::all_with(
-            client.clone(),
-            &ApiResource::from_gvk_with_plural(&gvk, plural),
-        )
-    };
-    streams.push(events(spider("SpiderIPPool", "spiderippools"), |o| {
-        key_of_pool(o).map(Queued::App).into_iter().collect()
-    }));
-    streams.push(events(spider("SpiderSubnet", "spidersubnets"), |_| {
-        vec![Queued::Subnet]
-    }));
-    let mut events = futures_util::stream::select_all(streams);
+    let mut events = store
+        .caches()
+        .events(&[Kind::Workload, Kind::IPPool, Kind::Subnet]);
+    store.caches().synced().await;
 
     let mut queue: BTreeSet<String> = BTreeSet::new();
     let mut failed: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
+    let mut all = false;
     let mut tick = tokio::time::interval(resync);
     let mut retry = tokio::time::interval(RETRY);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                match spiderpool_store::autopool::applications(store.as_ref()).await {
-                    Ok(all) => queue.extend(all),
-                    Err(e) => tracing::warn!(error = %e, "auto pools: listing the applications"),
-                }
-            }
+            _ = tick.tick() => all = true,
             _ = retry.tick() => {
                 let now = tokio::time::Instant::now();
                 queue.extend(failed.iter().filter(|(_, at)| **at <= now).map(|(k, _)| k.clone()));
             }
             ev = events.next() => {
-                let Some(q) = ev else { return };
-                take(q, &mut queue, &failed);
+                let Some(ev) = ev else { return };
+                take(queued(&ev), &mut queue, &failed, &mut all);
                 let quiet = tokio::time::sleep(COALESCE);
                 tokio::pin!(quiet);
                 loop {
                     tokio::select! {
                         _ = &mut quiet => break,
                         ev = events.next() => match ev {
-                            Some(q) => take(q, &mut queue, &failed),
+                            Some(ev) => take(queued(&ev), &mut queue, &failed, &mut all),
                             None => return,
                         },
                     }
                 }
             }
         }
+        if queue.is_empty() && !all {
+            continue;
+        }
+        let before = store.api_reads();
+        tracing::debug!(queued = queue.len(), all, "auto pools: a pass");
+        if std::mem::take(&mut all) {
+            match spiderpool_control::autopool::applications(&store).await {
+                Ok(every) => queue.extend(every),
+                Err(e) => tracing::warn!(error = %e, "auto pools: listing the applications"),
+            }
+        }
         for key in std::mem::take(&mut queue) {
-            match reconcile(store.as_ref(), &key, settings).await {
+            match reconcile(&store, &key, settings).await {
                 Ok(report) => {
                     failed.remove(&key);
                     for a in &report.actions {
@@ -229,12 +207,11 @@ pub async fn run(
                 Err(e) => {
                     tracing::warn!(app = %key, error = %e, "auto pools: trying again");
                     let message = e.to_string();
-                    let reason = if message.contains("ApplicationSubnetChanged") {
-                        "ApplicationSubnetChanged"
-                    } else {
-                        "AutoPoolFailed"
+                    let reason = match e {
+                        ApplyError::SubnetChanged(_) => "ApplicationSubnetChanged",
+                        _ => "AutoPoolFailed",
                     };
-                    let ev = Event {
+                    let ev = KubeEvent {
                         type_: EventType::Warning,
                         reason: reason.into(),
                         note: Some(message.chars().take(1000).collect()),
@@ -246,5 +223,6 @@ pub async fn run(
                 }
             }
         }
+        metrics.pass("autopool", store.api_reads() - before);
     }
 }

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 use serde_json::{json, Value};
 use spiderpool_api::coordinator::{CoordinatorSpec, CoordinatorStatus};
@@ -278,9 +278,11 @@ pub async fn run(client: kube::Client, resync: Duration, default: Option<Value>)
     let scs: Api<ServiceCIDR> = Api::all(client.clone());
     let mut events = futures_util::stream::select(
         watcher(coordinators(&client), watcher::Config::default())
+            .default_backoff()
             .map(|e| e.map(|_| ()))
             .boxed(),
         watcher(scs, watcher::Config::default())
+            .default_backoff()
             .map(|e| e.map(|_| ()))
             .boxed(),
     );

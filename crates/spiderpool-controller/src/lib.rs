@@ -4,6 +4,7 @@
 //! all given back.
 
 pub mod apps;
+pub mod cache;
 pub mod coordinators;
 pub mod leader;
 pub mod metrics;
@@ -24,8 +25,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use clap::{Parser, ValueEnum};
-use spiderpool_store::kubernetes::KubeStore;
-use spiderpool_store::reclaim::Policy;
+use spiderpool_backends::kubernetes::KubeStore;
+use spiderpool_control::reclaim::Policy;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -151,6 +152,12 @@ impl Args {
     pub fn parse_and_run() -> anyhow::Result<()> {
         let args = Args::parse();
         init_tracing(&args.log_level, args.log_format);
+        // A loop that panics ends its task silently otherwise.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            tracing::error!("panic: {info}");
+            default_hook(info);
+        }));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -241,6 +248,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("connecting to the API server")?;
     let client = store.client();
+    let kube = store.clone();
     let store: Arc<dyn spiderpool_store::Store> = Arc::new(store);
     let health = Arc::new(Health::default());
     let metrics = Arc::new(metrics::Metrics::new());
@@ -271,7 +279,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 },
             },
             register: args.webhook_register,
-            families: spiderpool_store::admission::Families {
+            families: spiderpool_control::admission::Families {
                 ipv4: args.enable_ipv4,
                 ipv6: args.enable_ipv6,
             },
@@ -298,7 +306,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             (true, false) => {
                 tracing::info!(%identity, "leading: finalizers and the reclaim of leaked addresses");
                 let mut set = tokio::task::JoinSet::new();
-                set.spawn(pools::run(client.clone(), store.clone(), args.gc_interval));
+                // One reflector per kind, shared by the loops; each loop's store counts its
+                // own API reads. The caches go when leadership does (with `set`'s tasks).
+                let caches = cache::Caches::start(&client);
+                let own = Arc::new(cache::OwnWrites::default());
+                let cached = || cache::CachedKube::new(caches.clone(), own.clone(), &kube);
+                set.spawn(pools::run(
+                    client.clone(),
+                    cached(),
+                    args.gc_interval,
+                    metrics.clone(),
+                ));
                 set.spawn(coordinators::run(
                     client.clone(),
                     args.coordinator_resync,
@@ -307,18 +325,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 if args.auto_pool {
                     set.spawn(apps::run(
                         client.clone(),
-                        store.clone(),
-                        spiderpool_store::autopool::Settings {
+                        cached(),
+                        spiderpool_control::autopool::Settings {
                             default_redundancy: args.auto_pool_redundancy,
                         },
                         args.auto_pool_resync,
                         identity.clone(),
+                        metrics.clone(),
                     ));
                 }
                 if args.gc_enabled {
                     let r = reclaim::Reclaimer::new(
-                        client.clone(),
-                        store.clone(),
+                        cached(),
                         args.policy(),
                         metrics.clone(),
                         leading.clone(),

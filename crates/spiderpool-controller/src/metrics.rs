@@ -11,6 +11,7 @@ use axum::Router;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// The controller's metrics.
@@ -21,6 +22,13 @@ pub struct Metrics {
     gc_by_cause: Family<Vec<(String, String)>, Counter>,
     tracked: Gauge,
     leader: Gauge,
+    passes: Family<Vec<(String, String)>, Counter>,
+    pass_reads: Family<Vec<(String, String)>, Histogram>,
+}
+
+/// Buckets of API reads per pass: a pass on the caches reads nothing.
+fn read_buckets() -> Histogram {
+    Histogram::new([0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0])
 }
 
 impl Default for Metrics {
@@ -40,6 +48,8 @@ impl Metrics {
             gc_by_cause: Family::default(),
             tracked: Gauge::default(),
             leader: Gauge::default(),
+            passes: Family::default(),
+            pass_reads: Family::new_with_constructor(read_buckets),
         };
         registry.register(
             "spiderpool_ip_gc_counts",
@@ -66,6 +76,16 @@ impl Metrics {
             "1 while this replica holds the Lease spiderpool-controller-leases",
             m.leader.clone(),
         );
+        registry.register(
+            "spiderpool_controller_passes",
+            "Passes of the leader's loops (pools, autopool, reclaim)",
+            m.passes.clone(),
+        );
+        registry.register(
+            "spiderpool_controller_api_reads_per_pass",
+            "API reads (GET, LIST) one pass of a leader's loop made; its objects come from the shared caches",
+            m.pass_reads.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -85,6 +105,13 @@ impl Metrics {
     /// How many leaks wait for their second sighting.
     pub fn tracking(&self, n: usize) {
         self.tracked.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// One pass of the loop `name` that made `reads` API reads.
+    pub fn pass(&self, name: &str, reads: u64) {
+        let labels = vec![("loop".to_string(), name.to_string())];
+        self.passes.get_or_create(&labels).inc();
+        self.pass_reads.get_or_create(&labels).observe(reads as f64);
     }
 
     /// Whether this replica leads.

@@ -10,16 +10,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
-use kube::runtime::watcher;
 use kube::Api;
 use serde_json::{json, Value};
+use spiderpool_api::keys::{FINALIZER, LABEL_OWNER_SUBNET};
 use spiderpool_api::{Kind, Object, SpiderIPPool};
-use spiderpool_store::admission::{FINALIZER, LABEL_OWNER_SUBNET};
-use spiderpool_store::{objects, Store};
+use spiderpool_store::Store;
+
+use crate::cache::CachedKube;
+use crate::metrics::Metrics;
 
 /// The cluster-wide API of a `spiderpool.spidernet.io/v2beta1` kind.
 pub(crate) fn api(client: &kube::Client, kind: &str, plural: &str) -> Api<DynamicObject> {
@@ -31,18 +32,18 @@ pub(crate) fn api(client: &kube::Client, kind: &str, plural: &str) -> Api<Dynami
 }
 
 /// Runs until aborted: after every burst of pool or subnet events, and every `resync`.
-pub async fn run(client: kube::Client, store: Arc<dyn Store>, resync: Duration) {
+pub async fn run(client: kube::Client, store: CachedKube, resync: Duration, metrics: Arc<Metrics>) {
     let pools = api(&client, "SpiderIPPool", "spiderippools");
     let subnets = api(&client, "SpiderSubnet", "spidersubnets");
-    let mut events = futures_util::stream::select(
-        watcher(pools.clone(), watcher::Config::default()).boxed(),
-        watcher(subnets.clone(), watcher::Config::default()).boxed(),
-    );
+    let mut events = store.caches().events(&[Kind::IPPool, Kind::Subnet]);
+    store.caches().synced().await;
     let mut tick = tokio::time::interval(resync);
     while crate::passes::next(&mut events, &mut tick, COALESCE).await {
-        if let Err(e) = reconcile(&pools, &subnets, store.as_ref()).await {
+        let before = store.api_reads();
+        if let Err(e) = reconcile(&pools, &subnets, &store).await {
             tracing::warn!(error = %e, "pools and subnets: trying again at the next event");
         }
+        metrics.pass("pools", store.api_reads() - before);
     }
 }
 
@@ -79,10 +80,26 @@ async fn release(api: &Api<DynamicObject>, o: &DynamicObject) -> Result<(), kube
 async fn reconcile(
     pools: &Api<DynamicObject>,
     subnets: &Api<DynamicObject>,
-    store: &dyn Store,
+    store: &CachedKube,
 ) -> anyhow::Result<()> {
-    let all_pools = pools.list(&Default::default()).await?.items;
-    let all_subnets = subnets.list(&Default::default()).await?.items;
+    let objects = |kind| -> Vec<DynamicObject> {
+        store
+            .all(kind)
+            .into_values()
+            .map(|o| (*o).clone())
+            .collect()
+    };
+    let all_pools = objects(Kind::IPPool);
+    let all_subnets = objects(Kind::Subnet);
+    tracing::debug!(
+        pools = all_pools.len(),
+        terminating = all_pools
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .count(),
+        subnets = all_subnets.len(),
+        "pools and subnets: a pass"
+    );
     let typed_pools: Vec<SpiderIPPool> = all_pools
         .iter()
         .filter_map(|p| match typed(Kind::IPPool, p) {
@@ -97,7 +114,7 @@ async fn reconcile(
         let Some(Object::Subnet(t)) = typed(Kind::Subnet, s) else {
             continue;
         };
-        let status = objects::subnet_status(&t, &typed_pools);
+        let status = spiderpool_control::status::subnet_status(&t, &typed_pools);
         let want = serde_json::to_value(&status)?;
         let have = s.data.get("status").cloned().unwrap_or(Value::Null);
         if have != want {

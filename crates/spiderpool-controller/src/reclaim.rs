@@ -1,7 +1,7 @@
 //! The leader's reclaim loop: a full scan of every address when leadership is won and every
 //! `--gc-interval`, and a look every `--gc-trace-gap` at the pods that pod and node events
 //! marked (deleted, terminating, finished, moved to a dead node) and at the leaks seen once.
-//! The decisions and the guarded release are `spiderpool_store::reclaim`'s, shared with
+//! The decisions and the guarded release are `spiderpool_control::reclaim`'s, shared with
 //! `spiderpoolctl ipam gc`.
 
 use std::collections::BTreeSet;
@@ -9,18 +9,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::runtime::watcher;
-use kube::Api;
-use spiderpool_store::reclaim::{self, Leak, Policy, Tracker};
-use spiderpool_store::Store;
+use k8s_openapi::api::core::v1::Node;
+use spiderpool_control::reclaim::{self, Leak, Policy, Tracker};
+use spiderpool_store::Kind;
+
+use crate::cache::{CachedKube, Caches, Change};
 
 use crate::metrics::Metrics;
 
 /// The leader's reclaimer.
 pub struct Reclaimer {
-    client: kube::Client,
-    store: Arc<dyn Store>,
+    store: CachedKube,
     policy: Policy,
     metrics: Arc<Metrics>,
     leading: tokio::sync::watch::Receiver<bool>,
@@ -37,14 +36,12 @@ enum Mark {
 impl Reclaimer {
     /// A reclaimer that acts only while `leading` says so.
     pub fn new(
-        client: kube::Client,
-        store: Arc<dyn Store>,
+        store: CachedKube,
         policy: Policy,
         metrics: Arc<Metrics>,
         leading: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Reclaimer {
-            client,
             store,
             policy,
             metrics,
@@ -54,9 +51,10 @@ impl Reclaimer {
 
     /// Runs until aborted.
     pub async fn run(self, interval: Duration, gap: Duration) {
-        let (tx, mut marks) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(watch_pods(self.client.clone(), tx.clone()));
-        tokio::spawn(watch_nodes(self.client.clone(), tx));
+        let (tx, mut marked_rx) = tokio::sync::mpsc::unbounded_channel();
+        let watching = tokio::spawn(marks(self.store.caches().clone(), tx));
+        let _stop_watching = AbortOnDrop(watching);
+        self.store.caches().synced().await;
         let mut tracker = Tracker::new();
         let mut full = tokio::time::interval(interval);
         let mut trace = tokio::time::interval(gap);
@@ -68,7 +66,7 @@ impl Reclaimer {
             tokio::select! {
                 _ = full.tick() => scan_all = true,
                 _ = trace.tick() => {}
-                m = marks.recv() => {
+                m = marked_rx.recv() => {
                     match m {
                         Some(Mark::Pod(p)) => { marked.insert(p); }
                         Some(Mark::All) => scan_all = true,
@@ -78,10 +76,11 @@ impl Reclaimer {
                 }
             }
             let now = SystemTime::now();
+            let before = self.store.api_reads();
             let ripe = if scan_all {
                 scan_all = false;
                 marked.clear();
-                match reclaim::scan(self.store.as_ref(), &self.policy, None, now).await {
+                match reclaim::scan(&self.store, &self.policy, None, now).await {
                     Ok(leaks) => {
                         tracing::debug!(leaks = leaks.len(), "full scan");
                         tracker.full(leaks, &self.policy, now)
@@ -99,7 +98,7 @@ impl Reclaimer {
                 if pods.is_empty() {
                     continue;
                 }
-                match reclaim::scan(self.store.as_ref(), &self.policy, Some(&pods), now).await {
+                match reclaim::scan(&self.store, &self.policy, Some(&pods), now).await {
                     Ok(leaks) => tracker.partial(&pods, leaks, &self.policy, now),
                     Err(e) => {
                         tracing::warn!(error = %e, "looking at marked pods failed");
@@ -112,6 +111,8 @@ impl Reclaimer {
                 self.take(&mut tracker, &leak).await;
             }
             self.metrics.tracking(tracker.len());
+            self.metrics
+                .pass("reclaim", self.store.api_reads() - before);
         }
     }
 
@@ -119,7 +120,7 @@ impl Reclaimer {
         if !*self.leading.borrow() {
             return;
         }
-        match reclaim::reclaim(self.store.as_ref(), &self.policy, leak, SystemTime::now()).await {
+        match reclaim::reclaim(&self.store, &self.policy, leak, SystemTime::now()).await {
             Ok(Some(done)) => {
                 tracing::info!(pod = %leak.pod, uid = %leak.uid, why = %leak.why,
                     released = ?done.released, endpoint_deleted = done.endpoint_deleted,
@@ -141,50 +142,33 @@ impl Reclaimer {
     }
 }
 
-/// Marks every pod that was deleted, began terminating or finished.
-async fn watch_pods(client: kube::Client, tx: tokio::sync::mpsc::UnboundedSender<Mark>) {
-    let pods: Api<Pod> = Api::all(client);
-    let mut events = watcher(pods, watcher::Config::default()).boxed();
+/// Marks every pod that was deleted, began terminating or finished, and asks for a full scan
+/// when a Node is deleted or stops being Ready (or a watch missed events).
+async fn marks(caches: Arc<Caches>, tx: tokio::sync::mpsc::UnboundedSender<Mark>) {
+    let mut events = caches.events(&[Kind::Pod, Kind::Node]);
     while let Some(ev) = events.next().await {
-        let (pod, gone) = match ev {
-            Ok(watcher::Event::Apply(p)) => (p, false),
-            Ok(watcher::Event::Delete(p)) => (p, true),
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::debug!(error = %e, "pod watch");
-                continue;
+        let mark = match (ev.kind, &ev.change) {
+            (_, Change::Relisted) => Some(Mark::All),
+            (Kind::Pod, Change::Deleted(_)) => Some(Mark::Pod(ev.key)),
+            (Kind::Pod, Change::Applied(o)) => {
+                let finished = o
+                    .data
+                    .pointer("/status/phase")
+                    .and_then(serde_json::Value::as_str)
+                    .is_some_and(|p| p == "Succeeded" || p == "Failed");
+                (finished || o.metadata.deletion_timestamp.is_some()).then_some(Mark::Pod(ev.key))
             }
+            (Kind::Node, Change::Deleted(_)) => Some(Mark::All),
+            (Kind::Node, Change::Applied(o)) => {
+                let node: Option<Node> = (**o).clone().try_parse().ok();
+                (!node.as_ref().is_some_and(ready)).then_some(Mark::All)
+            }
+            _ => None,
         };
-        let finished = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .is_some_and(|p| p == "Succeeded" || p == "Failed");
-        if gone || finished || pod.metadata.deletion_timestamp.is_some() {
-            let key = format!(
-                "{}/{}",
-                pod.metadata.namespace.unwrap_or_default(),
-                pod.metadata.name.unwrap_or_default()
-            );
-            if tx.send(Mark::Pod(key)).is_err() {
+        if let Some(m) = mark {
+            if tx.send(m).is_err() {
                 return;
             }
-        }
-    }
-}
-
-/// Asks for a full scan when a Node is deleted or stops being Ready.
-async fn watch_nodes(client: kube::Client, tx: tokio::sync::mpsc::UnboundedSender<Mark>) {
-    let nodes: Api<Node> = Api::all(client);
-    let mut events = watcher(nodes, watcher::Config::default()).boxed();
-    while let Some(ev) = events.next().await {
-        let interesting = match ev {
-            Ok(watcher::Event::Delete(_)) => true,
-            Ok(watcher::Event::Apply(n)) => !ready(&n),
-            _ => false,
-        };
-        if interesting && tx.send(Mark::All).is_err() {
-            return;
         }
     }
 }
@@ -195,4 +179,13 @@ fn ready(n: &Node) -> bool {
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
         .is_some_and(|c| c.status == "True")
+}
+
+/// Aborts the task when dropped (the reclaimer's mark feed ends with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

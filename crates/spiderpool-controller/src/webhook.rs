@@ -1,6 +1,6 @@
 //! The admission webhooks (AdmissionReview v1 over HTTPS) for SpiderIPPool, SpiderSubnet and
 //! SpiderReservedIP, served by every replica. The rules and mutations are
-//! `spiderpool_store::admission`'s, the same `spiderpoolctl apply` runs. The serving
+//! `spiderpool_control::admission`'s, the same `spiderpoolctl apply` runs. The serving
 //! certificate and its CA live in the Secret `spiderpool-controller-webhook` (the first replica
 //! makes them, the others read them), and the CA goes into the `caBundle` of the
 //! ValidatingWebhookConfiguration and MutatingWebhookConfiguration `spiderpool-controller`, which
@@ -23,8 +23,7 @@ use kube::core::DynamicObject;
 use kube::Api;
 use serde_json::{json, Value};
 use spiderpool_api::{Kind, Object};
-use spiderpool_store::admission::{self, Families};
-use spiderpool_store::objects::ApplyError;
+use spiderpool_control::admission::{self, AdmissionError, Families};
 use spiderpool_store::Store;
 
 /// The name of the webhook configurations and of the Secret's prefix.
@@ -331,7 +330,7 @@ async fn validation(
     let by = by(ctx, req);
     match admission::validate(ctx.store.as_ref(), &new, old.as_ref(), &ctx.families, by).await {
         Ok(()) => AdmissionResponse::from(req),
-        Err(ApplyError::Invalid(e)) => deny(req, e.to_string()),
+        Err(AdmissionError::Invalid(e)) => deny(req, e.to_string()),
         Err(e) => {
             // The datastore did not answer: refuse rather than admit unchecked.
             tracing::warn!(object = %new.describe(), error = %e, "validating webhook");

@@ -5,6 +5,7 @@
 pub mod candidate;
 pub mod ippool;
 pub mod ipset;
+pub mod pick;
 pub mod selector;
 
 pub use candidate::{AllocError, Plan, PoolNames, Rejected, Rejection, Request, Source};

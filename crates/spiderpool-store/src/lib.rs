@@ -3,31 +3,30 @@
 //! compare-and-swap transaction on revisions, the shape that SQLite transactions, etcd
 //! `mod_revision` compares and Kubernetes `resourceVersion` updates all provide.
 //!
-//! Backends: [`memory::MemoryStore`] (tests), [`sqlite::SqliteStore`] (the default, safe for
-//! several processes on one file), [`etcd::EtcdStore`] (many hosts) and
-//! [`kubernetes::KubeStore`] (the cluster's API server). [`conformance`] holds the suite every backend must pass.
+//! This crate is the contract only: the trait, typed access ([`typed`]), an in-memory backend
+//! ([`memory::MemoryStore`]), a read-only overlay of staged writes ([`overlay::Staged`]), the
+//! retry policy every conflict loop follows ([`Retry`]), and behind the feature `conformance`
+//! the suite every backend must pass. The durable backends (SQLite, etcd, the Kubernetes API)
+//! are `spiderpool-backends`; the decisions taken over any store are `spiderpool-control`.
 
-pub mod admission;
-pub mod audit;
-pub mod autopool;
+#[cfg(feature = "conformance")]
 pub mod conformance;
-pub mod etcd;
-pub mod kubernetes;
+mod error;
 pub mod memory;
-pub mod objects;
-pub mod reclaim;
-pub mod sqlite;
+pub mod overlay;
+mod retry;
 pub mod typed;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 pub use spiderpool_api::Kind;
-use thiserror::Error;
+
+pub use error::{check, Conflict, StoreError};
+pub use retry::Retry;
 
 /// A datastore revision. Every committed transaction gets a higher one.
 pub type Revision = u64;
@@ -189,88 +188,9 @@ impl Op {
     }
 }
 
-/// What went wrong in the datastore.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// A condition of the transaction did not hold; nothing was written.
-    #[error("conflict: {0}")]
-    Conflict(String),
-    /// The datastore could not be reached or was busy; the operation may be retried.
-    #[error("datastore unavailable: {0}")]
-    Unavailable(String),
-    /// A stored value could not be read.
-    #[error("corrupt value under {key}: {message}")]
-    Corrupt {
-        /// The key.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// A datastore URL or setting is wrong.
-    #[error("{0}")]
-    Config(String),
-    /// The datastore refused a write as invalid (the Kubernetes API server's validation).
-    #[error("refused: {0}")]
-    Rejected(String),
-    /// A pool cannot record another address (Kubernetes mode's per-pool record cap).
-    #[error("{0}")]
-    Full(String),
-}
-
-/// The conflict of [`Op::NoClaimsSince`].
-pub(crate) fn claimed_since(pool: &str, since: Revision) -> StoreError {
-    StoreError::Conflict(format!(
-        "addresses of pool {pool} were claimed after revision {since}, while the change was being checked"
-    ))
-}
-
-/// How a conflict over an address another holder took first ends.
-pub(crate) const HELD: &str = "is already held";
-
-impl StoreError {
-    /// The conflict of a claim on `ip` of `pool`, which is held already.
-    pub(crate) fn held(ip: &IpAddr, pool: &str) -> Self {
-        StoreError::Conflict(format!("{ip} of pool {pool} {HELD}"))
-    }
-
-    /// The pool and address of a conflict over an address someone else claimed first (rather
-    /// than over an object that changed): the mark of agents racing for the same addresses.
-    pub fn taken(&self) -> Option<(String, IpAddr)> {
-        let StoreError::Conflict(m) = self else {
-            return None;
-        };
-        // The message `held` writes: "{ip} of pool {pool} is already held".
-        let (ip, pool) = m.strip_suffix(HELD)?.trim_end().split_once(" of pool ")?;
-        Some((pool.to_string(), ip.parse().ok()?))
-    }
-
-    /// Whether retrying the same operation later may succeed.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Conflict(_) | StoreError::Unavailable(_))
-    }
-}
-
-/// Checks `expect` against the current revision of `what` (`None`: absent).
-pub(crate) fn check(expect: Expect, current: Option<Revision>, what: &str) -> Result<()> {
-    match (expect, current) {
-        (Expect::Any, _) | (Expect::Absent, None) => Ok(()),
-        (Expect::Absent, Some(r)) => Err(StoreError::Conflict(format!(
-            "{what} already exists (revision {r})"
-        ))),
-        (Expect::Revision(want), Some(r)) if want == r => Ok(()),
-        (Expect::Revision(want), Some(r)) => Err(StoreError::Conflict(format!(
-            "{what} is at revision {r}, expected {want}"
-        ))),
-        (Expect::Revision(want), None) => Err(StoreError::Conflict(format!(
-            "{what} no longer exists (expected revision {want})"
-        ))),
-    }
-}
-
 /// Keeps what could be read; reports what could not (the error names its key) and skips it,
-/// so one corrupt value never takes the rest down.
-pub(crate) fn skip_unreadable<T>(items: impl IntoIterator<Item = Result<T>>, what: &str) -> Vec<T> {
+/// so one corrupt value never takes the rest down. For backends and readers of lists.
+pub fn skip_unreadable<T>(items: impl IntoIterator<Item = Result<T>>, what: &str) -> Vec<T> {
     items
         .into_iter()
         .filter_map(|r| {
@@ -290,6 +210,24 @@ pub struct WriteCounts {
     pub pool_conflicts: u64,
     /// Other object writes (endpoint records, …).
     pub object_writes: u64,
+}
+
+/// Where the datastore lives, which decides who owns the plain Kubernetes objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The project's own datastore (SQLite, etcd, memory): Nodes, Pods and workloads are
+    /// objects `spiderpoolctl apply` writes, and the agents create what they need.
+    Standalone,
+    /// A Kubernetes cluster's API: kubelet registers Nodes, the cluster runs Pods and
+    /// workloads, and the controller's webhooks and finalizers take part.
+    Cluster,
+}
+
+impl Mode {
+    /// Whether this is a cluster's API.
+    pub fn is_cluster(self) -> bool {
+        self == Mode::Cluster
+    }
 }
 
 /// Result of a store call.
@@ -340,10 +278,10 @@ pub trait Store: Send + Sync + 'static {
     async fn revision(&self) -> Result<Option<Revision>>;
     /// Whether the datastore answers.
     async fn ping(&self) -> Result<()>;
-    /// Whether Node objects are the datastore's to create (standalone, etcd), or the
-    /// cluster's (Kubernetes: kubelet registers them, and an agent only merges its labels).
-    fn owns_nodes(&self) -> bool {
-        true
+    /// Whether the datastore is a cluster's API (Kubernetes mode) or the project's own
+    /// (standalone SQLite, etcd).
+    fn mode(&self) -> Mode {
+        Mode::Standalone
     }
     /// What the backend counted of its own writes.
     fn write_counts(&self) -> WriteCounts {
@@ -355,153 +293,5 @@ pub trait Store: Send + Sync + 'static {
     async fn watch(&self, after: Revision, kinds: &[Kind]) -> Result<Option<Changes>> {
         let _ = (after, kinds);
         Ok(None)
-    }
-}
-
-/// A datastore location as the `--datastore` flag takes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DatastoreUrl {
-    /// `sqlite:///path/to/file.db`.
-    Sqlite(std::path::PathBuf),
-    /// `memory:` (one process only; for tests).
-    Memory,
-    /// `etcd://host:port[,host:port]?prefix=/spiderpool`.
-    Etcd {
-        /// Endpoints.
-        endpoints: Vec<String>,
-        /// Key prefix.
-        prefix: String,
-    },
-    /// `kubernetes[?kubeconfig=/path]`: the cluster's API server.
-    Kubernetes {
-        /// The kubeconfig file (else `--kubeconfig`, `KUBECONFIG`, `~/.kube/config` or the
-        /// in-cluster service account).
-        kubeconfig: Option<std::path::PathBuf>,
-    },
-}
-
-/// The default datastore.
-pub const DEFAULT_DATASTORE: &str = "sqlite:///var/lib/spiderpool/spiderpool.db";
-
-impl std::str::FromStr for DatastoreUrl {
-    type Err = StoreError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let bad = |why: &str| {
-            StoreError::Config(format!(
-                "datastore {s:?}: {why} (valid: sqlite:///path/to/db, etcd://host:2379[,host:2379]?prefix=/spiderpool, kubernetes[?kubeconfig=/path])"
-            ))
-        };
-        if let Some(path) = s.strip_prefix("sqlite://") {
-            if !path.starts_with('/') {
-                return Err(bad("the sqlite path must be absolute, e.g. sqlite:///var/lib/spiderpool/spiderpool.db"));
-            }
-            return Ok(DatastoreUrl::Sqlite(path.into()));
-        }
-        if s == "memory:" {
-            return Ok(DatastoreUrl::Memory);
-        }
-        if let Some(rest) = s.strip_prefix("kubernetes") {
-            let kubeconfig = match rest {
-                "" => None,
-                q => match q.strip_prefix("?kubeconfig=") {
-                    Some(p) if p.starts_with('/') => Some(p.into()),
-                    _ => return Err(bad("the only setting is an absolute ?kubeconfig=/path")),
-                },
-            };
-            return Ok(DatastoreUrl::Kubernetes { kubeconfig });
-        }
-        if let Some(rest) = s.strip_prefix("etcd://") {
-            let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let endpoints: Vec<String> = hosts
-                .split(',')
-                .filter(|h| !h.is_empty())
-                .map(str::to_string)
-                .collect();
-            if endpoints.is_empty() {
-                return Err(bad("no etcd endpoint"));
-            }
-            let prefix = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("prefix="))
-                .unwrap_or("/spiderpool")
-                .to_string();
-            return Ok(DatastoreUrl::Etcd { endpoints, prefix });
-        }
-        Err(bad("unknown scheme"))
-    }
-}
-
-/// Opens the datastore at `url` (`kubernetes`: with `KUBECONFIG`, `~/.kube/config` or the
-/// in-cluster service account).
-pub async fn open(url: &DatastoreUrl) -> Result<Arc<dyn Store>> {
-    open_with(url, None).await
-}
-
-/// Opens the datastore at `url`; `kubernetes` with the kubeconfig file `kubeconfig` when given.
-pub async fn open_with(
-    url: &DatastoreUrl,
-    kubeconfig: Option<&std::path::Path>,
-) -> Result<Arc<dyn Store>> {
-    match url {
-        DatastoreUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path).await?)),
-        DatastoreUrl::Memory => Ok(Arc::new(memory::MemoryStore::new())),
-        DatastoreUrl::Etcd { endpoints, prefix } => {
-            Ok(Arc::new(etcd::EtcdStore::connect(endpoints, prefix).await?))
-        }
-        DatastoreUrl::Kubernetes { kubeconfig: own } => Ok(Arc::new(
-            kubernetes::KubeStore::connect(kubeconfig.or(own.as_deref())).await?,
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_datastore_urls() {
-        assert_eq!(
-            "sqlite:///var/lib/spiderpool/spiderpool.db"
-                .parse::<DatastoreUrl>()
-                .unwrap(),
-            DatastoreUrl::Sqlite("/var/lib/spiderpool/spiderpool.db".into())
-        );
-        assert_eq!(
-            "etcd://h1:2379,h2:2379?prefix=/x"
-                .parse::<DatastoreUrl>()
-                .unwrap(),
-            DatastoreUrl::Etcd {
-                endpoints: vec!["h1:2379".into(), "h2:2379".into()],
-                prefix: "/x".into()
-            }
-        );
-        let err = "sqlite://rel.db"
-            .parse::<DatastoreUrl>()
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("datastore \"sqlite://rel.db\": the sqlite path must be absolute"),
-            "{err}"
-        );
-        assert_eq!(
-            "kubernetes".parse::<DatastoreUrl>().unwrap(),
-            DatastoreUrl::Kubernetes { kubeconfig: None }
-        );
-        assert_eq!(
-            "kubernetes?kubeconfig=/etc/k.conf"
-                .parse::<DatastoreUrl>()
-                .unwrap(),
-            DatastoreUrl::Kubernetes {
-                kubeconfig: Some("/etc/k.conf".into())
-            }
-        );
-        let err = "kubernetes?server=x"
-            .parse::<DatastoreUrl>()
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("?kubeconfig=/path"), "{err}");
-        let err = "mysql://x".parse::<DatastoreUrl>().unwrap_err().to_string();
-        assert!(err.contains("unknown scheme"), "{err}");
     }
 }

@@ -8,8 +8,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::{
-    check, claimed_since, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store,
-    StoreError, Stored,
+    check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored,
 };
 
 #[derive(Default)]
@@ -118,7 +117,7 @@ impl Store for MemoryStore {
                         &format!("spiderippools/{pool}"),
                     )?;
                     if allocations.contains_key(&(pool.clone(), ip)) {
-                        return Err(StoreError::held(&ip, &pool));
+                        return Err(StoreError::taken_conflict(&pool, ip));
                     }
                     allocations.insert((pool, ip), (holder, rev));
                 }
@@ -127,7 +126,7 @@ impl Store for MemoryStore {
                         .iter()
                         .any(|((p, _), (_, r))| *p == pool && *r > since)
                     {
-                        return Err(claimed_since(&pool, since));
+                        return Err(StoreError::claimed_since(&pool, since));
                     }
                 }
                 Op::Release {

@@ -149,7 +149,9 @@ fn fill(ds: &str, pool: &str, n: u32) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let store = spiderpool_store::open(&ds.parse().unwrap()).await.unwrap();
+        let store = spiderpool_backends::open(&ds.parse().unwrap())
+            .await
+            .unwrap();
         let rev = store
             .get(Kind::IPPool, pool)
             .await
@@ -260,7 +262,7 @@ fn main() {
     if std::env::var_os("SPIDERPOOL_TEST_LOG_LEVEL").is_none() {
         std::env::set_var(
             "SPIDERPOOL_TEST_LOG_LEVEL",
-            "info,spiderpool_agent=debug,spiderpool_store=debug",
+            "info,spiderpool_agent=debug,spiderpool_store=debug,spiderpool_backends=debug,spiderpool_control=debug",
         );
     }
     let dir =

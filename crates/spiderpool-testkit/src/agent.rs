@@ -38,7 +38,7 @@ pub fn healthy(socket: &Path) -> bool {
 /// project's own crates (not for the HTTP/2 and gRPC libraries, which log every frame), and
 /// every address change the view hears of.
 pub const TEST_LOG_LEVEL: &str =
-    "info,spiderpool_agent=debug,spiderpool_store=debug,spiderpool_agent::view=trace";
+    "info,spiderpool_agent=debug,spiderpool_store=debug,spiderpool_backends=debug,spiderpool_control=debug,spiderpool_agent::view=trace";
 
 impl Agent {
     /// Starts an agent and waits until it is healthy.

@@ -4,6 +4,7 @@
 //! directory in `SPIDERPOOL_KUBE_BIN`). Certificates are made with Debian's openssl; everything
 //! lives in a temporary directory and is stopped and removed on drop.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,6 +47,22 @@ pub fn helm_bin() -> Option<PathBuf> {
     None
 }
 
+/// How to start a control plane.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Also kube-controller-manager and kube-scheduler, so Deployments, DaemonSets and
+    /// StatefulSets get pods placed on nodes.
+    pub workloads: bool,
+    /// The API server logs every request's metadata (see [`ControlPlane::requests_by`]).
+    pub audit: bool,
+    /// Real kubelets join: the API server listens on every address and advertises this one
+    /// (which the nodes reach), authorizes kubelets (Node, RBAC), reaches them with a client
+    /// certificate, resolves webhook Services to their endpoints, keeps the `kubernetes`
+    /// Service's endpoints and admits pods as a cluster does (ServiceAccount tokens); the
+    /// controller-manager runs every controller, node lifecycle included.
+    pub real_nodes: Option<std::net::Ipv4Addr>,
+}
+
 /// A running control plane, stopped and removed on drop.
 pub struct ControlPlane {
     dir: tempfile::TempDir,
@@ -62,6 +79,18 @@ impl ControlPlane {
     /// and kube-scheduler, so Deployments, DaemonSets and StatefulSets get pods placed on
     /// nodes.
     pub fn start(bin: &Path, workloads: bool) -> ControlPlane {
+        Self::start_with(
+            bin,
+            Options {
+                workloads,
+                ..Options::default()
+            },
+        )
+    }
+
+    /// A control plane as `options` say.
+    pub fn start_with(bin: &Path, options: Options) -> ControlPlane {
+        let workloads = options.workloads;
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cp = ControlPlane {
             kubeconfig: dir.path().join("admin.kubeconfig"),
@@ -71,7 +100,7 @@ impl ControlPlane {
             children: Vec::new(),
         };
         let pki = cp.dir.path().join("pki");
-        make_pki(&pki);
+        make_pki(&pki, options.real_nodes);
         let etcd_port = free_port();
         let peer_port = free_port();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -93,30 +122,80 @@ impl ControlPlane {
         let api_port = free_port();
         cp.server = format!("https://127.0.0.1:{api_port}");
         let p = |f: &str| pki.join(f).display().to_string();
+        let mut audit = Vec::new();
+        if options.audit {
+            // Every request's metadata: who, which verb, which resource.
+            let policy = cp.dir.path().join("audit-policy.yaml");
+            std::fs::write(
+                &policy,
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+            )
+            .expect("audit policy");
+            audit.push(format!("--audit-policy-file={}", policy.display()));
+            audit.push(format!("--audit-log-path={}", cp.audit_log().display()));
+            audit.push("--audit-log-format=json".into());
+        }
+        let real = options.real_nodes.map(|adv| {
+            sign(
+                &pki,
+                "apiserver-kubelet-client",
+                "/O=system:masters/CN=kube-apiserver-kubelet-client",
+                CLIENT_EXT,
+            );
+            vec![
+                "--bind-address=0.0.0.0".to_string(),
+                format!("--advertise-address={adv}"),
+                "--authorization-mode=Node,RBAC".into(),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    p("apiserver-kubelet-client.crt")
+                ),
+                format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+                format!("--kubelet-certificate-authority={}", p("ca.crt")),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                "--enable-aggregator-routing=true".into(),
+            ]
+        });
+        let simulated: Vec<String> = [
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            "--authorization-mode=RBAC",
+            "--endpoint-reconciler-type=none",
+            "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mode: Vec<&str> = real
+            .as_ref()
+            .unwrap_or(&simulated)
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let audit: Vec<&str> = audit.iter().map(String::as_str).collect();
         cp.spawn(
             "kube-apiserver",
             &[
-                &format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                &format!("--secure-port={api_port}"),
-                &format!("--tls-cert-file={}", p("apiserver.crt")),
-                &format!("--tls-private-key-file={}", p("apiserver.key")),
-                &format!(
-                    "--cert-dir={}",
-                    cp.dir.path().join("apiserver-certs").display()
-                ),
-                &format!("--client-ca-file={}", p("ca.crt")),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                &format!("--service-account-key-file={}", p("sa.pub")),
-                &format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-cluster-ip-range=10.233.0.0/18",
-                "--authorization-mode=RBAC",
-                "--allow-privileged=true",
-                "--endpoint-reconciler-type=none",
-                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
-                "--v=0",
-            ],
+                &audit[..],
+                &mode[..],
+                &[
+                    &format!("--etcd-servers={etcd_url}"),
+                    &format!("--secure-port={api_port}"),
+                    &format!("--tls-cert-file={}", p("apiserver.crt")),
+                    &format!("--tls-private-key-file={}", p("apiserver.key")),
+                    &format!(
+                        "--cert-dir={}",
+                        cp.dir.path().join("apiserver-certs").display()
+                    ),
+                    &format!("--client-ca-file={}", p("ca.crt")),
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                    &format!("--service-account-key-file={}", p("sa.pub")),
+                    &format!("--service-account-signing-key-file={}", p("sa.key")),
+                    "--service-cluster-ip-range=10.233.0.0/18",
+                    "--allow-privileged=true",
+                    "--v=0",
+                ],
+            ]
+            .concat(),
         );
         write_kubeconfig(&cp.kubeconfig, &cp.server, &pki);
         cp.wait_ready();
@@ -127,7 +206,11 @@ impl ControlPlane {
                 &[
                     &kc,
                     "--leader-elect=false",
-                    "--controllers=*,-node-lifecycle-controller",
+                    if options.real_nodes.is_some() {
+                        "--controllers=*"
+                    } else {
+                        "--controllers=*,-node-lifecycle-controller"
+                    },
                     "--secure-port=0",
                     &format!("--service-account-private-key-file={}", p("sa.key")),
                     &format!("--root-ca-file={}", p("ca.crt")),
@@ -191,6 +274,95 @@ impl ControlPlane {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    /// How many requests `user` made so far, by verb (`get`, `list`, `watch`, `update`, …) and
+    /// resource (`pods`, `spiderippools`, …), from the API server's audit log (a control plane
+    /// started with [`Options::audit`]).
+    pub fn requests_by(&self, user: &str) -> BTreeMap<(String, String), u64> {
+        let mut out = BTreeMap::new();
+        let log = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        for line in log.lines() {
+            let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if ev["user"]["username"] == user {
+                let verb = ev["verb"].as_str().unwrap_or("?").to_string();
+                let resource = ev["objectRef"]["resource"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_string();
+                *out.entry((verb, resource)).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// A kubeconfig authenticating as `user` in `groups` with a client certificate the
+    /// control plane's CA signs (`system:masters` among the groups makes it an admin).
+    pub fn client_kubeconfig(&self, user: &str, groups: &[&str]) -> PathBuf {
+        let pki = self.dir.path().join("pki");
+        let name = format!("user-{}", user.replace([':', '/'], "-"));
+        let subj: String = groups
+            .iter()
+            .map(|g| format!("/O={g}"))
+            .chain([format!("/CN={user}")])
+            .collect();
+        sign(&pki, &name, &subj, CLIENT_EXT);
+        let path = self.dir.path().join(format!("{name}.kubeconfig"));
+        write_kubeconfig_as(&path, &self.server, &pki, &name);
+        path
+    }
+
+    /// The control plane's PKI directory (`ca.crt`, …).
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// Issues `NAME.crt`/`NAME.key` in [`ControlPlane::pki`], signed by its CA: a client
+    /// certificate for `user` in `groups`, or (with `serving_sans`, e.g. `IP:10.6.0.2,DNS:n1`) a
+    /// serving one. Returns the certificate's path (the key is beside it).
+    pub fn issue(
+        &self,
+        name: &str,
+        user: &str,
+        groups: &[&str],
+        serving_sans: Option<&str>,
+    ) -> PathBuf {
+        let subj: String = groups
+            .iter()
+            .map(|g| format!("/O={g}"))
+            .chain([format!("/CN={user}")])
+            .collect();
+        let ext = match serving_sans {
+            Some(sans) => format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName={sans}\n"
+            ),
+            None => CLIENT_EXT.to_string(),
+        };
+        sign(&self.pki(), name, &subj, &ext);
+        self.pki().join(format!("{name}.crt"))
+    }
+
+    /// A kubeconfig for the certificate `cert` (from [`ControlPlane::issue`]) reaching the API
+    /// server at `server` (`https://ADDRESS:PORT`).
+    pub fn kubeconfig_for(&self, cert: &str, server: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{cert}.kubeconfig"));
+        write_kubeconfig_as(&path, server, &self.pki(), cert);
+        path
+    }
+
+    /// The API server's port.
+    pub fn port(&self) -> u16 {
+        self.server
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("https://127.0.0.1:PORT")
     }
 
     /// Runs the real kubectl against the control plane as its admin.
@@ -267,33 +439,83 @@ impl Drop for ControlPlane {
     }
 }
 
+/// Runs openssl in the PKI directory `dir`.
+fn ossl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running openssl (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A new EC key with a certificate request.
+const EC: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// Issues `NAME.key` and `NAME.crt` for the subject `subj` with the extensions `ext`, signed
+/// by the CA in `dir`.
+fn sign(dir: &Path, name: &str, subj: &str, ext: &str) {
+    let (key, csr, crt, extf) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+        format!("{name}.ext"),
+    );
+    ossl(
+        dir,
+        &[
+            &["req"][..],
+            &EC,
+            &["-keyout", &key, "-out", &csr, "-subj", subj],
+        ]
+        .concat(),
+    );
+    std::fs::write(dir.join(&extf), ext).expect("ext file");
+    ossl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "7",
+            "-out",
+            &crt,
+            "-extfile",
+            &extf,
+        ],
+    );
+}
+
+/// The extensions of a client certificate.
+const CLIENT_EXT: &str =
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n";
+
 /// A CA, the apiserver's serving certificate (IP SAN 127.0.0.1), an admin client certificate
 /// in `system:masters`, and the service-account key pair, with openssl.
-fn make_pki(dir: &Path) {
+fn make_pki(dir: &Path, advertise: Option<std::net::Ipv4Addr>) {
     std::fs::create_dir_all(dir).expect("pki dir");
-    let ossl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("running openssl (apt-get install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
     ossl(
+        dir,
         &[
             &["req", "-x509"][..],
-            &ec,
+            &EC,
             &[
                 "-days",
                 "7",
@@ -311,60 +533,29 @@ fn make_pki(dir: &Path) {
         ]
         .concat(),
     );
-    let sign = |name: &str, subj: &str, ext: &str| {
-        let (key, csr, crt, extf) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-            format!("{name}.ext"),
-        );
-        ossl(
-            &[
-                &["req"][..],
-                &ec,
-                &["-keyout", &key, "-out", &csr, "-subj", subj],
-            ]
-            .concat(),
-        );
-        std::fs::write(dir.join(&extf), ext).expect("ext file");
-        ossl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "7",
-            "-out",
-            &crt,
-            "-extfile",
-            &extf,
-        ]);
-    };
     sign(
+        dir,
         "apiserver",
         "/CN=kube-apiserver",
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.233.0.1\n",
+        &format!(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.233.0.1{}\n",
+            advertise.map(|a| format!(",IP:{a}")).unwrap_or_default()
+        ),
     );
-    sign(
-        "admin",
-        "/O=system:masters/CN=admin",
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    sign(dir, "admin", "/O=system:masters/CN=admin", CLIENT_EXT);
+    ossl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-out",
+            "sa.key",
+        ],
     );
-    ossl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-out",
-        "sa.key",
-    ]);
-    ossl(&["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
+    ossl(dir, &["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
 }
 
 /// An admin kubeconfig with the certificates embedded.
@@ -376,6 +567,11 @@ fn pki_base64(pki: &Path, file: &str) -> String {
 }
 
 fn write_kubeconfig(path: &Path, server: &str, pki: &Path) {
+    write_kubeconfig_as(path, server, pki, "admin");
+}
+
+/// A kubeconfig authenticating with the client certificate `cert` (`cert.crt`, `cert.key`).
+fn write_kubeconfig_as(path: &Path, server: &str, pki: &Path, cert: &str) {
     use std::fmt::Write as _;
     let b64 = |f: &str| pki_base64(pki, f);
     let mut s = String::new();
@@ -383,8 +579,8 @@ fn write_kubeconfig(path: &Path, server: &str, pki: &Path) {
         s,
         "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: local\n  context: {{cluster: local, user: admin}}\ncurrent-context: local\n",
         b64("ca.crt"),
-        b64("admin.crt"),
-        b64("admin.key"),
+        b64(&format!("{cert}.crt")),
+        b64(&format!("{cert}.key")),
     );
     std::fs::write(path, s).expect("kubeconfig");
 }

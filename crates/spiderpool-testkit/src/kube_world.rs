@@ -203,10 +203,29 @@ impl Controller {
         webhook: &str,
         extra: &[&str],
     ) -> Controller {
+        Self::start_bin(
+            &bin("spiderpool-controller"),
+            kubeconfig,
+            dir,
+            identity,
+            webhook,
+            extra,
+        )
+    }
+
+    /// [`Controller::start_as`] from the binary `binary` (another build, say).
+    pub fn start_bin(
+        binary: &Path,
+        kubeconfig: &Path,
+        dir: &Path,
+        identity: &str,
+        webhook: &str,
+        extra: &[&str],
+    ) -> Controller {
         let log = dir.join(format!("{identity}.log"));
         let health = format!("127.0.0.1:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(bin("spiderpool-controller"))
+        let child = Command::new(binary)
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--pod-name", identity, "--health-addr", &health])
@@ -215,7 +234,7 @@ impl Controller {
             .args(["--webhook-url", &format!("https://{webhook}")])
             .args([
                 "--log-level",
-                "info,spiderpool_controller=debug,spiderpool_store=debug",
+                "info,spiderpool_controller=debug,spiderpool_controller::cache=trace,spiderpool_store=debug,spiderpool_backends=debug,spiderpool_control=debug",
             ])
             .args(extra)
             .stdin(Stdio::null())
@@ -264,6 +283,22 @@ impl Controller {
 impl Drop for Controller {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            // What it logged last tells why a test waited for it in vain.
+            let log = self.log();
+            let kept = std::env::temp_dir().join(format!(
+                "spiderpool-failed-{}-{}.log",
+                self.log.file_stem().unwrap_or_default().to_string_lossy(),
+                std::process::id()
+            ));
+            let _ = std::fs::write(&kept, &log);
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "--- the controller's last log lines (all of it kept in {}):\n{}",
+                kept.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
 }
 

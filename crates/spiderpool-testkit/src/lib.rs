@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 pub use agent::{healthy, http_get, request, sample, Agent, TEST_LOG_LEVEL};
-pub use cluster::{helm_bin, kube_bin, ControlPlane};
+pub use cluster::{helm_bin, kube_bin, ControlPlane, Options as ControlPlaneOptions};
 pub use cni::CniCall;
 pub use etcd::{etcd_available, etcd_binary, Etcd};
 pub use kube_world::{

@@ -132,6 +132,17 @@ fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
 /// Runs the scenario with `n` Deployments; the control plane needs the controller, the
 /// macvlan NAD `kube-system/macvlan-conf`, simulated nodes and the subnet or pool.
 pub fn deployments_scale(cp: &ControlPlane, n: usize, addressing: &Addressing<'_>) -> ScaleTimings {
+    deployments_scale_observed(cp, n, addressing, &mut |_| {})
+}
+
+/// [`deployments_scale`], calling `step` with `"create"`, `"scale"` and `"delete"` as each
+/// step ends.
+pub fn deployments_scale_observed(
+    cp: &ControlPlane,
+    n: usize,
+    addressing: &Addressing<'_>,
+    step: &mut dyn FnMut(&str),
+) -> ScaleTimings {
     let limit = Duration::from_secs(300);
     let auto = matches!(addressing, Addressing::AutoPools { .. });
     // The pools' sizes each step wants (`+N` on 2, 3, 1 replicas).
@@ -155,6 +166,7 @@ pub fn deployments_scale(cp: &ControlPlane, n: usize, addressing: &Addressing<'_
         (pods(cp) == (2 * n, 2 * n) && pools_at(2)).then_some(())
     });
     let create = started.elapsed();
+    step("create");
 
     let started = Instant::now();
     let selector = format!("-l={LABEL}=yes");
@@ -167,6 +179,7 @@ pub fn deployments_scale(cp: &ControlPlane, n: usize, addressing: &Addressing<'_
         (pods(cp) == (n, n) && pools_at(1)).then_some(())
     });
     let scale = started.elapsed();
+    step("scale");
 
     let started = Instant::now();
     cp.kubectl_ok(&["delete", "deployment", &selector, "--wait=false"], "");
@@ -176,6 +189,7 @@ pub fn deployments_scale(cp: &ControlPlane, n: usize, addressing: &Addressing<'_
         || (pods(cp) == (0, 0) && (!auto || auto_pool_sizes(cp).is_empty())).then_some(()),
     );
     let delete = started.elapsed();
+    step("delete");
     ScaleTimings {
         create,
         scale,
@@ -186,6 +200,19 @@ pub fn deployments_scale(cp: &ControlPlane, n: usize, addressing: &Addressing<'_
 /// A controller running as a ServiceAccount of its own (not as the tests' kubectl user: the
 /// webhook tells the reconciler's writes by their user).
 pub fn controller(cp: &ControlPlane, dir: &std::path::Path, identity: &str) -> Controller {
+    controller_of(cp, dir, identity, &bin("spiderpool-controller"))
+}
+
+/// The ServiceAccount user [`controller`] runs as.
+pub const CONTROLLER_USER: &str = "system:serviceaccount:kube-system:spiderpool-controller";
+
+/// [`controller`] from the binary `binary`.
+pub fn controller_of(
+    cp: &ControlPlane,
+    dir: &std::path::Path,
+    identity: &str,
+    binary: &std::path::Path,
+) -> Controller {
     if !cp
         .kubectl(
             &[
@@ -222,7 +249,14 @@ pub fn controller(cp: &ControlPlane, dir: &std::path::Path, identity: &str) -> C
     }
     let kc = cp.service_account_kubeconfig("kube-system", "spiderpool-controller");
     let webhook = format!("127.0.0.1:{}", free_port());
-    Controller::start_as(&kc, dir, identity, &webhook, &["--auto-pool-resync", "3s"])
+    Controller::start_bin(
+        binary,
+        &kc,
+        dir,
+        identity,
+        &webhook,
+        &["--auto-pool-resync", "3s"],
+    )
 }
 
 /// A control plane with the controller (as its own ServiceAccount), the macvlan NAD, the
@@ -241,19 +275,44 @@ pub struct World {
 
 /// [`World`], or `None` (skipped) without the control plane's binaries or root.
 pub fn world(prefix: &str, subnets: &[String]) -> Option<World> {
+    world_with(prefix, subnets, &WorldOptions::default())
+}
+
+/// How [`world_with`] builds the world.
+#[derive(Debug, Clone, Default)]
+pub struct WorldOptions {
+    /// The API server logs every request (see [`ControlPlane::requests_by`]).
+    pub audit: bool,
+    /// The controller's binary (default: the workspace's).
+    pub controller: Option<std::path::PathBuf>,
+}
+
+/// [`world`], as `options` say.
+pub fn world_with(prefix: &str, subnets: &[String], options: &WorldOptions) -> Option<World> {
     let kbin = kube_bin()?;
     if !is_root() {
         eprintln!("SKIPPED: needs root for network namespaces");
         return None;
     }
-    let cp = ControlPlane::start(&kbin, true);
+    let cp = ControlPlane::start_with(
+        &kbin,
+        ControlPlaneOptions {
+            workloads: true,
+            audit: options.audit,
+            ..Default::default()
+        },
+    );
     cp.install_crds();
     let n1 = format!("{prefix}-n1");
     let n2 = format!("{prefix}-n2");
     let z = zones(prefix, &[(&n1, "10.6.0.1/16"), (&n2, "10.7.0.1/16")]);
     cp.kubectl_ok(&["apply", "-f", "-"], &macvlan_nad());
     let dir = tempfile::tempdir().expect("test setup");
-    let controller = controller(&cp, dir.path(), &format!("{prefix}-c"));
+    let binary = options
+        .controller
+        .clone()
+        .unwrap_or_else(|| bin("spiderpool-controller"));
+    let controller = controller_of(&cp, dir.path(), &format!("{prefix}-c"), &binary);
     for s in subnets {
         cp.kubectl_ok(&["apply", "-f", "-"], s);
     }

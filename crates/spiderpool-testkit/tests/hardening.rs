@@ -427,7 +427,7 @@ fn deleting_an_endpoint_releases_and_unrecorded_addresses_can_be_released() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let store = spiderpool_store::open(&sb.datastore().parse().unwrap())
+        let store = spiderpool_backends::open(&sb.datastore().parse().unwrap())
             .await
             .unwrap();
         let (_, rev) =

@@ -1,7 +1,7 @@
 //! The command line: every flag and subcommand of `spiderpoolctl`, parsed by clap.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use spiderpool_store::{DatastoreUrl, DEFAULT_DATASTORE};
+use spiderpool_backends::{DatastoreUrl, DEFAULT_DATASTORE};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -17,10 +17,10 @@ use crate::args::{Args, Command};
 
 /// Runs the parsed command line.
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let store = spiderpool_store::open_with(&args.datastore, args.kubeconfig.as_deref())
+    let store = spiderpool_backends::open_with(&args.datastore, args.kubeconfig.as_deref())
         .await
         .with_context(|| format!("opening datastore {:?}", args.datastore))?;
-    let settings = spiderpool_store::autopool::Settings {
+    let settings = spiderpool_control::autopool::Settings {
         default_redundancy: args.auto_pool_redundancy,
     };
     match args.command {

@@ -380,9 +380,9 @@ fn ipam_show_counts_the_space_and_names_who_holds_an_address() {
 
 /// Commits `ops` to the sandbox's datastore directly: the way to build an inconsistent state.
 fn commit(sb: &Sandbox, ops: Vec<spiderpool_store::Op>) {
-    let url: spiderpool_store::DatastoreUrl = sb.datastore().parse().unwrap();
+    let url: spiderpool_backends::DatastoreUrl = sb.datastore().parse().unwrap();
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let s = spiderpool_store::open(&url).await.unwrap();
+        let s = spiderpool_backends::open(&url).await.unwrap();
         s.commit(ops).await.unwrap();
     });
 }

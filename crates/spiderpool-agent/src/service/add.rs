@@ -7,9 +7,11 @@ use spiderpool_api::agent::{IpamAddArgs, IpamAddResponse};
 use spiderpool_api::annotation;
 use spiderpool_api::crd::{EndpointInterface, EndpointStatus, RouteSpec, API_VERSION};
 use spiderpool_api::{Object, ObjectMeta, SpiderEndpoint, ValidationError};
-use spiderpool_core::candidate::{free_at, AllocError, Rejected, Rejection, Spread};
+use spiderpool_control::autopool;
+use spiderpool_core::candidate::{AllocError, Rejected, Rejection};
+use spiderpool_core::pick::{free_at, Spread};
 use spiderpool_core::{IpFamily, Pool, PoolNames, Request};
-use spiderpool_store::{autopool, typed, Holder, Kind, Op, Revision, StoreError};
+use spiderpool_store::{typed, Holder, Kind, Op, Revision, StoreError};
 use tokio::sync::oneshot;
 
 use super::*;
@@ -305,7 +307,7 @@ impl IpamService {
         }
 
         let custom_routes = annotations
-            .get(annotation::ROUTES)
+            .get(spiderpool_api::keys::ROUTES)
             .map(|v| annotation::parse_routes(v))
             .transpose()
             .map_err(|e| ValidationError::Invalid(format!("pod {key}: {e}")))?
@@ -329,13 +331,13 @@ impl IpamService {
         let (auto_pools, app_labels) = match &pod_obj {
             Some(p)
                 if self.auto_pool_wait.is_none()
-                    && (annotations.contains_key(annotation::SUBNET)
-                        || annotations.contains_key(annotation::SUBNETS)) =>
+                    && (annotations.contains_key(spiderpool_api::keys::SUBNET)
+                        || annotations.contains_key(spiderpool_api::keys::SUBNETS)) =>
             {
                 return Err(ValidationError::Invalid(format!(
                     "pod {key}: it's invalid to use '{}' or '{}' annotation when Auto-Pool feature is disabled (--enable-auto-pool=false)",
-                    annotation::SUBNETS,
-                    annotation::SUBNET
+                    spiderpool_api::keys::SUBNETS,
+                    spiderpool_api::keys::SUBNET
                 ))
                 .into());
             }
@@ -355,8 +357,7 @@ impl IpamService {
                         })?;
                 let any_auto = view.pools.iter().any(|p| {
                     p.pod_affinity.as_ref().is_some_and(|a| {
-                        a.match_labels
-                            .contains_key(spiderpool_api::autopool::APP_NAME)
+                        a.match_labels.contains_key(spiderpool_api::keys::APP_NAME)
                     })
                 });
                 let app_labels = if any_auto {
@@ -421,7 +422,7 @@ impl IpamService {
         // With a default-route NIC named, the other NICs get no default route.
         let clean_gateway = picks.clean_gateway
             || annotations
-                .get(annotation::DEFAULT_ROUTE_NIC)
+                .get(spiderpool_api::keys::DEFAULT_ROUTE_NIC)
                 .is_some_and(|n| n.trim() != pod.nic);
         for Pick {
             family,

@@ -30,7 +30,7 @@ impl IpamService {
         // batch wins whole, so rounds are few even when every agent contends. A batch larger
         // than one transaction may hold continues in the next round.
         let mut attempt = 0;
-        while pending.len() > 1 && attempt < MAX_ATTEMPTS {
+        while pending.len() > 1 && attempt < Retry::CONFLICTS.attempts {
             // Start each round on the current state.
             if let Err(e) = cache.current(self.store.as_ref()).await {
                 let msg = e.to_string();

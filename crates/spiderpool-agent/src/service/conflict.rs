@@ -16,15 +16,6 @@ use spiderpool_api::{ObjectMeta, SpiderReservedIP};
 
 use super::*;
 
-/// Label of the SpiderReservedIPs that hold back addresses found in conflict.
-pub const LABEL_IP_CONFLICT: &str = "ipam.spidernet.io/ip-conflict";
-/// Annotation: the MAC address that answered for the address.
-pub const ANNOTATION_CONFLICT_MAC: &str = "ipam.spidernet.io/ip-conflict-mac";
-/// Annotation: the pod whose probe found the conflict (`namespace/name`).
-pub const ANNOTATION_CONFLICT_POD: &str = "ipam.spidernet.io/ip-conflict-pod";
-/// Annotation: RFC 3339, when the address is tried again.
-pub const ANNOTATION_CONFLICT_UNTIL: &str = "ipam.spidernet.io/ip-conflict-until";
-
 /// How long an address found in conflict is held back by default (`--ip-conflict-hold`).
 pub const CONFLICT_HOLD: Duration = Duration::from_secs(600);
 
@@ -99,11 +90,21 @@ impl IpamService {
                 kind: "SpiderReservedIP".into(),
                 metadata: ObjectMeta {
                     name: name.clone(),
-                    labels: [(LABEL_IP_CONFLICT.to_string(), "true".to_string())].into(),
+                    labels: [(
+                        spiderpool_api::keys::LABEL_IP_CONFLICT.to_string(),
+                        "true".to_string(),
+                    )]
+                    .into(),
                     annotations: [
-                        (ANNOTATION_CONFLICT_MAC.to_string(), c.mac.to_lowercase()),
-                        (ANNOTATION_CONFLICT_POD.to_string(), pod.key()),
-                        (ANNOTATION_CONFLICT_UNTIL.to_string(), until_text.clone()),
+                        (
+                            spiderpool_api::keys::CONFLICT_MAC.to_string(),
+                            c.mac.to_lowercase(),
+                        ),
+                        (spiderpool_api::keys::CONFLICT_POD.to_string(), pod.key()),
+                        (
+                            spiderpool_api::keys::CONFLICT_UNTIL.to_string(),
+                            until_text.clone(),
+                        ),
                     ]
                     .into(),
                     ..Default::default()
@@ -170,12 +171,15 @@ impl IpamService {
         let now = SystemTime::now();
         for (o, rev) in typed::list(self.store.as_ref(), Kind::ReservedIP).await? {
             let meta = o.metadata();
-            if !meta.labels.contains_key(LABEL_IP_CONFLICT) {
+            if !meta
+                .labels
+                .contains_key(spiderpool_api::keys::LABEL_IP_CONFLICT)
+            {
                 continue;
             }
             let Some(until) = meta
                 .annotations
-                .get(ANNOTATION_CONFLICT_UNTIL)
+                .get(spiderpool_api::keys::CONFLICT_UNTIL)
                 .and_then(|u| humantime::parse_rfc3339(u).ok())
             else {
                 continue;

@@ -10,9 +10,6 @@ use spiderpool_api::SpiderCoordinator;
 
 use super::*;
 
-/// Pod annotation: the NIC of the pod's default route.
-pub const ANNOTATION_DEFAULT_ROUTE_NIC: &str = "ipam.spidernet.io/default-route-nic";
-
 impl IpamService {
     /// Upstream's detection switches: with `ip_conflict` (`gateway`) every coordinator probes
     /// for address conflicts (its gateways), whatever the SpiderCoordinator says.
@@ -47,7 +44,7 @@ impl IpamService {
             ));
         };
         let status = c.status.clone().unwrap_or_default();
-        if !store.owns_nodes() && status.phase != "Synced" {
+        if store.mode().is_cluster() && status.phase != "Synced" {
             let why = status
                 .reason
                 .as_deref()
@@ -70,10 +67,15 @@ impl IpamService {
             );
             match typed::get(store, Kind::Pod, &key).await? {
                 Some((Object::Kube(_, pod), _)) => {
-                    if let Some(n) = pod.metadata.annotations.get(ANNOTATION_DEFAULT_ROUTE_NIC) {
+                    if let Some(n) = pod
+                        .metadata
+                        .annotations
+                        .get(spiderpool_api::keys::DEFAULT_ROUTE_NIC)
+                    {
                         spiderpool_api::names::interface_name(n).map_err(|e| {
                             ServiceError::BadArgs(ValidationError::Invalid(format!(
-                                "pod {key}: annotation {ANNOTATION_DEFAULT_ROUTE_NIC}: {e}"
+                                "pod {key}: annotation {}: {e}",
+                                spiderpool_api::keys::DEFAULT_ROUTE_NIC
                             )))
                         })?;
                         nic = n.clone();

@@ -1,7 +1,5 @@
 //! DEL: releases what a container holds on a NIC and drops it from the endpoint record.
 
-use std::time::Duration;
-
 use spiderpool_api::agent::IpamDelArgs;
 use spiderpool_store::StoreError;
 

@@ -1,6 +1,6 @@
 //! The StatefulSet rule: a member whose ordinal is below `replicas` keeps its addresses.
 
-use spiderpool_store::objects;
+use spiderpool_control::apply;
 
 use super::*;
 
@@ -15,7 +15,7 @@ impl IpamService {
         owner_name: &str,
     ) -> Result<bool> {
         Ok(
-            objects::stateful_member(self.store.as_ref(), namespace, pod, owner_kind, owner_name)
+            apply::stateful_member(self.store.as_ref(), namespace, pod, owner_kind, owner_name)
                 .await?,
         )
     }

@@ -1,6 +1,6 @@
 //! STATUS (CNI 1.1): whether an ADD could be served now.
 
-use spiderpool_core::candidate::lowest_free;
+use spiderpool_core::pick::lowest_free;
 use spiderpool_core::{IpFamily, Pool};
 
 use super::*;

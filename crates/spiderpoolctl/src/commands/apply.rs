@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use spiderpool_api::manifest::parse_documents;
 use spiderpool_api::{Kind, Object};
-use spiderpool_store::objects::{self, Applied, Progress};
+use spiderpool_control::apply::{self, Applied, Progress};
 use spiderpool_store::Store;
 
 use super::singular;
@@ -18,7 +18,7 @@ const PROGRESS_FROM: usize = 100;
 pub(crate) async fn run(
     store: Arc<dyn Store>,
     file: &str,
-    settings: spiderpool_store::autopool::Settings,
+    settings: spiderpool_control::autopool::Settings,
 ) -> anyhow::Result<ExitCode> {
     let text = if file == "-" {
         let mut s = String::new();
@@ -56,7 +56,7 @@ pub(crate) async fn run(
         }
         _ => {}
     };
-    match objects::apply_all_reporting(store.clone(), objects, &progress).await {
+    match apply::apply_all_reporting(store.clone(), objects, &progress).await {
         Ok(outcomes) => {
             for (name, outcome) in names.iter().zip(outcomes) {
                 let what = match outcome {

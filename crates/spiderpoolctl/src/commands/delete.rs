@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use spiderpool_store::objects;
+use spiderpool_control::apply;
 use spiderpool_store::Store;
 
 use super::{object_key, parse_kind, singular};
@@ -12,7 +12,7 @@ pub(crate) async fn run(
     kind: &str,
     name: &str,
     namespace: Option<&str>,
-    settings: spiderpool_store::autopool::Settings,
+    settings: spiderpool_control::autopool::Settings,
 ) -> anyhow::Result<ExitCode> {
     // `delete deployment web` names a workload by its kind.
     let (kind, key) = match super::workload_kind(kind) {
@@ -29,7 +29,7 @@ pub(crate) async fn run(
             (kind, object_key(kind, name, namespace))
         }
     };
-    objects::delete(store, kind, &key).await?;
+    apply::delete(store, kind, &key).await?;
     println!("{}/{key} deleted", singular(kind));
     if kind == spiderpool_api::Kind::Workload
         && super::reconcile::ours(store)

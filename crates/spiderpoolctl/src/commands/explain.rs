@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use anyhow::bail;
 use serde_json::json;
 use spiderpool_api::{annotation, Object};
-use spiderpool_core::candidate::{free_set, lowest_free};
+use spiderpool_control::autopool;
+use spiderpool_core::pick::{free_set, lowest_free};
 use spiderpool_core::{IpSet, PoolNames};
-use spiderpool_store::{autopool, typed, Kind, Store};
+use spiderpool_store::{typed, Kind, Store};
 
 /// What to explain.
 pub(crate) struct Ask {

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use anyhow::bail;
 use serde_json::json;
 use spiderpool_api::{Kind, Object};
-use spiderpool_store::objects;
 use spiderpool_store::{typed, Store};
 
 use super::{object_key, parse_kind, singular};
@@ -20,11 +19,11 @@ async fn with_status(
 ) -> anyhow::Result<Object> {
     Ok(match o {
         Object::IPPool(mut p) => {
-            p.status = Some(objects::pool_status(store, &p).await?);
+            p.status = Some(spiderpool_control::status::pool_status(store, &p).await?);
             Object::IPPool(p)
         }
         Object::Subnet(mut s) => {
-            s.status = Some(objects::subnet_status(&s, pools));
+            s.status = Some(spiderpool_control::status::subnet_status(&s, pools));
             Object::Subnet(s)
         }
         other => other,

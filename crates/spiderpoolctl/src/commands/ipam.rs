@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use anyhow::bail;
 use serde_json::json;
 use spiderpool_api::Object;
+use spiderpool_control::{apply, audit};
 use spiderpool_core::{IpSet, Pool};
-use spiderpool_store::{audit, objects, typed, Allocation, Kind, Store};
+use spiderpool_store::{typed, Allocation, Kind, Store};
 
 /// What `ipam check -o json` prints and `ipam release --from-report` reads.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -65,7 +66,7 @@ pub(crate) async fn run(store: &dyn Store, cmd: Ipam) -> anyhow::Result<ExitCode
             let (Some(pool), Some(ip)) = (pool, ip) else {
                 bail!("ipam release needs POOL and IP, or --from-report FILE");
             };
-            let h = objects::release_unrecorded(store, &pool, ip).await?;
+            let h = apply::release_unrecorded(store, &pool, ip).await?;
             println!(
                 "released {ip} of spiderippool/{pool} (held by pod {}, container {}, interface {}, without an endpoint record)",
                 h.pod, h.container_id, h.nic
@@ -115,7 +116,7 @@ async fn gc(
     dry_run: bool,
     output: Option<Output>,
 ) -> anyhow::Result<ExitCode> {
-    use spiderpool_store::reclaim::{self, Policy, Tracker};
+    use spiderpool_control::reclaim::{self, Policy, Tracker};
     use std::time::SystemTime;
     let policy = Policy {
         grace_delay: grace,

@@ -5,13 +5,13 @@
 
 use std::process::ExitCode;
 
-use spiderpool_store::autopool::{self, Settings};
-use spiderpool_store::objects::ApplyError;
+use spiderpool_control::apply::ApplyError;
+use spiderpool_control::autopool::{self, Settings};
 use spiderpool_store::Store;
 
 /// Whether the CLI runs the reconciler itself (the datastore is not a cluster's).
 pub(crate) fn ours(store: &dyn Store) -> bool {
-    store.owns_nodes()
+    !store.mode().is_cluster()
 }
 
 /// Prints one application's outcome; `false` when it failed.

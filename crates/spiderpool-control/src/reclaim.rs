@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use spiderpool_api::{KubeObject, Object, SpiderEndpoint};
 
-use crate::{objects, typed, Allocation, Expect, Kind, Op, Store, StoreError};
+use crate::apply;
+use spiderpool_store::{typed, Allocation, Expect, Kind, Op, Store, StoreError};
 
 /// How long the reclaim waits.
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +96,7 @@ impl<'a> Facts<'a> {
     fn new(store: &'a dyn Store) -> Self {
         Facts {
             store,
-            cluster: !store.owns_nodes(),
+            cluster: store.mode().is_cluster(),
             pods: HashMap::new(),
             nodes: HashMap::new(),
         }
@@ -140,7 +141,7 @@ impl<'a> Facts<'a> {
         // A StatefulSet member its StatefulSet still wants keeps its addresses for its next
         // incarnation, whatever became of this one.
         if let Some(ep) = endpoint {
-            if objects::stateful_member(
+            if apply::stateful_member(
                 self.store,
                 ns,
                 name,
@@ -247,7 +248,7 @@ type HolderKey = (String, String);
 /// Every holder of an address (by pool) and every endpoint, keyed by pod incarnation.
 struct Holders {
     held: BTreeMap<HolderKey, Vec<Allocation>>,
-    endpoints: BTreeMap<String, (SpiderEndpoint, crate::Revision)>,
+    endpoints: BTreeMap<String, (SpiderEndpoint, spiderpool_store::Revision)>,
 }
 
 async fn holders(

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use serde_json::json;
+use spiderpool_backends::sqlite::SqliteStore;
+use spiderpool_backends::DatastoreUrl;
 use spiderpool_store::memory::MemoryStore;
-use spiderpool_store::sqlite::SqliteStore;
-use spiderpool_store::{conformance, DatastoreUrl, Expect, Kind, Op, Store};
+use spiderpool_store::{conformance, Expect, Kind, Op, Store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_backend_conforms() {
@@ -49,7 +50,7 @@ async fn etcd_backend_conforms() {
             .unwrap();
         conformance::run_check(check, &|| {
             let url = url.clone();
-            async move { spiderpool_store::open(&url).await.unwrap() }
+            async move { spiderpool_backends::open(&url).await.unwrap() }
         })
         .await;
     }
@@ -62,7 +63,7 @@ async fn etcd_unreachable_and_corrupt_values_are_reported() {
     }
     let port = spiderpool_testkit::free_port();
     let url: DatastoreUrl = format!("etcd://127.0.0.1:{port}").parse().unwrap();
-    let err = match spiderpool_store::open(&url).await {
+    let err = match spiderpool_backends::open(&url).await {
         Ok(_) => panic!("connected to nothing"),
         Err(e) => e.to_string(),
     };
@@ -70,7 +71,7 @@ async fn etcd_unreachable_and_corrupt_values_are_reported() {
 
     let etcd = spiderpool_testkit::Etcd::single();
     let url: DatastoreUrl = etcd.datastore("/corrupt").parse().unwrap();
-    let s = spiderpool_store::open(&url).await.unwrap();
+    let s = spiderpool_backends::open(&url).await.unwrap();
     s.commit(vec![Op::Put {
         kind: Kind::Node,
         key: "good".into(),
@@ -201,7 +202,7 @@ async fn etcd_reads_large_pools_in_pages() {
     }
     let etcd = spiderpool_testkit::Etcd::single();
     let url: DatastoreUrl = etcd.datastore("/pages").parse().unwrap();
-    let s = spiderpool_store::open(&url).await.unwrap();
+    let s = spiderpool_backends::open(&url).await.unwrap();
     let rev = s
         .commit(vec![Op::Put {
             kind: Kind::IPPool,
@@ -248,8 +249,8 @@ fn cluster() -> Option<spiderpool_testkit::ControlPlane> {
 
 async fn kube_store(
     cp: &spiderpool_testkit::ControlPlane,
-) -> spiderpool_store::kubernetes::KubeStore {
-    spiderpool_store::kubernetes::KubeStore::connect(Some(&cp.kubeconfig))
+) -> spiderpool_backends::kubernetes::KubeStore {
+    spiderpool_backends::kubernetes::KubeStore::connect(Some(&cp.kubeconfig))
         .await
         .unwrap()
 }
@@ -274,7 +275,7 @@ async fn kubernetes_backend_conforms() {
             let kubeconfig = kubeconfig.clone();
             async move {
                 Arc::new(
-                    spiderpool_store::kubernetes::KubeStore::connect(Some(&kubeconfig))
+                    spiderpool_backends::kubernetes::KubeStore::connect(Some(&kubeconfig))
                         .await
                         .unwrap(),
                 ) as Arc<dyn Store>

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use spiderpool_api::manifest::parse_documents;
+use spiderpool_control::apply::{apply, delete, ApplyError};
 use spiderpool_store::memory::MemoryStore;
-use spiderpool_store::objects::{apply, delete, ApplyError};
 use spiderpool_store::{Allocation, Changes, Holder, Kind, Op, Result, Revision, Store, Stored};
 
 /// A memory store that, once armed with an address of pool `p`, claims it for another pod just

@@ -12,9 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::{
-    check, claimed_since, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store,
-    StoreError, Stored,
+use spiderpool_store::{
+    check, Allocation, Expect, Holder, Kind, Op, Result, Revision, Store, StoreError, Stored,
 };
 
 const SCHEMA: &str = "
@@ -336,7 +335,7 @@ impl Store for SqliteStore {
                         )
                         .map_err(&e)?;
                         if n == 0 {
-                            return Err(StoreError::held(ip, pool));
+                            return Err(StoreError::taken_conflict(pool, *ip));
                         }
                     }
                     Op::NoClaimsSince { pool, since } => {
@@ -348,7 +347,7 @@ impl Store for SqliteStore {
                         )
                         .map_err(&e)?;
                         if newer {
-                            return Err(claimed_since(pool, *since));
+                            return Err(StoreError::claimed_since(pool, *since));
                         }
                     }
                     Op::Release {

@@ -8,7 +8,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use spiderpool_api::Object;
 
-use crate::{objects, typed, Expect, Kind, Op, Store, StoreError};
+use crate::apply;
+use spiderpool_store::{typed, Expect, Kind, Op, Store, StoreError};
 
 /// One inconsistency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,7 +129,7 @@ pub async fn check(store: &dyn Store) -> Result<Vec<Problem>, StoreError> {
             .status
             .as_ref()
             .and_then(|s| s.allocated_ip_count)
-            .filter(|_| !store.owns_nodes());
+            .filter(|_| store.mode().is_cluster());
         if let Some(recorded) = written {
             if recorded != allocs.len() as u64 {
                 problems.push(Problem::CountMismatch {
@@ -164,7 +165,7 @@ pub async fn check(store: &dyn Store) -> Result<Vec<Problem>, StoreError> {
         let h = &a.holder;
         let recorded = endpoints
             .get(&h.pod)
-            .is_some_and(|ep| objects::records(ep, &a.pool, a.ip, h));
+            .is_some_and(|ep| apply::records(ep, &a.pool, a.ip, h));
         if !recorded {
             problems.push(Problem::Unrecorded {
                 pool: a.pool.clone(),
@@ -176,7 +177,7 @@ pub async fn check(store: &dyn Store) -> Result<Vec<Problem>, StoreError> {
             });
         }
     }
-    let cluster = !store.owns_nodes();
+    let cluster = store.mode().is_cluster();
     for (key, ep) in &endpoints {
         for nic in &ep.status.current.ips {
             for (pool, ip) in nic.held() {
@@ -254,15 +255,15 @@ pub async fn repair(store: &dyn Store, p: &Problem) -> Result<Repair, StoreError
             interface,
         } => {
             // Still held by the reported holder and still recorded nowhere, or left alone.
-            let same = |h: &crate::Holder| {
+            let same = |h: &spiderpool_store::Holder| {
                 (&h.pod, &h.pod_uid, &h.container_id, &h.nic)
                     == (pod, pod_uid, container_id, interface)
             };
-            match objects::release_unrecorded_by(store, pool, *ip, same).await {
+            match apply::release_unrecorded_by(store, pool, *ip, same).await {
                 Ok(_) => Ok(Repair::Done(format!(
                     "released {ip} of spiderippool/{pool}"
                 ))),
-                Err(objects::ApplyError::Store(e)) => Err(e),
+                Err(apply::ApplyError::Store(e)) => Err(e),
                 Err(_) => Ok(Repair::Skipped(format!(
                     "{ip} of spiderippool/{pool}: changed since the report"
                 ))),
@@ -276,7 +277,7 @@ pub async fn repair(store: &dyn Store, p: &Problem) -> Result<Repair, StoreError
                     "spiderendpoint/{endpoint}: gone since the report"
                 )));
             };
-            let cluster = !store.owns_nodes();
+            let cluster = store.mode().is_cluster();
             if &ep.status.current.uid != uid
                 || dangling(store, endpoint, uid, cluster).await?.is_none()
             {

@@ -20,9 +20,9 @@ use etcd_client::{
     TxnOp, WatchOptions,
 };
 
-use crate::{
-    check, claimed_since, skip_unreadable, Allocation, Change, Changes, Expect, Holder, Kind, Op,
-    Result, Revision, Store, StoreError, Stored, HELD,
+use spiderpool_store::{
+    check, skip_unreadable, Allocation, Change, Changes, Expect, Holder, Kind, Op, Result,
+    Revision, Store, StoreError, Stored,
 };
 
 /// etcd's default limit on the operations of one transaction (`--max-txn-ops`).
@@ -183,7 +183,7 @@ impl EtcdStore {
             key: k.clone(),
             expect,
             what: format!("{kind}/{key}"),
-            address: false,
+            address: None,
         });
         k
     }
@@ -297,7 +297,8 @@ struct Guard {
     key: String,
     expect: Expect,
     what: String,
-    address: bool,
+    /// For an address's key: its pool and the address.
+    address: Option<(String, IpAddr)>,
 }
 
 impl Guard {
@@ -451,7 +452,7 @@ impl Store for EtcdStore {
                 } => {
                     let k = self.alloc_key(&pool, &ip);
                     if !claimed.insert(k.clone()) {
-                        return Err(StoreError::held(&ip, &pool));
+                        return Err(StoreError::taken_conflict(&pool, ip));
                     }
                     let pool_key = self.object_key(Kind::IPPool, &pool);
                     if !guards.iter().any(|g| g.key == pool_key) {
@@ -459,7 +460,7 @@ impl Store for EtcdStore {
                             key: pool_key,
                             expect: Expect::Revision(pool_revision),
                             what: format!("spiderippools/{pool}"),
-                            address: false,
+                            address: None,
                         });
                     }
                     guards.push(Guard {
@@ -469,7 +470,7 @@ impl Store for EtcdStore {
                             None => Expect::Absent,
                         },
                         what: format!("{ip} of pool {pool}"),
-                        address: true,
+                        address: Some((pool.clone(), ip)),
                     });
                     let holder = serde_json::to_string(&holder).expect("holder serialises");
                     writes.push(TxnOp::put(k, holder, None));
@@ -520,19 +521,20 @@ impl Store for EtcdStore {
                     continue;
                 };
                 let current = get.kvs().first().map(|kv| kv.mod_revision() as Revision);
-                if g.address && current.is_some() && g.expect == Expect::Absent {
-                    return Err(StoreError::Conflict(format!("{} {HELD}", g.what)));
+                if let (Some((pool, ip)), Some(_), Expect::Absent) = (&g.address, current, g.expect)
+                {
+                    return Err(StoreError::taken_conflict(pool, *ip));
                 }
                 check(g.expect, current, &g.what)?;
             }
             let counts = resp.op_responses().into_iter().skip(guards.len());
             for ((pool, since), r) in quiet.iter().zip(counts) {
                 if matches!(r, etcd_client::TxnOpResponse::Get(get) if get.count() > 0) {
-                    return Err(claimed_since(pool, *since));
+                    return Err(StoreError::claimed_since(pool, *since));
                 }
             }
-            return Err(StoreError::Conflict(
-                "a guarded key changed during the transaction".into(),
+            return Err(StoreError::changed(
+                "a guarded key changed during the transaction",
             ));
         }
         Ok(resp.header().map_or(0, |h| h.revision()) as Revision)

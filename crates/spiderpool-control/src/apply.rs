@@ -5,12 +5,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde_json::Value;
-use spiderpool_api::crd::{allocated_ips_string, IPPoolStatus, PoolIPAllocation, SubnetStatus};
-use spiderpool_api::{Object, SpiderEndpoint, SpiderIPPool, SpiderSubnet, ValidationError};
-use spiderpool_core::IpSet;
+use spiderpool_api::{Object, SpiderEndpoint, ValidationError};
 
-use crate::{admission, typed, Allocation, Expect, Kind, Op, Revision, Store, StoreError, Stored};
+use crate::admission;
+use spiderpool_store::overlay::Staged;
+use spiderpool_store::{typed, Expect, Kind, Op, Retry, Store, StoreError};
 
 /// Why an apply or delete was refused.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +21,10 @@ pub enum ApplyError {
     /// The datastore failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The subnet of an application's auto pool would change (upstream's
+    /// `ApplicationSubnetChanged`); the message names the application, pool and subnets.
+    #[error("{0}")]
+    SubnetChanged(String),
     /// Delete of something that does not exist.
     #[error("{kind} {key:?} not found")]
     NotFound {
@@ -30,6 +33,15 @@ pub enum ApplyError {
         /// Key.
         key: String,
     },
+}
+
+impl From<admission::AdmissionError> for ApplyError {
+    fn from(e: admission::AdmissionError) -> Self {
+        match e {
+            admission::AdmissionError::Invalid(v) => ApplyError::Invalid(v),
+            admission::AdmissionError::Store(s) => ApplyError::Store(s),
+        }
+    }
 }
 
 /// What an apply did.
@@ -196,18 +208,21 @@ pub(crate) async fn plan_as(
 /// Creates or replaces `object` after checking the admission rules. The stored status,
 /// creation time and UID are kept; a new object gets them.
 pub async fn apply(store: &dyn Store, object: Object) -> Result<Applied, ApplyError> {
-    for attempt in 1.. {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         let Planned { ops, outcome } = plan(store, object.clone()).await?;
         if ops.is_empty() {
             return Ok(outcome);
         }
         match store.commit(ops).await {
             Ok(_) => return Ok(outcome),
-            Err(StoreError::Conflict(_)) if attempt < 5 => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => match Retry::APPLY.again(attempt, &e) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Err(e.into()),
+            },
         }
     }
-    unreachable!("the loop returns")
 }
 
 /// Why [`apply_all`] applied nothing: the object at `index` (0-based) was refused.
@@ -271,11 +286,10 @@ pub async fn apply_all_reporting(
             ))));
         }
     }
-    for attempt in 1.. {
-        let staged = Arc::new(Staged {
-            base: store.clone(),
-            objects: std::sync::Mutex::new(BTreeMap::new()),
-        });
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let staged = Arc::new(Staged::new(store.clone()));
         let mut ops = Vec::new();
         let mut outcomes = Vec::new();
         for (i, o) in objects.iter().enumerate() {
@@ -303,107 +317,11 @@ pub async fn apply_all_reporting(
         progress(Progress::Writing { ops: ops.len() });
         match store.commit(ops).await {
             Ok(_) => return Ok(outcomes),
-            Err(StoreError::Conflict(_)) if attempt < 5 => continue,
-            Err(e) => return Err(whole(e.into())),
+            Err(e) => match Retry::APPLY.again(attempt, &e) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Err(whole(e.into())),
+            },
         }
-    }
-    unreachable!("the loop returns")
-}
-
-/// The datastore as an apply in progress sees it: the base store with the objects staged by
-/// the earlier documents put over it. Read-only.
-struct Staged {
-    base: Arc<dyn Store>,
-    objects: std::sync::Mutex<BTreeMap<(Kind, String), Value>>,
-}
-
-impl Staged {
-    fn stage(&self, ops: &[Op]) {
-        let mut objects = self.objects.lock().expect("staged objects");
-        for op in ops {
-            if let Op::Put {
-                kind, key, value, ..
-            } = op
-            {
-                objects.insert((*kind, key.clone()), value.clone());
-            }
-        }
-    }
-
-    fn staged(&self, kind: Kind) -> Vec<Stored> {
-        let objects = self.objects.lock().expect("staged objects");
-        objects
-            .iter()
-            .filter(|((k, _), _)| *k == kind)
-            .map(|((_, key), value)| Stored {
-                key: key.clone(),
-                value: value.clone(),
-                revision: 0,
-            })
-            .collect()
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for Staged {
-    async fn get(&self, kind: Kind, key: &str) -> crate::Result<Option<Stored>> {
-        let staged = self
-            .objects
-            .lock()
-            .expect("staged objects")
-            .get(&(kind, key.to_string()))
-            .cloned();
-        if let Some(value) = staged {
-            return Ok(Some(Stored {
-                key: key.to_string(),
-                value,
-                revision: 0,
-            }));
-        }
-        self.base.get(kind, key).await
-    }
-
-    async fn list(&self, kind: Kind) -> crate::Result<Vec<Stored>> {
-        let staged = self.staged(kind);
-        let mut all: Vec<Stored> = self
-            .base
-            .list(kind)
-            .await?
-            .into_iter()
-            .filter(|b| !staged.iter().any(|s| s.key == b.key))
-            .collect();
-        all.extend(staged);
-        Ok(all)
-    }
-
-    async fn allocations(&self, pool: &str) -> crate::Result<Vec<Allocation>> {
-        self.base.allocations(pool).await
-    }
-
-    async fn allocation_counts(&self) -> crate::Result<BTreeMap<String, u64>> {
-        self.base.allocation_counts().await
-    }
-
-    async fn commit(&self, _ops: Vec<Op>) -> crate::Result<Revision> {
-        Err(StoreError::Unavailable(
-            "an apply in progress commits all it staged at once, not piece by piece".into(),
-        ))
-    }
-
-    async fn revision(&self) -> crate::Result<Option<Revision>> {
-        self.base.revision().await
-    }
-
-    async fn ping(&self) -> crate::Result<()> {
-        self.base.ping().await
-    }
-
-    fn owns_nodes(&self) -> bool {
-        self.base.owns_nodes()
-    }
-
-    fn max_ops(&self) -> usize {
-        self.base.max_ops()
     }
 }
 
@@ -490,7 +408,7 @@ pub fn records(
     ep: &SpiderEndpoint,
     pool: &str,
     ip: std::net::IpAddr,
-    holder: &crate::Holder,
+    holder: &spiderpool_store::Holder,
 ) -> bool {
     ep.status.current.ips.iter().any(|n| {
         n.container_id == holder.container_id
@@ -506,7 +424,7 @@ pub async fn release_unrecorded(
     store: &dyn Store,
     pool: &str,
     ip: std::net::IpAddr,
-) -> Result<crate::Holder, ApplyError> {
+) -> Result<spiderpool_store::Holder, ApplyError> {
     release_unrecorded_by(store, pool, ip, |_| true).await
 }
 
@@ -516,8 +434,8 @@ pub async fn release_unrecorded_by(
     store: &dyn Store,
     pool: &str,
     ip: std::net::IpAddr,
-    expected: impl Fn(&crate::Holder) -> bool,
-) -> Result<crate::Holder, ApplyError> {
+    expected: impl Fn(&spiderpool_store::Holder) -> bool,
+) -> Result<spiderpool_store::Holder, ApplyError> {
     let Some(a) = store
         .allocations(pool)
         .await?
@@ -556,86 +474,4 @@ pub async fn release_unrecorded_by(
         }])
         .await?;
     Ok(a.holder)
-}
-
-/// The status of a pool as the system reports it.
-pub async fn pool_status(
-    store: &dyn Store,
-    pool: &SpiderIPPool,
-) -> Result<IPPoolStatus, StoreError> {
-    let allocs = store.allocations(&pool.metadata.name).await?;
-    let map: BTreeMap<String, PoolIPAllocation> = allocs
-        .iter()
-        .map(|a| {
-            (
-                a.ip.to_string(),
-                PoolIPAllocation {
-                    pod: a.holder.pod.clone(),
-                    pod_uid: a.holder.pod_uid.clone(),
-                    interface: a.holder.nic.clone(),
-                },
-            )
-        })
-        .collect();
-    Ok(IPPoolStatus {
-        allocated_ips: (!map.is_empty()).then(|| allocated_ips_string(&map)),
-        total_ip_count: pool.to_pool().ok().map(|p| p.total_ip_count()),
-        allocated_ip_count: Some(allocs.len() as u64),
-    })
-}
-
-/// `apps_v1_Deployment_default_web`: the application an auto pool serves, from its labels and
-/// pod affinity (`None` for a pool made by hand).
-fn auto_pool_application(pool: &SpiderIPPool) -> Option<String> {
-    use spiderpool_api::autopool;
-    let l = &pool.metadata.labels;
-    if !autopool::is_auto(l) {
-        return None;
-    }
-    let name = pool
-        .spec
-        .pod_affinity
-        .as_ref()?
-        .match_labels
-        .get(autopool::APP_NAME)?;
-    Some(format!(
-        "{}_{}_{}_{name}",
-        l.get(autopool::LABEL_APP_GV)?,
-        l.get(autopool::LABEL_APP_KIND)?,
-        l.get(autopool::LABEL_APP_NAMESPACE)?
-    ))
-}
-
-/// The status of a subnet: its usable addresses, and those given to pools of the same subnet.
-pub fn subnet_status(subnet: &SpiderSubnet, pools: &[SpiderIPPool]) -> SubnetStatus {
-    let Ok(s) = subnet.to_pool() else {
-        return SubnetStatus::default();
-    };
-    let usable = s.usable();
-    let mut controlled = BTreeMap::new();
-    let mut given = IpSet::new();
-    for (object, p) in pools
-        .iter()
-        .filter_map(|o| o.to_pool().ok().map(|p| (o, p)))
-    {
-        if p.subnet != s.subnet {
-            continue;
-        }
-        let mine = p.ips.intersection(&usable);
-        if !mine.is_empty() {
-            given = given.union(&mine);
-            let mut entry = serde_json::json!({"ips": mine.to_strings()});
-            // An auto pool names its application, as upstream records it.
-            if let Some(app) = auto_pool_application(object) {
-                entry["application"] = app.into();
-            }
-            controlled.insert(p.name.clone(), entry);
-        }
-    }
-    SubnetStatus {
-        controlled_ip_pools: (!controlled.is_empty())
-            .then(|| serde_json::to_string(&controlled).expect("map serialises")),
-        total_ip_count: Some(s.total_ip_count()),
-        allocated_ip_count: Some(u64::try_from(given.len()).unwrap_or(u64::MAX)),
-    }
 }

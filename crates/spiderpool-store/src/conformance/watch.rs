@@ -1,0 +1,125 @@
+//! Watches: every committed change reported, in order, per key.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::{Change, Expect, Kind, Op, Store};
+
+use super::*;
+
+/// A backend that can watch reports every change to allocations and to the watched kinds after
+/// the revision it starts from, and nothing else, each key's changes in order; a backend that
+/// cannot says so.
+pub async fn watch_reports_every_change(s: Arc<dyn Store>) {
+    let global = s.revision().await.unwrap();
+    let r0 = global.unwrap_or(0);
+    let Some(mut changes) = s.watch(r0, &[Kind::IPPool, Kind::Node]).await.unwrap() else {
+        return;
+    };
+    let claim = |c: &str, a: &str, rev| Op::Claim {
+        pool: "p".into(),
+        ip: ip(a),
+        holder: holder(c, "eth0"),
+        pool_revision: rev,
+    };
+    let release = |c: &str, a: &str| Op::Release {
+        pool: "p".into(),
+        ip: ip(a),
+        container_id: c.into(),
+        nic: "eth0".into(),
+    };
+    let r1 = s
+        .commit(vec![put(
+            Kind::IPPool,
+            "p",
+            json!({"spec": {}}),
+            Expect::Absent,
+        )])
+        .await
+        .unwrap();
+    let r2 = s
+        .commit(vec![
+            claim("c1", "10.0.0.1", r1),
+            claim("c1", "fd00::1", r1),
+        ])
+        .await
+        .unwrap();
+    // An unwatched kind, and a handover: released and claimed in one transaction.
+    let r3 = s
+        .commit(vec![
+            put(Kind::Endpoint, "default/x", json!({}), Expect::Any),
+            release("c1", "10.0.0.1"),
+            claim("c2", "10.0.0.1", r1),
+        ])
+        .await
+        .unwrap();
+    let r4 = s.commit(vec![release("c1", "fd00::1")]).await.unwrap();
+    let r5 = s
+        .commit(vec![put(Kind::Node, "n1", json!({}), Expect::Absent)])
+        .await
+        .unwrap();
+    let alloc = |a: &str, held, revision| Change::Allocation {
+        pool: "p".into(),
+        ip: ip(a),
+        held,
+        revision,
+    };
+    let object = |kind, key: &str, revision| Change::Object {
+        kind,
+        key: key.into(),
+        revision,
+    };
+    let want = vec![
+        object(Kind::IPPool, "p", r1),
+        alloc("10.0.0.1", true, r2),
+        alloc("fd00::1", true, r2),
+        alloc("10.0.0.1", true, r3),
+        alloc("fd00::1", false, r4),
+        object(Kind::Node, "n1", r5),
+    ];
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let batch = tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the watch stopped after {got:?}"))
+            .expect("the watch is still open")
+            .unwrap();
+        got.extend(batch);
+    }
+    // Each key's changes come in order; the allocations and each kind may interleave.
+    got.sort_by_key(|c| match c {
+        Change::Allocation { revision, .. } | Change::Object { revision, .. } => *revision,
+    });
+    if global.is_none() {
+        // Without a datastore-wide revision a commit's writes have revisions of their own
+        // (each object's): the changes and their order are what must match.
+        let plain = |c: &Change| match c.clone() {
+            Change::Allocation { pool, ip, held, .. } => Change::Allocation {
+                pool,
+                ip,
+                held,
+                revision: 0,
+            },
+            Change::Object { kind, key, .. } => Change::Object {
+                kind,
+                key,
+                revision: 0,
+            },
+        };
+        let got: Vec<Change> = got.iter().map(plain).collect();
+        let want: Vec<Change> = want.iter().map(plain).collect();
+        assert_eq!(got, want);
+    } else {
+        assert_eq!(got, want);
+    }
+
+    // A watch from a later revision starts there.
+    let mut later = s.watch(r4, &[Kind::Node]).await.unwrap().unwrap();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), later.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, [object(Kind::Node, "n1", r5)]);
+}
