@@ -87,6 +87,18 @@ fn the_chart_lints_renders_and_installs_on_the_api_server() {
     }
     let deploy = find(&docs, "Deployment", "spiderpool-controller");
     assert_eq!(deploy["spec"]["replicas"], 2);
+    // On the host's network (as upstream's), replaced one at a time: a surge replica would
+    // want ports its node already serves.
+    assert_eq!(deploy["spec"]["template"]["spec"]["hostNetwork"], true);
+    assert_eq!(
+        deploy["spec"]["strategy"]["rollingUpdate"]["maxSurge"], 0,
+        "{deploy}"
+    );
+    // The agent removes the plugins it installed when its pod goes.
+    let stop = ds["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]
+        ["command"]
+        .to_string();
+    assert!(stop.contains("/host/opt/cni/bin/spiderpool"), "{stop}");
     let args: Vec<&str> = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
         .as_array()
         .unwrap()
@@ -105,11 +117,19 @@ fn the_chart_lints_renders_and_installs_on_the_api_server() {
     // upstream's ipam switches reach the controller.
     let off = documents(&render(
         &hbin,
-        &["ipam.enableIPv6=false", "ipam.gc.enabled=false"],
+        &[
+            "ipam.enableIPv6=false",
+            "ipam.gc.enabled=false",
+            "spiderpoolController.hostnetwork=false",
+        ],
     ));
-    let args = find(&off, "Deployment", "spiderpool-controller")["spec"]["template"]["spec"]
-        ["containers"][0]["args"]
-        .to_string();
+    let off_deploy = find(&off, "Deployment", "spiderpool-controller");
+    assert!(
+        off_deploy["spec"]["template"]["spec"]["hostNetwork"].is_null()
+            && off_deploy["spec"]["strategy"].is_null(),
+        "{off_deploy}"
+    );
+    let args = off_deploy["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(
         args.contains("--enable-ipv6=false") && args.contains("--gc-enabled=false"),
         "{args}"
