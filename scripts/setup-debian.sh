@@ -10,6 +10,11 @@
 #   curl                                the Kubernetes example's requests to its Service
 #   util-linux                          setpriv: the tests run the plugin as an untrusted user
 #   strace                              scripts/check-build-packages.sh traces the build with it
+#   containerd, runc                    the real nodes' container runtime (one containerd per node,
+#                                       started by the tests; the package's own service is not used)
+#   conntrack                           kube-proxy clears UDP conntrack entries with it
+#   busybox-static                      the image's shell and tools (sh, install, ping, wget,
+#                                       httpd), static so it runs in any image
 # Idempotent: installs only what is missing. `--list` prints the names and installs nothing
 # (scripts/check-build-packages.sh reads them).
 set -euo pipefail
@@ -24,6 +29,10 @@ packages=(
   curl
   util-linux
   strace
+  containerd
+  runc
+  conntrack
+  busybox-static
 )
 if [ "${1:-}" = --list ]; then
   printf '%s\n' "${packages[@]}"

@@ -10,6 +10,7 @@ mod kube_world;
 mod netns;
 mod node_sim;
 mod process;
+pub mod real_node;
 mod sandbox;
 pub mod scale;
 

@@ -9,6 +9,14 @@ use std::process::Command;
 
 use spiderpool_testkit::{bin_dir, is_root, run};
 
+/// The seed's runs share names (the nodes' network namespaces are named after the seed's
+/// nodes): one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Whether this machine can run network-namespace tests; says why not otherwise. With
 /// SPIDERPOOL_E2E_REQUIRED=1 (CI) a missing prerequisite is a failure, not a skip.
 fn e2e_prerequisites() -> bool {
@@ -87,6 +95,7 @@ fn in_range(ip: &str, first: &str, last: &str) -> bool {
 
 #[test]
 fn seed_two_zones_end_to_end() {
+    let _one_at_a_time = serial();
     if !e2e_prerequisites() {
         return;
     }
@@ -216,6 +225,7 @@ fn kubectl_table(lines: &[&str]) -> BTreeMap<String, BTreeMap<String, String>> {
 
 #[test]
 fn seed_two_zones_on_kubernetes() {
+    let _one_at_a_time = serial();
     if !e2e_prerequisites() {
         return;
     }
@@ -327,4 +337,112 @@ fn seed_two_zones_on_kubernetes() {
     }
     assert!(stdout.ends_with("## done\n"));
     no_netns_left(&["spk-router", "spk-cn1", "spk-wn1"]);
+}
+
+#[test]
+fn seed_two_zones_on_real_nodes() {
+    let _one_at_a_time = serial();
+    if !e2e_prerequisites() {
+        return;
+    }
+    if let Some(why) = spiderpool_testkit::real_node::real_nodes_missing() {
+        assert!(
+            std::env::var("SPIDERPOOL_E2E_REQUIRED").as_deref() != Ok("1"),
+            "{why}"
+        );
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let Some(helm_bin) = spiderpool_testkit::helm_bin() else {
+        return;
+    };
+    let before = spiderpool_testkit::real_node::Footprint::now();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed-zones/run.sh");
+    let out = run(
+        Command::new("bash")
+            .arg(&script)
+            .arg("--real-nodes")
+            .env("SPIDERPOOL_BIN_DIR", bin_dir())
+            .env(
+                "SPIDERPOOL_KUBE_BIN",
+                spiderpool_testkit::kube_bin().expect("checked"),
+            )
+            .env("SPIDERPOOL_HELM_BIN", &helm_bin),
+        "",
+    );
+    assert!(
+        out.success,
+        "the seed example on real nodes failed:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    let stdout = &out.stdout;
+    // Real kubelets registered the nodes, with the seed's labels.
+    let nodes = kubectl_table(&section(stdout, "control plane and real nodes"));
+    assert_eq!(nodes["controller-node-1"]["STATUS"], "Ready", "{stdout}");
+    assert_eq!(
+        nodes["worker-node-1"]["NODE-SUBNET"], "subnet-7",
+        "{stdout}"
+    );
+    assert!(nodes["worker-node-1"]["CONTAINER-RUNTIME"].starts_with("containerd://"));
+    // The chart's init container installed the plugins into the node's CNI bin dir.
+    let plugins = section(stdout, "the plugins the agent's init container installed");
+    assert_eq!(plugins, ["coordinator", "spiderpool", "veth"], "{stdout}");
+    let pools = kubectl_table(&section(stdout, "kubectl get spiderippool\n"));
+    for p in ["test-ippool-6", "test-ippool-7"] {
+        assert_eq!(pools[p]["ALLOCATED-IP-COUNT"], "1", "{p}: {stdout}");
+        assert_eq!(pools[p]["TOTAL-IP-COUNT"], "10", "{p}");
+        assert_eq!(pools[p]["VERSION"], "4", "{p}");
+    }
+    let pods = kubectl_table(&section(stdout, "kubectl get pod -o wide"));
+    assert_eq!(pods.len(), 2, "{stdout}");
+    let by_node: BTreeMap<&str, &BTreeMap<String, String>> =
+        pods.values().map(|p| (p["NODE"].as_str(), p)).collect();
+    let a = by_node["controller-node-1"];
+    let b = by_node["worker-node-1"];
+    for p in [a, b] {
+        assert_eq!(p["STATUS"], "Running", "{p:?}");
+        assert_eq!(p["READY"], "1/1", "{p:?}");
+    }
+    assert!(in_range(&a["IP"], "10.6.168.60", "10.6.168.69"), "{a:?}");
+    assert!(in_range(&b["IP"], "10.7.168.60", "10.7.168.69"), "{b:?}");
+    // kubectl exec in the pod on controller-node-1: one routed hop to the other zone.
+    let ping = section(stdout, &format!("kubectl exec {} -- ping", a["NAME"])).join("\n");
+    assert!(
+        ping.contains(&format!("from {}: seq=0 ttl=63", b["IP"])),
+        "{ping}"
+    );
+    // ClusterIP and each node's NodePort, answered by the pod on worker-node-1.
+    for title in [
+        format!("wget from {} to the ClusterIP http://10.233.", a["NAME"]),
+        format!(
+            "wget from {} to the NodePort of controller-node-1 http://10.6.0.2:",
+            a["NAME"]
+        ),
+        format!(
+            "wget from {} to the NodePort of worker-node-1 http://10.7.0.2:",
+            a["NAME"]
+        ),
+    ] {
+        assert_eq!(
+            section(stdout, &title),
+            [b["NAME"].as_str()],
+            "{title}: {stdout}"
+        );
+    }
+    let after = kubectl_table(&section(
+        stdout,
+        "kubectl get spiderippool (after the DaemonSet is gone)",
+    ));
+    for p in ["test-ippool-6", "test-ippool-7"] {
+        assert_eq!(
+            after[p]["ALLOCATED-IP-COUNT"], "0",
+            "{p} after the DaemonSet"
+        );
+    }
+    assert!(stdout.ends_with("## done\n"));
+    assert_eq!(
+        before,
+        spiderpool_testkit::real_node::Footprint::now(),
+        "the real nodes left something behind"
+    );
 }
