@@ -411,13 +411,14 @@ impl Store for EtcdStore {
                 ip,
                 container_id,
                 nic,
+                pod_uid,
             } = op
             {
                 let key = self.alloc_key(pool, ip);
                 let resp = self.kv_get(key.clone().into_bytes(), None).await?;
                 if let Some(kv) = resp.kvs().first() {
                     let holder: Option<Holder> = serde_json::from_slice(kv.value()).ok();
-                    if holder.is_some_and(|h| &h.container_id == container_id && &h.nic == nic) {
+                    if holder.is_some_and(|h| h.released_by(container_id, nic, pod_uid)) {
                         released.insert(key, kv.mod_revision());
                     }
                 }

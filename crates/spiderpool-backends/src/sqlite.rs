@@ -355,11 +355,16 @@ impl Store for SqliteStore {
                         ip,
                         container_id,
                         nic,
+                        pod_uid,
                     } => {
+                        // Holder::released_by, in SQL.
                         exec(&tx,
-                            "DELETE FROM allocations WHERE pool = ?1 AND ip = ?2
-                             AND json_extract(holder, '$.containerID') = ?3 AND json_extract(holder, '$.nic') = ?4",
-                            params![pool, ip.to_string(), container_id, nic],
+                            "DELETE FROM allocations WHERE pool = ?1 AND ip = ?2 AND (
+                               (?3 <> '' AND json_extract(holder, '$.containerID') = ?3
+                                AND json_extract(holder, '$.nic') = ?4)
+                               OR (?3 = '' AND ?5 <> '' AND json_extract(holder, '$.podUid') = ?5
+                                AND json_extract(holder, '$.nic') IN ('', ?4)))",
+                            params![pool, ip.to_string(), container_id, nic, pod_uid],
                         )
                         .map_err(&e)?;
                     }

@@ -382,6 +382,7 @@ async fn kubernetes_pools_refuse_records_beyond_the_cap() {
         ip: std::net::IpAddr::from([10, 0, 0, 1]),
         container_id: "c1".into(),
         nic: "eth0".into(),
+        pod_uid: String::new(),
     }])
     .await
     .unwrap();

@@ -355,7 +355,7 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
             .current
             .ips
             .iter()
-            .flat_map(Op::releases_of)
+            .flat_map(|n| Op::releases_of(n, &ep.status.current.uid))
             .collect(),
         _ => Vec::new(),
     };
@@ -471,6 +471,7 @@ pub async fn release_unrecorded_by(
             ip,
             container_id: h.container_id.clone(),
             nic: h.nic.clone(),
+            pod_uid: h.pod_uid.clone(),
         }])
         .await?;
     Ok(a.holder)

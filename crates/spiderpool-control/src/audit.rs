@@ -290,7 +290,7 @@ pub async fn repair(store: &dyn Store, p: &Problem) -> Result<Repair, StoreError
                 .current
                 .ips
                 .iter()
-                .flat_map(Op::releases_of)
+                .flat_map(|n| Op::releases_of(n, &ep.status.current.uid))
                 .collect();
             ops.push(Op::Delete {
                 kind: Kind::Endpoint,

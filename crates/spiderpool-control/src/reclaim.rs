@@ -361,7 +361,7 @@ pub async fn reclaim(
                 seen.insert((pool.clone(), ip));
                 done.released.push(format!("{ip} ({pool})"));
             }
-            ops.extend(Op::releases_of(nic));
+            ops.extend(Op::releases_of(nic, &e.status.current.uid));
         }
         ops.push(Op::Delete {
             kind: Kind::Endpoint,
@@ -384,6 +384,7 @@ pub async fn reclaim(
                 ip: a.ip,
                 container_id: a.holder.container_id.clone(),
                 nic: a.holder.nic.clone(),
+                pod_uid: a.holder.pod_uid.clone(),
             });
         }
     }

@@ -15,7 +15,10 @@ mod objects;
 mod races;
 mod watch;
 
-pub use claims::{claims_and_owned_releases, no_claims_since_guards_pool_changes};
+pub use claims::{
+    claims_and_owned_releases, no_claims_since_guards_pool_changes,
+    releases_without_a_container_match_the_incarnation,
+};
 pub use objects::{
     objects_and_conditions, revisions_advance_by_one, transactions_are_all_or_nothing,
 };
@@ -26,7 +29,7 @@ pub use races::{
 pub use watch::watch_reports_every_change;
 
 /// The names of the checks, each to run on a fresh datastore (see [`run_check`]).
-pub const CHECKS: [&str; 9] = [
+pub const CHECKS: [&str; 10] = [
     "objects",
     "revisions",
     "txn",
@@ -36,6 +39,7 @@ pub const CHECKS: [&str; 9] = [
     "watch",
     "quiet",
     "cut",
+    "upstream",
 ];
 
 /// Runs the check named `check` (one of [`CHECKS`]) on the fresh datastore `open` opens
@@ -55,6 +59,7 @@ where
         "watch" => watch_reports_every_change(open().await).await,
         "quiet" => no_claims_since_guards_pool_changes(open().await).await,
         "cut" => commits_cut_short_are_all_or_nothing(open).await,
+        "upstream" => releases_without_a_container_match_the_incarnation(open().await).await,
         other => panic!("no conformance check {other:?}"),
     }
 }

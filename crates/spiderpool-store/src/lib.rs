@@ -60,6 +60,22 @@ pub struct Holder {
     pub node: String,
 }
 
+impl Holder {
+    /// Whether a release by `(container_id, nic, pod_uid)` frees what this holder holds: the
+    /// same container and interface; or, when the release names no container (upstream's
+    /// records carry none), the same pod incarnation on the same interface (upstream's pool
+    /// entries name no interface either).
+    pub fn released_by(&self, container_id: &str, nic: &str, pod_uid: &str) -> bool {
+        if container_id.is_empty() {
+            !pod_uid.is_empty()
+                && self.pod_uid == pod_uid
+                && (self.nic.is_empty() || self.nic == nic)
+        } else {
+            self.container_id == container_id && self.nic == nic
+        }
+    }
+}
+
 /// One address held in one pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allocation {
@@ -159,23 +175,29 @@ pub enum Op {
         since: Revision,
     },
     /// Give an address back, but only if `(container_id, nic)` still holds it: a stale release
-    /// never frees an address that went to someone else. Never fails the transaction.
+    /// never frees an address that went to someone else. Never fails the transaction. A
+    /// release without a container (a record upstream Spiderpool wrote, or one whose
+    /// `containerID` an old CRD schema pruned) frees the address only from the incarnation
+    /// `pod_uid` on that interface ([`Holder::released_by`]).
     Release {
         /// The pool.
         pool: String,
         /// The address.
         ip: IpAddr,
-        /// The holder's container.
+        /// The holder's container (empty: unknown, see above).
         container_id: String,
         /// The holder's interface.
         nic: String,
+        /// The holder's pod UID.
+        pod_uid: String,
     },
 }
 
 impl Op {
-    /// Releases of every address a NIC record holds, owned by the container and interface it
-    /// records (so none frees an address that has since gone to someone else).
-    pub fn releases_of(nic: &spiderpool_api::crd::EndpointInterface) -> Vec<Op> {
+    /// Releases of every address a NIC record of pod incarnation `pod_uid` holds, owned by the
+    /// container and interface it records (so none frees an address that has since gone to
+    /// someone else).
+    pub fn releases_of(nic: &spiderpool_api::crd::EndpointInterface, pod_uid: &str) -> Vec<Op> {
         nic.held()
             .into_iter()
             .map(|(pool, ip)| Op::Release {
@@ -183,6 +205,7 @@ impl Op {
                 ip,
                 container_id: nic.container_id.clone(),
                 nic: nic.interface.clone(),
+                pod_uid: pod_uid.to_string(),
             })
             .collect()
     }

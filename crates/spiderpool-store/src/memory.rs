@@ -134,11 +134,12 @@ impl Store for MemoryStore {
                     ip,
                     container_id,
                     nic,
+                    pod_uid,
                 } => {
                     let k = (pool, ip);
                     if allocations
                         .get(&k)
-                        .is_some_and(|(h, _)| h.container_id == container_id && h.nic == nic)
+                        .is_some_and(|(h, _)| h.released_by(&container_id, &nic, &pod_uid))
                     {
                         allocations.remove(&k);
                     }

@@ -76,6 +76,33 @@ fn the_chart_lints_renders_and_installs_on_the_api_server() {
     assert!(volumes
         .iter()
         .any(|v| v["hostPath"]["path"] == "/opt/cni/bin"));
+    // The socket's directory as this chart gives it, or the socket file as upstream's chart
+    // does: the same agent either way.
+    for value in [
+        "/var/run/spidernet",
+        "/var/run/spidernet/",
+        "/var/run/spidernet/spiderpool.sock",
+    ] {
+        let set = format!("global.ipamUNIXSocketHostPath={value}");
+        let docs = documents(&render(&hbin, &[&set]));
+        let pod = &find(&docs, "DaemonSet", "spiderpool-agent")["spec"]["template"]["spec"];
+        let args = pod["containers"][0]["args"].to_string();
+        assert!(
+            args.contains("\"--socket=/var/run/spidernet/spiderpool.sock\""),
+            "{value}: {args}"
+        );
+        let socket_dir = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "socket-dir")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            socket_dir["hostPath"]["path"], "/var/run/spidernet",
+            "{value}"
+        );
+    }
     // upstream's detection switches and the conflict hold reach the agent.
     let agent_args = pod["containers"][0]["args"].to_string();
     for want in [

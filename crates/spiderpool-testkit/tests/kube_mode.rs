@@ -500,6 +500,110 @@ fn pools_and_endpoints_written_by_upstream_spiderpool_round_trip() {
     assert_eq!(pool["status"]["allocatedIPCount"], 2);
 }
 
+/// A pod upstream Spiderpool allocated before the move: its records name no container and no
+/// interface, and its endpoint carries upstream's finalizer. CNI GC leaves it (it cannot be
+/// matched to an attachment), a DEL while the pod lives keeps it, the DEL after the pod is
+/// deleted releases it and the endpoint goes (not left Terminating).
+#[test]
+fn a_pod_upstream_allocated_is_released_by_its_del_after_the_move() {
+    use spiderpool_testkit::CniCall;
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    register(&cp, "n1");
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: up}\nspec:\n  ipVersion: 4\n  subnet: 10.9.0.0/16\n  ips: [10.9.0.10-10.9.0.12]\n  gateway: 10.9.0.1\n",
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-7f9c-x2", "namespace": "default"},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+        .to_string(),
+    );
+    let uid = json_of(&cp, &["get", "pod", "web-7f9c-x2"])["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let upstream = json!({"10.9.0.10": {"pod": "default/web-7f9c-x2", "podUid": uid}}).to_string();
+    let patch =
+        json!({"status": {"allocatedIPs": upstream, "allocatedIPCount": 1, "totalIPCount": 3}});
+    cp.kubectl_ok(
+        &[
+            "patch",
+            "spiderippool",
+            "up",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        "",
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderEndpoint",
+            "metadata": {"name": "web-7f9c-x2", "namespace": "default",
+                "finalizers": ["spiderpool.spidernet.io"]},
+            "status": {"current": {"uid": uid, "node": "n1", "ips": [
+                {"interface": "eth0", "ipv4": "10.9.0.10/16", "ipv4Pool": "up", "ipv4Gateway": "10.9.0.1",
+                 "vlan": 0, "cleanGateway": false}]},
+                "ownerControllerType": "ReplicaSet", "ownerControllerName": "web-7f9c"}})
+        .to_string(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let kc = cp.kubeconfig.to_str().unwrap().to_string();
+    let agent = Agent::start_with(
+        "kubernetes",
+        &socket,
+        "n1",
+        "",
+        &["--kubeconfig", &kc],
+        None,
+    );
+    let held = || {
+        let pool = json_of(&cp, &["get", "spiderippool", "up"]);
+        serde_json::from_str::<serde_json::Map<String, Value>>(
+            pool["status"]["allocatedIPs"].as_str().unwrap_or("{}"),
+        )
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>()
+    };
+    // The runtime's CNI GC lists no attachment: a record without a container is not judged.
+    let mut gc_conf = json!({"cniVersion": "1.1.0", "name": "up", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["up"]}});
+    gc_conf["cni.dev/valid-attachments"] = json!([]);
+    let mut gc = CniCall::new("GC", "x", "x", &gc_conf);
+    gc.container_id = None;
+    let out = gc.run();
+    assert!(out.success, "{}{}\n{}", out.stdout, out.stderr, agent.log());
+    assert_eq!(held(), ["10.9.0.10"], "{}", agent.log());
+    // A DEL (of some sandbox) while the pod lives keeps what upstream gave it.
+    let conf = json!({"cniVersion": "1.0.0", "name": "up", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["up"]}});
+    let del = CniCall::new("DEL", "sandbox-a", "web-7f9c-x2", &conf).run();
+    assert!(del.success, "{}", del.stdout);
+    assert_eq!(held(), ["10.9.0.10"], "{}", agent.log());
+    // The pod is deleted: its DEL releases the address and the endpoint goes.
+    cp.kubectl_ok(&["delete", "pod", "web-7f9c-x2", "--wait=true"], "");
+    let del = CniCall::new("DEL", "sandbox-a", "web-7f9c-x2", &conf).run();
+    assert!(del.success, "{}", del.stdout);
+    assert!(held().is_empty(), "{:?}\n{}", held(), agent.log());
+    let out = cp.kubectl(&["get", "spiderendpoint", "web-7f9c-x2", "-o", "name"], "");
+    assert!(
+        !out.success && out.stderr.contains("NotFound"),
+        "the endpoint is still there: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    // The address is free again.
+    let add = CniCall::new("ADD", "sandbox-b", "next", &conf).run();
+    assert!(add.success, "{}", add.stdout);
+}
+
 #[test]
 fn an_agent_for_a_node_the_cluster_does_not_have_says_so() {
     let Some(kbin) = kube_bin() else { return };

@@ -465,6 +465,7 @@ fn ipam_check_reports_each_inconsistency_and_a_report_repairs_exactly_those() {
             ip: ip("10.6.0.3"),
             container_id: "c3".into(),
             nic: "eth0".into(),
+            pod_uid: String::new(),
         }],
     );
     // web-1 is another pod now.

@@ -233,6 +233,7 @@ impl IpamService {
         // This NIC's record from an earlier sandbox of a StatefulSet member: its addresses are
         // handed over if their pools are still candidates.
         let mut previous = None;
+        let mut previous_uid = String::new();
         if let Some((ep, rev)) = &ep_entry {
             if let Some(nic) = ep
                 .status
@@ -272,6 +273,7 @@ impl IpamService {
                 });
             }
             let stale: Vec<&EndpointInterface> = if member {
+                previous_uid = ep.status.current.uid.clone();
                 previous = ep
                     .status
                     .current
@@ -294,7 +296,10 @@ impl IpamService {
             if !stale.is_empty() {
                 let mut kept = ep.clone();
                 kept.status.current.ips.retain(|n| !stale.contains(&n));
-                let mut ops: Vec<Op> = stale.iter().flat_map(|n| Op::releases_of(n)).collect();
+                let mut ops: Vec<Op> = stale
+                    .iter()
+                    .flat_map(|n| Op::releases_of(n, &ep.status.current.uid))
+                    .collect();
                 ops.push(endpoint_write(key.clone(), &kept, Some(*rev)));
                 tracing::info!(pod = %key, released = ?stale.iter().map(|n| &n.interface).collect::<Vec<_>>(), "releasing a stale record");
                 let released: Vec<(String, IpAddr)> = stale.iter().flat_map(|n| n.held()).collect();
@@ -413,7 +418,10 @@ impl IpamService {
         };
         // The previous sandbox's addresses are released first; reused ones are claimed again
         // for the new holder in the same transaction.
-        let mut ops = previous.as_ref().map(Op::releases_of).unwrap_or_default();
+        let mut ops = previous
+            .as_ref()
+            .map(|n| Op::releases_of(n, &previous_uid))
+            .unwrap_or_default();
         let released = previous
             .as_ref()
             .map(EndpointInterface::held)

@@ -32,7 +32,11 @@ impl IpamService {
             let key = format!("{ns}/{}", ep.metadata.name);
             let (stale, kept): (Vec<EndpointInterface>, Vec<EndpointInterface>) =
                 ep.status.current.ips.iter().cloned().partition(|n| {
-                    n.network.as_deref().is_none_or(|net| net == network)
+                    // A NIC whose record names no container (upstream's, or pruned by an old
+                    // CRD schema) cannot be matched to an attachment: the controller's
+                    // reclaim judges it by its pod instead.
+                    !n.container_id.is_empty()
+                        && n.network.as_deref().is_none_or(|net| net == network)
                         && !valid.contains(&(n.container_id.as_str(), n.interface.as_str()))
                 });
             if stale.is_empty() {
@@ -54,7 +58,10 @@ impl IpamService {
                     continue;
                 }
             }
-            let mut ops: Vec<Op> = stale.iter().flat_map(Op::releases_of).collect();
+            let mut ops: Vec<Op> = stale
+                .iter()
+                .flat_map(|n| Op::releases_of(n, &ep.status.current.uid))
+                .collect();
             let mut rest = ep.clone();
             rest.status.current.ips = kept;
             ops.push(endpoint_write(key.clone(), &rest, Some(rev)));

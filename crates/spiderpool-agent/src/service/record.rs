@@ -72,8 +72,10 @@ pub(super) fn endpoint_write(key: String, ep: &SpiderEndpoint, rev: Option<Revis
 }
 
 /// The endpoint record of the pod a DEL or CHECK names, with its key, its revision and the
-/// request's NIC in it, when it holds the request's container on that NIC. A bare container's record written by
-/// an earlier version (under `default/<container ID>`) counts when it holds that container.
+/// request's NIC in it, when it holds the request's container on that NIC, or names no
+/// container on it (a record upstream Spiderpool wrote, or whose `containerID` an old CRD schema
+/// pruned: the caller decides). A bare container's record written by an earlier version (under
+/// `default/<container ID>`) counts when it holds that container.
 pub(super) async fn record_of(
     store: &dyn Store,
     pod: &PodRef,
@@ -88,7 +90,10 @@ pub(super) async fn record_of(
                 .current
                 .ips
                 .iter()
-                .find(|n| n.interface == pod.nic && n.container_id == pod.container_id)
+                .find(|n| {
+                    n.interface == pod.nic
+                        && (n.container_id == pod.container_id || n.container_id.is_empty())
+                })
                 .cloned();
             if let Some(nic) = nic {
                 return Ok(Some((key, ep, rev, nic)));

@@ -123,6 +123,7 @@ impl Inner {
                         ip: *ip,
                         container_id: holder.container_id.clone(),
                         nic: holder.nic.clone(),
+                        pod_uid: holder.pod_uid.clone(),
                     }),
                     _ => None,
                 })

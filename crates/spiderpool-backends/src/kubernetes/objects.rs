@@ -4,7 +4,9 @@
 
 use std::sync::atomic::Ordering;
 
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams, Preconditions};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, Preconditions,
+};
 use serde_json::Value;
 use spiderpool_store::{check, Expect, Kind, Result, Revision, StoreError, Stored};
 
@@ -185,6 +187,11 @@ impl Inner {
             Ok(answer) => {
                 self.stats.object_writes.fetch_add(1, Ordering::Relaxed);
                 match answer.left() {
+                    // An endpoint upstream Spiderpool wrote carries its finalizer: what it
+                    // guarded (the addresses) went in this commit, so it goes too.
+                    Some(o) if kind == Kind::Endpoint && has_upstream_finalizer(&o) => {
+                        self.drop_upstream_finalizer(&api, kind, key, &o).await?
+                    }
                     // Still there until its finalizers go: its new state is the write.
                     Some(o) => self.wrote(kind, key, Written::Object(&o)),
                     None => {
@@ -204,6 +211,52 @@ impl Inner {
                 Err(StoreError::changed(format!("{what}: {}", s.message)))
             }
             Err(e) => Err(self.err(&format!("delete {what}"), e)),
+        }
+    }
+
+    /// Removes upstream's finalizer from `o` (being deleted), guarded by its resourceVersion.
+    async fn drop_upstream_finalizer(
+        &self,
+        api: &Api<DynamicObject>,
+        kind: Kind,
+        key: &str,
+        o: &DynamicObject,
+    ) -> Result<()> {
+        let what = format!("{kind}/{key}");
+        let rest: Vec<&String> = o
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .filter(|f| *f != spiderpool_api::keys::FINALIZER)
+            .collect();
+        // A merge patch naming the resourceVersion is refused (409) if the object changed.
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": o.metadata.resource_version,
+            "finalizers": rest,
+        }});
+        let name = o.metadata.name.clone().unwrap_or_default();
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(left) if left.metadata.deletion_timestamp.is_some() && !rest.is_empty() => {
+                self.wrote(kind, key, Written::Object(&left));
+                Ok(())
+            }
+            Ok(_) => {
+                self.wrote(kind, key, Written::Gone { revision: None });
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                self.wrote(kind, key, Written::Gone { revision: None });
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(StoreError::changed(format!(
+                "{what}: changed while its finalizer was removed: {}",
+                s.message
+            ))),
+            Err(e) => Err(self.err(&format!("remove the finalizer of {what}"), e)),
         }
     }
 
@@ -241,4 +294,13 @@ impl Inner {
         }
         Ok((out, rv))
     }
+}
+
+/// Whether `o` carries upstream Spiderpool's finalizer.
+fn has_upstream_finalizer(o: &DynamicObject) -> bool {
+    o.metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == spiderpool_api::keys::FINALIZER)
 }

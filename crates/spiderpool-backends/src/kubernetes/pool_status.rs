@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use kube::api::{Api, DynamicObject, ListParams, PostParams, VersionMatch};
 use serde_json::Value;
 use spiderpool_api::SpiderIPPool;
-use spiderpool_store::{Kind, Op, Result, Revision, StoreError};
+use spiderpool_store::{Holder, Kind, Op, Result, Revision, StoreError};
 
 use super::*;
 
@@ -103,13 +103,13 @@ impl Inner {
                         ip,
                         container_id,
                         nic,
+                        pod_uid,
                         ..
                     } => {
                         let key = ip.to_string();
-                        if entries
-                            .get(&key)
-                            .is_some_and(|e| &e.container_id == container_id && &e.interface == nic)
-                        {
+                        if entries.get(&key).is_some_and(|e| {
+                            Holder::from(e.clone()).released_by(container_id, nic, pod_uid)
+                        }) {
                             entries.remove(&key);
                             changed = true;
                         }

@@ -116,6 +116,7 @@ async fn carves_scales_and_reclaims() {
             ip: "10.6.168.107".parse().unwrap(),
             container_id: "c1".into(),
             nic: "eth0".into(),
+            pod_uid: String::new(),
         }])
         .await
         .unwrap();

@@ -87,6 +87,7 @@ pub async fn claims_and_owned_releases(s: Arc<dyn Store>) {
         ip: ip(a),
         container_id: c.into(),
         nic: nic.into(),
+        pod_uid: String::new(),
     };
     s.commit(vec![
         release("c2", "eth0", "10.0.0.1"),
@@ -171,6 +172,7 @@ pub async fn no_claims_since_guards_pool_changes(s: Arc<dyn Store>) {
         ip: ip("10.0.0.2"),
         container_id: "c2".into(),
         nic: "eth0".into(),
+        pod_uid: String::new(),
     }])
     .await
     .unwrap();
@@ -216,4 +218,74 @@ pub async fn no_claims_since_guards_pool_changes(s: Arc<dyn Store>) {
     // Read again, the change goes through.
     let since = check_point(s.as_ref(), "p").await;
     s.commit(update(3, since)).await.unwrap();
+}
+
+/// A release that names no container (from a record upstream Spiderpool wrote, or whose
+/// `containerID` an old CRD schema pruned) frees an address only from the pod incarnation it
+/// names, on its interface or on none (upstream's pool entries name none).
+pub async fn releases_without_a_container_match_the_incarnation(s: Arc<dyn Store>) {
+    let r = s
+        .commit(vec![put(
+            Kind::IPPool,
+            "p",
+            json!({"spec": {}}),
+            Expect::Absent,
+        )])
+        .await
+        .unwrap();
+    // As upstream writes them: pod and pod UID only.
+    let upstream = |pod: &str, uid: &str| Holder {
+        pod: format!("default/{pod}"),
+        pod_uid: uid.into(),
+        ..Default::default()
+    };
+    let claim = |a: &str, holder: Holder| Op::Claim {
+        pool: "p".into(),
+        ip: ip(a),
+        holder,
+        pool_revision: r,
+    };
+    s.commit(vec![
+        claim("10.0.0.1", upstream("web-0", "u1")),
+        claim("10.0.0.2", upstream("web-1", "u2")),
+        // The project's entry whose endpoint record lost its container ID.
+        claim("10.0.0.3", holder("c3", "eth0")),
+    ])
+    .await
+    .unwrap();
+    let release = |a: &str, nic: &str, uid: &str| Op::Release {
+        pool: "p".into(),
+        ip: ip(a),
+        container_id: String::new(),
+        nic: nic.into(),
+        pod_uid: uid.into(),
+    };
+    // Another incarnation, no incarnation at all, or another interface of the project's
+    // entry: nothing is freed.
+    s.commit(vec![
+        release("10.0.0.1", "eth0", "u2"),
+        release("10.0.0.2", "eth0", ""),
+        release("10.0.0.3", "net1", "uid-c3"),
+    ])
+    .await
+    .unwrap();
+    let held = |s: Arc<dyn Store>| async move {
+        let mut v: Vec<String> = s
+            .allocations("p")
+            .await
+            .unwrap()
+            .iter()
+            .map(|a| a.ip.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(held(s.clone()).await, ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+    s.commit(vec![
+        release("10.0.0.1", "eth0", "u1"),
+        release("10.0.0.3", "eth0", "uid-c3"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(held(s.clone()).await, ["10.0.0.2"]);
 }

@@ -182,6 +182,7 @@ where
                 ip: old(i),
                 container_id: format!("c{i}"),
                 nic: "eth0".into(),
+                pod_uid: String::new(),
             },
             Op::Claim {
                 pool: "p".into(),

@@ -28,6 +28,7 @@ pub async fn watch_reports_every_change(s: Arc<dyn Store>) {
         ip: ip(a),
         container_id: c.into(),
         nic: "eth0".into(),
+        pod_uid: String::new(),
     };
     let r1 = s
         .commit(vec![put(

@@ -19,3 +19,15 @@ service:
   path: {{ .path }}
 {{- end -}}
 {{- end -}}
+
+{{- /* global.ipamUNIXSocketHostPath as a directory (this chart's form) or as the socket file
+upstream's chart gives (…/spiderpool.sock): both work. */ -}}
+{{- define "spiderpool.socketDir" -}}
+{{- $p := trimSuffix "/" .Values.global.ipamUNIXSocketHostPath -}}
+{{- if hasSuffix ".sock" $p -}}{{ dir $p }}{{- else -}}{{ $p }}{{- end -}}
+{{- end -}}
+
+{{- define "spiderpool.socketPath" -}}
+{{- $p := trimSuffix "/" .Values.global.ipamUNIXSocketHostPath -}}
+{{- if hasSuffix ".sock" $p -}}{{ $p }}{{- else -}}{{ $p }}/spiderpool.sock{{- end -}}
+{{- end -}}
