@@ -93,3 +93,7 @@ pub const CONFLICT_MAC: &str = "ipam.spidernet.io/ip-conflict-mac";
 pub const CONFLICT_POD: &str = "ipam.spidernet.io/ip-conflict-pod";
 /// Annotation: RFC 3339, when the address is tried again.
 pub const CONFLICT_UNTIL: &str = "ipam.spidernet.io/ip-conflict-until";
+
+/// KubeVirt's VirtualMachineInstance kind: upstream keys a VM's addresses by its name (the
+/// store reads one as workload `namespace/VirtualMachineInstance/name`).
+pub const VMI_KIND: &str = "VirtualMachineInstance";

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use spiderpool_api::{KubeObject, Object, SpiderEndpoint};
+use spiderpool_api::{keys, KubeObject, Object, SpiderEndpoint};
 
 use crate::apply;
 use spiderpool_store::{typed, Allocation, Expect, Kind, Op, Store, StoreError};
@@ -155,11 +155,19 @@ impl<'a> Facts<'a> {
         }
         let Some(p) = Self::kube(self.store, &mut self.pods, Kind::Pod, pod).await? else {
             // Outside a cluster a pod without a Pod object is a bare pod, not a deleted one.
-            return Ok(if self.cluster {
-                leak(Cause::Deleted, format!("pod {pod} is gone"), None)
-            } else {
-                None
-            });
+            if !self.cluster {
+                return Ok(None);
+            }
+            // Upstream keys a KubeVirt VM's addresses by its VirtualMachineInstance's name:
+            // while that VMI exists they are its, whatever became of its launcher pods.
+            let vmi = format!("{ns}/{}/{name}", keys::VMI_KIND);
+            if typed::get(self.store, Kind::Workload, &vmi)
+                .await?
+                .is_some()
+            {
+                return Ok(None);
+            }
+            return Ok(leak(Cause::Deleted, format!("pod {pod} is gone"), None));
         };
         let current = p.metadata.uid.clone().unwrap_or_default();
         if !uid.is_empty() && !current.is_empty() && current != uid {

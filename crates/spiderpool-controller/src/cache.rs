@@ -458,7 +458,8 @@ fn stored(kind: Kind, key: &str, o: &DynamicObject) -> Result<Stored> {
 #[async_trait]
 impl Store for CachedKube {
     async fn get(&self, kind: Kind, key: &str) -> Result<Option<Stored>> {
-        if !Caches::covers(kind) {
+        // Kinds not cached, and workload kinds read one at a time (LOOKUP_ONLY), from the API.
+        if !Caches::covers(kind) || self.caches.locate(kind, key).is_none() {
             return self.kube.get(kind, key).await;
         }
         self.current(kind, key)

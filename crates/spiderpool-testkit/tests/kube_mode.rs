@@ -604,6 +604,89 @@ fn a_pod_upstream_allocated_is_released_by_its_del_after_the_move() {
     assert!(add.success, "{}", add.stdout);
 }
 
+/// Upstream keys a KubeVirt VM's addresses by its VirtualMachineInstance's name: with
+/// KubeVirt's CRD installed, reclaim treats such a holder as alive while its VMI exists (no Pod
+/// has that name), and as gone once the VMI is.
+#[test]
+fn a_vm_upstream_allocated_keeps_its_address_while_its_vmi_lives() {
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    // KubeVirt's VirtualMachineInstance as its CRD serves it (group, version, kind, scope).
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "virtualmachineinstances.kubevirt.io"},
+            "spec": {"group": "kubevirt.io", "scope": "Namespaced",
+                "names": {"kind": "VirtualMachineInstance", "plural": "virtualmachineinstances",
+                    "singular": "virtualmachineinstance", "shortNames": ["vmi"]},
+                "versions": [{"name": "v1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object",
+                        "x-kubernetes-preserve-unknown-fields": true}}}]}})
+        .to_string(),
+    );
+    until("the VMI kind served", || {
+        cp.kubectl(&["get", "vmi"], "").success.then_some(())
+    });
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+            "metadata": {"name": "vm1", "namespace": "default"}, "spec": {}})
+        .to_string(),
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: up}\nspec:\n  ipVersion: 4\n  subnet: 10.9.0.0/16\n  ips: [10.9.0.10-10.9.0.12]\n  gateway: 10.9.0.1\n",
+    );
+    let upstream = json!({
+        "10.9.0.10": {"pod": "default/vm1", "podUid": "7d0c0000-0000-4000-8000-00000000000a"},
+        "10.9.0.11": {"pod": "default/gone", "podUid": "7d0c0000-0000-4000-8000-00000000000b"},
+    })
+    .to_string();
+    let patch =
+        json!({"status": {"allocatedIPs": upstream, "allocatedIPCount": 2, "totalIPCount": 3}});
+    cp.kubectl_ok(
+        &[
+            "patch",
+            "spiderippool",
+            "up",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        "",
+    );
+    let leaks = || {
+        let out = spiderpool_testkit::run(
+            std::process::Command::new(bin("spiderpoolctl")).args([
+                "--datastore",
+                "kubernetes",
+                "--kubeconfig",
+                cp.kubeconfig.to_str().unwrap(),
+                "ipam",
+                "gc",
+                "--dry-run",
+                "-o",
+                "json",
+            ]),
+            "",
+        );
+        assert!(out.success, "{}{}", out.stdout, out.stderr);
+        let mut v: Vec<String> = out.json()["leaks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["pod"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(leaks(), ["default/gone"]);
+    cp.kubectl_ok(&["delete", "vmi", "vm1"], "");
+    assert_eq!(leaks(), ["default/gone", "default/vm1"]);
+}
+
 #[test]
 fn an_agent_for_a_node_the_cluster_does_not_have_says_so() {
     let Some(kbin) = kube_bin() else { return };

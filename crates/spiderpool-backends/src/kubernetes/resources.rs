@@ -18,6 +18,15 @@ pub const WORKLOADS: [(&str, &str, &str); 6] = [
     ("batch", "CronJob", "cronjobs"),
 ];
 
+/// Kinds read one object at a time under `Kind::Workload` (never listed, watched or cached:
+/// their CRDs may not be installed, and a get of a kind the API server does not serve finds
+/// nothing): KubeVirt's VirtualMachineInstance, by whose name upstream keys a VM's addresses.
+pub const LOOKUP_ONLY: [(&str, &str, &str); 1] = [(
+    "kubevirt.io",
+    "VirtualMachineInstance",
+    "virtualmachineinstances",
+)];
+
 pub(super) fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
@@ -42,8 +51,11 @@ pub fn api_resource(kind: Kind, workload: Option<&str>) -> Result<ApiResource> {
         ),
         Kind::Workload => {
             let w = workload.unwrap_or_default();
-            let (group, k, plural) =
-                WORKLOADS.iter().find(|(_, k, _)| *k == w).ok_or_else(|| {
+            let (group, k, plural) = WORKLOADS
+                .iter()
+                .chain(&LOOKUP_ONLY)
+                .find(|(_, k, _)| *k == w)
+                .ok_or_else(|| {
                     StoreError::Config(format!(
                         "workload kind {w:?} is not one of {}",
                         WORKLOADS.map(|w| w.1).join(", ")
