@@ -183,6 +183,63 @@ impl KubeStore {
     pub fn stats(&self) -> Arc<KubeStats> {
         self.inner.stats.clone()
     }
+
+    /// Refuses the SpiderEndpoint CRD upstream Spiderpool installs: its schema has no
+    /// `containerID` in a NIC, so the API server would drop what tells this project's DEL,
+    /// CHECK and CNI GC which sandbox holds an address (helm never upgrades a chart's `crds/`,
+    /// so a cluster moved from upstream keeps it until someone applies the project's). Where
+    /// the caller may not read CRDs it says so and goes on.
+    pub async fn check_schemas(&self) -> Result<()> {
+        let crds: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(
+            self.inner.client.clone(),
+            &kube::api::ApiResource::from_gvk_with_plural(
+                &kube::api::GroupVersionKind::gvk(
+                    "apiextensions.k8s.io",
+                    "v1",
+                    "CustomResourceDefinition",
+                ),
+                "customresourcedefinitions",
+            ),
+        );
+        const NAME: &str = "spiderendpoints.spiderpool.spidernet.io";
+        let crd = match crds.get_opt(NAME).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 403 => {
+                tracing::warn!(crd = NAME, "may not read CRDs: cannot check that the SpiderEndpoint schema keeps containerID (kubectl apply -f deploy/crds/ after moving from upstream)");
+                return Ok(());
+            }
+            Err(e) => return Err(self.inner.err(&format!("get CRD {NAME}"), e)),
+        };
+        match endpoint_schema_problem(&crd.data) {
+            None => Ok(()),
+            Some(why) => Err(StoreError::Config(format!(
+                "CRD {NAME} is upstream Spiderpool's ({why}): the API server would drop the containerID this project records for each NIC. Apply the project's CRDs first (helm does not upgrade them): kubectl apply -f deploy/crds/"
+            ))),
+        }
+    }
+}
+
+/// What is missing from a SpiderEndpoint CRD's `v2beta1` schema for this project's records,
+/// or `None` when they are kept (the field is there, or unknown fields are preserved).
+pub fn endpoint_schema_problem(crd: &serde_json::Value) -> Option<String> {
+    let versions = crd.pointer("/spec/versions")?.as_array()?;
+    let Some(v) = versions.iter().find(|v| v["name"] == "v2beta1") else {
+        return Some("it serves no v2beta1".into());
+    };
+    let nic = v.pointer(
+        "/schema/openAPIV3Schema/properties/status/properties/current/properties/ips/items",
+    );
+    let Some(nic) = nic else {
+        return Some("its schema has no status.current.ips".into());
+    };
+    if nic["x-kubernetes-preserve-unknown-fields"] == true
+        || nic.pointer("/properties/containerID").is_some()
+    {
+        None
+    } else {
+        Some("its schema of status.current.ips[] has no containerID".into())
+    }
 }
 
 #[async_trait]

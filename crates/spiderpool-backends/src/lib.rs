@@ -129,9 +129,11 @@ pub async fn open_with(
             Ok(Arc::new(etcd::EtcdStore::connect(endpoints, prefix).await?))
         }
         #[cfg(feature = "kubernetes")]
-        DatastoreUrl::Kubernetes { kubeconfig: own } => Ok(Arc::new(
-            kubernetes::KubeStore::connect(kubeconfig.or(own.as_deref())).await?,
-        )),
+        DatastoreUrl::Kubernetes { kubeconfig: own } => {
+            let store = kubernetes::KubeStore::connect(kubeconfig.or(own.as_deref())).await?;
+            store.check_schemas().await?;
+            Ok(Arc::new(store))
+        }
         #[allow(unreachable_patterns)]
         other => Err(StoreError::Config(format!(
             "this build has no {} backend (cargo feature {:?} of spiderpool-backends)",

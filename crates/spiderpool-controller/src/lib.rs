@@ -247,6 +247,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let store = KubeStore::connect(args.kubeconfig.as_deref())
         .await
         .context("connecting to the API server")?;
+    store.check_schemas().await?;
     let client = store.client();
     let kube = store.clone();
     let store: Arc<dyn spiderpool_store::Store> = Arc::new(store);

@@ -716,3 +716,88 @@ fn an_agent_for_a_node_the_cluster_does_not_have_says_so() {
     // No Node object was made up for it.
     assert!(!cp.kubectl(&["get", "node", "no-such-node"], "").success);
 }
+
+/// A cluster moved from upstream keeps upstream's SpiderEndpoint CRD (helm never upgrades
+/// `crds/`): its schema has no `containerID`, which the API server would then drop from every
+/// record. The agent, the controller and spiderpoolctl refuse it and say what to apply; with the
+/// project's CRDs applied they start.
+#[test]
+fn upstreams_endpoint_crd_is_refused_with_what_to_apply() {
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    register(&cp, "n1");
+    // Upstream's schema of a NIC: the same fields without this project's containerID/network.
+    let mut crd = json_of(
+        &cp,
+        &["get", "crd", "spiderendpoints.spiderpool.spidernet.io"],
+    );
+    for v in crd["spec"]["versions"].as_array_mut().unwrap() {
+        let props = v
+            .pointer_mut("/schema/openAPIV3Schema/properties/status/properties/current/properties/ips/items/properties")
+            .and_then(Value::as_object_mut)
+            .unwrap();
+        assert!(props.remove("containerID").is_some());
+        props.remove("network");
+    }
+    crd["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("managedFields");
+    cp.kubectl_ok(&["replace", "-f", "-"], &crd.to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let kc = cp.kubeconfig.to_str().unwrap().to_string();
+    let socket = dir.path().join("a.sock");
+    let agent = || {
+        spiderpool_testkit::run(
+            std::process::Command::new("timeout")
+                .arg("10")
+                .arg(bin("spiderpool-agent"))
+                .args([
+                    "--node-name",
+                    "n1",
+                    "--datastore",
+                    "kubernetes",
+                    "--kubeconfig",
+                    &kc,
+                    "--socket",
+                    socket.to_str().unwrap(),
+                ]),
+            "",
+        )
+    };
+    let out = agent();
+    assert!(!out.success);
+    assert!(
+        out.stderr
+            .contains("CRD spiderendpoints.spiderpool.spidernet.io is upstream Spiderpool's")
+            && out.stderr.contains("kubectl apply -f deploy/crds/"),
+        "{}",
+        out.stderr
+    );
+    let ctl = spiderpool_testkit::run(
+        std::process::Command::new(bin("spiderpoolctl")).args([
+            "--datastore",
+            "kubernetes",
+            "--kubeconfig",
+            &kc,
+            "get",
+            "ippool",
+        ]),
+        "",
+    );
+    assert!(
+        !ctl.success && ctl.stderr.contains("kubectl apply -f deploy/crds/"),
+        "{}",
+        ctl.stderr
+    );
+    // The project's CRDs applied over upstream's: the agent starts (and serves until stopped).
+    cp.install_crds();
+    let out = agent();
+    assert_eq!(
+        out.code,
+        Some(124),
+        "the agent should run until stopped: {}",
+        out.stderr
+    );
+}
