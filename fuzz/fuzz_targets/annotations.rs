@@ -32,7 +32,12 @@ fuzz_target!(|data: &[u8]| {
     let mut pod = BTreeMap::new();
     pod.insert(MULTUS_DEFAULT_NETWORK.to_string(), value.to_string());
     pod.insert(MULTUS_NETWORKS.to_string(), value.to_string());
+    let cluster = annotation::MultusDefaults {
+        cluster_network: Some(value.to_string()),
+        namespace: Some("kube-system".into()),
+    };
     for nic in [nic, "eth0", "net1"] {
-        let _ = annotation::multus_network(&pod, "default", nic);
+        let _ = annotation::multus_network(&pod, "default", nic, &Default::default());
+        let _ = annotation::multus_network(&BTreeMap::new(), "default", nic, &cluster);
     }
 });

@@ -65,6 +65,14 @@ pub struct Args {
     /// Time a client has to send a request's headers before its connection is closed.
     #[arg(long, env = "SPIDERPOOL_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub header_timeout: std::time::Duration,
+    /// Multus's cluster network (upstream's `MULTUS_CLUSTER_NETWORK`): the network of a pod's
+    /// eth0 when it names no `v1.multus-cni.io/default-network`, for pools' `multusName`.
+    #[arg(long, env = "MULTUS_CLUSTER_NETWORK")]
+    pub multus_cluster_network: Option<String>,
+    /// The namespace of a bare default or cluster network name (upstream: the agent's own; the
+    /// chart sets it to its release's). Unset: the pod's namespace.
+    #[arg(long, env = "SPIDERPOOL_MULTUS_NAMESPACE")]
+    pub multus_namespace: Option<String>,
     /// How long an ADD waits for its SpiderSubnet auto pool to be created or grown before it
     /// fails with CNI code 11 (try again later).
     #[arg(long, env = "SPIDERPOOL_AUTO_POOL_WAIT", default_value = "50s", value_parser = humantime::parse_duration)]
@@ -164,6 +172,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )
         .with_auto_pool_wait(args.enable_auto_pool.then_some(args.auto_pool_wait))
         .with_conflict_hold(args.ip_conflict_hold)
+        .with_multus(spiderpool_api::annotation::MultusDefaults {
+            cluster_network: args
+                .multus_cluster_network
+                .clone()
+                .filter(|n| !n.is_empty()),
+            namespace: args.multus_namespace.clone().filter(|n| !n.is_empty()),
+        })
         .with_detection(
             args.enable_ip_conflict_detection,
             args.enable_gateway_detection,

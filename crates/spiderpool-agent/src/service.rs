@@ -148,6 +148,7 @@ pub struct IpamService {
     /// How long an ADD waits for its auto pool (`--auto-pool-wait`); `None`: auto pools are
     /// off (`--enable-auto-pool=false`).
     auto_pool_wait: Option<Duration>,
+    multus: spiderpool_api::annotation::MultusDefaults,
     /// How long an address found in conflict is held back (`--ip-conflict-hold`).
     conflict_hold: Duration,
     /// Upstream's switches (`--enable-ip-conflict-detection`, `--enable-gateway-detection`):
@@ -219,6 +220,7 @@ impl IpamService {
             queue: std::sync::Mutex::new(Vec::new()),
             metrics: Arc::default(),
             auto_pool_wait: Some(AUTO_POOL_WAIT),
+            multus: Default::default(),
             conflict_hold: conflict::CONFLICT_HOLD,
             detection: (false, false),
         }
@@ -226,6 +228,12 @@ impl IpamService {
 
     /// How long an ADD waits for its auto pool to be created or grown; `None` turns auto pools
     /// off (a pod that asks for one is refused).
+    /// How the node's Multus names the first NIC's network (for pools' `multusName`).
+    pub fn with_multus(mut self, multus: spiderpool_api::annotation::MultusDefaults) -> Self {
+        self.multus = multus;
+        self
+    }
+
     pub fn with_auto_pool_wait(mut self, wait: Option<Duration>) -> Self {
         self.auto_pool_wait = wait;
         self

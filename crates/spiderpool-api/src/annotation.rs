@@ -145,23 +145,39 @@ struct NetworkSelection {
     interface: Option<String>,
 }
 
-/// The Multus network (`namespace/name`) that attaches `nic`: the pod's default network for
-/// `eth0`, otherwise the `k8s.v1.cni.cncf.io/networks` element naming the interface, or the
-/// N-th element for `netN`. Bare names are in the pod's namespace.
+/// How the agent's Multus is set up, for the first NIC's network (upstream's
+/// `MULTUS_CLUSTER_NETWORK` and the agent's namespace).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MultusDefaults {
+    /// Multus's cluster network: eth0's network when the pod names no default network.
+    pub cluster_network: Option<String>,
+    /// The namespace of a bare default or cluster network name (upstream: the agent's);
+    /// `None`: the pod's.
+    pub namespace: Option<String>,
+}
+
+/// The Multus network (`namespace/name`) that attaches `nic`: for `eth0` the pod's default
+/// network, else Multus's cluster network (bare names in `defaults.namespace`, else the pod's);
+/// otherwise the `k8s.v1.cni.cncf.io/networks` element naming the interface, or the N-th
+/// element for `netN` (bare names in the pod's namespace).
 pub fn multus_network(
     annotations: &std::collections::BTreeMap<String, String>,
     pod_namespace: &str,
     nic: &str,
+    defaults: &MultusDefaults,
 ) -> Result<Option<String>, ValidationError> {
     let qualify = |ns: Option<&str>, name: &str| format!("{}/{name}", ns.unwrap_or(pod_namespace));
-    let split = |s: &str| match s.split_once('/') {
-        Some((ns, n)) => qualify(Some(ns), n),
-        None => qualify(None, s),
-    };
     if nic == "eth0" {
+        let first_ns = defaults.namespace.as_deref().unwrap_or(pod_namespace);
         return Ok(annotations
             .get(MULTUS_DEFAULT_NETWORK)
-            .map(|v| split(v.trim())));
+            .map(|v| v.trim().to_string())
+            .or_else(|| defaults.cluster_network.clone())
+            .filter(|v| !v.is_empty())
+            .map(|v| match v.split_once('/') {
+                Some((ns, n)) => format!("{ns}/{n}"),
+                None => format!("{first_ns}/{v}"),
+            }));
     }
     let Some(v) = annotations.get(MULTUS_NETWORKS) else {
         return Ok(None);
@@ -230,6 +246,8 @@ pub struct RequestFacts<'a> {
     /// The auto pools of the pod's application for this NIC, when its
     /// `ipam.spidernet.io/subnet(s)` annotation names subnets for it (the caller finds them).
     pub auto_pools: Option<PoolNames>,
+    /// The agent's Multus set-up.
+    pub multus: &'a MultusDefaults,
 }
 
 /// The allocation request the annotations describe, or the first annotation that is wrong
@@ -249,7 +267,8 @@ pub fn request(f: RequestFacts<'_>) -> Result<spiderpool_core::Request, Validati
         .map(|v| parse_ippool(v))
         .transpose()
         .map_err(in_pod)?;
-    let multus_network = multus_network(f.annotations, f.namespace, f.nic).map_err(in_pod)?;
+    let multus_network =
+        multus_network(f.annotations, f.namespace, f.nic, f.multus).map_err(in_pod)?;
     let namespace_default = parse_namespace_default(
         f.namespace_annotations
             .get(NS_DEFAULT_IPV4)
@@ -342,6 +361,7 @@ mod tests {
         assert_eq!(r[0].gw.to_string(), "10.6.0.1");
         assert!(parse_routes(r#"[{"dst":"10.0.0.0","gw":"10.6.0.1"}]"#).is_err());
 
+        let none = MultusDefaults::default();
         let mut a = std::collections::BTreeMap::new();
         a.insert(
             MULTUS_DEFAULT_NETWORK.to_string(),
@@ -352,15 +372,21 @@ mod tests {
             "kube-system/ipvlan@net1, sriov".to_string(),
         );
         assert_eq!(
-            multus_network(&a, "prod", "eth0").unwrap().as_deref(),
+            multus_network(&a, "prod", "eth0", &none)
+                .unwrap()
+                .as_deref(),
             Some("kube-system/macvlan-conf")
         );
         assert_eq!(
-            multus_network(&a, "prod", "net1").unwrap().as_deref(),
+            multus_network(&a, "prod", "net1", &none)
+                .unwrap()
+                .as_deref(),
             Some("kube-system/ipvlan")
         );
         assert_eq!(
-            multus_network(&a, "prod", "net2").unwrap().as_deref(),
+            multus_network(&a, "prod", "net2", &none)
+                .unwrap()
+                .as_deref(),
             Some("prod/sriov")
         );
         a.insert(
@@ -368,16 +394,49 @@ mod tests {
             r#"[{"name":"m","namespace":"x","interface":"ext0"}]"#.to_string(),
         );
         assert_eq!(
-            multus_network(&a, "prod", "ext0").unwrap().as_deref(),
+            multus_network(&a, "prod", "ext0", &none)
+                .unwrap()
+                .as_deref(),
             Some("x/m")
         );
         assert_eq!(
-            multus_network(&a, "prod", "net1").unwrap().as_deref(),
+            multus_network(&a, "prod", "net1", &none)
+                .unwrap()
+                .as_deref(),
             Some("x/m")
         );
         assert_eq!(
-            multus_network(&Default::default(), "prod", "eth0").unwrap(),
+            multus_network(&Default::default(), "prod", "eth0", &none).unwrap(),
             None
+        );
+        // As upstream: without a default network eth0 is on Multus's cluster network, and a
+        // bare default or cluster network name is in the agent's namespace.
+        let agent = MultusDefaults {
+            cluster_network: Some("macvlan-conf".into()),
+            namespace: Some("kube-system".into()),
+        };
+        assert_eq!(
+            multus_network(&Default::default(), "prod", "eth0", &agent)
+                .unwrap()
+                .as_deref(),
+            Some("kube-system/macvlan-conf")
+        );
+        let mut bare = std::collections::BTreeMap::new();
+        bare.insert(
+            MULTUS_DEFAULT_NETWORK.to_string(),
+            "ipvlan-conf".to_string(),
+        );
+        assert_eq!(
+            multus_network(&bare, "prod", "eth0", &agent)
+                .unwrap()
+                .as_deref(),
+            Some("kube-system/ipvlan-conf")
+        );
+        assert_eq!(
+            multus_network(&bare, "prod", "eth0", &none)
+                .unwrap()
+                .as_deref(),
+            Some("prod/ipvlan-conf")
         );
     }
 

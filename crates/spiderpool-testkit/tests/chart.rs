@@ -103,6 +103,19 @@ fn the_chart_lints_renders_and_installs_on_the_api_server() {
             "{value}"
         );
     }
+    // Multus's cluster network in upstream's value, and the namespace of bare names.
+    let docs = documents(&render(
+        &hbin,
+        &["multus.multusCNI.defaultCniCRName=macvlan-conf"],
+    ));
+    let env = find(&docs, "DaemonSet", "spiderpool-agent")["spec"]["template"]["spec"]
+        ["containers"][0]["env"]
+        .to_string();
+    assert!(
+        env.contains(r#"{"name":"MULTUS_CLUSTER_NETWORK","value":"macvlan-conf"}"#)
+            && env.contains(r#"{"name":"SPIDERPOOL_MULTUS_NAMESPACE","value":"kube-system"}"#),
+        "{env}"
+    );
     // upstream's detection switches and the conflict hold reach the agent.
     let agent_args = pod["containers"][0]["args"].to_string();
     for want in [

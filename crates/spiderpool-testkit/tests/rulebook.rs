@@ -673,6 +673,64 @@ fn d00009_d00010_multus_name_match_and_mismatch() {
     );
 }
 
+/// As upstream: a pod that names no default network is on Multus's cluster network
+/// (`MULTUS_CLUSTER_NETWORK`), and a bare default or cluster network name is in the agent's
+/// namespace, so pools' `multusName` keep matching after a move from upstream.
+#[test]
+fn multus_name_matches_the_cluster_network_and_bare_names_in_the_agents_namespace() {
+    let sb = Sandbox::new();
+    sb.apply(
+        &[
+            pool(
+                "multus",
+                "10.15.0.0/16",
+                "10.15.0.10-10.15.0.19",
+                "  multusName: [kube-system/macvlan-conf]\n",
+            ),
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: apps}\n".into(),
+        ]
+        .concat(),
+    );
+    let agent = sb.agent_with(
+        "node-1",
+        "",
+        &[
+            "--multus-cluster-network",
+            "macvlan-conf",
+            "--multus-namespace",
+            "kube-system",
+        ],
+    );
+    let add = |name: &str, annotations: Value| {
+        let mut annotations = annotations;
+        annotations["ipam.spidernet.io/ippool"] = json!(r#"{"ipv4":["multus"]}"#);
+        sb.apply(&pod("apps", name, annotations, json!({}), None));
+        let conf = json!({"cniVersion": "1.0.0", "name": "macvlan-conf",
+            "ipam": {"type": "spiderpool", "ipam_unix_socket_path": agent.socket}});
+        let mut c = CniCall::new("ADD", &format!("c-{name}"), name, &conf);
+        c.args = format!("K8S_POD_NAMESPACE=apps;K8S_POD_NAME={name};K8S_POD_UID=uid-{name}");
+        c.run()
+    };
+    // No default network: the cluster network, in the agent's namespace.
+    let out = add("on-cluster-network", json!({}));
+    assert!(out.success, "{}\n{}", out.stdout, agent.log());
+    // A bare default network name: in the agent's namespace, not the pod's.
+    let out = add(
+        "bare-default",
+        json!({"v1.multus-cni.io/default-network": "macvlan-conf"}),
+    );
+    assert!(out.success, "{}\n{}", out.stdout, agent.log());
+    // Another network still does not match.
+    let (_, msg) = failure(&add(
+        "other",
+        json!({"v1.multus-cni.io/default-network": "ipvlan-conf"}),
+    ));
+    assert!(
+        msg.contains("does not list network kube-system/ipvlan-conf"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn l00009_one_pool_serves_two_namespaces() {
     // (The namespaces exist, as a pod's always does in Kubernetes.)

@@ -92,6 +92,14 @@ pub(crate) enum Command {
         /// `default_ipv6_ippool` of the CNI config.
         #[arg(long = "default-ipv6-ippool", value_delimiter = ',')]
         default_ipv6_ippool: Vec<String>,
+        /// Multus's cluster network: eth0's network when the pod names no default network
+        /// (as the agents are told).
+        #[arg(long, env = "MULTUS_CLUSTER_NETWORK")]
+        multus_cluster_network: Option<String>,
+        /// Namespace of a bare default or cluster network name (as the agents are told; else
+        /// the pod's).
+        #[arg(long, env = "SPIDERPOOL_MULTUS_NAMESPACE")]
+        multus_namespace: Option<String>,
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum)]
         output: Option<Output>,

@@ -41,6 +41,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             node,
             default_ipv4_ippool,
             default_ipv6_ippool,
+            multus_cluster_network,
+            multus_namespace,
             output,
         } => {
             explain::run(
@@ -52,6 +54,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     node,
                     v4: default_ipv4_ippool,
                     v6: default_ipv6_ippool,
+                    multus: spiderpool_api::annotation::MultusDefaults {
+                        cluster_network: multus_cluster_network,
+                        namespace: multus_namespace,
+                    },
                     json: output == Some(crate::args::Output::Json),
                 },
             )

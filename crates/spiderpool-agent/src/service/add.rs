@@ -392,6 +392,7 @@ impl IpamService {
                 clean_gateway: None,
             },
             cni_clean_gateway: args.clean_gateway,
+            multus: &self.multus,
             auto_pools,
             app_labels,
         })?;

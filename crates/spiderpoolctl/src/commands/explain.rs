@@ -18,6 +18,7 @@ pub(crate) struct Ask {
     pub(crate) node: Option<String>,
     pub(crate) v4: Vec<String>,
     pub(crate) v6: Vec<String>,
+    pub(crate) multus: annotation::MultusDefaults,
     pub(crate) json: bool,
 }
 
@@ -97,6 +98,7 @@ pub(crate) async fn run(store: &dyn Store, ask: Ask) -> anyhow::Result<ExitCode>
             clean_gateway: None,
         },
         cni_clean_gateway: false,
+        multus: &ask.multus,
         auto_pools,
         app_labels,
     })?;
