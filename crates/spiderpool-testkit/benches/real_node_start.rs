@@ -152,6 +152,12 @@ fn main() {
             );
             times[k].0.push(start);
             times[k].1.push(stop);
+            // The next batch starts with every address of the pool free again (a DEL may come
+            // after its pod is gone from the API).
+            until("the pool empty", || {
+                let p = json_of(&c.cp, &["get", "spiderippool", "test-ippool-6"]);
+                (p["status"]["allocatedIPCount"].as_u64().unwrap_or(0) == 0).then_some(())
+            });
         }
     }
     let agent = rss_kb("/usr/local/bin/spiderpool-agent");
