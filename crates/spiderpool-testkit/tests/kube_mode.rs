@@ -740,11 +740,23 @@ fn upstreams_endpoint_crd_is_refused_with_what_to_apply() {
         assert!(props.remove("containerID").is_some());
         props.remove("network");
     }
-    crd["metadata"]
-        .as_object_mut()
-        .unwrap()
-        .remove("managedFields");
-    cp.kubectl_ok(&["replace", "-f", "-"], &crd.to_string());
+    // Created as helm creates a chart's CRDs (no kubectl last-applied annotation).
+    crd["metadata"] = json!({"name": "spiderendpoints.spiderpool.spidernet.io"});
+    crd.as_object_mut().unwrap().remove("status");
+    cp.kubectl_ok(
+        &["delete", "crd", "spiderendpoints.spiderpool.spidernet.io"],
+        "",
+    );
+    cp.kubectl_ok(&["create", "-f", "-"], &crd.to_string());
+    cp.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/spiderendpoints.spiderpool.spidernet.io",
+        ],
+        "",
+    );
     let dir = tempfile::tempdir().unwrap();
     let kc = cp.kubeconfig.to_str().unwrap().to_string();
     let socket = dir.path().join("a.sock");
