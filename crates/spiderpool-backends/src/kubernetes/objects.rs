@@ -38,10 +38,13 @@ impl Inner {
     pub(super) async fn get_object(&self, kind: Kind, key: &str) -> Result<Option<DynamicObject>> {
         let (api, name) = self.api(kind, key)?;
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        let o = api
-            .get_opt(&name)
-            .await
-            .map_err(|e| self.err(&format!("get {kind}/{key}"), e))?;
+        let o = match api.get_opt(&name).await {
+            Ok(o) => o,
+            // A kind the API server does not serve (a CRD not installed: a plain 404 page,
+            // which get_opt does not take for "not found") holds nothing.
+            Err(kube::Error::Api(s)) if s.code == 404 => None,
+            Err(e) => return Err(self.err(&format!("get {kind}/{key}"), e)),
+        };
         if let Some(o) = &o {
             self.observe(kind, o);
         }
