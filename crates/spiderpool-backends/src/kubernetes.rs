@@ -42,6 +42,7 @@ use spiderpool_store::{
 
 mod allocated_ips;
 mod commit;
+mod migrate;
 mod objects;
 mod pool_status;
 mod resources;
@@ -49,6 +50,7 @@ mod watch;
 
 pub use allocated_ips::allocations_of;
 use allocated_ips::{entries_of, Entry};
+pub use migrate::{Hazard, LISTED};
 use resources::resource;
 pub use resources::{api_resource, key_of, rv_of, WORKLOADS};
 

@@ -813,3 +813,187 @@ fn upstreams_endpoint_crd_is_refused_with_what_to_apply() {
         out.stderr
     );
 }
+
+/// `spiderpoolctl migrate check` against a cluster in the state upstream leaves it: each hazard
+/// named with its objects, exit status 1 while one blocks the move, 0 once the blocking ones
+/// are dealt with.
+#[test]
+fn migrate_check_names_each_hazard_of_a_cluster_running_upstream() {
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    // Upstream's SpiderEndpoint CRD, as its chart leaves it.
+    let mut crd = json_of(
+        &cp,
+        &["get", "crd", "spiderendpoints.spiderpool.spidernet.io"],
+    );
+    for v in crd["spec"]["versions"].as_array_mut().unwrap() {
+        let props = v
+            .pointer_mut("/schema/openAPIV3Schema/properties/status/properties/current/properties/ips/items/properties")
+            .and_then(Value::as_object_mut)
+            .unwrap();
+        props.remove("containerID");
+        props.remove("network");
+    }
+    crd["metadata"] = json!({"name": "spiderendpoints.spiderpool.spidernet.io"});
+    crd.as_object_mut().unwrap().remove("status");
+    cp.kubectl_ok(
+        &["delete", "crd", "spiderendpoints.spiderpool.spidernet.io"],
+        "",
+    );
+    cp.kubectl_ok(&["create", "-f", "-"], &crd.to_string());
+    // SpiderMultusConfig's kind (this project does not install it).
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "spidermultusconfigs.spiderpool.spidernet.io"},
+            "spec": {"group": "spiderpool.spidernet.io", "scope": "Namespaced",
+                "names": {"kind": "SpiderMultusConfig", "plural": "spidermultusconfigs",
+                    "singular": "spidermultusconfig"},
+                "versions": [{"name": "v2beta1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object",
+                        "x-kubernetes-preserve-unknown-fields": true}}}]}})
+        .to_string(),
+    );
+    cp.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ],
+        "",
+    );
+    let objects = [
+        json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderMultusConfig",
+            "metadata": {"name": "macvlan-conf", "namespace": "kube-system"},
+            "spec": {"cniType": "macvlan", "macvlan": {"master": ["ens192"]}}}),
+        json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderCoordinator",
+            "metadata": {"name": "default"}, "spec": {"mode": "overlay"}}),
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "spiderpool-controller", "namespace": "kube-system"},
+            "spec": {"selector": {"matchLabels": {"app": "sp"}},
+                "template": {"metadata": {"labels": {"app": "sp"}}, "spec": {"containers": [
+                    {"name": "c", "image": "ghcr.io/spidernet-io/spiderpool/spiderpool-controller:v1.0.0"}]}}}}),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-0", "namespace": "default"},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}}),
+        json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderIPPool",
+            "metadata": {"name": "multus"}, "spec": {"ipVersion": 4, "subnet": "10.9.0.0/16",
+                "ips": ["10.9.0.10-10.9.0.12"], "multusName": ["kube-system/macvlan-conf"]}}),
+        json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderEndpoint",
+            "metadata": {"name": "old", "namespace": "default", "finalizers": ["spiderpool.spidernet.io"]},
+            "status": {"current": {"uid": "u-old", "node": "n1", "ips": []}}}),
+    ];
+    for o in &objects {
+        cp.kubectl_ok(&["create", "-f", "-"], &o.to_string());
+    }
+    cp.kubectl_ok(&["delete", "spiderendpoint", "old", "--wait=false"], "");
+    let patch = json!({"status": {"allocatedIPs": json!({
+        "10.9.0.10": {"pod": "default/web-0", "podUid": "u-web"}}).to_string(),
+        "allocatedIPCount": 1, "totalIPCount": 3}});
+    cp.kubectl_ok(
+        &[
+            "patch",
+            "spiderippool",
+            "multus",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        "",
+    );
+    let check = |output: &[&str]| {
+        let mut args = vec![
+            "--datastore",
+            "kubernetes",
+            "--kubeconfig",
+            cp.kubeconfig.to_str().unwrap(),
+            "migrate",
+            "check",
+        ];
+        args.extend_from_slice(output);
+        spiderpool_testkit::run(
+            std::process::Command::new(bin("spiderpoolctl")).args(&args),
+            "",
+        )
+    };
+    let out = check(&["-o", "json"]);
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    let report = out.json();
+    let found: Vec<(String, bool, Vec<String>)> = report["hazards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["id"].as_str().unwrap().to_string(),
+                h["blocks"].as_bool().unwrap(),
+                h["objects"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| o.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    let expected = vec![
+        (
+            "endpoint-crd".to_string(),
+            true,
+            vec!["customresourcedefinition/spiderendpoints.spiderpool.spidernet.io".to_string()],
+        ),
+        (
+            "overlay-coordinator".into(),
+            true,
+            vec!["spidercoordinator/default".into()],
+        ),
+        (
+            "endpoint-terminating".into(),
+            false,
+            vec!["spiderendpoint/default/old".into()],
+        ),
+        (
+            "multus-cluster-network".into(),
+            false,
+            vec!["pod default/web-0 (pool multus)".into()],
+        ),
+        (
+            "spidermultusconfig".into(),
+            false,
+            vec!["spidermultusconfig/kube-system/macvlan-conf".into()],
+        ),
+        (
+            "upstream-installed".into(),
+            false,
+            vec!["deployment/kube-system/spiderpool-controller".into()],
+        ),
+    ];
+    assert_eq!(found, expected, "{}", out.stdout);
+    assert_eq!(report["blocking"], 2);
+    // The text form says the same, with each fix.
+    let out = check(&[]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stdout.contains("BLOCKS  endpoint-crd")
+            && out.stdout.contains("fix: kubectl apply -f deploy/crds/")
+            && out
+                .stdout
+                .contains("spiderpoolController.cleanup.enable=false")
+            && out.stdout.ends_with("6 hazards, 2 blocking the move\n"),
+        "{}",
+        out.stdout
+    );
+    // The blocking ones dealt with: the move may go on (the notes stay).
+    cp.install_crds();
+    cp.kubectl_ok(&["delete", "spidercoordinator", "default"], "");
+    let out = check(&[]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.ends_with("4 hazards, 0 blocking the move\n"),
+        "{}",
+        out.stdout
+    );
+}

@@ -67,6 +67,9 @@ pub(crate) enum Command {
     /// Address-space repairs.
     #[command(subcommand)]
     Ipam(Ipam),
+    /// Moving a cluster from upstream Spiderpool (`--datastore kubernetes`).
+    #[command(subcommand)]
+    Migrate(Migrate),
     /// Print a shell completion script (`source <(spiderpoolctl completion bash)`).
     Completion {
         /// bash, zsh, fish, elvish or powershell.
@@ -118,6 +121,19 @@ pub(crate) enum Command {
         /// Namespace of namespaced objects.
         #[arg(short = 'n', long = "namespace")]
         namespace: Option<String>,
+    },
+}
+
+/// `spiderpoolctl migrate …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Migrate {
+    /// What stands in the way of moving this cluster from upstream Spiderpool, read-only (it
+    /// works while upstream still runs): each hazard with the objects involved and what to do.
+    /// Exit status 1 when any blocks the move.
+    Check {
+        /// Output format (`json` for scripts).
+        #[arg(short = 'o', long = "output", value_enum)]
+        output: Option<Output>,
     },
 }
 

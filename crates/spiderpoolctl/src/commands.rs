@@ -6,6 +6,7 @@ mod delete;
 mod explain;
 mod get;
 mod ipam;
+mod migrate;
 mod reconcile;
 
 use std::process::ExitCode;
@@ -17,6 +18,10 @@ use crate::args::{Args, Command};
 
 /// Runs the parsed command line.
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Reads a cluster that may still run upstream (whose CRDs the store would refuse).
+    if let Command::Migrate(crate::args::Migrate::Check { output }) = &args.command {
+        return migrate::check(&args.datastore, args.kubeconfig.as_deref(), *output).await;
+    }
     let store = spiderpool_backends::open_with(&args.datastore, args.kubeconfig.as_deref())
         .await
         .with_context(|| format!("opening datastore {:?}", args.datastore))?;
@@ -34,6 +39,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         } => get::run(store.as_ref(), &kind, name, namespace.as_deref(), output).await,
         Command::Ipam(cmd) => ipam::run(store.as_ref(), cmd).await,
         Command::Completion { .. } => unreachable!("answered before the datastore is opened"),
+        Command::Migrate(_) => unreachable!("answered before the datastore is opened"),
         Command::Explain {
             kind,
             name,
