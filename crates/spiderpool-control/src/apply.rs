@@ -403,7 +403,10 @@ pub async fn stateful_member(
     Ok(replicas.is_some_and(|r| ordinal < r))
 }
 
-/// Whether `ep` records `ip` of `pool` on the container and interface of `holder`.
+/// Whether `ep` records `ip` of `pool` for `holder`: a NIC of it whose release would free the
+/// address from that holder ([`spiderpool_store::Holder::released_by`]: the same container and
+/// interface, or, for a record without a container as upstream writes them, the same pod
+/// incarnation).
 pub fn records(
     ep: &SpiderEndpoint,
     pool: &str,
@@ -411,8 +414,7 @@ pub fn records(
     holder: &spiderpool_store::Holder,
 ) -> bool {
     ep.status.current.ips.iter().any(|n| {
-        n.container_id == holder.container_id
-            && n.interface == holder.nic
+        holder.released_by(&n.container_id, &n.interface, &ep.status.current.uid)
             && n.held().contains(&(pool.to_string(), ip))
     })
 }

@@ -184,8 +184,11 @@ pub async fn check(store: &dyn Store) -> Result<Vec<Problem>, StoreError> {
                 let held = holders.iter().any(|a| {
                     a.pool == pool
                         && a.ip == ip
-                        && a.holder.container_id == nic.container_id
-                        && a.holder.nic == nic.interface
+                        && a.holder.released_by(
+                            &nic.container_id,
+                            &nic.interface,
+                            &ep.status.current.uid,
+                        )
                 });
                 if !held {
                     problems.push(Problem::NotHeld {
@@ -227,7 +230,9 @@ async fn dangling(
             Ok((!now.is_empty() && now != uid)
                 .then(|| format!("pod {key} is another incarnation now (UID {now})")))
         }
-        None if cluster => Ok(Some(format!("pod {key} is gone"))),
+        None if cluster && !crate::reclaim::vmi_exists(store, key).await? => {
+            Ok(Some(format!("pod {key} is gone")))
+        }
         None => Ok(None),
     }
 }

@@ -160,11 +160,7 @@ impl<'a> Facts<'a> {
             }
             // Upstream keys a KubeVirt VM's addresses by its VirtualMachineInstance's name:
             // while that VMI exists they are its, whatever became of its launcher pods.
-            let vmi = format!("{ns}/{}/{name}", keys::VMI_KIND);
-            if typed::get(self.store, Kind::Workload, &vmi)
-                .await?
-                .is_some()
-            {
+            if vmi_exists(self.store, pod).await? {
                 return Ok(None);
             }
             return Ok(leak(Cause::Deleted, format!("pod {pod} is gone"), None));
@@ -337,6 +333,14 @@ pub struct Reclaimed {
     pub released: Vec<String>,
     /// Whether the pod's endpoint was deleted.
     pub endpoint_deleted: bool,
+}
+
+/// Whether a KubeVirt VirtualMachineInstance is named `namespace/name` (upstream keys a VM's
+/// addresses by it; no Pod has that name).
+pub(crate) async fn vmi_exists(store: &dyn Store, holder: &str) -> Result<bool, StoreError> {
+    let (ns, name) = holder.split_once('/').unwrap_or(("default", holder));
+    let vmi = format!("{ns}/{}/{name}", keys::VMI_KIND);
+    Ok(typed::get(store, Kind::Workload, &vmi).await?.is_some())
 }
 
 /// Takes back what the holder of `leak` holds, after judging it once more on what the
