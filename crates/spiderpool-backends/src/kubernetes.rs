@@ -52,7 +52,7 @@ pub use allocated_ips::allocations_of;
 use allocated_ips::{entries_of, Entry};
 pub use migrate::{Hazard, LISTED};
 use resources::resource;
-pub use resources::{api_resource, key_of, rv_of, WORKLOADS};
+pub use resources::{api_resource, key_of, rv_of, LOOKUP_ONLY, WORKLOADS};
 
 /// The most addresses one pool records by default: the pool object must stay well below the
 /// API server's object size limit (upstream's `MaxAllocatedIPs`).

@@ -25,7 +25,8 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
 use spiderpool_backends::kubernetes::{
-    allocations_of, api_resource, key_of, rv_of, KubeStore, OnWrite, Written, WORKLOADS,
+    allocations_of, api_resource, key_of, rv_of, KubeStore, OnWrite, Written, LOOKUP_ONLY,
+    WORKLOADS,
 };
 use spiderpool_store::{
     Allocation, Kind, Mode, Op, Result, Revision, Store, StoreError, Stored, WriteCounts,
@@ -459,7 +460,12 @@ fn stored(kind: Kind, key: &str, o: &DynamicObject) -> Result<Stored> {
 impl Store for CachedKube {
     async fn get(&self, kind: Kind, key: &str) -> Result<Option<Stored>> {
         // Kinds not cached, and workload kinds read one at a time (LOOKUP_ONLY), from the API.
-        if !Caches::covers(kind) || self.caches.locate(kind, key).is_none() {
+        let lookup_only = kind == Kind::Workload
+            && key
+                .split('/')
+                .nth(1)
+                .is_some_and(|w| LOOKUP_ONLY.iter().any(|(_, k, _)| *k == w));
+        if !Caches::covers(kind) || lookup_only {
             return self.kube.get(kind, key).await;
         }
         self.current(kind, key)
