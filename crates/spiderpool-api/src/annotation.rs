@@ -22,12 +22,36 @@ struct IppoolValue {
     cleangateway: Option<bool>,
 }
 
+/// At most this many characters of an input are quoted in an error (an annotation may hold
+/// hundreds of kilobytes; the error goes into CNI results and logs).
+const QUOTED: usize = 200;
+
+/// `value` (trimmed) quoted for an error, cut to [`QUOTED`] characters with its full length said.
+fn quoted(value: &str) -> String {
+    let v = value.trim();
+    if v.chars().count() <= QUOTED {
+        return format!("{v:?}");
+    }
+    let head: String = v.chars().take(QUOTED).collect();
+    format!("{head:?}… ({} bytes in all)", v.len())
+}
+
+/// A parser's message, which may itself quote the input, cut to a few hundred characters.
+fn bounded(message: &str) -> String {
+    if message.chars().count() <= 2 * QUOTED {
+        return message.to_string();
+    }
+    let head: String = message.chars().take(2 * QUOTED).collect();
+    format!("{head}…")
+}
+
 /// Parses the value of `ipam.spidernet.io/ippool`, e.g. `{"ipv4": ["test-ippool-6"]}`.
 pub fn parse_ippool(value: &str) -> Result<PoolNames, ValidationError> {
     let v: IppoolValue = serde_json::from_str(value).map_err(|e| {
         ValidationError::Invalid(format!(
-            "pod annotation {IPPOOL}: {e} in {:?} (want e.g. {{\"ipv4\": [\"pool-a\"], \"ipv6\": [\"pool-b\"]}})",
-            value.trim()
+            "pod annotation {IPPOOL}: {} in {} (want e.g. {{\"ipv4\": [\"pool-a\"], \"ipv6\": [\"pool-b\"]}})",
+            bounded(&e.to_string()),
+            quoted(value)
         ))
     })?;
     let _ = v.interface;
@@ -44,8 +68,9 @@ pub fn parse_ippools(value: &str, nic: &str) -> Result<PoolNames, ValidationErro
     let bad = |m: String| ValidationError::Invalid(format!("pod annotation {IPPOOLS}: {m}"));
     let entries: Vec<IppoolValue> = serde_json::from_str(value).map_err(|e| {
         bad(format!(
-            "{e} in {:?} (want e.g. [{{\"interface\": \"eth0\", \"ipv4\": [\"pool-a\"]}}, {{\"interface\": \"net1\", \"ipv4\": [\"pool-b\"]}}])",
-            value.trim()
+            "{} in {} (want e.g. [{{\"interface\": \"eth0\", \"ipv4\": [\"pool-a\"]}}, {{\"interface\": \"net1\", \"ipv4\": [\"pool-b\"]}}])",
+            bounded(&e.to_string()),
+            quoted(value)
         ))
     })?;
     let named = entries
@@ -101,8 +126,9 @@ pub fn parse_namespace_default(
         v.map(|v| {
             serde_json::from_str::<Vec<String>>(v).map_err(|e| {
                 ValidationError::Invalid(format!(
-                    "namespace annotation {key}: {e} in {:?} (want e.g. [\"pool-a\", \"pool-b\"])",
-                    v.trim()
+                    "namespace annotation {key}: {} in {} (want e.g. [\"pool-a\", \"pool-b\"])",
+                    bounded(&e.to_string()),
+                    quoted(v)
                 ))
             })
         })
@@ -130,8 +156,9 @@ pub struct CustomRoute {
 pub fn parse_routes(value: &str) -> Result<Vec<CustomRoute>, ValidationError> {
     serde_json::from_str(value).map_err(|e| {
         ValidationError::Invalid(format!(
-            "pod annotation {ROUTES}: {e} in {:?} (want e.g. [{{\"dst\": \"10.0.0.0/16\", \"gw\": \"10.6.0.1\"}}])",
-            value.trim()
+            "pod annotation {ROUTES}: {} in {} (want e.g. [{{\"dst\": \"10.0.0.0/16\", \"gw\": \"10.6.0.1\"}}])",
+            bounded(&e.to_string()),
+            quoted(value)
         ))
     })
 }
@@ -185,7 +212,11 @@ pub fn multus_network(
     let v = v.trim();
     let list: Vec<NetworkSelection> = if v.starts_with('[') {
         serde_json::from_str(v).map_err(|e| {
-            ValidationError::Invalid(format!("pod annotation {MULTUS_NETWORKS}: {e} in {v:?}"))
+            ValidationError::Invalid(format!(
+                "pod annotation {MULTUS_NETWORKS}: {} in {}",
+                bounded(&e.to_string()),
+                quoted(v)
+            ))
         })?
     } else {
         v.split(',')
@@ -438,6 +469,24 @@ mod tests {
                 .as_deref(),
             Some("prod/ipvlan-conf")
         );
+    }
+
+    #[test]
+    fn a_huge_annotation_gets_a_short_error() {
+        let huge = format!("{{\"ipv4\": [\"{}\"", "p".repeat(200 * 1024));
+        for e in [
+            parse_ippool(&huge).unwrap_err(),
+            parse_ippools(&huge, "eth0").unwrap_err(),
+            parse_routes(&huge).unwrap_err(),
+            parse_namespace_default(Some(&huge), None).unwrap_err(),
+        ] {
+            let m = e.to_string();
+            assert!(m.len() < 8 * 1024, "{} bytes", m.len());
+            assert!(m.contains("bytes in all"), "{m}");
+        }
+        // A short value is still quoted whole.
+        let m = parse_ippool("{nope").unwrap_err().to_string();
+        assert!(m.contains("in \"{nope\""), "{m}");
     }
 
     #[test]

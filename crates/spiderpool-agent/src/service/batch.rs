@@ -33,7 +33,7 @@ impl IpamService {
         while pending.len() > 1 && attempt < Retry::CONFLICTS.attempts {
             // Start each round on the current state.
             if let Err(e) = cache.current(self.store.as_ref()).await {
-                let msg = e.to_string();
+                let msg = reason(&e);
                 for p in pending.drain(..) {
                     let _ = p
                         .reply
@@ -130,7 +130,7 @@ impl IpamService {
                 }
                 Err(e) => {
                     cache.invalidate();
-                    let msg = e.to_string();
+                    let msg = reason(&e);
                     for (p, _) in staged {
                         let _ = p
                             .reply
@@ -147,5 +147,14 @@ impl IpamService {
             );
             let _ = p.reply.send(r);
         }
+    }
+}
+
+/// What an error says, for each member of a batch it failed (an unavailable datastore's
+/// reason without its prefix, which the error each member gets says again).
+fn reason(e: &StoreError) -> String {
+    match e {
+        StoreError::Unavailable(m) => m.clone(),
+        other => other.to_string(),
     }
 }
