@@ -193,10 +193,11 @@ fn the_chart_installs_upgrades_and_uninstalls_on_real_nodes() {
                 );
             }
         }
+        // The controller's leader creates it once elected: it may not be there yet.
         until("the SpiderCoordinator synced", || {
-            (json_of(&c.cp, &["get", "spidercoordinator", "default"])["status"]["phase"]
-                == "Synced")
-                .then_some(())
+            let out =
+                c.cp.kubectl(&["get", "spidercoordinator", "default", "-o", "json"], "");
+            (out.success && out.json()["status"]["phase"] == "Synced").then_some(())
         });
         seed_objects(&c);
         for (i, node) in [
