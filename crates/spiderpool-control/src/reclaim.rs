@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
+use futures_util::StreamExt;
 use serde_json::Value;
 use spiderpool_api::{keys, KubeObject, Object, SpiderEndpoint};
 
@@ -249,10 +250,37 @@ fn not_ready_since(node: &KubeObject) -> Option<SystemTime> {
 /// A pod's incarnation key.
 type HolderKey = (String, String);
 
+/// An object a scan could not judge (it skipped it and went on with the others), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// `SpiderIPPool` or `SpiderEndpoint`.
+    pub kind: &'static str,
+    /// Its name (`namespace/name` for an endpoint).
+    pub name: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Whether an error is the fault of one object (a value that does not parse, a key that names
+/// nothing) rather than of the datastore (unreachable, busy, a race).
+fn object_fault(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Corrupt { .. } | StoreError::Config(_) | StoreError::Rejected(_)
+    )
+}
+
+/// Whether `pod` is `namespace/name`, both parts there.
+fn pod_key(pod: &str) -> bool {
+    pod.split_once('/')
+        .is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+}
+
 /// Every holder of an address (by pool) and every endpoint, keyed by pod incarnation.
 struct Holders {
     held: BTreeMap<HolderKey, Vec<Allocation>>,
     endpoints: BTreeMap<String, (SpiderEndpoint, spiderpool_store::Revision)>,
+    unreadable: Vec<Unreadable>,
 }
 
 async fn holders(
@@ -261,9 +289,24 @@ async fn holders(
 ) -> Result<Holders, StoreError> {
     let wanted = |pod: &str| only.is_none_or(|o| o.contains(pod));
     let mut held: BTreeMap<HolderKey, Vec<Allocation>> = BTreeMap::new();
+    let mut unreadable = Vec::new();
     for (o, _) in typed::list(store, Kind::IPPool).await? {
         let Object::IPPool(p) = o else { continue };
-        for a in store.allocations(&p.metadata.name).await? {
+        let name = &p.metadata.name;
+        // One pool that cannot be read is skipped (and said), never the scan of the others.
+        let allocations = match store.allocations(name).await {
+            Ok(a) => a,
+            Err(e) if object_fault(&e) => {
+                unreadable.push(Unreadable {
+                    kind: "SpiderIPPool",
+                    name: name.clone(),
+                    problem: e.to_string(),
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for a in allocations {
             if wanted(&a.holder.pod) {
                 held.entry((a.holder.pod.clone(), a.holder.pod_uid.clone()))
                     .or_default()
@@ -277,8 +320,15 @@ async fn holders(
         Some(pods) if pods.len() < 16 => {
             let mut v = Vec::new();
             for pod in pods {
-                if let Some(e) = typed::get(store, Kind::Endpoint, pod).await? {
-                    v.push(e);
+                match typed::get(store, Kind::Endpoint, pod).await {
+                    Ok(Some(e)) => v.push(e),
+                    Ok(None) => {}
+                    Err(e) if object_fault(&e) => unreadable.push(Unreadable {
+                        kind: "SpiderEndpoint",
+                        name: pod.clone(),
+                        problem: e.to_string(),
+                    }),
+                    Err(e) => return Err(e),
                 }
             }
             v
@@ -296,18 +346,36 @@ async fn holders(
             endpoints.insert(key, (ep, rev));
         }
     }
-    Ok(Holders { held, endpoints })
+    Ok(Holders {
+        held,
+        endpoints,
+        unreadable,
+    })
+}
+
+/// What a [`scan`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// The leaked holders.
+    pub leaks: Vec<Leak>,
+    /// The objects it skipped: each is the fault of that object alone.
+    pub unreadable: Vec<Unreadable>,
 }
 
 /// Judges every holder in `store` (or only those of the pods `only` names) and returns the
-/// leaked ones.
+/// leaked ones. A pool or endpoint that cannot be read, or a holder that cannot be judged (an
+/// entry naming no pod), is skipped and reported; only a datastore that fails fails the scan.
 pub async fn scan(
     store: &dyn Store,
     policy: &Policy,
     only: Option<&BTreeSet<String>>,
     now: SystemTime,
-) -> Result<Vec<Leak>, StoreError> {
-    let Holders { held, endpoints } = holders(store, only).await?;
+) -> Result<Scan, StoreError> {
+    let Holders {
+        held,
+        endpoints,
+        mut unreadable,
+    } = holders(store, only).await?;
     let mut keys: BTreeSet<HolderKey> = held.keys().cloned().collect();
     for (key, (ep, _)) in &endpoints {
         keys.insert((key.clone(), ep.status.current.uid.clone()));
@@ -315,18 +383,61 @@ pub async fn scan(
     let mut facts = Facts::new(store);
     let mut leaks = Vec::new();
     for (pod, uid) in keys {
+        // In a cluster every holder names its pod `namespace/name`; an entry that does not
+        // cannot be judged (nor reclaimed): said, and left to an admin.
+        if facts.cluster && !pod_key(&pod) {
+            if let Some(a) = held.get(&(pod.clone(), uid.clone())) {
+                unreadable.push(Unreadable {
+                    kind: "SpiderIPPool",
+                    name: a[0].pool.clone(),
+                    problem: format!(
+                        "status.allocatedIPs[{}] names pod {pod:?} (UID {uid:?}), not namespace/name: it cannot be judged; `spiderpoolctl ipam release` frees it",
+                        a[0].ip
+                    ),
+                });
+            }
+            continue;
+        }
         let ep = endpoints
             .get(&pod)
             .map(|(e, _)| e)
             .filter(|e| e.status.current.uid == uid);
-        if let Some(l) = facts.judge(&pod, &uid, ep, policy, now).await? {
-            leaks.push(l);
+        match facts.judge(&pod, &uid, ep, policy, now).await {
+            Ok(Some(l)) => leaks.push(l),
+            Ok(None) => {}
+            Err(e) if object_fault(&e) => {
+                let (kind, name, what) = match held.get(&(pod.clone(), uid.clone())) {
+                    Some(a) => (
+                        "SpiderIPPool",
+                        a[0].pool.clone(),
+                        format!("the holder of {}", a[0].ip),
+                    ),
+                    None => ("SpiderEndpoint", pod.clone(), "the endpoint".to_string()),
+                };
+                unreadable.push(Unreadable {
+                    kind,
+                    name,
+                    problem: format!("{what} (pod {pod:?}, UID {uid:?}) cannot be judged: {e}"),
+                });
+            }
+            Err(e) => return Err(e),
         }
     }
-    Ok(leaks)
+    Ok(Scan { leaks, unreadable })
 }
 
-/// What one [`reclaim`] did.
+/// What [`reclaim_all`] did for one leak.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its addresses were released (and its endpoint deleted).
+    Reclaimed(Reclaimed),
+    /// Judged again, it is no longer leaked (or holds nothing).
+    NotLeaked,
+    /// A write failed; the leak is tried again at the next look.
+    Failed(String),
+}
+
+/// What one reclaim did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reclaimed {
     /// `address (pool)` of each address released.
@@ -343,82 +454,130 @@ pub(crate) async fn vmi_exists(store: &dyn Store, holder: &str) -> Result<bool, 
     Ok(typed::get(store, Kind::Workload, &vmi).await?.is_some())
 }
 
-/// Takes back what the holder of `leak` holds, after judging it once more on what the
-/// datastore says now: `Ok(None)` when it is no longer leaked (or holds nothing).
-pub async fn reclaim(
+/// Takes back what the holders of `leaks` hold, after judging each once more on what the
+/// datastore says now, with one read of the pools and endpoints for all of them. The releases
+/// are batched per pool (one status write per pool in Kubernetes mode, whatever the number of
+/// dead holders), each owned by the holder's container and interface; then each endpoint is
+/// deleted at the version read. Returns one outcome per leak, in order.
+pub async fn reclaim_all(
     store: &dyn Store,
     policy: &Policy,
-    leak: &Leak,
+    leaks: &[Leak],
     now: SystemTime,
-) -> Result<Option<Reclaimed>, StoreError> {
-    let only: BTreeSet<String> = [leak.pod.clone()].into();
-    let Holders { held, endpoints } = holders(store, Some(&only)).await?;
-    let ep = endpoints
-        .get(&leak.pod)
-        .filter(|(e, _)| e.status.current.uid == leak.uid);
+) -> Result<Vec<Outcome>, StoreError> {
+    let only: BTreeSet<String> = leaks.iter().map(|l| l.pod.clone()).collect();
+    let Holders {
+        held, endpoints, ..
+    } = holders(store, Some(&only)).await?;
     let mut facts = Facts::new(store);
-    if facts
-        .judge(&leak.pod, &leak.uid, ep.map(|(e, _)| e), policy, now)
-        .await?
-        .is_none()
-    {
-        return Ok(None);
-    }
-    let mut ops = Vec::new();
-    let mut done = Reclaimed::default();
-    let mut seen = BTreeSet::new();
-    if let Some((e, rev)) = ep {
-        for nic in &e.status.current.ips {
-            for (pool, ip) in nic.held() {
-                seen.insert((pool.clone(), ip));
-                done.released.push(format!("{ip} ({pool})"));
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(leaks.len());
+    // Per pool: (leak index, release); then per leak its endpoint's delete.
+    let mut releases: BTreeMap<String, Vec<(usize, Op)>> = BTreeMap::new();
+    let mut deletes: Vec<(usize, Op)> = Vec::new();
+    for (i, leak) in leaks.iter().enumerate() {
+        let ep = endpoints
+            .get(&leak.pod)
+            .filter(|(e, _)| e.status.current.uid == leak.uid);
+        match facts
+            .judge(&leak.pod, &leak.uid, ep.map(|(e, _)| e), policy, now)
+            .await
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                outcomes.push(Outcome::NotLeaked);
+                continue;
             }
-            ops.extend(Op::releases_of(nic, &e.status.current.uid));
+            Err(e) => {
+                outcomes.push(Outcome::Failed(e.to_string()));
+                continue;
+            }
         }
-        ops.push(Op::Delete {
-            kind: Kind::Endpoint,
-            key: leak.pod.clone(),
-            expect: Expect::Revision(*rev),
-        });
-        done.endpoint_deleted = true;
-    }
-    // Addresses the incarnation holds that no endpoint records (the endpoint was deleted
-    // first, or never written): owned by the container and interface that hold them.
-    for a in held
-        .get(&(leak.pod.clone(), leak.uid.clone()))
-        .into_iter()
-        .flatten()
-    {
-        if seen.insert((a.pool.clone(), a.ip)) {
-            done.released.push(format!("{} ({})", a.ip, a.pool));
-            ops.push(Op::Release {
-                pool: a.pool.clone(),
-                ip: a.ip,
-                container_id: a.holder.container_id.clone(),
-                nic: a.holder.nic.clone(),
-                pod_uid: a.holder.pod_uid.clone(),
-            });
+        let mut done = Reclaimed::default();
+        let mut seen = BTreeSet::new();
+        let mut release = |op: Op| {
+            if let Op::Release { pool, .. } = &op {
+                releases.entry(pool.clone()).or_default().push((i, op));
+            }
+        };
+        if let Some((e, rev)) = ep {
+            for nic in &e.status.current.ips {
+                for (pool, ip) in nic.held() {
+                    seen.insert((pool.clone(), ip));
+                    done.released.push(format!("{ip} ({pool})"));
+                }
+                Op::releases_of(nic, &e.status.current.uid)
+                    .into_iter()
+                    .for_each(&mut release);
+            }
+            deletes.push((
+                i,
+                Op::Delete {
+                    kind: Kind::Endpoint,
+                    key: leak.pod.clone(),
+                    expect: Expect::Revision(*rev),
+                },
+            ));
+            done.endpoint_deleted = true;
         }
-    }
-    if ops.is_empty() {
-        return Ok(None);
-    }
-    // Pool by pool when there are more than one transaction takes.
-    if ops.len() > store.max_ops() {
-        let (objects, releases): (Vec<Op>, Vec<Op>) = ops
+        // Addresses the incarnation holds that no endpoint records (the endpoint was deleted
+        // first, or never written): owned by the container and interface that hold them.
+        for a in held
+            .get(&(leak.pod.clone(), leak.uid.clone()))
             .into_iter()
-            .partition(|o| matches!(o, Op::Delete { .. }));
-        for chunk in releases.chunks(store.max_ops().max(1)) {
-            store.commit(chunk.to_vec()).await?;
+            .flatten()
+        {
+            if seen.insert((a.pool.clone(), a.ip)) {
+                done.released.push(format!("{} ({})", a.ip, a.pool));
+                release(Op::Release {
+                    pool: a.pool.clone(),
+                    ip: a.ip,
+                    container_id: a.holder.container_id.clone(),
+                    nic: a.holder.nic.clone(),
+                    pod_uid: a.holder.pod_uid.clone(),
+                });
+            }
         }
-        if !objects.is_empty() {
-            store.commit(objects).await?;
-        }
-    } else {
-        store.commit(ops).await?;
+        done.released.sort();
+        outcomes.push(if done.released.is_empty() && !done.endpoint_deleted {
+            Outcome::NotLeaked
+        } else {
+            Outcome::Reclaimed(done)
+        });
     }
-    done.released.sort();
-    Ok(Some(done))
+    let fail = |outcomes: &mut Vec<Outcome>, i: usize, why: &str| {
+        if matches!(outcomes[i], Outcome::Reclaimed(_)) {
+            outcomes[i] = Outcome::Failed(why.to_string());
+        }
+    };
+    // One pool's releases in as few commits as the store takes: one pool failing fails only
+    // the leaks that held addresses in it.
+    for (pool, ops) in releases {
+        for chunk in ops.chunks(store.max_ops().max(1)) {
+            let batch: Vec<Op> = chunk.iter().map(|(_, op)| op.clone()).collect();
+            if let Err(e) = store.commit(batch).await {
+                let why = format!("releasing in pool {pool}: {e}");
+                for (i, _) in chunk {
+                    fail(&mut outcomes, *i, &why);
+                }
+            }
+        }
+    }
+    // The endpoints of the holders whose addresses all went back, side by side.
+    let pending: Vec<(usize, Op)> = deletes
+        .into_iter()
+        .filter(|(i, _)| matches!(outcomes[*i], Outcome::Reclaimed(_)))
+        .collect();
+    let results: Vec<(usize, Result<_, StoreError>)> = futures_util::stream::iter(pending)
+        .map(|(i, op)| async move { (i, store.commit(vec![op]).await) })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for (i, r) in results {
+        if let Err(e) = r {
+            fail(&mut outcomes, i, &format!("deleting the endpoint: {e}"));
+        }
+    }
+    Ok(outcomes)
 }
 
 /// Remembers when each leak was first seen, and hands a leak out for reclaiming only once it

@@ -27,10 +27,12 @@ pub async fn pool_status(
             )
         })
         .collect();
+    let parsed = pool.to_pool().ok();
+    let held: Vec<std::net::IpAddr> = allocs.iter().map(|a| a.ip).collect();
     Ok(IPPoolStatus {
         allocated_ips: (!map.is_empty()).then(|| allocated_ips_string(&map)),
-        total_ip_count: pool.to_pool().ok().map(|p| p.total_ip_count()),
-        allocated_ip_count: Some(allocs.len() as u64),
+        total_ip_count: parsed.as_ref().map(|p| p.total_ip_count()),
+        allocated_ip_count: Some(parsed.map_or(held.len() as u64, |p| p.allocated_ip_count(&held))),
     })
 }
 
@@ -86,6 +88,10 @@ pub fn subnet_status(subnet: &SpiderSubnet, pools: &[SpiderIPPool]) -> SubnetSta
         controlled_ip_pools: (!controlled.is_empty())
             .then(|| serde_json::to_string(&controlled).expect("map serialises")),
         total_ip_count: Some(s.total_ip_count()),
-        allocated_ip_count: Some(u64::try_from(given.len()).unwrap_or(u64::MAX)),
+        allocated_ip_count: Some(
+            u64::try_from(given.len()).map_or(spiderpool_core::COUNT_MAX, |n| {
+                n.min(spiderpool_core::COUNT_MAX)
+            }),
+        ),
     }
 }

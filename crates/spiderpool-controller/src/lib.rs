@@ -6,6 +6,7 @@
 pub mod apps;
 pub mod cache;
 pub mod coordinators;
+pub mod invalid;
 pub mod leader;
 pub mod metrics;
 mod passes;
@@ -312,11 +313,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 let caches = cache::Caches::start(&client);
                 let own = Arc::new(cache::OwnWrites::default());
                 let cached = || cache::CachedKube::new(caches.clone(), own.clone(), &kube);
+                // Objects a loop skips, said once each (an Event, a log line, a gauge).
+                let invalid =
+                    invalid::Invalid::new(client.clone(), identity.clone(), metrics.clone());
                 set.spawn(pools::run(
                     client.clone(),
                     cached(),
                     args.gc_interval,
                     metrics.clone(),
+                    invalid.clone(),
                 ));
                 set.spawn(coordinators::run(
                     client.clone(),
@@ -340,6 +345,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         cached(),
                         args.policy(),
                         metrics.clone(),
+                        invalid.clone(),
                         leading.clone(),
                     );
                     let (interval, gap) = (args.gc_interval, args.gc_trace_gap);

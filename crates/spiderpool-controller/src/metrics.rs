@@ -24,6 +24,7 @@ pub struct Metrics {
     leader: Gauge,
     passes: Family<Vec<(String, String)>, Counter>,
     pass_reads: Family<Vec<(String, String)>, Histogram>,
+    invalid: Family<Vec<(String, String)>, Gauge>,
 }
 
 /// Buckets of API reads per pass: a pass on the caches reads nothing.
@@ -50,6 +51,7 @@ impl Metrics {
             leader: Gauge::default(),
             passes: Family::default(),
             pass_reads: Family::new_with_constructor(read_buckets),
+            invalid: Family::default(),
         };
         registry.register(
             "spiderpool_ip_gc_counts",
@@ -86,6 +88,11 @@ impl Metrics {
             "API reads (GET, LIST) one pass of a leader's loop made; its objects come from the shared caches",
             m.pass_reads.clone(),
         );
+        registry.register(
+            "spiderpool_controller_invalid_objects",
+            "Objects a leader's loop skips because they cannot be read or written (by loop and kind); an Event on each says why",
+            m.invalid.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -112,6 +119,16 @@ impl Metrics {
         let labels = vec![("loop".to_string(), name.to_string())];
         self.passes.get_or_create(&labels).inc();
         self.pass_reads.get_or_create(&labels).observe(reads as f64);
+    }
+
+    /// How many objects of `kind` the loop `name` skips as invalid.
+    pub fn invalid(&self, name: &str, kind: &str, n: usize) {
+        self.invalid
+            .get_or_create(&vec![
+                ("loop".to_string(), name.to_string()),
+                ("kind".to_string(), kind.to_string()),
+            ])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Whether this replica leads.

@@ -20,6 +20,7 @@ use spiderpool_api::{Kind, Object, SpiderIPPool};
 use spiderpool_store::Store;
 
 use crate::cache::CachedKube;
+use crate::invalid::{Bad, Invalid};
 use crate::metrics::Metrics;
 
 /// The cluster-wide API of a `spiderpool.spidernet.io/v2beta1` kind.
@@ -31,8 +32,16 @@ pub(crate) fn api(client: &kube::Client, kind: &str, plural: &str) -> Api<Dynami
     )
 }
 
-/// Runs until aborted: after every burst of pool or subnet events, and every `resync`.
-pub async fn run(client: kube::Client, store: CachedKube, resync: Duration, metrics: Arc<Metrics>) {
+/// Runs until aborted: after every burst of pool or subnet events, and every `resync`. An
+/// object that cannot be read or written is reported to `invalid` and skipped; one whose write
+/// failed for another reason (the API server busy) makes the next pass come within `RETRY`.
+pub async fn run(
+    client: kube::Client,
+    store: CachedKube,
+    resync: Duration,
+    metrics: Arc<Metrics>,
+    invalid: Arc<Invalid>,
+) {
     let pools = api(&client, "SpiderIPPool", "spiderippools");
     let subnets = api(&client, "SpiderSubnet", "spidersubnets");
     let mut events = store.caches().events(&[Kind::IPPool, Kind::Subnet]);
@@ -40,11 +49,57 @@ pub async fn run(client: kube::Client, store: CachedKube, resync: Duration, metr
     let mut tick = tokio::time::interval(resync);
     while crate::passes::next(&mut events, &mut tick, COALESCE).await {
         let before = store.api_reads();
-        if let Err(e) = reconcile(&pools, &subnets, &store).await {
-            tracing::warn!(error = %e, "pools and subnets: trying again at the next event");
+        let mut pass = Pass::default();
+        reconcile(&pools, &subnets, &store, &mut pass).await;
+        invalid.pass("pools", pass.bad);
+        if pass.retry {
+            tick.reset_after(RETRY);
         }
         metrics.pass("pools", store.api_reads() - before);
     }
+}
+
+/// How soon a pass whose write failed (not for its object's fault) is made again.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// What one pass met: the objects it skipped, and whether a write should be tried again soon.
+#[derive(Default)]
+struct Pass {
+    bad: Vec<Bad>,
+    retry: bool,
+}
+
+impl Pass {
+    /// Notes the failure of one object's step: its own fault (refused as invalid, unreadable)
+    /// makes it bad; any other is tried again soon. Either way the pass goes on.
+    fn failed(&mut self, kind: &'static str, name: &str, what: &str, e: anyhow::Error) {
+        if object_fault(&e) {
+            self.bad
+                .push(Bad::new(kind, name, format!("{what}: {e:#}")));
+        } else {
+            tracing::warn!(kind, object = %name, error = %e, "{what}: trying again soon");
+            self.retry = true;
+        }
+    }
+}
+
+/// Whether an error is the fault of the object (the API server refused it as invalid, or its
+/// stored value does not parse) rather than of the moment.
+fn object_fault(e: &anyhow::Error) -> bool {
+    if let Some(kube::Error::Api(s)) = e.downcast_ref::<kube::Error>() {
+        return matches!(s.code, 400 | 422);
+    }
+    if let Some(e) = e.downcast_ref::<spiderpool_store::StoreError>() {
+        return matches!(
+            e,
+            spiderpool_store::StoreError::Corrupt { .. }
+                | spiderpool_store::StoreError::Config(_)
+                | spiderpool_store::StoreError::Rejected(_)
+        );
+    }
+    e.downcast_ref::<serde_json::Error>().is_some()
+        || e.downcast_ref::<spiderpool_api::ValidationError>()
+            .is_some()
 }
 
 /// How long events are gathered before one pass.
@@ -81,7 +136,8 @@ async fn reconcile(
     pools: &Api<DynamicObject>,
     subnets: &Api<DynamicObject>,
     store: &CachedKube,
-) -> anyhow::Result<()> {
+    pass: &mut Pass,
+) {
     let objects = |kind| -> Vec<DynamicObject> {
         store
             .all(kind)
@@ -100,36 +156,58 @@ async fn reconcile(
         subnets = all_subnets.len(),
         "pools and subnets: a pass"
     );
-    let typed_pools: Vec<SpiderIPPool> = all_pools
-        .iter()
-        .filter_map(|p| match typed(Kind::IPPool, p) {
-            Some(Object::IPPool(p)) => Some(p),
-            _ => None,
-        })
-        .collect();
-    for (p, t) in all_pools.iter().zip(&typed_pools) {
-        pool_counts(pools, p, t).await?;
+    let name_of = |o: &DynamicObject| o.metadata.name.clone().unwrap_or_default();
+    let mut typed_pools: Vec<SpiderIPPool> = Vec::new();
+    for p in &all_pools {
+        match typed(Kind::IPPool, p) {
+            Ok(Object::IPPool(t)) => {
+                if let Err(e) = pool_counts(pools, p, &t).await {
+                    pass.failed("SpiderIPPool", &name_of(p), "writing its counts", e);
+                }
+                typed_pools.push(t);
+            }
+            Ok(_) => {}
+            Err(e) => pass.failed("SpiderIPPool", &name_of(p), "reading it", e),
+        }
     }
     for s in &all_subnets {
-        let Some(Object::Subnet(t)) = typed(Kind::Subnet, s) else {
-            continue;
+        let t = match typed(Kind::Subnet, s) {
+            Ok(Object::Subnet(t)) => t,
+            Ok(_) => continue,
+            Err(e) => {
+                pass.failed("SpiderSubnet", &name_of(s), "reading it", e);
+                continue;
+            }
         };
         let status = spiderpool_control::status::subnet_status(&t, &typed_pools);
-        let want = serde_json::to_value(&status)?;
+        let want = serde_json::to_value(&status).unwrap_or(Value::Null);
         let have = s.data.get("status").cloned().unwrap_or(Value::Null);
         if have != want {
-            write_status(subnets, s, want).await?;
+            if let Err(e) = write_status(subnets, s, want).await {
+                pass.failed("SpiderSubnet", &name_of(s), "writing its status", e);
+            }
         }
     }
     for p in all_pools
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_some() && has_finalizer(p))
     {
-        let name = p.metadata.name.clone().unwrap_or_default();
-        let held = store.allocations(&name).await?;
+        let name = name_of(p);
+        let held = match store.allocations(&name).await {
+            Ok(h) => h,
+            Err(e) => {
+                pass.failed("SpiderIPPool", &name, "reading its addresses", e.into());
+                continue;
+            }
+        };
         if held.is_empty() {
-            release(pools, p).await?;
-            tracing::info!(pool = %name, "pool terminating with no address in use: finalizer removed");
+            match release(pools, p).await {
+                Ok(()) => {
+                    tracing::info!(pool = %name, "pool terminating with no address in use: finalizer removed")
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+                Err(e) => pass.failed("SpiderIPPool", &name, "removing its finalizer", e.into()),
+            }
         } else {
             tracing::debug!(pool = %name, held = held.len(), "pool terminating: waiting for its addresses");
         }
@@ -138,7 +216,7 @@ async fn reconcile(
         .iter()
         .filter(|s| s.metadata.deletion_timestamp.is_some() && has_finalizer(s))
     {
-        let name = s.metadata.name.clone().unwrap_or_default();
+        let name = name_of(s);
         let owned: Vec<&DynamicObject> = all_pools
             .iter()
             .filter(|p| {
@@ -150,28 +228,37 @@ async fn reconcile(
             })
             .collect();
         if owned.is_empty() {
-            release(subnets, s).await?;
-            tracing::info!(subnet = %name, "subnet terminating with no pool left: finalizer removed");
+            match release(subnets, s).await {
+                Ok(()) => {
+                    tracing::info!(subnet = %name, "subnet terminating with no pool left: finalizer removed")
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+                Err(e) => pass.failed("SpiderSubnet", &name, "removing its finalizer", e.into()),
+            }
             continue;
         }
         for p in owned
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
         {
-            let pool = p.metadata.name.clone().unwrap_or_default();
+            let pool = name_of(p);
             tracing::info!(subnet = %name, %pool, "subnet terminating: deleting the pool it owns");
             match pools.delete(&pool, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => pass.failed(
+                    "SpiderIPPool",
+                    &pool,
+                    "deleting it with its subnet",
+                    e.into(),
+                ),
             }
         }
     }
-    Ok(())
 }
 
-fn typed(kind: Kind, o: &DynamicObject) -> Option<Object> {
-    Object::from_value(kind, serde_json::to_value(o).ok()?).ok()
+fn typed(kind: Kind, o: &DynamicObject) -> anyhow::Result<Object> {
+    Ok(Object::from_value(kind, serde_json::to_value(o)?)?)
 }
 
 /// A pool's counts, written when they are missing or wrong (a pool no agent has written yet,
@@ -186,11 +273,13 @@ async fn pool_counts(
         return Ok(());
     };
     let status = raw.data.get("status").cloned().unwrap_or(json!({}));
-    let held = status
+    let held: Vec<std::net::IpAddr> = status
         .get("allocatedIPs")
         .and_then(Value::as_str)
         .and_then(|s| serde_json::from_str::<serde_json::Map<String, Value>>(s).ok())
-        .map_or(0, |m| m.len() as u64);
+        .map(|m| m.keys().filter_map(|ip| ip.parse().ok()).collect())
+        .unwrap_or_default();
+    let held = parsed.allocated_ip_count(&held);
     let total = parsed.total_ip_count();
     if status.get("totalIPCount").and_then(Value::as_u64) == Some(total)
         && status.get("allocatedIPCount").and_then(Value::as_u64) == Some(held)

@@ -10,10 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use spiderpool_control::reclaim::{self, Leak, Policy, Tracker};
+use spiderpool_control::reclaim::{self, Leak, Outcome, Policy, Tracker};
 use spiderpool_store::Kind;
 
 use crate::cache::{CachedKube, Caches, Change};
+use crate::invalid::{Bad, Invalid};
 
 use crate::metrics::Metrics;
 
@@ -22,6 +23,7 @@ pub struct Reclaimer {
     store: CachedKube,
     policy: Policy,
     metrics: Arc<Metrics>,
+    invalid: Arc<Invalid>,
     leading: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -34,17 +36,20 @@ enum Mark {
 }
 
 impl Reclaimer {
-    /// A reclaimer that acts only while `leading` says so.
+    /// A reclaimer that acts only while `leading` says so; the objects its full scans skip
+    /// go to `invalid`.
     pub fn new(
         store: CachedKube,
         policy: Policy,
         metrics: Arc<Metrics>,
+        invalid: Arc<Invalid>,
         leading: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Reclaimer {
             store,
             policy,
             metrics,
+            invalid,
             leading,
         }
     }
@@ -81,9 +86,20 @@ impl Reclaimer {
                 scan_all = false;
                 marked.clear();
                 match reclaim::scan(&self.store, &self.policy, None, now).await {
-                    Ok(leaks) => {
-                        tracing::debug!(leaks = leaks.len(), "full scan");
-                        tracker.full(leaks, &self.policy, now)
+                    Ok(scan) => {
+                        tracing::debug!(
+                            leaks = scan.leaks.len(),
+                            skipped = scan.unreadable.len(),
+                            "full scan"
+                        );
+                        self.invalid.pass(
+                            "reclaim",
+                            scan.unreadable
+                                .into_iter()
+                                .map(|u| Bad::new(u.kind, u.name, u.problem))
+                                .collect(),
+                        );
+                        tracker.full(scan.leaks, &self.policy, now)
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "full scan failed; trying again at the next look");
@@ -99,7 +115,7 @@ impl Reclaimer {
                     continue;
                 }
                 match reclaim::scan(&self.store, &self.policy, Some(&pods), now).await {
-                    Ok(leaks) => tracker.partial(&pods, leaks, &self.policy, now),
+                    Ok(scan) => tracker.partial(&pods, scan.leaks, &self.policy, now),
                     Err(e) => {
                         tracing::warn!(error = %e, "looking at marked pods failed");
                         marked = pods;
@@ -107,8 +123,8 @@ impl Reclaimer {
                     }
                 }
             };
-            for leak in ripe {
-                self.take(&mut tracker, &leak).await;
+            if !ripe.is_empty() {
+                self.take(&mut tracker, &ripe).await;
             }
             self.metrics.tracking(tracker.len());
             self.metrics
@@ -116,27 +132,40 @@ impl Reclaimer {
         }
     }
 
-    async fn take(&self, tracker: &mut Tracker, leak: &Leak) {
+    /// Reclaims the ripe leaks together: one status write per pool for all of them.
+    async fn take(&self, tracker: &mut Tracker, ripe: &[Leak]) {
         if !*self.leading.borrow() {
             return;
         }
-        match reclaim::reclaim(&self.store, &self.policy, leak, SystemTime::now()).await {
-            Ok(Some(done)) => {
-                tracing::info!(pod = %leak.pod, uid = %leak.uid, why = %leak.why,
-                    released = ?done.released, endpoint_deleted = done.endpoint_deleted,
-                    "reclaimed the addresses of a dead pod");
-                self.metrics
-                    .reclaimed(leak.cause.label(), done.released.len() as u64);
-                tracker.forget(leak);
-            }
-            Ok(None) => {
-                tracing::debug!(pod = %leak.pod, uid = %leak.uid, "no longer leaked");
-                tracker.forget(leak);
-            }
-            Err(e) => {
-                tracing::warn!(pod = %leak.pod, uid = %leak.uid, error = %e,
-                    "reclaiming failed; trying again at the next look");
-                self.metrics.failed();
+        let outcomes =
+            match reclaim::reclaim_all(&self.store, &self.policy, ripe, SystemTime::now()).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(leaks = ripe.len(), error = %e,
+                        "reclaiming failed; trying again at the next look");
+                    self.metrics.failed();
+                    return;
+                }
+            };
+        for (leak, outcome) in ripe.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Reclaimed(done) => {
+                    tracing::info!(pod = %leak.pod, uid = %leak.uid, why = %leak.why,
+                        released = ?done.released, endpoint_deleted = done.endpoint_deleted,
+                        "reclaimed the addresses of a dead pod");
+                    self.metrics
+                        .reclaimed(leak.cause.label(), done.released.len() as u64);
+                    tracker.forget(leak);
+                }
+                Outcome::NotLeaked => {
+                    tracing::debug!(pod = %leak.pod, uid = %leak.uid, "no longer leaked");
+                    tracker.forget(leak);
+                }
+                Outcome::Failed(e) => {
+                    tracing::warn!(pod = %leak.pod, uid = %leak.uid, error = %e,
+                        "reclaiming failed; trying again at the next look");
+                    self.metrics.failed();
+                }
             }
         }
     }

@@ -9,6 +9,9 @@ use thiserror::Error;
 use crate::ipset::{IpFamily, IpSet};
 use crate::selector::LabelSelector;
 
+/// The largest count a status reports: the CRDs' counts are int64, so larger ones saturate.
+pub const COUNT_MAX: u64 = i64::MAX as u64;
+
 /// A route a pool gives its addresses: `dst` via `gw`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -155,9 +158,16 @@ impl Pool {
         self.ips.difference(&self.exclude)
     }
 
-    /// `status.totalIPCount`: |ips − excludeIPs|, saturating at `u64::MAX`.
+    /// `status.totalIPCount`: |ips − excludeIPs|, saturating at [`COUNT_MAX`] (the CRD's
+    /// counts are int64: an IPv6 /64 has 2^64 − 2 usable addresses).
     pub fn total_ip_count(&self) -> u64 {
-        u64::try_from(self.usable().len()).unwrap_or(u64::MAX)
+        u64::try_from(self.usable().len()).map_or(COUNT_MAX, |n| n.min(COUNT_MAX))
+    }
+
+    /// `status.allocatedIPCount`: how many of the held addresses `held` are the pool's own
+    /// (`spec.ips`); an entry left outside them after a spec change is not counted.
+    pub fn allocated_ip_count<'a>(&self, held: impl IntoIterator<Item = &'a IpAddr>) -> u64 {
+        held.into_iter().filter(|ip| self.ips.contains(ip)).count() as u64
     }
 
     /// Checks the rules a stored pool must satisfy on its own. `declared_version` is
@@ -272,6 +282,18 @@ pub(crate) mod tests {
         assert_eq!(p.total_ip_count(), 10);
         p.exclude = IpSet::parse_list(&["10.6.168.69"], None).unwrap();
         assert_eq!(p.total_ip_count(), 9);
+    }
+
+    #[test]
+    fn counts_saturate_at_int64_and_count_only_the_pools_own_addresses() {
+        let p = mk_pool("v6", "fd00::/64", &["fd00::1-fd00::ffff:ffff:ffff:ffff"]);
+        assert_eq!(p.total_ip_count(), i64::MAX as u64);
+        let p = mk_pool("four", "10.6.0.0/16", &["10.6.0.10-10.6.0.13"]);
+        let held: Vec<IpAddr> = ["10.6.0.10", "10.6.0.13", "10.6.9.9"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(p.allocated_ip_count(&held), 2);
     }
 
     #[test]

@@ -9,6 +9,6 @@ pub mod pick;
 pub mod selector;
 
 pub use candidate::{AllocError, Plan, PoolNames, Rejected, Rejection, Request, Source};
-pub use ippool::{Pool, PoolError, PoolRule, Route};
+pub use ippool::{Pool, PoolError, PoolRule, Route, COUNT_MAX};
 pub use ipset::{IpFamily, IpRange, IpRangeError, IpSet};
 pub use selector::{LabelSelector, Labels, Requirement, SelectorError};

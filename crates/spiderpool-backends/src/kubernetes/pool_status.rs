@@ -172,11 +172,14 @@ impl Inner {
                 );
             }
             status.insert("allocatedIPCount".into(), entries.len().into());
-            // totalIPCount as upstream's controller writes it, from the spec.
+            // The counts as upstream's controller writes them, from the spec: the pool's own
+            // addresses only, saturated at the CRD's int64.
             if let Ok(p) = serde_json::from_value::<SpiderIPPool>(value.clone()) {
                 if let Ok(core) = p.to_pool() {
-                    let total = core.total_ip_count();
-                    value["status"]["totalIPCount"] = total.into();
+                    let held: Vec<std::net::IpAddr> =
+                        entries.keys().filter_map(|k| k.parse().ok()).collect();
+                    value["status"]["allocatedIPCount"] = core.allocated_ip_count(&held).into();
+                    value["status"]["totalIPCount"] = core.total_ip_count().into();
                 }
             }
             obj = serde_json::from_value(value).map_err(|e| StoreError::Corrupt {

@@ -124,7 +124,11 @@ async fn gc(
     };
     let json = output == Some(Output::Json);
     let mut tracker = Tracker::new();
-    let first = reclaim::scan(store, &policy, None, SystemTime::now()).await?;
+    let scanned = reclaim::scan(store, &policy, None, SystemTime::now()).await?;
+    for u in &scanned.unreadable {
+        eprintln!("skipped {} {}: {}", u.kind, u.name, u.problem);
+    }
+    let first = scanned.leaks;
     if dry_run {
         if json {
             let leaks: Vec<_> = first
@@ -154,7 +158,7 @@ async fn gc(
         // The second sighting, once the earliest leak can be ripe.
         tokio::time::sleep(grace).await;
         let now = SystemTime::now();
-        let second = reclaim::scan(store, &policy, None, now).await?;
+        let second = reclaim::scan(store, &policy, None, now).await?.leaks;
         let ripe = tracker.full(second.clone(), &policy, now);
         // Leaked, but the pod's own grace period is not over: said, and left for a later run.
         for l in second.iter().filter(|l| !ripe.contains(l)) {
@@ -171,9 +175,10 @@ async fn gc(
             waiting.push(json!({"pod": l.pod, "uid": l.uid, "cause": l.cause.label(),
                 "why": l.why, "until": until}));
         }
-        for leak in ripe {
-            match reclaim::reclaim(store, &policy, &leak, SystemTime::now()).await {
-                Ok(Some(done)) => {
+        let outcomes = reclaim::reclaim_all(store, &policy, &ripe, SystemTime::now()).await?;
+        for (leak, outcome) in ripe.iter().zip(outcomes) {
+            match outcome {
+                reclaim::Outcome::Reclaimed(done) => {
                     if !json {
                         println!(
                             "reclaimed {} from pod {} (UID {}): {}",
@@ -186,8 +191,8 @@ async fn gc(
                     reclaimed.push(json!({"pod": leak.pod, "uid": leak.uid, "cause": leak.cause.label(),
                         "why": leak.why, "released": done.released, "endpointDeleted": done.endpoint_deleted}));
                 }
-                Ok(None) => {}
-                Err(e) => {
+                reclaim::Outcome::NotLeaked => {}
+                reclaim::Outcome::Failed(e) => {
                     failed += 1;
                     eprintln!("pod {} (UID {}): {e}", leak.pod, leak.uid);
                 }

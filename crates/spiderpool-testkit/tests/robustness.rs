@@ -1,0 +1,201 @@
+//! One bad object never stops the controller's leader (issue 27), on a real control plane: a
+//! pool whose status does not parse, a pool with an entry naming no pod and an IPv6 /64 pool
+//! (whose count overflows the CRD's int64) sit beside a pool with 2,000 dead holders and a
+//! deleted empty pool. The leak is reclaimed in a handful of status writes, the deleted pool is
+//! finalized, the /64 pool's counts are written (saturated), and the bad pools are reported
+//! (an Event each, the gauge `spiderpool_controller_invalid_objects`) and left as they are.
+
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use spiderpool_testkit::{http_get, json_of, kube_bin, until, ControlPlane, Controller};
+
+fn pool(name: &str, subnet: &str, ips: &str) -> Value {
+    json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderIPPool",
+        "metadata": {"name": name},
+        "spec": {"subnet": subnet, "ips": [ips]}})
+}
+
+/// Writes `allocatedIPs` (a JSON string, as upstream stores it) into a pool's status.
+fn write_allocated(cp: &ControlPlane, dir: &std::path::Path, pool: &str, allocated: &str) {
+    let patch = dir.join(format!("{pool}-status.json"));
+    std::fs::write(
+        &patch,
+        json!({"status": {"allocatedIPs": allocated}}).to_string(),
+    )
+    .unwrap();
+    cp.kubectl_ok(
+        &[
+            "patch",
+            "spiderippool",
+            pool,
+            "--subresource=status",
+            "--type=merge",
+            "--patch-file",
+            patch.to_str().unwrap(),
+        ],
+        "",
+    );
+}
+
+fn allocated(cp: &ControlPlane, pool: &str) -> String {
+    json_of(cp, &["get", "spiderippool", pool])["status"]["allocatedIPs"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn a_corrupt_pool_and_a_slash_64_pool_stop_neither_the_reclaim_nor_the_finalizers() {
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start_with(
+        &kbin,
+        spiderpool_testkit::ControlPlaneOptions {
+            audit: true,
+            ..Default::default()
+        },
+    );
+    cp.install_crds();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Written before any webhook serves, as a broken client or a bad restore would leave them.
+    let apply = |v: Value| cp.kubectl_ok(&["apply", "-f", "-"], &v.to_string());
+    apply(pool("bad", "10.8.0.0/24", "10.8.0.10-10.8.0.20"));
+    write_allocated(&cp, dir.path(), "bad", r#"{"10.8.0.10": 5}"#);
+    apply(pool("nopod", "10.8.1.0/24", "10.8.1.10-10.8.1.20"));
+    write_allocated(
+        &cp,
+        dir.path(),
+        "nopod",
+        r#"{"10.8.1.10": {"pod": "", "podUid": ""}}"#,
+    );
+    // 2,000 holders whose pods are gone (no CNI DEL ever came).
+    apply(pool("leaky", "10.9.0.0/16", "10.9.0.1-10.9.7.254"));
+    let dead: serde_json::Map<String, Value> = (0..2000u32)
+        .map(|i| {
+            (
+                format!("10.9.{}.{}", i / 250, i % 250 + 1),
+                json!({"pod": format!("default/dead-{i}"), "podUid": format!("uid-{i}"),
+                    "containerID": format!("c-{i}"), "interface": "eth0", "node": "gone-node"}),
+            )
+        })
+        .collect();
+    write_allocated(
+        &cp,
+        dir.path(),
+        "leaky",
+        &serde_json::to_string(&dead).unwrap(),
+    );
+    let mut doomed = pool("doomed", "10.10.0.0/24", "10.10.0.10-10.10.0.20");
+    doomed["metadata"]["finalizers"] = json!(["spiderpool.spidernet.io"]);
+    apply(doomed);
+
+    let kubeconfig = cp.client_kubeconfig("spiderpool-controller", &["system:masters"]);
+    let webhook = format!("127.0.0.1:{}", spiderpool_testkit::free_port());
+    let c = Controller::start_as(
+        &kubeconfig,
+        dir.path(),
+        "ctl",
+        &webhook,
+        &[
+            "--leader-duration",
+            "4s",
+            "--gc-interval",
+            "3s",
+            "--gc-grace-delay",
+            "1s",
+            "--gc-trace-gap",
+            "1s",
+        ],
+    );
+    until("the controller leads", || {
+        (c.metric("spiderpool_controller_leader") == 1.0).then_some(())
+    });
+    until("its webhooks serve", || {
+        (http_get(&c.health, "/readyz").0 == 200).then_some(())
+    });
+
+    // A /64 pool is admitted, and its counts are written: saturated at int64's largest.
+    apply(pool(
+        "wide",
+        "fd00:64::/64",
+        "fd00:64::1-fd00:64::ffff:ffff:ffff:ffff",
+    ));
+    let started = Instant::now();
+    cp.kubectl_ok(&["delete", "spiderippool", "doomed", "--wait=false"], "");
+
+    until("the deleted empty pool finalized", || {
+        let out = cp.kubectl(&["get", "spiderippool", "doomed"], "");
+        (!out.success).then_some(())
+    });
+    let finalized = started.elapsed();
+    let leak = until("the 2,000 dead holders reclaimed", || {
+        allocated(&cp, "leaky")
+            .is_empty()
+            .then(|| started.elapsed())
+    });
+    let wide = until("the /64 pool's counts written", || {
+        let p = json_of(&cp, &["get", "spiderippool", "wide"]);
+        p["status"]["totalIPCount"].as_i64().map(|_| p)
+    });
+    assert_eq!(wide["status"]["totalIPCount"], json!(i64::MAX));
+    assert_eq!(wide["status"]["allocatedIPCount"], json!(0));
+    let leaky = json_of(&cp, &["get", "spiderippool", "leaky"]);
+    assert_eq!(leaky["status"]["allocatedIPCount"], json!(0));
+
+    // The bad pools are said (a gauge, an Event each) and left exactly as they were.
+    let gauge = r#"spiderpool_controller_invalid_objects{loop="reclaim",kind="SpiderIPPool"} 2"#;
+    until("the gauge counts the two bad pools", || {
+        http_get(&c.metrics, "/metrics")
+            .1
+            .contains(gauge)
+            .then_some(())
+    });
+    let events = until("an Event on each bad pool", || {
+        let ev = json_of(
+            &cp,
+            &[
+                "get",
+                "events",
+                "-A",
+                "--field-selector",
+                "reason=InvalidObject",
+            ],
+        );
+        let names: std::collections::BTreeSet<String> = ev["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| {
+                e["regarding"]["name"]
+                    .as_str()
+                    .or(e["involvedObject"]["name"].as_str())
+            })
+            .map(str::to_string)
+            .collect();
+        (names.contains("bad") && names.contains("nopod")).then_some(ev)
+    });
+    let notes = events.to_string();
+    assert!(notes.contains("status.allocatedIPs"), "{notes}");
+    assert_eq!(allocated(&cp, "bad"), r#"{"10.8.0.10": 5}"#);
+    assert!(allocated(&cp, "nopod").contains(r#""pod": """#));
+
+    // All 2,000 went back in a handful of status writes (one per dead holder before).
+    let requests = cp.requests_by("spiderpool-controller");
+    let pool_writes = requests
+        .get(&("update".to_string(), "spiderippools".to_string()))
+        .copied()
+        .unwrap_or(0);
+    let log = c.log();
+    let reclaimed = log.matches("reclaimed the addresses of a dead pod").count();
+    eprintln!(
+        "deleted empty pool finalized after {finalized:?}; 2,000 dead holders reclaimed after {leak:?}; \
+         {pool_writes} pool updates by the controller in all; {reclaimed} holders reclaimed"
+    );
+    assert_eq!(reclaimed, 2000);
+    assert!(
+        pool_writes <= 12,
+        "{pool_writes} pool updates for 2,000 releases and 5 pools' counts: {requests:?}"
+    );
+    assert_eq!(c.metric("spiderpool_ip_gc_counts_total"), 2000.0);
+}
