@@ -128,6 +128,8 @@ pub enum Rejection {
         /// Its network, if known.
         network: Option<String>,
     },
+    /// Its holders cannot be read (a corrupt status): the next pool of the group is tried.
+    Unreadable(String),
     /// No free address left.
     Exhausted {
         /// Addresses in use.
@@ -166,6 +168,7 @@ impl fmt::Display for Rejection {
                 f,
                 "spec.multusName is set but interface {nic} has no Multus network (annotation v1.multus-cni.io/default-network or k8s.v1.cni.cncf.io/networks)"
             ),
+            Rejection::Unreadable(why) => write!(f, "its holders cannot be read: {why}"),
             Rejection::Exhausted { used, total } => {
                 write!(f, "exhausted ({used} of {total} addresses in use)")
             }

@@ -199,3 +199,80 @@ fn a_corrupt_pool_and_a_slash_64_pool_stop_neither_the_reclaim_nor_the_finalizer
     );
     assert_eq!(c.metric("spiderpool_ip_gc_counts_total"), 2000.0);
 }
+
+/// The pools a pod's ADD may use, in order: a pool whose status does not parse is passed over
+/// for the next one of its group; a DEL releases what the readable pools hold and keeps the rest
+/// recorded (for the controller, once the pool is mended) instead of failing the teardown.
+#[test]
+fn a_corrupt_pool_fails_alone_for_add_and_del() {
+    use spiderpool_testkit::{Agent, CniCall};
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    let dir = tempfile::tempdir().unwrap();
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}).to_string(),
+    );
+    let apply = |v: Value| cp.kubectl_ok(&["apply", "-f", "-"], &v.to_string());
+    apply(pool("first", "10.11.0.0/24", "10.11.0.10-10.11.0.12"));
+    apply(pool("backup", "10.12.0.0/24", "10.12.0.10-10.12.0.12"));
+    apply(pool("six", "fd00:11::/64", "fd00:11::10-fd00:11::12"));
+    let socket = dir.path().join("a.sock");
+    let kc = cp.kubeconfig.to_str().unwrap().to_string();
+    let agent = Agent::start_with(
+        "kubernetes",
+        &socket,
+        "n1",
+        "",
+        &["--kubeconfig", &kc],
+        None,
+    );
+    let conf = json!({"cniVersion": "1.0.0", "name": "net", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket,
+        "default_ipv4_ippool": ["first", "backup"], "default_ipv6_ippool": ["six"]}});
+    let add = CniCall::new("ADD", "sandbox-a", "a", &conf).run();
+    assert!(add.success, "{}{}\n{}", add.stdout, add.stderr, agent.log());
+    assert!(add.stdout.contains("10.11.0.10/24"), "{}", add.stdout);
+    assert!(add.stdout.contains("fd00:11::10/64"), "{}", add.stdout);
+
+    // The pool's status is broken (a bad restore, a hand edit): its holder is a number.
+    let corrupt = json!({"10.11.0.10": 5}).to_string();
+    write_allocated(&cp, dir.path(), "first", &corrupt);
+
+    // The next pod's IPv4 comes from the backup pool; its IPv6 from its own pool as ever.
+    let add = until("an ADD passes over the corrupt pool", || {
+        let out = CniCall::new("ADD", "sandbox-b", "b", &conf).run();
+        out.stdout.contains("10.12.0.10/24").then_some(out)
+    });
+    assert!(add.stdout.contains("fd00:11::11/64"), "{}", add.stdout);
+    assert!(
+        agent
+            .log()
+            .contains("skipping a pool whose holders cannot be read"),
+        "{}",
+        agent.log()
+    );
+
+    // The first pod's DEL succeeds: its IPv6 goes back, its IPv4 stays recorded.
+    let del = CniCall::new("DEL", "sandbox-a", "a", &conf).run();
+    assert!(del.success, "{}{}\n{}", del.stdout, del.stderr, agent.log());
+    let six = allocated(&cp, "six");
+    assert!(!six.contains("fd00:11::10\""), "{six}");
+    let ep = json_of(&cp, &["get", "spiderendpoint", "a"]);
+    let nic = &ep["status"]["current"]["ips"][0];
+    assert_eq!(nic["ipv4Pool"], "first", "{ep}");
+    assert!(nic["ipv6"].is_null(), "{ep}");
+    assert_eq!(
+        allocated(&cp, "first"),
+        corrupt,
+        "the corrupt pool is left as it is"
+    );
+    // A second DEL of it (the runtime retries) succeeds too and changes nothing.
+    let del = CniCall::new("DEL", "sandbox-a", "a", &conf).run();
+    assert!(del.success, "{}{}", del.stdout, del.stderr);
+    assert_eq!(
+        json_of(&cp, &["get", "spiderendpoint", "a"])["status"],
+        ep["status"]
+    );
+}

@@ -557,9 +557,25 @@ impl IpamService {
                 continue;
             }
             let mut rejected = Vec::new();
+            let mut unreadable = None;
             let mut found = None;
             for pool in &fp.pools {
-                view.load_held(self.store.as_ref(), &pool.name).await?;
+                // A pool whose holders cannot be read fails alone: the group goes on to the
+                // next pool.
+                match view.load_held(self.store.as_ref(), &pool.name).await {
+                    Ok(()) => {}
+                    Err(e @ StoreError::Corrupt { .. }) => {
+                        tracing::warn!(pool = %pool.name, %pod, error = %e,
+                            "skipping a pool whose holders cannot be read; trying the next of the group");
+                        rejected.push(Rejected {
+                            pool: pool.name.clone(),
+                            reason: Rejection::Unreadable(e.to_string()),
+                        });
+                        unreadable.get_or_insert(e);
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 let in_use = view.held(&pool.name);
                 if let Some(ip) = free_at(pool, &view.reserved, in_use, spread) {
                     found = Some(((*pool).clone(), ip));
@@ -579,6 +595,14 @@ impl IpamService {
                 });
             }
             let Some((pool, ip)) = found else {
+                // Nothing but unreadable pools: the datastore's error, as before.
+                if let Some(e) = unreadable.filter(|_| {
+                    rejected
+                        .iter()
+                        .all(|r| matches!(r.reason, Rejection::Unreadable(_)))
+                }) {
+                    return Err(e.into());
+                }
                 return Err(AllocError::Exhausted {
                     family: fp.family,
                     pod: pod.to_string(),

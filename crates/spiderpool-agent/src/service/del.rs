@@ -1,8 +1,11 @@
 //! DEL: releases what a container holds on a NIC and drops it from the endpoint record.
 
 use spiderpool_api::agent::IpamDelArgs;
+use std::net::IpAddr;
+
+use spiderpool_api::crd::EndpointInterface;
 use spiderpool_api::SpiderEndpoint;
-use spiderpool_store::StoreError;
+use spiderpool_store::{Revision, StoreError};
 
 use super::*;
 use crate::view::ViewCache;
@@ -42,9 +45,79 @@ impl IpamService {
         let mut kept = ep.clone();
         kept.status.current.ips.retain(|n| n.interface != pod.nic);
         ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
-        let revision = self.commit(ops).await?;
+        let revision = match self.commit(ops).await {
+            Ok(r) => r,
+            Err(e @ StoreError::Corrupt { .. }) => {
+                return self
+                    .del_around_corrupt(pod, cache, (key, ep, rev, nic), e)
+                    .await
+            }
+            Err(e) => return Err(e.into()),
+        };
         cache.committed(revision, &[], &nic.held());
         tracing::info!(pod = %key, nic = %pod.nic, released = ?nic.held(), "released");
+        Ok(())
+    }
+
+    /// A DEL whose release failed because a pool's status cannot be read: what the readable
+    /// pools hold is released, the rest stays recorded on the endpoint (the controller takes it
+    /// back once the pool is mended and the pod is gone), and the teardown goes on.
+    async fn del_around_corrupt(
+        &self,
+        pod: &PodRef,
+        cache: &mut ViewCache,
+        (key, ep, rev, nic): (String, SpiderEndpoint, Revision, EndpointInterface),
+        cause: StoreError,
+    ) -> Result<()> {
+        let mut unreadable = std::collections::BTreeSet::new();
+        for (pool, _) in nic.held() {
+            if let Err(StoreError::Corrupt { .. }) = self.store.allocations(&pool).await {
+                unreadable.insert(pool);
+            }
+        }
+        if unreadable.is_empty() {
+            return Err(cause.into());
+        }
+        // The NIC's record keeps only the addresses of the unreadable pools.
+        let mut rest = nic.clone();
+        if rest
+            .ipv4_pool
+            .as_ref()
+            .is_none_or(|p| !unreadable.contains(p))
+        {
+            (rest.ipv4, rest.ipv4_pool, rest.ipv4_gateway) = (None, None, None);
+        }
+        if rest
+            .ipv6_pool
+            .as_ref()
+            .is_none_or(|p| !unreadable.contains(p))
+        {
+            (rest.ipv6, rest.ipv6_pool, rest.ipv6_gateway) = (None, None, None);
+        }
+        let released: Vec<(String, IpAddr)> = nic
+            .held()
+            .into_iter()
+            .filter(|(p, _)| !unreadable.contains(p))
+            .collect();
+        tracing::warn!(pod = %key, nic = %pod.nic, error = %cause, unreadable = ?unreadable,
+            released = ?released,
+            "releasing what the readable pools hold; the rest stays recorded for the controller");
+        if released.is_empty() {
+            return Ok(());
+        }
+        let mut ops: Vec<Op> = Op::releases_of(&nic, &ep.status.current.uid)
+            .into_iter()
+            .filter(|op| !matches!(op, Op::Release { pool, .. } if unreadable.contains(pool)))
+            .collect();
+        let mut kept = ep.clone();
+        for n in kept.status.current.ips.iter_mut() {
+            if n.interface == pod.nic {
+                *n = rest.clone();
+            }
+        }
+        ops.push(endpoint_write(key, &kept, Some(rev)));
+        let revision = self.commit(ops).await?;
+        cache.committed(revision, &[], &released);
         Ok(())
     }
 

@@ -60,7 +60,14 @@ impl ViewCache {
         let v = self.current(store).await?;
         let names: Vec<String> = v.pools.iter().map(|p| p.name.clone()).collect();
         for pool in names {
-            v.load_held(store, &pool).await?;
+            match v.load_held(store, &pool).await {
+                Ok(()) => {}
+                // One corrupt pool is skipped here (an ADD that needs it says so).
+                Err(e @ spiderpool_store::StoreError::Corrupt { .. }) => {
+                    tracing::debug!(%pool, error = %e, "warming the view: skipping a pool");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

@@ -33,7 +33,13 @@ pub(super) async fn watch(
     let mut baseline: HashMap<String, (Option<i64>, BTreeMap<String, Entry>)> = HashMap::new();
     for o in &pools {
         let name = o.metadata.name.clone().unwrap_or_default();
-        let entries = entries_of(&name, &serde_json::to_value(o).unwrap_or_default())?;
+        // An unreadable status is no reason to stop watching the others: its holders are
+        // told from its next readable version on (and allocation reads it afresh meanwhile).
+        let entries = entries_of(&name, &serde_json::to_value(o).unwrap_or_default())
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "watch: an unreadable pool status");
+                BTreeMap::new()
+            });
         baseline.insert(name, (o.metadata.generation, entries));
     }
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -191,8 +197,18 @@ pub(super) fn changes_of(
         match entries_of(&key, &serde_json::to_value(o).unwrap_or_default()) {
             Ok(e) => e,
             Err(e) => {
-                tracing::error!(error = %e, "watch: skipping an unreadable pool status");
-                return Vec::new();
+                // The pool itself is reported: a view reads it afresh (and finds it
+                // unreadable) rather than go on with the holders it knew.
+                tracing::error!(error = %e, "watch: an unreadable pool status");
+                return if report_pools {
+                    vec![Change::Object {
+                        kind,
+                        key,
+                        revision,
+                    }]
+                } else {
+                    Vec::new()
+                };
             }
         }
     };
