@@ -85,6 +85,9 @@ pub const APP_PREFIX: &str = "ipam.spidernet.io/app-";
 
 // SpiderReservedIPs that hold back an address found in conflict.
 
+/// The name prefix of the SpiderReservedIPs that hold back addresses found in conflict (the
+/// only ones an agent may create, change or delete).
+pub const CONFLICT_PREFIX: &str = "ip-conflict-";
 /// Label of the SpiderReservedIPs that hold back addresses found in conflict.
 pub const LABEL_IP_CONFLICT: &str = "ipam.spidernet.io/ip-conflict";
 /// Annotation: the MAC address that answered for the address.

@@ -135,6 +135,12 @@ pub struct Args {
     /// finished).
     #[arg(long, env = "SPIDERPOOL_GC_TRACE_POD_GAP_DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     pub gc_trace_gap: Duration,
+    /// The users that are Spiderpool agents, whose writes to pool statuses and reserved IPs
+    /// the webhook restricts to their own node (comma-separated; default: the service account
+    /// `spiderpool-agent` of `--namespace`). Users named `spiderpool-agent:NODE` are agents of
+    /// NODE too.
+    #[arg(long, env = "SPIDERPOOL_AGENT_USERS", value_delimiter = ',')]
+    pub agent_users: Vec<String>,
     /// Log level filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, env = "SPIDERPOOL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -284,6 +290,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             families: spiderpool_control::admission::Families {
                 ipv4: args.enable_ipv4,
                 ipv6: args.enable_ipv6,
+            },
+            agent_users: if args.agent_users.is_empty() {
+                vec![format!(
+                    "system:serviceaccount:{}:spiderpool-agent",
+                    args.namespace
+                )]
+            } else {
+                args.agent_users.clone()
             },
         },
     )

@@ -26,6 +26,8 @@ use spiderpool_api::{Kind, Object};
 use spiderpool_control::admission::{self, AdmissionError, Families};
 use spiderpool_store::Store;
 
+pub mod agents;
+
 /// The name of the webhook configurations and of the Secret's prefix.
 pub const NAME: &str = "spiderpool-controller";
 /// The Secret holding the CA and the serving certificate.
@@ -66,11 +68,17 @@ pub struct Settings {
     pub register: bool,
     /// The families the cluster serves.
     pub families: Families,
+    /// The users that are Spiderpool agents (node restriction, see [`agents`]).
+    pub agent_users: Vec<String>,
 }
+
+/// The path of the node restriction's webhook.
+const AGENTS_PATH: &str = "/validate-spiderpool-spidernet-io-v2beta1-agents";
 
 struct Ctx {
     store: Arc<dyn Store>,
     families: Families,
+    agent_users: Vec<String>,
     /// The user this controller acts as: its writes are the auto-pool reconciler's.
     identity: Option<String>,
 }
@@ -113,9 +121,10 @@ pub async fn start(
     let ctx = Arc::new(Ctx {
         store,
         families: settings.families,
+        agent_users: settings.agent_users.clone(),
         identity,
     });
-    let mut routes = Router::new();
+    let mut routes = Router::new().route(AGENTS_PATH, post(agents_review));
     for (kind, _, suffix) in SERVED {
         routes = routes
             .route(
@@ -202,6 +211,25 @@ async fn review(
         validation(&ctx, &req, kind).await
     };
     Json(resp.into_review())
+}
+
+/// The node restriction of agents' writes to pool statuses and reserved IPs.
+async fn agents_review(
+    State(ctx): State<Arc<Ctx>>,
+    Json(body): Json<AdmissionReview<DynamicObject>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    let req: AdmissionRequest<DynamicObject> = match body.try_into() {
+        Ok(r) => r,
+        Err(e) => {
+            return Json(
+                AdmissionResponse::invalid(format!("not an AdmissionReview request: {e}"))
+                    .into_review(),
+            )
+        }
+    };
+    let asker = agents::asker(&req.user_info, &ctx.agent_users);
+    let refusal = agents::refusal(ctx.store.as_ref(), &req, &asker).await;
+    Json(agents::respond(&req, refusal).into_review())
 }
 
 fn object_of(kind: Kind, o: Option<&DynamicObject>) -> Result<Option<(Value, Object)>, String> {
@@ -511,6 +539,28 @@ async fn register(client: &kube::Client, settings: &Settings, ca: &str) -> anyho
             })
             .collect()
     };
+    let agents_client = match &settings.endpoint {
+        Endpoint::Service { name, port } => json!({"caBundle": bundle,
+            "service": {"name": name, "namespace": settings.namespace, "port": port, "path": AGENTS_PATH}}),
+        Endpoint::Url(base) => json!({"caBundle": bundle,
+            "url": format!("{}{AGENTS_PATH}", base.trim_end_matches('/'))}),
+    };
+    let mut validating_hooks = hooks(false);
+    // Fails closed: a restriction that lets writes through while it is down restricts nothing.
+    validating_hooks.push(json!({
+        "name": "agents.spiderpool.spidernet.io",
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+        "failurePolicy": "Fail",
+        "timeoutSeconds": 10,
+        "clientConfig": agents_client,
+        "rules": [
+            {"apiGroups": ["spiderpool.spidernet.io"], "apiVersions": ["v2beta1"],
+             "operations": ["UPDATE"], "resources": ["spiderippools/status"], "scope": "Cluster"},
+            {"apiGroups": ["spiderpool.spidernet.io"], "apiVersions": ["v2beta1"],
+             "operations": ["CREATE", "UPDATE", "DELETE"], "resources": ["spiderreservedips"], "scope": "Cluster"},
+        ],
+    }));
     let params = PatchParams::apply(NAME).force();
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     mutating
@@ -530,7 +580,7 @@ async fn register(client: &kube::Client, settings: &Settings, ca: &str) -> anyho
             &params,
             &Patch::Apply(json!({"apiVersion": "admissionregistration.k8s.io/v1",
                 "kind": "ValidatingWebhookConfiguration", "metadata": {"name": NAME},
-                "webhooks": hooks(false)})),
+                "webhooks": validating_hooks})),
         )
         .await
         .context("applying ValidatingWebhookConfiguration spiderpool-controller")?;

@@ -396,10 +396,23 @@ impl ControlPlane {
     /// A kubeconfig that authenticates as the ServiceAccount `namespace/name` (a token from
     /// the TokenRequest API), so a process run with it has exactly that account's permissions.
     pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> PathBuf {
-        let token = self.kubectl_ok(
-            &["create", "token", name, "-n", namespace, "--duration=2h"],
-            "",
-        );
+        self.service_account_kubeconfig_for(namespace, name, None)
+    }
+
+    /// [`ControlPlane::service_account_kubeconfig`] with a token bound to the Pod `pod` of
+    /// `namespace` (running as that account), as kubelet gives a pod: the API server then
+    /// tells who uses it the pod's node (`authentication.kubernetes.io/node-name`).
+    pub fn service_account_kubeconfig_for(
+        &self,
+        namespace: &str,
+        name: &str,
+        pod: Option<&str>,
+    ) -> PathBuf {
+        let mut args = vec!["create", "token", name, "-n", namespace, "--duration=2h"];
+        if let Some(pod) = pod {
+            args.extend(["--bound-object-kind=Pod", "--bound-object-name", pod]);
+        }
+        let token = self.kubectl_ok(&args, "");
         let ca = pki_base64(&self.dir.path().join("pki"), "ca.crt");
         let path = self
             .dir

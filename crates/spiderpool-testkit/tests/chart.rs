@@ -174,13 +174,14 @@ fn the_chart_lints_renders_and_installs_on_the_api_server() {
         args.contains("--enable-ipv6=false") && args.contains("--gc-enabled=false"),
         "{args}"
     );
-    for kind in [
-        "MutatingWebhookConfiguration",
-        "ValidatingWebhookConfiguration",
+    // Four kinds each; the validating ones also restrict agents to their own node.
+    for (kind, n) in [
+        ("MutatingWebhookConfiguration", 4),
+        ("ValidatingWebhookConfiguration", 5),
     ] {
         let w = find(&docs, kind, "spiderpool-controller");
         let hooks = w["webhooks"].as_array().unwrap();
-        assert_eq!(hooks.len(), 4);
+        assert_eq!(hooks.len(), n);
         assert_eq!(
             hooks[0]["clientConfig"]["service"]["name"],
             "spiderpool-controller"
@@ -227,7 +228,25 @@ fn agent_and_controller_work_under_exactly_the_charts_permissions() {
         ],
         "",
     );
-    let agent_kc = cp.service_account_kubeconfig("kube-system", "spiderpool-agent");
+    // The agent runs as the chart's service account with the token kubelet gives its pod on
+    // n1: the webhook's node restriction reads n1 from it.
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}).to_string(),
+    );
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "spiderpool-agent-n1", "namespace": "kube-system"},
+            "spec": {"nodeName": "n1", "serviceAccountName": "spiderpool-agent",
+                "containers": [{"name": "agent", "image": "registry.invalid/agent"}]}})
+        .to_string(),
+    );
+    let agent_kc = cp.service_account_kubeconfig_for(
+        "kube-system",
+        "spiderpool-agent",
+        Some("spiderpool-agent-n1"),
+    );
     let controller_kc = cp.service_account_kubeconfig("kube-system", "spiderpool-controller");
     let dir = tempfile::tempdir().unwrap();
     // The chart's SpiderCoordinator `default`, as its Deployment passes it.

@@ -276,3 +276,151 @@ fn a_corrupt_pool_fails_alone_for_add_and_del() {
         ep["status"]
     );
 }
+
+/// Node restriction (beyond upstream): the chart's agent identity, impersonated with the node
+/// claim a pod-bound token carries, may add and remove only its own node's holders and touch
+/// only the reserved IPs agents make; an admin is not restricted.
+#[test]
+fn an_agents_identity_may_undo_only_what_its_own_node_holds() {
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Controller::start(&cp, dir.path(), "ctl", &[]);
+    until("its webhooks serve", || {
+        (http_get(&c.health, "/readyz").0 == 200).then_some(())
+    });
+    // What the chart grants the agent's service account, for these two resources.
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: agent-test}
+rules:
+  - apiGroups: [spiderpool.spidernet.io]
+    resources: [spiderippools]
+    verbs: [get, list, watch]
+  - apiGroups: [spiderpool.spidernet.io]
+    resources: [spiderippools/status]
+    verbs: [get, update, patch]
+  - apiGroups: [spiderpool.spidernet.io]
+    resources: [spiderreservedips]
+    verbs: [get, list, watch, create, update, delete]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: agent-test}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agent-test}
+subjects:
+  - {kind: ServiceAccount, name: spiderpool-agent, namespace: kube-system}
+"#,
+    );
+    let apply = |v: Value| cp.kubectl_ok(&["apply", "-f", "-"], &v.to_string());
+    apply(pool("shared", "10.13.0.0/24", "10.13.0.10-10.13.0.20"));
+    apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "upstream-pod", "namespace": "default"},
+        "spec": {"nodeName": "n2", "containers": [{"name": "c", "image": "registry.invalid/app"}]}}));
+    let holder = |pod: &str, node: &str| {
+        let mut h = json!({"pod": format!("default/{pod}"), "podUid": format!("uid-{pod}")});
+        if !node.is_empty() {
+            h["node"] = json!(node);
+        }
+        h
+    };
+    let mut held = serde_json::Map::new();
+    held.insert("10.13.0.10".into(), holder("on-n1", "n1"));
+    held.insert("10.13.0.11".into(), holder("on-n2", "n2"));
+    held.insert("10.13.0.12".into(), holder("upstream-pod", ""));
+    let status = |m: &serde_json::Map<String, Value>| {
+        json!({"status": {"allocatedIPs": serde_json::to_string(m).unwrap()}}).to_string()
+    };
+    // An admin writes what it likes.
+    cp.kubectl_ok(
+        &[
+            "patch",
+            "spiderippool",
+            "shared",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status(&held),
+        ],
+        "",
+    );
+    for (name, ip) in [
+        ("admin-held", "10.13.0.20"),
+        ("ip-conflict-10-13-0-19", "10.13.0.19"),
+    ] {
+        apply(
+            json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderReservedIP",
+            "metadata": {"name": name}, "spec": {"ipVersion": 4, "ips": [ip]}}),
+        );
+    }
+
+    let agent = "--as=system:serviceaccount:kube-system:spiderpool-agent";
+    let on_n1 = "--as-user-extra=authentication.kubernetes.io/node-name=n1";
+    let write_as = |who: &[&str], m: &serde_json::Map<String, Value>| {
+        let s = status(m);
+        let mut args = vec![
+            "patch",
+            "spiderippool",
+            "shared",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &s,
+        ];
+        args.extend_from_slice(who);
+        cp.kubectl(&args, "")
+    };
+    let refused = |out: &spiderpool_testkit::Output, needles: &[&str]| {
+        assert!(!out.success, "admitted: {}", out.stdout);
+        for n in needles {
+            assert!(out.stderr.contains(n), "{n:?} not in: {}", out.stderr);
+        }
+    };
+    // Another node's holder, recorded or upstream's (its Pod is on n2), is not n1's to remove.
+    for ip in ["10.13.0.11", "10.13.0.12"] {
+        let mut m = held.clone();
+        m.remove(ip);
+        let out = write_as(&[agent, on_n1], &m);
+        refused(
+            &out,
+            &["may remove only its own node's holders", ip, "of node n2"],
+        );
+    }
+    // Nor may it record an address for another node.
+    let mut m = held.clone();
+    m.insert("10.13.0.14".into(), holder("x", "n2"));
+    refused(
+        &write_as(&[agent, on_n1], &m),
+        &["may record addresses only for its own node", "10.13.0.14"],
+    );
+    // Without a node claim the identity may write nothing here.
+    let mut m = held.clone();
+    m.insert("10.13.0.15".into(), holder("y", "n1"));
+    refused(&write_as(&[agent], &m), &["without a node"]);
+    // Its own node's work passes: a release and a claim.
+    let mut m = held.clone();
+    m.remove("10.13.0.10");
+    m.insert("10.13.0.13".into(), holder("next", "n1"));
+    let out = write_as(&[agent, on_n1], &m);
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(allocated(&cp, "shared"), serde_json::to_string(&m).unwrap());
+
+    // An admin's reservation stays; the agents' conflict hold goes.
+    let del = |name: &str| cp.kubectl(&["delete", "spiderreservedip", name, agent, on_n1], "");
+    refused(
+        &del("admin-held"),
+        &["only the SpiderReservedIPs agents make", "admin-held"],
+    );
+    assert!(del("ip-conflict-10-13-0-19").success);
+    cp.kubectl_ok(&["get", "spiderreservedip", "admin-held"], "");
+
+    // An admin is not restricted.
+    let mut m = held.clone();
+    m.clear();
+    let out = write_as(&[], &m);
+    assert!(out.success, "{}", out.stderr);
+}

@@ -61,13 +61,14 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
         ],
     );
     // The controller registered both configurations with its CA.
-    for kind in [
-        "validatingwebhookconfiguration",
-        "mutatingwebhookconfiguration",
+    // (The validating one also restricts agents to their own node.)
+    for (kind, n) in [
+        ("validatingwebhookconfiguration", 5),
+        ("mutatingwebhookconfiguration", 4),
     ] {
         let w = json_of(&cp, &["get", kind, "spiderpool-controller"]);
         let hooks = w["webhooks"].as_array().unwrap();
-        assert_eq!(hooks.len(), 4, "{w}");
+        assert_eq!(hooks.len(), n, "{w}");
         assert!(hooks.iter().all(|h| h["clientConfig"]["caBundle"]
             .as_str()
             .is_some_and(|b| !b.is_empty())));

@@ -21,7 +21,11 @@ pub const CONFLICT_HOLD: Duration = Duration::from_secs(600);
 
 /// The SpiderReservedIP holding back `ip`: `ip-conflict-10-6-168-61`, `ip-conflict-fd00--5`.
 pub fn conflict_reservation_name(ip: &IpAddr) -> String {
-    let mut name = format!("ip-conflict-{}", ip.to_string().replace([':', '.'], "-"));
+    let mut name = format!(
+        "{}{}",
+        spiderpool_api::keys::CONFLICT_PREFIX,
+        ip.to_string().replace([':', '.'], "-")
+    );
     if name.ends_with('-') {
         name.push('0');
     }
