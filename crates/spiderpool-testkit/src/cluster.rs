@@ -68,6 +68,8 @@ pub struct ControlPlane {
     dir: tempfile::TempDir,
     bin: PathBuf,
     children: Vec<(String, Child)>,
+    /// Each component's arguments, to start it again ([`ControlPlane::restart`]).
+    args: Vec<(String, Vec<String>)>,
     /// The admin kubeconfig (client certificate in `system:masters`).
     pub kubeconfig: PathBuf,
     /// `https://127.0.0.1:PORT`.
@@ -98,6 +100,7 @@ impl ControlPlane {
             dir,
             bin: bin.to_path_buf(),
             children: Vec::new(),
+            args: Vec::new(),
         };
         let pki = cp.dir.path().join("pki");
         make_pki(&pki, options.real_nodes);
@@ -228,14 +231,46 @@ impl ControlPlane {
 
     fn spawn(&mut self, component: &str, args: &[&str]) {
         let log = self.dir.path().join(format!("{component}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("component log");
         let child = Command::new(self.bin.join(component))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("component log"))
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {component}: {e}"));
         self.children.push((component.to_string(), child));
+        self.args.retain(|(c, _)| c != component);
+        self.args.push((
+            component.to_string(),
+            args.iter().map(|a| a.to_string()).collect(),
+        ));
+    }
+
+    /// Kills `component` (`etcd`, `kube-apiserver`, …) with SIGKILL, as a crash would, starts
+    /// it again with the same arguments and data, and waits until the API server serves again.
+    pub fn restart(&mut self, component: &str) {
+        let at = self
+            .children
+            .iter()
+            .position(|(c, _)| c == component)
+            .unwrap_or_else(|| panic!("no {component} runs"));
+        let (_, mut child) = self.children.remove(at);
+        let _ = child.kill();
+        let _ = child.wait();
+        let args = self
+            .args
+            .iter()
+            .find(|(c, _)| c == component)
+            .map(|(_, a)| a.clone())
+            .expect("its arguments");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn(component, &args);
+        self.wait_ready();
     }
 
     /// The path of one of the control plane's binaries (`kube-proxy`, `kubectl`, ...).
