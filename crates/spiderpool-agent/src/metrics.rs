@@ -185,6 +185,8 @@ pub struct Metrics {
     pub release: Family,
     /// ADDs per group commit.
     pub batch_size: Histogram,
+    /// DELs per group commit.
+    pub del_batch_size: Histogram,
     /// Time of a datastore commit, in seconds.
     pub commit_seconds: Histogram,
     /// The datastore's own counts of its writes, as of the last scrape.
@@ -201,6 +203,7 @@ impl Default for Metrics {
         let allocation = Family::new();
         let release = Family::new();
         let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        let del_batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
         let commit_seconds = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
         ]);
@@ -211,6 +214,11 @@ impl Default for Metrics {
             "spiderpool_agent_group_commit_size",
             "ADDs committed together in one datastore transaction",
             batch_size.clone(),
+        );
+        registry.register(
+            "spiderpool_agent_release_group_commit_size",
+            "DELs committed together in one datastore transaction (two or more)",
+            del_batch_size.clone(),
         );
         registry.register(
             "spiderpool_agent_datastore_commit_duration_seconds",
@@ -247,6 +255,7 @@ impl Default for Metrics {
             allocation,
             release,
             batch_size,
+            del_batch_size,
             commit_seconds,
             pools,
             pool_total,

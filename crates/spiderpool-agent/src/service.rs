@@ -143,6 +143,7 @@ pub struct IpamService {
     // guards the cached view of the datastore.
     state: Mutex<ViewCache>,
     queue: std::sync::Mutex<Vec<PendingAdd>>,
+    del_queue: std::sync::Mutex<Vec<del::PendingDel>>,
     /// What the agent counts (`--metrics-addr`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// How long an ADD waits for its auto pool (`--auto-pool-wait`); `None`: auto pools are
@@ -218,6 +219,7 @@ impl IpamService {
             store,
             node,
             queue: std::sync::Mutex::new(Vec::new()),
+            del_queue: std::sync::Mutex::new(Vec::new()),
             metrics: Arc::default(),
             auto_pool_wait: Some(AUTO_POOL_WAIT),
             multus: Default::default(),

@@ -386,6 +386,43 @@ fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
     // once per request and retry.
     assert!((1..=40 + lost).contains(&writes), "pool writes {writes}");
     eprintln!("pool status writes {writes} for 40 allocations; 409s laid again {conflicts}; commits lost to the other agent and planned again {lost}");
+
+    // Every pod's DEL at once: releases are group commits too, so the 40 releases cost fewer
+    // pool writes than releases, and everything is given back.
+    let counts = |name: &str| -> u64 {
+        agents
+            .iter()
+            .map(|(_, m)| metric(&spiderpool_testkit::http_get(m, "/metrics").1, name))
+            .sum()
+    };
+    let writes_before = counts("spiderpool_agent_datastore_pool_writes_total");
+    let threads: Vec<_> = (0..60)
+        .map(|i| {
+            let socket = sockets[i % 2].clone();
+            std::thread::spawn(move || {
+                let conf = json!({"cniVersion": "1.0.0", "name": "race", "ipam": {"type": "spiderpool",
+                    "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["race"]}});
+                CniCall::new("DEL", &format!("ctr-{i}"), &format!("pod-{i}"), &conf).run()
+            })
+        })
+        .collect();
+    for t in threads {
+        let out = t.join().unwrap();
+        assert!(out.success, "{}{}", out.stdout, out.stderr);
+    }
+    let pool = json_of(&cp, &["get", "spiderippool", "race"]);
+    assert_eq!(pool["status"]["allocatedIPCount"], 0, "{pool}");
+    assert!(json_of(&cp, &["get", "spiderendpoints"])["items"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let del_writes = counts("spiderpool_agent_datastore_pool_writes_total") - writes_before;
+    let batches = counts("spiderpool_agent_release_group_commit_size_count");
+    eprintln!("pool status writes {del_writes} for 40 releases, {batches} release group commits");
+    assert!(
+        del_writes < 40 && batches >= 1,
+        "{del_writes} pool writes and {batches} group commits for 40 releases"
+    );
 }
 
 #[test]

@@ -7,25 +7,128 @@ use spiderpool_api::crd::EndpointInterface;
 use spiderpool_api::SpiderEndpoint;
 use spiderpool_store::{Revision, StoreError};
 
+use tokio::sync::oneshot;
+
 use super::*;
 use crate::view::ViewCache;
 
+/// A DEL waiting to be served.
+pub(super) struct PendingDel {
+    pod: PodRef,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+/// The addresses of a NIC, each with its pool.
+type Held = Vec<(String, IpAddr)>;
+
+/// What a DEL is to do.
+enum PreparedDel {
+    /// Nothing to release, or what the container holds stays (said in the log).
+    Done,
+    /// These ops release the NIC's addresses and drop it from its record.
+    Commit {
+        ops: Vec<Op>,
+        key: String,
+        released: Vec<(String, IpAddr)>,
+    },
+}
+
 impl IpamService {
     /// CNI DEL: releases what the container holds on the NIC; succeeds when there is nothing.
+    /// Group commit, as ADD: the request joins the queue, and whoever holds the lock serves
+    /// every DEL queued so far with one transaction (one status write per pool).
     pub async fn del(&self, args: &IpamDelArgs) -> Result<()> {
         let pod = PodRef::of_del(args)?;
+        let (tx, mut rx) = oneshot::channel();
+        self.del_queue
+            .lock()
+            .expect("queue lock")
+            .push(PendingDel { pod, reply: tx });
         let mut cache = self.state.lock().await;
-        retrying!(
-            "release",
-            Some(&self.metrics.release),
-            self.try_del(&pod, &mut cache)
-        )
+        if let Ok(r) = rx.try_recv() {
+            return r;
+        }
+        let batch: Vec<PendingDel> =
+            std::mem::take(&mut *self.del_queue.lock().expect("queue lock"));
+        self.del_batch(batch, &mut cache).await;
+        drop(cache);
+        rx.try_recv().unwrap_or_else(|_| {
+            Err(
+                StoreError::Unavailable("the request was abandoned while queued; try again".into())
+                    .into(),
+            )
+        })
     }
 
-    pub(super) async fn try_del(&self, pod: &PodRef, cache: &mut ViewCache) -> Result<()> {
+    /// Serves queued DELs: their releases and record updates in one transaction; when it
+    /// fails (a conflict on a record, a corrupt pool), each is served alone with its retries.
+    async fn del_batch(&self, batch: Vec<PendingDel>, cache: &mut ViewCache) {
+        let mut alone = Vec::new();
+        let mut staged: Vec<(PendingDel, String, Held)> = Vec::new();
+        let mut ops: Vec<Op> = Vec::new();
+        let mut keys = std::collections::HashSet::new();
+        let max_ops = self.store.max_ops();
+        if batch.len() == 1 {
+            alone = batch;
+        } else {
+            for p in batch {
+                match self.prepare_del(&p.pod).await {
+                    Ok(PreparedDel::Done) => {
+                        let _ = p.reply.send(Ok(()));
+                    }
+                    // One record per transaction, and no more ops than it takes.
+                    Ok(PreparedDel::Commit {
+                        ops: o,
+                        key,
+                        released,
+                    }) if keys.insert(key.clone()) && ops.len() + o.len() <= max_ops => {
+                        ops.extend(o);
+                        staged.push((p, key, released));
+                    }
+                    Ok(PreparedDel::Commit { .. }) | Err(_) => alone.push(p),
+                }
+            }
+        }
+        if staged.len() == 1 {
+            alone.extend(staged.drain(..).map(|(p, _, _)| p));
+        }
+        if !staged.is_empty() {
+            match self.commit(ops).await {
+                Ok(revision) => {
+                    let released: Vec<(String, IpAddr)> = staged
+                        .iter()
+                        .flat_map(|(_, _, r)| r.iter().cloned())
+                        .collect();
+                    cache.committed(revision, &[], &released);
+                    self.metrics.del_batch_size.observe(staged.len() as f64);
+                    for (p, key, released) in staged {
+                        tracing::info!(pod = %key, nic = %p.pod.nic, released = ?released, "released");
+                        let _ = p.reply.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(requests = staged.len(), error = %e,
+                        "a batch of releases failed; serving each alone");
+                    cache.invalidate();
+                    alone.extend(staged.into_iter().map(|(p, _, _)| p));
+                }
+            }
+        }
+        for p in alone {
+            let r = retrying!(
+                "release",
+                Some(&self.metrics.release),
+                self.try_del(&p.pod, cache)
+            );
+            let _ = p.reply.send(r);
+        }
+    }
+
+    /// What the DEL of `pod` is to do, on what the datastore says now.
+    async fn prepare_del(&self, pod: &PodRef) -> Result<PreparedDel> {
         let Some((key, ep, rev, nic)) = record_of(self.store.as_ref(), pod).await? else {
             tracing::info!(pod = %pod.key(), nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
-            return Ok(());
+            return Ok(PreparedDel::Done);
         };
         if nic.container_id.is_empty() && self.incarnation_lives(pod, &ep).await? {
             // A record that names no container cannot say whether this DEL is for the sandbox
@@ -34,28 +137,42 @@ impl IpamService {
             // them).
             tracing::info!(pod = %key, nic = %pod.nic, container_id = %pod.container_id,
                 "keeping a record without a container ID while its pod lives");
-            return Ok(());
+            return Ok(PreparedDel::Done);
         }
         if self.keeps_addresses(pod, &ep).await? {
             tracing::info!(pod = %key, nic = %pod.nic, statefulset = %ep.status.owner_controller_name,
                 "keeping the addresses of a StatefulSet member for its next sandbox");
-            return Ok(());
+            return Ok(PreparedDel::Done);
         }
         let mut ops = Op::releases_of(&nic, &ep.status.current.uid);
         let mut kept = ep.clone();
         kept.status.current.ips.retain(|n| n.interface != pod.nic);
         ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
+        Ok(PreparedDel::Commit {
+            ops,
+            key,
+            released: nic.held(),
+        })
+    }
+
+    pub(super) async fn try_del(&self, pod: &PodRef, cache: &mut ViewCache) -> Result<()> {
+        let (ops, key, released) = match self.prepare_del(pod).await? {
+            PreparedDel::Done => return Ok(()),
+            PreparedDel::Commit { ops, key, released } => (ops, key, released),
+        };
         let revision = match self.commit(ops).await {
             Ok(r) => r,
             Err(e @ StoreError::Corrupt { .. }) => {
-                return self
-                    .del_around_corrupt(pod, cache, (key, ep, rev, nic), e)
-                    .await
+                // Read again: the record as it is now, for the release around the bad pool.
+                let Some(found) = record_of(self.store.as_ref(), pod).await? else {
+                    return Ok(());
+                };
+                return self.del_around_corrupt(pod, cache, found, e).await;
             }
             Err(e) => return Err(e.into()),
         };
-        cache.committed(revision, &[], &nic.held());
-        tracing::info!(pod = %key, nic = %pod.nic, released = ?nic.held(), "released");
+        cache.committed(revision, &[], &released);
+        tracing::info!(pod = %key, nic = %pod.nic, released = ?released, "released");
         Ok(())
     }
 
