@@ -7,6 +7,7 @@
 //! cargo build --release --workspace --bins && cargo bench -p spiderpool-testkit --bench kube_race
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -39,7 +40,6 @@ fn metric(body: &str, name: &str) -> u64 {
 }
 
 struct Phase {
-    label: &'static str,
     all: Duration,
     p50: Duration,
     p99: Duration,
@@ -95,7 +95,6 @@ async fn phase(
     took.sort();
     let failed = timings.iter().filter(|a| !a.ok).count();
     Phase {
-        label,
         all: end - started,
         p50: pct(&took, 0.5),
         p99: pct(&took, 0.99),
@@ -167,7 +166,6 @@ fn main() {
     }
     let kc = cp.kubeconfig.to_str().unwrap().to_string();
     let mut sims = Vec::new();
-    let mut agents = Vec::new();
     for i in 0..NODES {
         let node = format!("node-{i}");
         let run = dir.path().join(&node);
@@ -183,17 +181,29 @@ fn main() {
                 run_dir: None,
             },
         ));
-        let metrics = format!("127.0.0.1:{}", spiderpool_testkit::free_port());
-        let agent = Agent::start_with(
-            "kubernetes",
-            &run.join("spiderpool.sock"),
-            &node,
-            "",
-            &["--kubeconfig", &kc, "--metrics-addr", &metrics],
-            None,
-        );
-        agents.push((agent, metrics));
     }
+    // The agents, from this build or (SPIDERPOOL_BASELINE_AGENT) another one on the same
+    // sockets, so old and new code are measured in one run.
+    let start_agents = |binary: &Path| -> Vec<(Agent, String)> {
+        (0..NODES)
+            .map(|i| {
+                let node = format!("node-{i}");
+                let metrics = format!("127.0.0.1:{}", spiderpool_testkit::free_port());
+                let agent = Agent::start_bin(
+                    binary,
+                    "kubernetes",
+                    &dir.path().join(&node).join("spiderpool.sock"),
+                    &node,
+                    "",
+                    &["--kubeconfig", &kc, "--metrics-addr", &metrics],
+                    None,
+                );
+                (agent, metrics)
+            })
+            .collect()
+    };
+    let this_agent = bin("spiderpool-agent");
+    let baseline_agent = std::env::var_os("SPIDERPOOL_BASELINE_AGENT").map(PathBuf::from);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt.block_on(async {
         let kc = kube::config::Kubeconfig::read_from(&cp.kubeconfig).unwrap();
@@ -206,88 +216,105 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(1);
-    println!("| run | all {PODS} set up | ADD p50 | ADD p99 | failed | pool status writes / alloc | 409s | endpoint writes | duplicates | leaked |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for round in 0..rounds {
-        let base = rt.block_on(phase("hl", &client, &sims, "hl"));
-        rt.block_on(delete_all(&client, "hl"));
-        let counts = |agents: &[(Agent, String)]| {
-            agents.iter().fold((0, 0, 0), |(w, c, o), (_, m)| {
-                let (_, body) = spiderpool_testkit::http_get(m, "/metrics");
-                (
-                    w + metric(&body, "spiderpool_agent_datastore_pool_writes_total"),
-                    c + metric(
-                        &body,
-                        "spiderpool_agent_datastore_pool_write_conflicts_total",
-                    ),
-                    o + metric(&body, "spiderpool_agent_datastore_object_writes_total"),
-                )
-            })
-        };
-        let (w0, c0, o0) = counts(&agents);
-        let sp = rt.block_on(phase("sp", &client, &sims, "sp"));
-        let (w1, c1, o1) = counts(&agents);
-        // No address twice: the pool's records and the pods' addresses.
+    let pool_count = || -> u64 {
         let pool: Value = serde_json::from_str(
             &cp.kubectl_ok(&["get", "spiderippool", "race", "-o", "json"], ""),
         )
         .unwrap();
-        let records: serde_json::Map<String, Value> =
-            serde_json::from_str(pool["status"]["allocatedIPs"].as_str().unwrap_or("{}")).unwrap();
-        let pods: Value = serde_json::from_str(
-            &cp.kubectl_ok(&["get", "pods", "-l", "bench=sp", "-o", "json"], ""),
-        )
-        .unwrap();
-        let ips: Vec<&str> = pods["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|p| p["status"]["podIP"].as_str())
-            .collect();
-        let unique: HashSet<&&str> = ips.iter().collect();
-        let duplicates = ips.len() - unique.len();
-        assert_eq!(records.len(), PODS, "the pool records every pod");
-        rt.block_on(delete_all(&client, "sp"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let leaked = loop {
+        pool["status"]["allocatedIPCount"].as_u64().unwrap_or(0)
+    };
+    println!("| run | all {PODS} set up | ADD p50 | ADD p99 | failed | pool status writes / alloc | 409s | endpoint writes | duplicates | DEL: pods gone | DEL: pool empty | pool status writes / release | 409s / release | leaked |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for round in 0..rounds {
+        let base = rt.block_on(phase("hl", &client, &sims, "hl"));
+        let t = Instant::now();
+        rt.block_on(delete_all(&client, "hl"));
+        let base_del = t.elapsed();
+        println!(
+            "| host-local (baseline), round {} | {:.2} s | {} | {} | {} | - | - | - | - | {:.2} s | - | - | - | - |",
+            round + 1,
+            base.all.as_secs_f64(),
+            ms(base.p50),
+            ms(base.p99),
+            base.failed,
+            base_del.as_secs_f64()
+        );
+        let mut builds: Vec<(&str, PathBuf)> = vec![("spiderpool, kubernetes", this_agent.clone())];
+        if let Some(old) = &baseline_agent {
+            builds.push(("spiderpool, kubernetes, baseline agent", old.clone()));
+        }
+        for (name, binary) in builds {
+            let agents = start_agents(&binary);
+            let counts = |agents: &[(Agent, String)]| {
+                agents.iter().fold((0, 0, 0), |(w, c, o), (_, m)| {
+                    let (_, body) = spiderpool_testkit::http_get(m, "/metrics");
+                    (
+                        w + metric(&body, "spiderpool_agent_datastore_pool_writes_total"),
+                        c + metric(
+                            &body,
+                            "spiderpool_agent_datastore_pool_write_conflicts_total",
+                        ),
+                        o + metric(&body, "spiderpool_agent_datastore_object_writes_total"),
+                    )
+                })
+            };
+            let (w0, c0, o0) = counts(&agents);
+            let sp = rt.block_on(phase("sp", &client, &sims, "sp"));
+            let (w1, c1, o1) = counts(&agents);
+            // No address twice: the pool's records and the pods' addresses.
             let pool: Value = serde_json::from_str(
                 &cp.kubectl_ok(&["get", "spiderippool", "race", "-o", "json"], ""),
             )
             .unwrap();
-            let n = pool["status"]["allocatedIPCount"].as_u64().unwrap_or(0);
-            if n == 0 || Instant::now() > deadline {
-                break n;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        for p in [&base, &sp] {
-            let extra = if p.label == "sp" {
-                format!(
-                    "{:.3} | {} | {} | {duplicates} | {leaked}",
-                    (w1 - w0) as f64 / PODS as f64,
-                    c1 - c0,
-                    o1 - o0
-                )
-            } else {
-                "- | - | - | - | -".into()
+            let records: serde_json::Map<String, Value> =
+                serde_json::from_str(pool["status"]["allocatedIPs"].as_str().unwrap_or("{}"))
+                    .unwrap();
+            let pods: Value = serde_json::from_str(
+                &cp.kubectl_ok(&["get", "pods", "-l", "bench=sp", "-o", "json"], ""),
+            )
+            .unwrap();
+            let ips: Vec<&str> = pods["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|p| p["status"]["podIP"].as_str())
+                .collect();
+            let unique: HashSet<&&str> = ips.iter().collect();
+            let duplicates = ips.len() - unique.len();
+            assert_eq!(records.len(), PODS, "the pool records every pod");
+            let t = Instant::now();
+            rt.block_on(delete_all(&client, "sp"));
+            let gone = t.elapsed();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let leaked = loop {
+                let n = pool_count();
+                if n == 0 || Instant::now() > deadline {
+                    break n;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             };
+            let empty = t.elapsed();
+            let (w2, c2, _) = counts(&agents);
             println!(
-                "| {} (round {}) | {:.2} s | {} | {} | {} | {extra} |",
-                if p.label == "sp" {
-                    "spiderpool, kubernetes"
-                } else {
-                    "host-local (baseline)"
-                },
+                "| {name}, round {} | {:.2} s | {} | {} | {} | {:.3} | {} | {} | {duplicates} | {:.2} s | {:.2} s | {:.3} | {:.3} | {leaked} |",
                 round + 1,
-                p.all.as_secs_f64(),
-                ms(p.p50),
-                ms(p.p99),
-                p.failed
+                sp.all.as_secs_f64(),
+                ms(sp.p50),
+                ms(sp.p99),
+                sp.failed,
+                (w1 - w0) as f64 / PODS as f64,
+                c1 - c0,
+                o1 - o0,
+                gone.as_secs_f64(),
+                empty.as_secs_f64(),
+                (w2 - w1) as f64 / PODS as f64,
+                (c2 - c1) as f64 / PODS as f64,
+            );
+            println!(
+                "ratio ({name} / host-local): all set up {:.2}, pool empty after delete {:.2}",
+                sp.all.as_secs_f64() / base.all.as_secs_f64(),
+                empty.as_secs_f64() / base_del.as_secs_f64()
             );
         }
-        println!(
-            "ratio (spiderpool / host-local), all set up: {:.2}",
-            sp.all.as_secs_f64() / base.all.as_secs_f64()
-        );
     }
 }

@@ -56,6 +56,27 @@ impl Agent {
         extra: &[&str],
         prelude: Option<&str>,
     ) -> Agent {
+        Self::start_bin(
+            &bin("spiderpool-agent"),
+            datastore,
+            socket,
+            node,
+            labels,
+            extra,
+            prelude,
+        )
+    }
+
+    /// [`Agent::start_with`] from the binary `binary` (another build, say).
+    pub fn start_bin(
+        binary: &Path,
+        datastore: &str,
+        socket: &Path,
+        node: &str,
+        labels: &str,
+        extra: &[&str],
+        prelude: Option<&str>,
+    ) -> Agent {
         // Beside the socket, or in the nearest directory that exists when the agent is to
         // create the socket's own.
         let dir = socket
@@ -74,10 +95,10 @@ impl Agent {
                 let mut c = Command::new("sh");
                 c.arg("-c")
                     .arg(format!("{p} && exec \"$0\" \"$@\""))
-                    .arg(bin("spiderpool-agent"));
+                    .arg(binary);
                 c
             }
-            None => Command::new(bin("spiderpool-agent")),
+            None => Command::new(binary),
         };
         let child = cmd
             .args(extra)
