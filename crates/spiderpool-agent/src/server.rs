@@ -238,6 +238,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let clients = Clients::new(per_client(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
@@ -268,6 +269,23 @@ pub async fn serve(
                 forbidden(why)
             }
         };
+        // One client process holds at most `per_client` connections: the rest are answered
+        // 429 at once, so no client can hold every slot (a plugin makes one at a time).
+        let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+        let held = pid.and_then(|pid| clients.enter(pid));
+        if pid.is_some() && held.is_none() {
+            tracing::debug!(?pid, "refusing a connection: the client holds too many");
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::io::AsyncWriteExt::write_all(&mut stream, TOO_MANY),
+                )
+                .await;
+                drop(slot);
+            });
+            continue;
+        }
         let http = http.clone();
         tokio::spawn(async move {
             let conn =
@@ -275,12 +293,69 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended");
             }
+            drop(held);
             drop(slot);
         });
     }
     // Let the requests in progress finish (briefly): their clients are waiting for answers.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(Duration::from_secs(10), slots.acquire_many(all)).await;
+}
+
+/// The most connections one client process may hold: a quarter of the slots, at least 4.
+pub fn per_client(max_connections: usize) -> usize {
+    (max_connections / 4).max(4)
+}
+
+/// The answer to a connection beyond its client's share (the request is not read).
+const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 96\r\n\r\n{\"code\":11,\"msg\":\"this client process holds too many connections to the agent; try again later\"}";
+
+/// How many connections each client process holds.
+#[derive(Clone)]
+struct Clients {
+    held: Arc<std::sync::Mutex<std::collections::HashMap<i32, usize>>>,
+    cap: usize,
+}
+
+/// One connection of a client, counted until dropped.
+struct Held {
+    clients: Clients,
+    pid: i32,
+}
+
+impl Clients {
+    fn new(cap: usize) -> Self {
+        Clients {
+            held: Arc::default(),
+            cap,
+        }
+    }
+
+    /// Counts a connection of `pid`, unless it holds its share already.
+    fn enter(&self, pid: i32) -> Option<Held> {
+        let mut held = self.held.lock().expect("clients lock");
+        let n = held.entry(pid).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            clients: self.clone(),
+            pid,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self.clients.held.lock().expect("clients lock");
+        if let Some(n) = held.get_mut(&self.pid) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.pid);
+            }
+        }
+    }
 }
 
 /// The routes an untrusted peer gets: every request answered 403 with the reason.
