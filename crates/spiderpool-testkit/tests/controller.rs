@@ -276,11 +276,13 @@ fn the_leader_reclaims_what_dead_pods_leaked_and_a_new_leader_takes_over() {
     // The leader dies; the other takes over within the lease and reclaims what node n2's
     // removal leaked.
     cs[lead].as_mut().unwrap().kill();
+    let killed = std::time::Instant::now();
     cs[lead] = None;
     let survivor = cs[1 - lead].as_ref().unwrap();
     until("the survivor leads", || {
         (survivor.metric("spiderpool_controller_leader") == 1.0).then_some(())
     });
+    let took_over = killed.elapsed();
     let lease = json_of(
         &cp,
         &[
@@ -297,6 +299,10 @@ fn the_leader_reclaims_what_dead_pods_leaked_and_a_new_leader_takes_over() {
     until("n2's pod's address reclaimed", || {
         holders(&cp, "p7").is_empty().then_some(())
     });
+    eprintln!(
+        "leader SIGKILLed: the other replica led {took_over:?} later (lease 4 s); a leak after that reclaimed {:?} after the kill",
+        killed.elapsed()
+    );
     assert_eq!(
         survivor.metric("spiderpool_ip_gc_cause_counts_total{cause=\"node\"}"),
         1.0,
