@@ -131,11 +131,16 @@ pub async fn check(store: &dyn Store) -> Result<Vec<Problem>, StoreError> {
             .and_then(|s| s.allocated_ip_count)
             .filter(|_| store.mode().is_cluster());
         if let Some(recorded) = written {
-            if recorded != allocs.len() as u64 {
+            // Counted as the status counts: the pool's own addresses only.
+            let held: Vec<IpAddr> = allocs.iter().map(|a| a.ip).collect();
+            let actual = p
+                .to_pool()
+                .map_or(held.len() as u64, |pool| pool.allocated_ip_count(&held));
+            if recorded != actual {
                 problems.push(Problem::CountMismatch {
                     pool: name.clone(),
                     recorded,
-                    actual: allocs.len() as u64,
+                    actual,
                 });
             }
         }
