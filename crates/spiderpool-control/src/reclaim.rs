@@ -264,15 +264,6 @@ pub struct Unreadable {
     pub problem: String,
 }
 
-/// Whether an error is the fault of one object (a value that does not parse, a key that names
-/// nothing) rather than of the datastore (unreachable, busy, a race).
-fn object_fault(e: &StoreError) -> bool {
-    matches!(
-        e,
-        StoreError::Corrupt { .. } | StoreError::Config(_) | StoreError::Rejected(_)
-    )
-}
-
 /// Whether `pod` is `namespace/name`, both parts there.
 fn pod_key(pod: &str) -> bool {
     pod.split_once('/')
@@ -299,7 +290,7 @@ async fn holders(
         // One pool that cannot be read is skipped (and said), never the scan of the others.
         let allocations = match store.allocations(name).await {
             Ok(a) => a,
-            Err(e) if object_fault(&e) => {
+            Err(e) if e.is_object_fault() => {
                 unreadable.push(Unreadable {
                     kind: "SpiderIPPool",
                     name: name.clone(),
@@ -326,7 +317,7 @@ async fn holders(
                 match typed::get(store, Kind::Endpoint, pod).await {
                     Ok(Some(e)) => v.push(e),
                     Ok(None) => {}
-                    Err(e) if object_fault(&e) => unreadable.push(Unreadable {
+                    Err(e) if e.is_object_fault() => unreadable.push(Unreadable {
                         kind: "SpiderEndpoint",
                         name: pod.clone(),
                         problem: e.to_string(),
@@ -408,7 +399,7 @@ pub async fn scan(
         match facts.judge(&pod, &uid, ep, policy, now).await {
             Ok(Some(l)) => leaks.push(l),
             Ok(None) => {}
-            Err(e) if object_fault(&e) => {
+            Err(e) if e.is_object_fault() => {
                 let (kind, name, what) = match held.get(&(pod.clone(), uid.clone())) {
                     Some(a) => (
                         "SpiderIPPool",

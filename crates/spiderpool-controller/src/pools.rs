@@ -90,12 +90,7 @@ fn object_fault(e: &anyhow::Error) -> bool {
         return matches!(s.code, 400 | 422);
     }
     if let Some(e) = e.downcast_ref::<spiderpool_store::StoreError>() {
-        return matches!(
-            e,
-            spiderpool_store::StoreError::Corrupt { .. }
-                | spiderpool_store::StoreError::Config(_)
-                | spiderpool_store::StoreError::Rejected(_)
-        );
+        return e.is_object_fault();
     }
     e.downcast_ref::<serde_json::Error>().is_some()
         || e.downcast_ref::<spiderpool_api::ValidationError>()

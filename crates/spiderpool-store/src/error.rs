@@ -100,6 +100,16 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Conflict(_) | StoreError::Unavailable(_))
     }
+
+    /// Whether the error is the fault of one object (a value that does not parse, a key that
+    /// names nothing, a write refused as invalid) rather than of the datastore (unreachable,
+    /// busy, a race): a reader of many objects skips that one and goes on.
+    pub fn is_object_fault(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt { .. } | StoreError::Config(_) | StoreError::Rejected(_)
+        )
+    }
 }
 
 /// Checks `expect` against the current revision of `what` (`None`: absent). For backends.
