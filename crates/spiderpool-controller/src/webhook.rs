@@ -196,14 +196,9 @@ async fn review(
     kind: Kind,
     mutate: bool,
 ) -> Json<AdmissionReview<DynamicObject>> {
-    let req: AdmissionRequest<DynamicObject> = match body.try_into() {
+    let req = match request_of(body) {
         Ok(r) => r,
-        Err(e) => {
-            return Json(
-                AdmissionResponse::invalid(format!("not an AdmissionReview request: {e}"))
-                    .into_review(),
-            )
-        }
+        Err(e) => return Json(AdmissionResponse::invalid(e).into_review()),
     };
     let resp = if mutate {
         mutation(&ctx, &req, kind).await
@@ -213,19 +208,22 @@ async fn review(
     Json(resp.into_review())
 }
 
+/// The request of a review, or why the body is not one.
+fn request_of(
+    body: AdmissionReview<DynamicObject>,
+) -> Result<AdmissionRequest<DynamicObject>, String> {
+    body.try_into()
+        .map_err(|e| format!("not an AdmissionReview request: {e}"))
+}
+
 /// The node restriction of agents' writes to pool statuses and reserved IPs.
 async fn agents_review(
     State(ctx): State<Arc<Ctx>>,
     Json(body): Json<AdmissionReview<DynamicObject>>,
 ) -> Json<AdmissionReview<DynamicObject>> {
-    let req: AdmissionRequest<DynamicObject> = match body.try_into() {
+    let req = match request_of(body) {
         Ok(r) => r,
-        Err(e) => {
-            return Json(
-                AdmissionResponse::invalid(format!("not an AdmissionReview request: {e}"))
-                    .into_review(),
-            )
-        }
+        Err(e) => return Json(AdmissionResponse::invalid(e).into_review()),
     };
     let asker = agents::asker(&req.user_info, &ctx.agent_users);
     let refusal = agents::refusal(ctx.store.as_ref(), &req, &asker).await;
