@@ -21,16 +21,15 @@ pub(super) struct PendingDel {
 /// The addresses of a NIC, each with its pool.
 type Held = Vec<(String, IpAddr)>;
 
+/// A NIC's record as read: the endpoint's key, the endpoint, its revision and the NIC.
+type Record = (String, SpiderEndpoint, Revision, EndpointInterface);
+
 /// What a DEL is to do.
 enum PreparedDel {
     /// Nothing to release, or what the container holds stays (said in the log).
     Done,
-    /// These ops release the NIC's addresses and drop it from its record.
-    Commit {
-        ops: Vec<Op>,
-        key: String,
-        released: Vec<(String, IpAddr)>,
-    },
+    /// These ops release the NIC's addresses and drop it from its record (as read).
+    Commit { ops: Vec<Op>, record: Box<Record> },
 }
 
 impl IpamService {
@@ -77,13 +76,11 @@ impl IpamService {
                         let _ = p.reply.send(Ok(()));
                     }
                     // One record per transaction, and no more ops than it takes.
-                    Ok(PreparedDel::Commit {
-                        ops: o,
-                        key,
-                        released,
-                    }) if keys.insert(key.clone()) && ops.len() + o.len() <= max_ops => {
+                    Ok(PreparedDel::Commit { ops: o, record })
+                        if keys.insert(record.0.clone()) && ops.len() + o.len() <= max_ops =>
+                    {
                         ops.extend(o);
-                        staged.push((p, key, released));
+                        staged.push((p, record.0, record.3.held()));
                     }
                     Ok(PreparedDel::Commit { .. }) | Err(_) => alone.push(p),
                 }
@@ -150,29 +147,25 @@ impl IpamService {
         ops.push(endpoint_write(key.clone(), &kept, Some(rev)));
         Ok(PreparedDel::Commit {
             ops,
-            key,
-            released: nic.held(),
+            record: Box::new((key, ep, rev, nic)),
         })
     }
 
     pub(super) async fn try_del(&self, pod: &PodRef, cache: &mut ViewCache) -> Result<()> {
-        let (ops, key, released) = match self.prepare_del(pod).await? {
+        let (ops, record) = match self.prepare_del(pod).await? {
             PreparedDel::Done => return Ok(()),
-            PreparedDel::Commit { ops, key, released } => (ops, key, released),
+            PreparedDel::Commit { ops, record } => (ops, record),
         };
         let revision = match self.commit(ops).await {
             Ok(r) => r,
             Err(e @ StoreError::Corrupt { .. }) => {
-                // Read again: the record as it is now, for the release around the bad pool.
-                let Some(found) = record_of(self.store.as_ref(), pod).await? else {
-                    return Ok(());
-                };
-                return self.del_around_corrupt(pod, cache, found, e).await;
+                return self.del_around_corrupt(pod, cache, *record, e).await
             }
             Err(e) => return Err(e.into()),
         };
-        cache.committed(revision, &[], &released);
-        tracing::info!(pod = %key, nic = %pod.nic, released = ?released, "released");
+        let (key, _, _, nic) = *record;
+        cache.committed(revision, &[], &nic.held());
+        tracing::info!(pod = %key, nic = %pod.nic, released = ?nic.held(), "released");
         Ok(())
     }
 
@@ -183,7 +176,7 @@ impl IpamService {
         &self,
         pod: &PodRef,
         cache: &mut ViewCache,
-        (key, ep, rev, nic): (String, SpiderEndpoint, Revision, EndpointInterface),
+        (key, ep, rev, nic): Record,
         cause: StoreError,
     ) -> Result<()> {
         let mut unreadable = std::collections::BTreeSet::new();
@@ -211,7 +204,7 @@ impl IpamService {
         {
             (rest.ipv6, rest.ipv6_pool, rest.ipv6_gateway) = (None, None, None);
         }
-        let released: Vec<(String, IpAddr)> = nic
+        let released: Held = nic
             .held()
             .into_iter()
             .filter(|(p, _)| !unreadable.contains(p))
