@@ -200,6 +200,7 @@ mod conflict;
 mod coordinator;
 mod del;
 mod gc;
+mod plan;
 mod pod;
 mod record;
 mod stateful;
@@ -208,6 +209,7 @@ mod status;
 use add::{Commit, Prefetched, Prepared};
 use batch::PendingAdd;
 pub use conflict::{conflict_reservation_name, CONFLICT_HOLD};
+use plan::Pick;
 use pod::PodRef;
 use record::{endpoint_of, endpoint_write, kube_of, record_of, response_of};
 

@@ -23,11 +23,13 @@ use spiderpool_store::{typed, Kind, Result, Revision, Store};
 
 mod cache;
 mod feed;
+mod records;
 #[cfg(test)]
 mod tests;
 
 pub use cache::ViewCache;
 use feed::*;
+pub use records::RecordBook;
 
 /// The object kinds a view is made of: a change to one of them means reading the view afresh.
 const VIEWED: [Kind; 4] = [Kind::IPPool, Kind::ReservedIP, Kind::Namespace, Kind::Node];
@@ -98,6 +100,17 @@ impl View {
             namespaces: HashMap::new(),
             nodes,
         })
+    }
+
+    /// The datastore revision the view is current at (`None` when the datastore has none).
+    pub fn revision(&self) -> Option<Revision> {
+        self.revision
+    }
+
+    /// Counts `ip` of `pool` as held from now on in this view (an address found in use by
+    /// other means than the pool's holders), if the view has that pool's holders.
+    pub fn mark_held(&mut self, pool: &str, ip: IpAddr) {
+        self.set_held(pool, ip, true);
     }
 
     /// Reads the addresses held in `pool` unless the view has them already.

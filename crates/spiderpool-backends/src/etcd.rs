@@ -280,12 +280,20 @@ fn changes_of(prefix: &str, kinds: &[Kind], events: &[etcd_client::Event]) -> Ve
                 let key = rest.strip_prefix(k.resource())?.strip_prefix('/')?;
                 Some((*k, key))
             });
-            if let Some((kind, key)) = kind {
-                out.push(Change::Object {
+            match kind {
+                Some((Kind::Endpoint, key)) => out.push(Change::Recorded {
+                    key: key.to_string(),
+                    ips: serde_json::from_slice(kv.value())
+                        .map(|v| crate::recorded_of(&v))
+                        .unwrap_or_default(),
+                    revision,
+                }),
+                Some((kind, key)) => out.push(Change::Object {
                     kind,
                     key: key.to_string(),
                     revision,
-                });
+                }),
+                None => {}
             }
         }
     }
@@ -561,23 +569,28 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, after: Revision, kinds: &[Kind]) -> Result<Option<Changes>> {
-        // One watch stream carrying a watch on the allocations and one per object kind, all
-        // from the same revision, so together they miss nothing after `after`.
+        // One watch stream carrying a watch per object kind and, when the pools are watched,
+        // one on the allocations, all from the same revision, so together they miss nothing
+        // after `after`.
         let from = || {
             WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(after as i64 + 1)
         };
-        let allocations = format!("{}/allocations/", self.prefix);
+        let mut prefixes: Vec<String> = kinds.iter().map(|k| self.kind_prefix(*k)).collect();
+        if kinds.contains(&Kind::IPPool) || kinds.is_empty() {
+            prefixes.insert(0, format!("{}/allocations/", self.prefix));
+        }
+        let first = prefixes.remove(0);
         let mut stream = self
             .call(|mut c| {
-                let (key, opts) = (allocations.clone(), from());
+                let (key, opts) = (first.clone(), from());
                 async move { c.watch(key, Some(opts)).await }
             })
             .await?;
-        for kind in kinds {
+        for prefix in prefixes {
             stream
-                .watch(self.kind_prefix(*kind), Some(from()))
+                .watch(prefix, Some(from()))
                 .await
                 .map_err(|e| self.err(e))?;
         }

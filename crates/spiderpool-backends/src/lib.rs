@@ -143,6 +143,23 @@ pub async fn open_with(
     }
 }
 
+/// The addresses a SpiderEndpoint's record holds, by pool, read from the stored object: what a
+/// watch tells of an endpoint ([`spiderpool_store::Change::Recorded`]). A NIC that does not
+/// parse records nothing.
+#[cfg(any(feature = "etcd", feature = "kubernetes"))]
+pub(crate) fn recorded_of(value: &serde_json::Value) -> Vec<(String, std::net::IpAddr)> {
+    value
+        .pointer("/status/current/ips")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|n| {
+            serde_json::from_value::<spiderpool_api::crd::EndpointInterface>(n.clone()).ok()
+        })
+        .flat_map(|n| n.held())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

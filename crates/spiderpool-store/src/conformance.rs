@@ -26,10 +26,10 @@ pub use races::{
     commits_cut_short_are_all_or_nothing, concurrent_compare_and_swap,
     racing_claims_never_duplicate,
 };
-pub use watch::watch_reports_every_change;
+pub use watch::{watch_reports_every_change, watch_tells_recorded_addresses};
 
 /// The names of the checks, each to run on a fresh datastore (see [`run_check`]).
-pub const CHECKS: [&str; 10] = [
+pub const CHECKS: [&str; 11] = [
     "objects",
     "revisions",
     "txn",
@@ -37,6 +37,7 @@ pub const CHECKS: [&str; 10] = [
     "cas",
     "race",
     "watch",
+    "recorded",
     "quiet",
     "cut",
     "upstream",
@@ -57,6 +58,7 @@ where
         "cas" => concurrent_compare_and_swap(open).await,
         "race" => racing_claims_never_duplicate(open).await,
         "watch" => watch_reports_every_change(open().await).await,
+        "recorded" => watch_tells_recorded_addresses(open().await).await,
         "quiet" => no_claims_since_guards_pool_changes(open().await).await,
         "cut" => commits_cut_short_are_all_or_nothing(open).await,
         "upstream" => releases_without_a_container_match_the_incarnation(open().await).await,

@@ -103,6 +103,17 @@ pub enum Change {
         /// Revision of the change.
         revision: Revision,
     },
+    /// A SpiderEndpoint was written or deleted, told instead of [`Change::Object`] for
+    /// [`Kind::Endpoint`]: the addresses it records now, by pool (none once deleted). So a
+    /// watcher knows which addresses are recorded for a pod without reading each record.
+    Recorded {
+        /// The endpoint's key (`namespace/name`).
+        key: String,
+        /// `(pool, address)` of every NIC of the record.
+        ips: Vec<(String, IpAddr)>,
+        /// Revision of the change.
+        revision: Revision,
+    },
     /// An object was written or deleted.
     Object {
         /// Kind.
@@ -310,8 +321,9 @@ pub trait Store: Send + Sync + 'static {
     fn write_counts(&self) -> WriteCounts {
         WriteCounts::default()
     }
-    /// Every change committed after revision `after` to the allocations and to the objects of
-    /// `kinds`, for as long as the receiver is kept. `None` when the backend cannot watch
+    /// Every change committed after revision `after` to the objects of `kinds` and, when they
+    /// include [`Kind::IPPool`], to the allocations, for as long as the receiver is kept
+    /// (endpoints are told as [`Change::Recorded`]). `None` when the backend cannot watch
     /// (callers then compare [`Store::revision`] instead).
     async fn watch(&self, after: Revision, kinds: &[Kind]) -> Result<Option<Changes>> {
         let _ = (after, kinds);

@@ -148,6 +148,79 @@ fn pool_changes(sb: &Sandbox, watched: bool) {
     assert_eq!(sb.allocated("shared"), 2);
 }
 
+#[test]
+fn an_address_an_endpoint_records_is_not_handed_out_though_the_pool_lost_it() {
+    on_both(recorded);
+}
+
+/// Drops `pool`'s holder of `ip` straight in the datastore, leaving the pod's endpoint
+/// record as it is: what a bad edit or a faulty tool does to a pool.
+fn lose_holder(sb: &Sandbox, pool: &str, ip: &str) {
+    let url: spiderpool_backends::DatastoreUrl =
+        sb.datastore().parse().expect("the sandbox's datastore URL");
+    let ip: std::net::IpAddr = ip.parse().expect("an address");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let store = spiderpool_backends::open(&url)
+            .await
+            .expect("the datastore");
+        let held = store.allocations(pool).await.expect("the pool's holders");
+        let a = held
+            .iter()
+            .find(|a| a.ip == ip)
+            .unwrap_or_else(|| panic!("{pool} holds no {ip}"));
+        store
+            .commit(vec![spiderpool_store::Op::Release {
+                pool: pool.into(),
+                ip,
+                container_id: a.holder.container_id.clone(),
+                nic: a.holder.nic.clone(),
+                pod_uid: a.holder.pod_uid.clone(),
+            }])
+            .await
+            .expect("the release");
+    });
+}
+
+/// A pod's record names an address its pool's holders lost (an edit, a faulty tool, a
+/// compromised node): the agent passes over it, says why, and hands it out again once no record
+/// names it.
+fn recorded(sb: &Sandbox, _watched: bool) {
+    sb.apply(POOL);
+    let a = sb.agent("node-a", "");
+    // Where a watch follows the records, the agent has heard of each change before the ADD.
+    let follows = !sb.datastore().starts_with("sqlite://");
+    if follows {
+        a.wait_for_log(&["following the endpoint records"], 1);
+    }
+    assert_eq!(add(&a.socket, 0), "10.6.0.10/16");
+    if follows {
+        a.wait_for_log(&["an endpoint record changed", "default/p0"], 1);
+    }
+    lose_holder(sb, "shared", "10.6.0.10");
+    assert_eq!(sb.allocated("shared"), 0, "the pool lost its holder");
+    assert_eq!(add(&a.socket, 1), "10.6.0.11/16");
+    a.wait_for_log(
+        &[
+            "not handing out an address the pool's holders lost",
+            "10.6.0.10",
+            "default/p0",
+        ],
+        1,
+    );
+    // The record goes with its pod: the address is free again.
+    let del = CniCall::new("DEL", "c0", "p0", &conf(&a.socket)).run();
+    assert!(del.success, "{}{}", del.stdout, del.stderr);
+    if follows {
+        a.wait_for_log(&["an endpoint record changed", "default/p0"], 2);
+    }
+    assert_eq!(add(&a.socket, 2), "10.6.0.10/16");
+    assert_eq!(sb.allocated("shared"), 2);
+}
+
 /// `POST /v1/coordinator/config` on the agent's socket.
 fn coordinator_config(agent: &Agent, namespace: &str, pod: &str) -> (u16, serde_json::Value) {
     spiderpool_testkit::request(

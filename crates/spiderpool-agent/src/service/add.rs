@@ -8,14 +8,13 @@ use spiderpool_api::annotation;
 use spiderpool_api::crd::{EndpointInterface, EndpointStatus, RouteSpec, API_VERSION};
 use spiderpool_api::{Object, ObjectMeta, SpiderEndpoint, ValidationError};
 use spiderpool_control::autopool;
-use spiderpool_core::candidate::{AllocError, Rejected, Rejection};
-use spiderpool_core::pick::{free_at, Spread};
-use spiderpool_core::{IpFamily, Pool, PoolNames, Request};
+use spiderpool_core::candidate::AllocError;
+use spiderpool_core::{IpFamily, PoolNames};
 use spiderpool_store::{typed, Holder, Kind, Op, Revision, StoreError};
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::view::{View, ViewCache};
+use crate::view::ViewCache;
 
 /// An ADD ready to commit.
 pub(super) struct Commit {
@@ -48,20 +47,6 @@ pub(super) enum Prepared {
     Commit(Commit),
     /// Needs its own transactions; leave it out of the batch.
     Alone,
-}
-
-/// One address chosen for one family.
-pub(super) struct Pick {
-    pub(super) family: IpFamily,
-    pub(super) pool: Pool,
-    pub(super) pool_revision: Revision,
-    pub(super) ip: IpAddr,
-}
-
-/// The addresses chosen for one NIC.
-pub(super) struct Picks {
-    pub(super) picks: Vec<Pick>,
-    pub(super) clean_gateway: bool,
 }
 
 impl IpamService {
@@ -319,12 +304,16 @@ impl IpamService {
             .unwrap_or_default();
 
         let contended = cache.contended();
+        let records = cache.records();
         // A batch works on one view from start to commit, so its members' picks all stand.
         let view = if batched {
             cache.pinned(store).await?
         } else {
             cache.current(store).await?
         };
+        if let Some(book) = &records {
+            book.refresh(store, view.revision()).await?;
+        }
         let (namespace_labels, namespace_annotations) =
             view.namespace(store, &pod.namespace).await?;
         let node_labels = view
@@ -399,7 +388,14 @@ impl IpamService {
         let spread = contended.then(|| view.spread(&self.node.name));
         let pools = std::mem::take(&mut view.pools);
         let planned = self
-            .plan_claims(&req, &pools, view, &key, previous.as_ref(), spread)
+            .plan_claims(
+                &req,
+                &pools,
+                view,
+                (&key, previous.as_ref()),
+                spread,
+                records.as_deref(),
+            )
             .await;
         view.pools = pools;
         let picks = planned?;
@@ -521,106 +517,6 @@ impl IpamService {
             resp: response_of(&nic),
             reused: previous.is_some(),
         }))
-    }
-
-    /// The plan for the request and, per family, the address to claim: the previous
-    /// sandbox's address when its pool is still a candidate, else the first candidate's lowest
-    /// free address.
-    pub(super) async fn plan_claims(
-        &self,
-        req: &Request,
-        pools: &[Pool],
-        view: &mut View,
-        pod: &str,
-        previous: Option<&EndpointInterface>,
-        spread: Option<Spread>,
-    ) -> Result<Picks> {
-        let plan = req.plan(pools)?;
-        let kept: Vec<(String, IpAddr)> = previous.map(EndpointInterface::held).unwrap_or_default();
-        let mut picks = Vec::new();
-        for fp in &plan.families {
-            let reuse = kept.iter().find(|(pool, ip)| {
-                IpFamily::of(ip) == fp.family && fp.pools.iter().any(|p| &p.name == pool)
-            });
-            if let Some((pool_name, ip)) = reuse {
-                let pool = fp
-                    .pools
-                    .iter()
-                    .find(|p| &p.name == pool_name)
-                    .expect("found above");
-                picks.push(Pick {
-                    family: fp.family,
-                    pool_revision: view.pool_revs[&pool.name],
-                    pool: (*pool).clone(),
-                    ip: *ip,
-                });
-                continue;
-            }
-            let mut rejected = Vec::new();
-            let mut unreadable = None;
-            let mut found = None;
-            for pool in &fp.pools {
-                // A pool whose holders cannot be read fails alone: the group goes on to the
-                // next pool.
-                match view.load_held(self.store.as_ref(), &pool.name).await {
-                    Ok(()) => {}
-                    Err(e @ StoreError::Corrupt { .. }) => {
-                        tracing::warn!(pool = %pool.name, %pod, error = %e,
-                            "skipping a pool whose holders cannot be read; trying the next of the group");
-                        rejected.push(Rejected {
-                            pool: pool.name.clone(),
-                            reason: Rejection::Unreadable(e.to_string()),
-                        });
-                        unreadable.get_or_insert(e);
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-                let in_use = view.held(&pool.name);
-                if let Some(ip) = free_at(pool, &view.reserved, in_use, spread) {
-                    found = Some(((*pool).clone(), ip));
-                    break;
-                }
-                rejected.push(Rejected {
-                    pool: pool.name.clone(),
-                    reason: Rejection::Exhausted {
-                        used: u64::try_from(
-                            pool.usable()
-                                .intersection(&in_use.union(&view.reserved))
-                                .len(),
-                        )
-                        .unwrap_or(u64::MAX),
-                        total: pool.total_ip_count(),
-                    },
-                });
-            }
-            let Some((pool, ip)) = found else {
-                // Nothing but unreadable pools: the datastore's error, as before.
-                if let Some(e) = unreadable.filter(|_| {
-                    rejected
-                        .iter()
-                        .all(|r| matches!(r.reason, Rejection::Unreadable(_)))
-                }) {
-                    return Err(e.into());
-                }
-                return Err(AllocError::Exhausted {
-                    family: fp.family,
-                    pod: pod.to_string(),
-                    rejected,
-                }
-                .into());
-            };
-            picks.push(Pick {
-                family: fp.family,
-                pool_revision: view.pool_revs[&pool.name],
-                pool,
-                ip,
-            });
-        }
-        Ok(Picks {
-            picks,
-            clean_gateway: plan.clean_gateway,
-        })
     }
 }
 

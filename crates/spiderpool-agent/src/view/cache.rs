@@ -31,6 +31,8 @@ pub struct ViewCache {
     pub(super) staged: Vec<(String, IpAddr, bool)>,
     /// Notified when the watch reports that the view must be read afresh.
     pub(super) stale: Arc<Notify>,
+    /// Which addresses the endpoints record (checked before an address goes out).
+    pub(super) records: Option<Arc<RecordBook>>,
 }
 
 impl ViewCache {
@@ -39,12 +41,19 @@ impl ViewCache {
     pub fn following(store: Arc<dyn Store>) -> Self {
         let feed = Arc::new(Mutex::new(Feed::default()));
         let stale = Arc::new(Notify::new());
+        let records = RecordBook::following(store.clone());
         tokio::spawn(follow(store, feed.clone(), stale.clone()));
         ViewCache {
             feed: Some(feed),
             stale,
+            records: Some(records),
             ..ViewCache::default()
         }
+    }
+
+    /// The endpoint records the agent checks its picks against, if it keeps them.
+    pub fn records(&self) -> Option<Arc<RecordBook>> {
+        self.records.clone()
     }
 
     /// Notified whenever the watch reports that the view must be read afresh (see
@@ -165,6 +174,9 @@ impl ViewCache {
         released: &[(String, IpAddr)],
     ) {
         let watched = self.watched();
+        if let Some(r) = &self.records {
+            r.committed(revision);
+        }
         match &mut self.view {
             Some(v) if watched => {
                 v.apply(claimed, released);

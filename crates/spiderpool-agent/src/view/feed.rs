@@ -37,6 +37,8 @@ impl Feed {
                     tracing::trace!(%pool, %ip, held, revision, "an address changed");
                     self.allocations.insert((pool, ip), (held, revision));
                 }
+                // (Endpoints are not among the viewed kinds: the record book follows them.)
+                Change::Recorded { .. } => {}
                 Change::Object {
                     kind,
                     key,

@@ -1,7 +1,8 @@
 //! The watch behind `Store::watch`: one API watch per kind, resumed from the last revision
 //! after the server's timeout; a pool's events are told as the addresses that changed (against
-//! the holders known from the start) and, when its spec changed, the pool; other objects only
-//! when what their watchers care about changed (a Node's labels, not its heartbeat).
+//! the holders known from the start) and, when its spec changed, the pool; an endpoint's as
+//! the addresses it records; other objects only when what their watchers care about changed
+//! (a Node's labels, not its heartbeat).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -18,8 +19,20 @@ pub(super) async fn watch(
     after: Revision,
     kinds: &[Kind],
 ) -> Result<Option<Changes>> {
-    // The pools as of the start: what their holders' changes are told against.
-    let (pools, start) = if after == 0 {
+    // The pools as of the start: what their holders' changes are told against. A watch of
+    // other kinds only tells no allocation and reads no pool.
+    let watch_pools = kinds.contains(&Kind::IPPool) || kinds.is_empty();
+    let (pools, start) = if !watch_pools {
+        let start = match after {
+            // Now: the revision of a (one-item) list of the first kind.
+            0 => {
+                let lp = ListParams::default().limit(1);
+                inner.list_objects(kinds[0], &lp).await?.1
+            }
+            after => after,
+        };
+        (Vec::new(), start)
+    } else if after == 0 {
         inner
             .list_objects(Kind::IPPool, &ListParams::default())
             .await?
@@ -43,7 +56,11 @@ pub(super) async fn watch(
         baseline.insert(name, (o.metadata.generation, entries));
     }
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let mut watched: Vec<Kind> = vec![Kind::IPPool];
+    let mut watched: Vec<Kind> = if watch_pools {
+        vec![Kind::IPPool]
+    } else {
+        Vec::new()
+    };
     watched.extend(
         kinds
             .iter()
@@ -183,6 +200,14 @@ pub(super) fn changes_of(
         };
         if !changed {
             return Vec::new();
+        }
+        if kind == Kind::Endpoint {
+            let ips = if deleted {
+                Vec::new()
+            } else {
+                crate::recorded_of(&serde_json::to_value(o).unwrap_or_default())
+            };
+            return vec![Change::Recorded { key, ips, revision }];
         }
         return vec![Change::Object {
             kind,

@@ -90,7 +90,9 @@ pub async fn watch_reports_every_change(s: Arc<dyn Store>) {
     }
     // Each key's changes come in order; the allocations and each kind may interleave.
     got.sort_by_key(|c| match c {
-        Change::Allocation { revision, .. } | Change::Object { revision, .. } => *revision,
+        Change::Allocation { revision, .. }
+        | Change::Object { revision, .. }
+        | Change::Recorded { revision, .. } => *revision,
     });
     if global.is_none() {
         // Without a datastore-wide revision a commit's writes have revisions of their own
@@ -105,6 +107,11 @@ pub async fn watch_reports_every_change(s: Arc<dyn Store>) {
             Change::Object { kind, key, .. } => Change::Object {
                 kind,
                 key,
+                revision: 0,
+            },
+            Change::Recorded { key, ips, .. } => Change::Recorded {
+                key,
+                ips,
                 revision: 0,
             },
         };
@@ -123,4 +130,98 @@ pub async fn watch_reports_every_change(s: Arc<dyn Store>) {
         .unwrap()
         .unwrap();
     assert_eq!(first, [object(Kind::Node, "n1", r5)]);
+}
+
+/// A watch of [`Kind::Endpoint`] tells each record's addresses as they are now: what a write
+/// leaves recorded (by pool, every NIC), nothing once the record is deleted; and, without
+/// [`Kind::IPPool`] among its kinds, no allocation.
+pub async fn watch_tells_recorded_addresses(s: Arc<dyn Store>) {
+    let r0 = s.revision().await.unwrap().unwrap_or(0);
+    let Some(mut changes) = s.watch(r0, &[Kind::Endpoint]).await.unwrap() else {
+        return;
+    };
+    let nic = |name: &str, v4: &str, v6: Option<&str>| {
+        json!({"interface": name, "containerID": "c1", "ipv4": format!("{v4}/24"),
+               "ipv4Pool": "p4", "ipv6": v6.map(|a| format!("{a}/64")), "ipv6Pool": v6.map(|_| "p6")})
+    };
+    let record = |nics: Vec<serde_json::Value>| {
+        json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderEndpoint",
+               "metadata": {"name": "x", "namespace": "default"},
+               "status": {"current": {"uid": "u1", "node": "n1", "ips": nics}}})
+    };
+    // A pool's holders are not told to a watch of endpoints only.
+    let r1 = s
+        .commit(vec![put(
+            Kind::IPPool,
+            "p4",
+            json!({"spec": {}}),
+            Expect::Absent,
+        )])
+        .await
+        .unwrap();
+    s.commit(vec![
+        Op::Claim {
+            pool: "p4".into(),
+            ip: ip("10.0.0.5"),
+            holder: holder("c1", "eth0"),
+            pool_revision: r1,
+        },
+        put(
+            Kind::Endpoint,
+            "default/x",
+            record(vec![nic("eth0", "10.0.0.5", Some("fd00::5"))]),
+            Expect::Absent,
+        ),
+    ])
+    .await
+    .unwrap();
+    s.commit(vec![put(
+        Kind::Endpoint,
+        "default/x",
+        record(vec![
+            nic("eth0", "10.0.0.5", Some("fd00::5")),
+            nic("net1", "10.0.1.7", None),
+        ]),
+        Expect::Any,
+    )])
+    .await
+    .unwrap();
+    s.commit(vec![Op::Delete {
+        kind: Kind::Endpoint,
+        key: "default/x".into(),
+        expect: Expect::Any,
+    }])
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let batch = tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the watch stopped after {got:?}"))
+            .expect("the watch is still open")
+            .unwrap();
+        got.extend(batch.into_iter().map(|c| match c {
+            Change::Recorded { key, ips, .. } => (key, ips),
+            other => panic!("an endpoint's change told as {other:?}"),
+        }));
+    }
+    let at = |pool: &str, a: &str| (pool.to_string(), ip(a));
+    assert_eq!(
+        got,
+        [
+            (
+                "default/x".to_string(),
+                vec![at("p4", "10.0.0.5"), at("p6", "fd00::5")]
+            ),
+            (
+                "default/x".to_string(),
+                vec![
+                    at("p4", "10.0.0.5"),
+                    at("p6", "fd00::5"),
+                    at("p4", "10.0.1.7")
+                ]
+            ),
+            ("default/x".to_string(), vec![]),
+        ]
+    );
 }
