@@ -231,18 +231,68 @@ impl RealCluster {
             "daemonset/spiderpool-agent",
             "deployment/spiderpool-controller",
         ] {
-            self.cp.kubectl_ok(
+            let args = [
+                "-n",
+                "kube-system",
+                "rollout",
+                "status",
+                w,
+                "--timeout=300s",
+            ];
+            let out = self.cp.kubectl(&args, "");
+            if !out.success {
+                panic!(
+                    "kubectl {args:?} failed:\n{}{}\n{}",
+                    out.stdout,
+                    out.stderr,
+                    self.why_not_ready()
+                );
+            }
+        }
+    }
+
+    /// What kube-system's pods, their events and the project's containers' last log lines say:
+    /// for a rollout that did not finish.
+    pub fn why_not_ready(&self) -> String {
+        let mut report = String::new();
+        let mut add = |title: &str, args: &[&str]| {
+            let out = self.cp.kubectl(args, "");
+            report.push_str(&format!("--- {title}\n{}{}\n", out.stdout, out.stderr));
+        };
+        add("pods", &["-n", "kube-system", "get", "pods", "-o", "wide"]);
+        add(
+            "events",
+            &[
+                "-n",
+                "kube-system",
+                "get",
+                "events",
+                "--sort-by=.lastTimestamp",
+            ],
+        );
+        for component in ["spiderpool-controller", "spiderpool-agent"] {
+            let selector = format!("app.kubernetes.io/component={component}");
+            add(
+                &format!("{component} logs"),
                 &[
                     "-n",
                     "kube-system",
-                    "rollout",
-                    "status",
-                    w,
-                    "--timeout=300s",
+                    "logs",
+                    "-l",
+                    &selector,
+                    "--all-containers",
+                    "--prefix",
+                    "--tail=40",
                 ],
-                "",
             );
         }
+        // (The events say most; the report is cut so a panic stays readable.)
+        if report.len() > 60_000 {
+            let cut = report.floor_char_boundary(60_000);
+            report.truncate(cut);
+            report.push_str("\n… (cut)");
+        }
+        report
     }
 
     /// `https://UPLINK:PORT`: the API server as the nodes reach it.
