@@ -187,6 +187,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// DELs per group commit.
     pub del_batch_size: Histogram,
+    /// How long a DEL waits for others to join its group commit, in seconds.
+    pub release_gather_seconds: Gauge<f64, AtomicU64>,
     /// Time of a datastore commit, in seconds.
     pub commit_seconds: Histogram,
     /// The datastore's own counts of its writes, as of the last scrape.
@@ -219,6 +221,12 @@ impl Default for Metrics {
             "spiderpool_agent_release_group_commit_size",
             "DELs committed together in one datastore transaction (two or more)",
             del_batch_size.clone(),
+        );
+        let release_gather_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "spiderpool_agent_release_gather_seconds",
+            "How long a DEL waits for others to join its group commit (opened by pool-status write conflicts; 0: not at all)",
+            release_gather_seconds.clone(),
         );
         registry.register(
             "spiderpool_agent_datastore_commit_duration_seconds",
@@ -256,6 +264,7 @@ impl Default for Metrics {
             release,
             batch_size,
             del_batch_size,
+            release_gather_seconds,
             commit_seconds,
             pools,
             pool_total,

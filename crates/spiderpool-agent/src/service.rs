@@ -144,6 +144,8 @@ pub struct IpamService {
     state: Mutex<ViewCache>,
     queue: std::sync::Mutex<Vec<PendingAdd>>,
     del_queue: std::sync::Mutex<Vec<del::PendingDel>>,
+    /// How long a DEL waits for others to join its group commit.
+    gather: gather::Gather,
     /// What the agent counts (`--metrics-addr`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// How long an ADD waits for its auto pool (`--auto-pool-wait`); `None`: auto pools are
@@ -199,6 +201,7 @@ mod check;
 mod conflict;
 mod coordinator;
 mod del;
+mod gather;
 mod gc;
 mod plan;
 mod pod;
@@ -222,6 +225,7 @@ impl IpamService {
             node,
             queue: std::sync::Mutex::new(Vec::new()),
             del_queue: std::sync::Mutex::new(Vec::new()),
+            gather: Default::default(),
             metrics: Arc::default(),
             auto_pool_wait: Some(AUTO_POOL_WAIT),
             multus: Default::default(),

@@ -18,6 +18,9 @@ pub(super) struct PendingDel {
     reply: oneshot::Sender<Result<()>>,
 }
 
+/// How many records a batch of DELs reads at once.
+const PREPARE_AT_ONCE: usize = 16;
+
 /// The addresses of a NIC, each with its pool.
 type Held = Vec<(String, IpAddr)>;
 
@@ -39,18 +42,42 @@ impl IpamService {
     pub async fn del(&self, args: &IpamDelArgs) -> Result<()> {
         let pod = PodRef::of_del(args)?;
         let (tx, mut rx) = oneshot::channel();
-        self.del_queue
-            .lock()
-            .expect("queue lock")
-            .push(PendingDel { pod, reply: tx });
+        let first = {
+            let mut q = self.del_queue.lock().expect("queue lock");
+            q.push(PendingDel { pod, reply: tx });
+            q.len() == 1
+        };
+        // While release commits meet conflicts, the DEL that found the queue empty waits for
+        // others to join it; those that joined wait for its answer (and serve themselves if
+        // it does not come).
+        let window = self.gather.window();
+        if !window.is_zero() {
+            if first {
+                tokio::time::sleep(window).await;
+            } else if let Ok(Ok(r)) =
+                tokio::time::timeout(window * 2 + Duration::from_millis(100), &mut rx).await
+            {
+                return r;
+            }
+        }
         let mut cache = self.state.lock().await;
         if let Ok(r) = rx.try_recv() {
             return r;
         }
         let batch: Vec<PendingDel> =
             std::mem::take(&mut *self.del_queue.lock().expect("queue lock"));
+        let conflicts = self.store.write_counts().pool_conflicts;
         self.del_batch(batch, &mut cache).await;
+        let conflicts = self
+            .store
+            .write_counts()
+            .pool_conflicts
+            .saturating_sub(conflicts);
         drop(cache);
+        let window = self.gather.observe(conflicts);
+        self.metrics
+            .release_gather_seconds
+            .set(window.as_secs_f64());
         rx.try_recv().unwrap_or_else(|_| {
             Err(
                 StoreError::Unavailable("the request was abandoned while queued; try again".into())
@@ -70,8 +97,17 @@ impl IpamService {
         if batch.len() == 1 {
             alone = batch;
         } else {
-            for p in batch {
-                match self.prepare_del(&p.pod).await {
+            // The records are read side by side (a round trip each on Kubernetes), a chunk at
+            // a time.
+            let mut prepared = Vec::with_capacity(batch.len());
+            for chunk in batch.chunks(PREPARE_AT_ONCE) {
+                prepared.extend(
+                    futures_util::future::join_all(chunk.iter().map(|p| self.prepare_del(&p.pod)))
+                        .await,
+                );
+            }
+            for (p, prepared) in batch.into_iter().zip(prepared) {
+                match prepared {
                     Ok(PreparedDel::Done) => {
                         let _ = p.reply.send(Ok(()));
                     }

@@ -80,7 +80,10 @@ impl Inner {
     pub(super) async fn update_pool(&self, pool: &str, ops: &[Op]) -> Result<Option<Revision>> {
         let (api, _) = self.api(Kind::IPPool, pool)?;
         let claims = ops.iter().any(|o| matches!(o, Op::Claim { .. }));
-        for _ in 0..RELAY.attempts {
+        for attempt in 0..RELAY.attempts {
+            if attempt > 0 {
+                tokio::time::sleep(relay_jitter(attempt)).await;
+            }
             let Some(mut obj) = self.get_object(Kind::IPPool, pool).await? else {
                 if claims {
                     return Err(StoreError::changed(format!(
@@ -236,4 +239,15 @@ impl Inner {
         }
         Ok(Some(rv))
     }
+}
+
+/// A short random wait before a pool's status write is laid again after its `attempt`-th 409
+/// (0 to 2^attempt ms, at most 32): agents that lost to the same writer do not all read and
+/// write the whole status again at the same instant.
+fn relay_jitter(attempt: u32) -> std::time::Duration {
+    use std::hash::BuildHasher;
+    let cap = 1u64 << attempt.min(5);
+    // Every RandomState is seeded afresh: a cheap source of distinct random numbers.
+    let r = std::collections::hash_map::RandomState::new().hash_one(attempt);
+    std::time::Duration::from_millis(r % (cap + 1))
 }
