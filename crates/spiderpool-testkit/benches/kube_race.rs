@@ -203,7 +203,10 @@ fn main() {
             .collect()
     };
     let this_agent = bin("spiderpool-agent");
-    let baseline_agent = std::env::var_os("SPIDERPOOL_BASELINE_AGENT").map(PathBuf::from);
+    // Several baselines: paths separated by ':'.
+    let baseline_agents: Vec<PathBuf> = std::env::var_os("SPIDERPOOL_BASELINE_AGENT")
+        .map(|v| std::env::split_paths(&v).collect())
+        .unwrap_or_default();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt.block_on(async {
         let kc = kube::config::Kubeconfig::read_from(&cp.kubeconfig).unwrap();
@@ -239,9 +242,13 @@ fn main() {
             base.failed,
             base_del.as_secs_f64()
         );
-        let mut builds: Vec<(&str, PathBuf)> = vec![("spiderpool, kubernetes", this_agent.clone())];
-        if let Some(old) = &baseline_agent {
-            builds.push(("spiderpool, kubernetes, baseline agent", old.clone()));
+        let mut builds: Vec<(String, PathBuf)> =
+            vec![("spiderpool, kubernetes".into(), this_agent.clone())];
+        for old in &baseline_agents {
+            builds.push((
+                format!("spiderpool, kubernetes, baseline agent {}", old.display()),
+                old.clone(),
+            ));
         }
         for (name, binary) in builds {
             let agents = start_agents(&binary);
