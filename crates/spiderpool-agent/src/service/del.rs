@@ -94,6 +94,8 @@ impl IpamService {
         let mut ops: Vec<Op> = Vec::new();
         let mut keys = std::collections::HashSet::new();
         let max_ops = self.store.max_ops();
+        let started = std::time::Instant::now();
+        let requests = batch.len();
         if batch.len() == 1 {
             alone = batch;
         } else {
@@ -125,6 +127,7 @@ impl IpamService {
         if staged.len() == 1 {
             alone.extend(staged.drain(..).map(|(p, _, _)| p));
         }
+        let prepared_us = started.elapsed().as_micros() as u64;
         if !staged.is_empty() {
             match self.commit(ops).await {
                 Ok(revision) => {
@@ -134,6 +137,14 @@ impl IpamService {
                         .collect();
                     cache.committed(revision, &[], &released);
                     self.metrics.del_batch_size.observe(staged.len() as f64);
+                    tracing::debug!(
+                        requests,
+                        committed = staged.len(),
+                        alone = alone.len(),
+                        prepared_us,
+                        committed_us = started.elapsed().as_micros() as u64,
+                        "committed a batch of releases"
+                    );
                     for (p, key, released) in staged {
                         tracing::info!(pod = %key, nic = %p.pod.nic, released = ?released, "released");
                         let _ = p.reply.send(Ok(()));
