@@ -441,6 +441,18 @@ pub struct SpiderEndpoint {
     pub status: EndpointStatus,
 }
 
+impl SpiderEndpoint {
+    /// The addresses the record holds on every NIC, each with its pool.
+    pub fn held(&self) -> Vec<(String, IpAddr)> {
+        self.status
+            .current
+            .ips
+            .iter()
+            .flat_map(EndpointInterface::held)
+            .collect()
+    }
+}
+
 fn parse_family(field: &str, v: Option<i64>) -> Result<Option<IpFamily>, ValidationError> {
     v.map(|n| {
         IpFamily::from_number(n)

@@ -154,7 +154,7 @@ impl IpamService {
                 typed::get(self.store.as_ref(), Kind::Endpoint, &other)
                     .await?
                     .and_then(|(o, _)| endpoint_of(o))
-                    .map(|e| e.status.current.ips.iter().flat_map(|n| n.held()).collect())
+                    .map(|e| e.held())
                     .unwrap_or_default();
             let still = now.iter().any(|(p, i)| p == &pool.name && *i == ip);
             book.correct(&other, now);

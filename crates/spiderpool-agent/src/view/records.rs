@@ -53,14 +53,8 @@ impl Records {
     fn listed(objects: Vec<(Object, Revision)>) -> Records {
         let mut r = Records::default();
         for (o, _) in objects {
-            if let Object::Endpoint(e) = o {
-                let key = format!(
-                    "{}/{}",
-                    e.metadata.namespace.as_deref().unwrap_or_default(),
-                    e.metadata.name
-                );
-                let ips = e.status.current.ips.iter().flat_map(|n| n.held()).collect();
-                r.set(&key, ips);
+            if let Object::Endpoint(e) = &o {
+                r.set(&o.key(), e.held());
             }
         }
         r
