@@ -79,15 +79,7 @@ pub async fn watch_reports_every_change(s: Arc<dyn Store>) {
         alloc("fd00::1", false, r4),
         object(Kind::Node, "n1", r5),
     ];
-    let mut got = Vec::new();
-    while got.len() < want.len() {
-        let batch = tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
-            .await
-            .unwrap_or_else(|_| panic!("the watch stopped after {got:?}"))
-            .expect("the watch is still open")
-            .unwrap();
-        got.extend(batch);
-    }
+    let mut got = next_changes(&mut changes, want.len()).await;
     // Each key's changes come in order; the allocations and each kind may interleave.
     got.sort_by_key(|c| match c {
         Change::Allocation { revision, .. }
@@ -193,18 +185,14 @@ pub async fn watch_tells_recorded_addresses(s: Arc<dyn Store>) {
     }])
     .await
     .unwrap();
-    let mut got = Vec::new();
-    while got.len() < 3 {
-        let batch = tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
-            .await
-            .unwrap_or_else(|_| panic!("the watch stopped after {got:?}"))
-            .expect("the watch is still open")
-            .unwrap();
-        got.extend(batch.into_iter().map(|c| match c {
+    let got: Vec<(String, Vec<(String, IpAddr)>)> = next_changes(&mut changes, 3)
+        .await
+        .into_iter()
+        .map(|c| match c {
             Change::Recorded { key, ips, .. } => (key, ips),
             other => panic!("an endpoint's change told as {other:?}"),
-        }));
-    }
+        })
+        .collect();
     let at = |pool: &str, a: &str| (pool.to_string(), ip(a));
     assert_eq!(
         got,
@@ -224,4 +212,18 @@ pub async fn watch_tells_recorded_addresses(s: Arc<dyn Store>) {
             ("default/x".to_string(), vec![]),
         ]
     );
+}
+
+/// At least `n` changes from the watch, as many batches as it takes (each within 10 s).
+async fn next_changes(changes: &mut crate::Changes, n: usize) -> Vec<Change> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let batch = tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the watch stopped after {got:?}"))
+            .expect("the watch is still open")
+            .unwrap();
+        got.extend(batch);
+    }
+    got
 }
