@@ -41,6 +41,17 @@ impl KubeObject {
             .and_then(Value::as_i64)
             .unwrap_or(1)
     }
+
+    /// The ordinals of a StatefulSet's members: `spec.ordinals.start` (0 unless set) up to,
+    /// not including, start + `replicas`. A pod whose ordinal is outside was scaled away.
+    pub fn ordinals(&self) -> std::ops::Range<i64> {
+        let start = self
+            .spec
+            .pointer("/ordinals/start")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        start..start.saturating_add(self.replicas().max(0))
+    }
 }
 
 /// The apps/v1 and batch/v1 workload kinds accepted by `apply`.
@@ -52,3 +63,36 @@ pub const WORKLOAD_KINDS: &[&str] = &[
     "Job",
     "CronJob",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sts(spec: Value) -> KubeObject {
+        KubeObject {
+            kind: "StatefulSet".into(),
+            spec,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ordinals_start_where_the_statefulset_says() {
+        assert_eq!(sts(serde_json::json!({"replicas": 3})).ordinals(), 0..3);
+        assert_eq!(
+            sts(serde_json::json!({"replicas": 3, "ordinals": {"start": 5}})).ordinals(),
+            5..8
+        );
+        // Scaled to nothing: no member, wherever the ordinals start.
+        assert!(
+            sts(serde_json::json!({"replicas": 0, "ordinals": {"start": 5}}))
+                .ordinals()
+                .is_empty()
+        );
+        // Kubernetes' default of one replica.
+        assert_eq!(
+            sts(serde_json::json!({"ordinals": {"start": 2}})).ordinals(),
+            2..3
+        );
+    }
+}

@@ -376,8 +376,8 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
 }
 
 /// Whether the pod `namespace/pod` belongs to a StatefulSet that still wants it (its ordinal is
-/// below the StatefulSet's `replicas`): such a pod keeps its addresses across sandboxes and
-/// re-creations, and no reclaim takes them.
+/// among the StatefulSet's, from `spec.ordinals.start` for `replicas`): such a pod keeps its
+/// addresses across sandboxes and re-creations, and no reclaim takes them.
 pub async fn stateful_member(
     store: &dyn Store,
     namespace: &str,
@@ -396,11 +396,10 @@ pub async fn stateful_member(
         return Ok(false);
     };
     let key = format!("{namespace}/StatefulSet/{owner_name}");
-    let replicas = match typed::get(store, Kind::Workload, &key).await? {
-        Some((Object::Kube(_, w), _)) => Some(w.replicas()),
-        _ => None,
-    };
-    Ok(replicas.is_some_and(|r| ordinal < r))
+    Ok(match typed::get(store, Kind::Workload, &key).await? {
+        Some((Object::Kube(_, w), _)) => w.ordinals().contains(&ordinal),
+        _ => false,
+    })
 }
 
 /// Whether `ep` records `ip` of `pool` for `holder`: a NIC of it whose release would free the

@@ -782,7 +782,12 @@ fn l00007_daemonset_across_zones_follows_each_node() {
 }
 
 fn statefulset(replicas: i64) -> String {
-    format!("---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: web, namespace: default}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{containers: [{{name: c, image: registry.invalid/c}}]}}\n")
+    statefulset_from(0, replicas)
+}
+
+/// The StatefulSet `web` whose ordinals start at `start` (`spec.ordinals.start`).
+fn statefulset_from(start: i64, replicas: i64) -> String {
+    format!("---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: web, namespace: default}}\nspec:\n  replicas: {replicas}\n  ordinals: {{start: {start}}}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{containers: [{{name: c, image: registry.invalid/c}}]}}\n")
 }
 
 #[test]
@@ -858,6 +863,44 @@ fn statefulset_scale_down_releases_the_ordinals_that_left() {
         .ctl(&["get", "endpoint", "default/web-1"], "")
         .stderr
         .contains("not found"));
+}
+
+#[test]
+fn statefulset_members_are_counted_from_ordinals_start() {
+    // Members web-5 and web-6 (ordinals from 5, two replicas): both keep their addresses when
+    // their sandboxes go, though their ordinals are not below `replicas`.
+    let lab = Lab::new(&[zones(), statefulset_from(5, 2)].concat());
+    let ann = json!({"ipam.spidernet.io/ippool": r#"{"ipv4":["v4-a"]}"#});
+    for (i, member) in ["web-5", "web-6"].iter().enumerate() {
+        lab.sb.apply(&pod(
+            "default",
+            member,
+            ann.clone(),
+            json!({}),
+            Some(("StatefulSet", "web")),
+        ));
+        assert_eq!(
+            ip(&lab.add(member, &format!("s{i}"), "eth0")),
+            format!("10.6.0.1{i}/16")
+        );
+    }
+    lab.sb
+        .apply(&pod("default", "other", ann.clone(), json!({}), None));
+    assert!(lab.del("web-6", "s1", "eth0").success);
+    assert_eq!(lab.sb.allocated("v4-a"), 2, "web-6 keeps 10.6.0.11");
+    assert_eq!(ip(&lab.add("other", "o", "eth0")), "10.6.0.12/16");
+    assert_eq!(ip(&lab.add("web-6", "s2", "eth0")), "10.6.0.11/16");
+    // Scaled to one: web-6 is no member any more, its DEL releases; web-5 stays one.
+    lab.sb.apply(&statefulset_from(5, 1));
+    assert!(lab.del("web-6", "s2", "eth0").success);
+    assert!(lab.del("web-5", "s0", "eth0").success);
+    assert_eq!(lab.sb.allocated("v4-a"), 2, "web-5 and other hold theirs");
+    assert!(lab
+        .sb
+        .ctl(&["get", "endpoint", "default/web-6"], "")
+        .stderr
+        .contains("not found"));
+    assert_eq!(ip(&lab.add("web-5", "s3", "eth0")), "10.6.0.10/16");
 }
 
 #[test]
