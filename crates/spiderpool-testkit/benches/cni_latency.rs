@@ -59,17 +59,6 @@ fn time_ops(n: usize, call: impl Fn(usize, &str) -> CniCall, plugin: &Path) -> (
     (stats(adds), stats(dels))
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn main() {
     let n: usize = std::env::var("BENCH_N")
         .ok()
@@ -111,7 +100,7 @@ fn main() {
     let _ = time_ops(20, call(&hl_conf), Path::new("/usr/lib/cni/host-local"));
     let (sp_add, sp_del) = time_ops(n, call(&sp_conf), &spiderpool);
     let (hl_add, hl_del) = time_ops(n, call(&hl_conf), Path::new("/usr/lib/cni/host-local"));
-    let rss = peak_rss_kib(agent.pid());
+    let rss = spiderpool_testkit::burst::peak_rss_kib(agent.pid());
     println!("cni_latency: N={n} sequential ADD then DEL, one run");
     println!("{:<28} {:>12} {:>12}", "", "median", "p99");
     println!(

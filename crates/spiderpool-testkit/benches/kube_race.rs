@@ -10,23 +10,13 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::{json, Value};
+use spiderpool_testkit::burst::{create_pods, delete_pods, ms, Burst};
 use spiderpool_testkit::{bin, is_root, kube_bin, Agent, ControlPlane, NodeSim, NodeSpec};
 
 const NODES: usize = 10;
 const PODS: usize = 1000;
 const POOL_1000: &str = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: race}\nspec:\n  subnet: 10.6.0.0/16\n  ips: [10.6.1.0-10.6.4.231]\n";
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1e3)
-}
 
 fn nad(name: &str, plugin: Value) -> String {
     json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
@@ -39,94 +29,27 @@ fn metric(body: &str, name: &str) -> u64 {
     spiderpool_testkit::sample(body, name) as u64
 }
 
-struct Phase {
-    all: Duration,
-    p50: Duration,
-    p99: Duration,
-    failed: usize,
-}
-
-/// Creates the pods (naming `network`), waits until every one has been set up, deletes them
-/// all and waits until they are gone.
+/// Creates the pods (naming `network`), waits until every one has been set up.
 async fn phase(
     label: &'static str,
     client: &kube::Client,
     sims: &[NodeSim],
     network: &str,
-) -> Phase {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let before: usize = sims.iter().map(|s| s.adds().len()).sum();
-    let started = Instant::now();
-    futures_util::stream::iter(0..PODS)
-        .map(|i| {
-            let pods = pods.clone();
-            async move {
-                let pod: Pod = serde_json::from_value(json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": format!("{label}-{i}"), "labels": {"bench": label},
-                        "annotations": {"v1.multus-cni.io/default-network": format!("default/{network}-{}", i % NODES)}},
-                    "spec": {"nodeName": format!("node-{}", i % NODES),
-                        "containers": [{"name": "c", "image": "registry.invalid/c"}]}
-                }))
-                .unwrap();
-                pods.create(&PostParams::default(), &pod).await.unwrap();
-            }
+) -> Burst {
+    create_pods(client, sims, PODS, Duration::from_secs(300), |i| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{label}-{i}"), "labels": {"bench": label},
+                "annotations": {"v1.multus-cni.io/default-network": format!("default/{network}-{}", i % NODES)}},
+            "spec": {"nodeName": format!("node-{}", i % NODES),
+                "containers": [{"name": "c", "image": "registry.invalid/c"}]}
         })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let timings = loop {
-        let all: Vec<_> = sims.iter().flat_map(|s| s.adds()).collect();
-        if all.len() >= before + PODS {
-            let mut t: Vec<_> = sims.iter().flat_map(|s| s.adds()).collect();
-            t.sort_by_key(|a| a.started);
-            break t.split_off(before);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{label}: only {} of {PODS} pods set up",
-            all.len() - before
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let end = timings.iter().map(|a| a.started + a.took).max().unwrap();
-    let mut took: Vec<Duration> = timings.iter().map(|a| a.took).collect();
-    took.sort();
-    let failed = timings.iter().filter(|a| !a.ok).count();
-    Phase {
-        all: end - started,
-        p50: pct(&took, 0.5),
-        p99: pct(&took, 0.99),
-        failed,
-    }
+    })
+    .await
 }
 
 async fn delete_all(client: &kube::Client, label: &str) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    pods.delete_collection(
-        &DeleteParams::default(),
-        &ListParams::default().labels(&format!("bench={label}")),
-    )
-    .await
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let left = pods
-            .list(&ListParams::default().labels(&format!("bench={label}")))
-            .await
-            .unwrap()
-            .items
-            .len();
-        if left == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{label}: {left} pods never went away"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    delete_pods(client, &format!("bench={label}"), Duration::from_secs(300)).await
 }
 
 fn main() {
@@ -208,13 +131,7 @@ fn main() {
         .map(|v| std::env::split_paths(&v).collect())
         .unwrap_or_default();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = rt.block_on(async {
-        let kc = kube::config::Kubeconfig::read_from(&cp.kubeconfig).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap();
-        kube::Client::try_from(config).unwrap()
-    });
+    let client = rt.block_on(spiderpool_testkit::burst::client(&cp.kubeconfig));
     let rounds: usize = std::env::var("SPIDERPOOL_BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())

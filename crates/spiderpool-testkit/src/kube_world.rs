@@ -273,6 +273,11 @@ impl Controller {
         }
     }
 
+    /// The controller's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops it (SIGKILL), as a crashed replica.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -3,6 +3,7 @@
 //! standing in for hosts and pods. Never shipped.
 
 mod agent;
+pub mod burst;
 mod cluster;
 mod cni;
 mod etcd;
