@@ -30,6 +30,7 @@ impl IpamService {
         // batch wins whole, so rounds are few even when every agent contends. A batch larger
         // than one transaction may hold continues in the next round.
         let mut attempt = 0;
+        let mut prefetched: HashMap<String, Prefetched> = HashMap::new();
         while pending.len() > 1 && attempt < Retry::CONFLICTS.attempts {
             // Start each round on the current state.
             if let Err(e) = cache.current(self.store.as_ref()).await {
@@ -41,23 +42,27 @@ impl IpamService {
                 }
                 break;
             }
-            // The pod and endpoint of every member, read in one round trip.
+            // The pod and endpoint of every member not read yet, in one round trip. A round
+            // lost to an address another agent took wrote no object, so what the earlier
+            // rounds read still holds.
             let round = std::time::Instant::now();
-            let keys: Vec<(Kind, String)> = pending
+            let unread: Vec<&PendingAdd> = pending
+                .iter()
+                .filter(|p| !prefetched.contains_key(&p.pod.key()))
+                .collect();
+            let keys: Vec<(Kind, String)> = unread
                 .iter()
                 .flat_map(|p| [(Kind::Pod, p.pod.key()), (Kind::Endpoint, p.pod.key())])
                 .collect();
-            let mut prefetched: HashMap<String, Prefetched> =
-                match typed::get_many(self.store.as_ref(), &keys).await {
-                    Ok(read) => {
-                        let mut it = read.into_iter();
-                        pending
-                            .iter()
-                            .map(|p| (p.pod.key(), (it.next().flatten(), it.next().flatten())))
-                            .collect()
+            if !keys.is_empty() {
+                // On an error each member reads for itself.
+                if let Ok(read) = typed::get_many(self.store.as_ref(), &keys).await {
+                    let mut it = read.into_iter();
+                    for p in &unread {
+                        prefetched.insert(p.pod.key(), (it.next().flatten(), it.next().flatten()));
                     }
-                    Err(_) => HashMap::new(), // each member reads for itself
-                };
+                }
+            }
             let read_us = round.elapsed().as_micros() as u64;
             let mut staged: Vec<(PendingAdd, Commit)> = Vec::new();
             let mut staged_ops = 0;
@@ -72,7 +77,7 @@ impl IpamService {
                     alone.push(p); // one endpoint record per transaction
                     continue;
                 }
-                let pre = prefetched.remove(&p.pod.key());
+                let pre = prefetched.get(&p.pod.key()).cloned();
                 match self.prepare_add(&p.pod, &p.args, cache, true, pre).await {
                     Ok(Prepared::Done(resp)) => {
                         let _ = p.reply.send(Ok(resp));
@@ -121,6 +126,10 @@ impl IpamService {
                 }
                 Err(e @ StoreError::Conflict(_)) => {
                     attempt += 1;
+                    if e.taken().is_none() {
+                        // Some object may have been written or refused: read them again.
+                        prefetched.clear();
+                    }
                     self.metrics.allocation.conflict();
                     cache.conflicted(e.taken());
                     tracing::debug!(attempt, requests = staged.len(), conflict = %e, "batch: retrying after a conflict");
