@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -24,6 +25,24 @@ use spiderpool_testkit::{
 };
 
 const POOLS: usize = 5;
+
+type Requests = BTreeMap<(String, String), u64>;
+
+/// One agent binary's run.
+struct Row {
+    label: String,
+    sp: burst::Burst,
+    duplicates: usize,
+    recorded: u64,
+    gone: Duration,
+    empty: Duration,
+    leaked: u64,
+    endpoints_left: usize,
+    /// Agents' and controller's requests before ADD, after ADD, after DEL.
+    requests: [Requests; 6],
+    /// The agents' peak RSS in KiB.
+    rss: Vec<u64>,
+}
 const AGENT_USER: &str = "spiderpool-agent";
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -52,7 +71,10 @@ fn requests(
     before: &BTreeMap<(String, String), u64>,
     after: &BTreeMap<(String, String), u64>,
 ) -> u64 {
-    after.values().sum::<u64>() - before.values().sum::<u64>()
+    after
+        .values()
+        .sum::<u64>()
+        .saturating_sub(before.values().sum::<u64>())
 }
 
 /// The requests in `after` beyond `before`, by verb and resource, largest first.
@@ -64,7 +86,7 @@ fn breakdown(
         .iter()
         .map(|(k, n)| {
             (
-                n - before.get(k).copied().unwrap_or(0),
+                n.saturating_sub(before.get(k).copied().unwrap_or(0)),
                 format!("{} {}", k.0, k.1),
             )
         })
@@ -158,20 +180,35 @@ fn main() {
     // The agents as a user of their own, so the audit log tells their requests apart.
     let agent_kc = cp.client_kubeconfig(AGENT_USER, &["system:masters"]);
     let agent_kc = agent_kc.to_str().unwrap();
-    let agents: Vec<Agent> = (0..nodes)
-        .map(|i| {
-            let node = format!("node-{i}");
-            Agent::start_bin(
-                &bin("spiderpool-agent"),
-                "kubernetes",
-                &dir.path().join(&node).join("spiderpool.sock"),
-                &node,
-                "",
-                &["--kubeconfig", agent_kc],
-                None,
-            )
-        })
-        .collect();
+    let start_agents = |binary: &Path| -> Vec<Agent> {
+        (0..nodes)
+            .map(|i| {
+                let node = format!("node-{i}");
+                Agent::start_bin(
+                    binary,
+                    "kubernetes",
+                    &dir.path().join(&node).join("spiderpool.sock"),
+                    &node,
+                    "",
+                    &["--kubeconfig", agent_kc],
+                    None,
+                )
+            })
+            .collect()
+    };
+    // Other agents (SPIDERPOOL_BASELINE_AGENT, paths separated by ':') measured in the same run
+    // on the same sockets, after this build's.
+    let mut variants = vec![(
+        bin("spiderpool-agent"),
+        "spiderpool, kubernetes".to_string(),
+    )];
+    for b in std::env::var_os("SPIDERPOOL_BASELINE_AGENT")
+        .map(|v| std::env::split_paths(&v).collect::<Vec<PathBuf>>())
+        .unwrap_or_default()
+    {
+        let label = format!("agent {}", b.display());
+        variants.push((b, label));
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt.block_on(burst::client(&cp.kubeconfig));
     let pod = |label: &'static str, network: &'static str| {
@@ -206,40 +243,58 @@ fn main() {
     rt.block_on(delete_pods(&client, "bench=hl", limit));
     let base_del = t.elapsed();
 
-    // The project.
-    let (a0, c0) = (cp.requests_by(AGENT_USER), cp.requests_by(CONTROLLER_USER));
-    let sp = rt.block_on(create_pods(&client, &sims, pods, limit, pod("sp", "sp")));
-    let (a1, c1) = (cp.requests_by(AGENT_USER), cp.requests_by(CONTROLLER_USER));
-    let list: Value =
-        serde_json::from_str(&cp.kubectl_ok(&["get", "pods", "-l", "bench=sp", "-o", "json"], ""))
-            .unwrap();
-    let ips: Vec<&str> = list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["status"]["podIP"].as_str())
-        .collect();
-    let unique: HashSet<&&str> = ips.iter().collect();
-    let duplicates = ips.len() - unique.len();
-    let recorded = allocated();
-    let t = Instant::now();
-    rt.block_on(delete_pods(&client, "bench=sp", limit));
-    let gone = t.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let leaked = loop {
-        let n = allocated();
-        if n == 0 || Instant::now() > deadline {
-            break n;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let empty = t.elapsed();
-    let endpoints_left = cp
-        .kubectl_ok(&["get", "spiderendpoints", "-A", "-o", "name"], "")
-        .lines()
-        .count();
-    let (a2, c2) = (cp.requests_by(AGENT_USER), cp.requests_by(CONTROLLER_USER));
-    let rss: Vec<u64> = agents.iter().map(|a| peak_rss_kib(a.pid())).collect();
+    // The project, with each agent binary.
+    let mut rows = Vec::new();
+    for (binary, label) in &variants {
+        let agents = start_agents(binary);
+        let (a0, c0) = (cp.requests_by(AGENT_USER), cp.requests_by(CONTROLLER_USER));
+        let sp = rt.block_on(create_pods(&client, &sims, pods, limit, pod("sp", "sp")));
+        let (a1, c1) = (cp.requests_by(AGENT_USER), cp.requests_by(CONTROLLER_USER));
+        let list: Value = serde_json::from_str(
+            &cp.kubectl_ok(&["get", "pods", "-l", "bench=sp", "-o", "json"], ""),
+        )
+        .unwrap();
+        let ips: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["status"]["podIP"].as_str())
+            .collect();
+        let unique: HashSet<&&str> = ips.iter().collect();
+        let duplicates = ips.len() - unique.len();
+        let recorded = allocated();
+        let t = Instant::now();
+        rt.block_on(delete_pods(&client, "bench=sp", limit));
+        let gone = t.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let leaked = loop {
+            let n = allocated();
+            if n == 0 || Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let empty = t.elapsed();
+        let endpoints_left = cp
+            .kubectl_ok(&["get", "spiderendpoints", "-A", "-o", "name"], "")
+            .lines()
+            .count();
+        let (a2, c2) = (cp.requests_by(AGENT_USER), cp.requests_by(CONTROLLER_USER));
+        let rss: Vec<u64> = agents.iter().map(|a| peak_rss_kib(a.pid())).collect();
+        drop(agents);
+        rows.push(Row {
+            label: label.clone(),
+            sp,
+            duplicates,
+            recorded,
+            gone,
+            empty,
+            leaked,
+            endpoints_left,
+            requests: [a0, c0, a1, c1, a2, c2],
+            rss,
+        });
+    }
     let ctl_rss = peak_rss_kib(ctl.pid());
 
     println!("{pods} pods, {nodes} simulated nodes, {POOLS} pools of {pool_size} inside one SpiderSubnet");
@@ -253,41 +308,57 @@ fn main() {
         base.failed,
         base_del.as_secs_f64()
     );
-    println!(
-        "| spiderpool, kubernetes | {:.2} s | {} | {} | {} | {duplicates} | {recorded} | {:.2} s | {:.2} s | {leaked} | {endpoints_left} |",
-        sp.all.as_secs_f64(),
-        ms(sp.p50),
-        ms(sp.p99),
-        sp.failed,
-        gone.as_secs_f64(),
-        empty.as_secs_f64(),
-    );
-    println!(
-        "ratio (spiderpool / host-local): all set up {:.2}, pools empty after delete {:.2}",
-        sp.all.as_secs_f64() / base.all.as_secs_f64(),
-        empty.as_secs_f64() / base_del.as_secs_f64()
-    );
+    for r in &rows {
+        println!(
+            "| {} | {:.2} s | {} | {} | {} | {} | {} | {:.2} s | {:.2} s | {} | {} |",
+            r.label,
+            r.sp.all.as_secs_f64(),
+            ms(r.sp.p50),
+            ms(r.sp.p99),
+            r.sp.failed,
+            r.duplicates,
+            r.recorded,
+            r.gone.as_secs_f64(),
+            r.empty.as_secs_f64(),
+            r.leaked,
+            r.endpoints_left,
+        );
+    }
     let per_pod = |n: u64| n as f64 / pods as f64;
-    println!(
-        "API requests per pod: agents {:.2} (ADD) + {:.2} (DEL), controller {:.2} (ADD) + {:.2} (DEL)",
-        per_pod(requests(&a0, &a1)),
-        per_pod(requests(&a1, &a2)),
-        per_pod(requests(&c0, &c1)),
-        per_pod(requests(&c1, &c2)),
-    );
-    println!("  agents, ADD: {}", breakdown(&a0, &a1));
-    println!("  agents, DEL: {}", breakdown(&a1, &a2));
-    println!("  controller, ADD: {}", breakdown(&c0, &c1));
-    println!("  controller, DEL: {}", breakdown(&c1, &c2));
-    println!(
-        "peak RSS: agents max {} KiB, mean {} KiB; controller {} KiB",
-        rss.iter().max().unwrap(),
-        rss.iter().sum::<u64>() / rss.len() as u64,
-        ctl_rss
-    );
-    assert_eq!(duplicates, 0, "no address twice");
-    assert_eq!(recorded, pods as u64, "the pools record every pod");
-    assert_eq!(leaked, 0, "no address leaked");
-    drop(agents);
+    for r in &rows {
+        let [a0, c0, a1, c1, a2, c2] = &r.requests;
+        println!("{}:", r.label);
+        println!(
+            "  ratio to host-local: all set up {:.2}, pools empty after delete {:.2}",
+            r.sp.all.as_secs_f64() / base.all.as_secs_f64(),
+            r.empty.as_secs_f64() / base_del.as_secs_f64()
+        );
+        println!(
+            "  API requests per pod: agents {:.2} (ADD) + {:.2} (DEL), controller {:.2} (ADD) + {:.2} (DEL)",
+            per_pod(requests(a0, a1)),
+            per_pod(requests(a1, a2)),
+            per_pod(requests(c0, c1)),
+            per_pod(requests(c1, c2)),
+        );
+        println!("    agents, ADD: {}", breakdown(a0, a1));
+        println!("    agents, DEL: {}", breakdown(a1, a2));
+        println!("    controller, ADD: {}", breakdown(c0, c1));
+        println!("    controller, DEL: {}", breakdown(c1, c2));
+        println!(
+            "  peak RSS: agents max {} KiB, mean {} KiB",
+            r.rss.iter().max().unwrap(),
+            r.rss.iter().sum::<u64>() / r.rss.len() as u64,
+        );
+    }
+    println!("controller peak RSS over the whole run: {ctl_rss} KiB");
+    for r in &rows {
+        assert_eq!(r.duplicates, 0, "{}: no address twice", r.label);
+        assert_eq!(
+            r.recorded, pods as u64,
+            "{}: the pools record every pod",
+            r.label
+        );
+        assert_eq!(r.leaked, 0, "{}: no address leaked", r.label);
+    }
     drop(sims);
 }

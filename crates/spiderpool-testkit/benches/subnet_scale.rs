@@ -43,10 +43,12 @@ fn pool() -> String {
 
 fn row(label: &str, t: &ScaleTimings) {
     println!(
-        "{label:<34} create {:>6.1} s   scale 2→3→1 {:>6.1} s   delete {:>6.1} s",
+        "{label:<34} create {:>6.1} s   scale 2→3→1 {:>6.1} s (pods {:.1} s)   delete {:>6.1} s (pods {:.1} s)",
         t.create.as_secs_f64(),
         t.scale.as_secs_f64(),
-        t.delete.as_secs_f64()
+        t.scale_pods.as_secs_f64(),
+        t.delete.as_secs_f64(),
+        t.delete_pods.as_secs_f64()
     );
 }
 

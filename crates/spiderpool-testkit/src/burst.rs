@@ -91,13 +91,41 @@ pub async fn create_pods(
 }
 
 /// Deletes the pods of `default` labelled `selector` at once and waits (within `limit`) until
-/// they are gone.
+/// they are gone. One `deletecollection` per node, eight at a time: one request for thousands
+/// of pods outlasts the API server's request timeout (60 s).
 pub async fn delete_pods(client: &kube::Client, selector: &str, limit: Duration) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let lp = ListParams::default().labels(selector);
-    pods.delete_collection(&DeleteParams::default(), &lp)
+    let nodes: std::collections::BTreeSet<String> = pods
+        .list(&lp)
         .await
-        .expect("deleting the pods");
+        .expect("listing pods")
+        .items
+        .into_iter()
+        .filter_map(|p| p.spec?.node_name)
+        .collect();
+    let results: Vec<_> = futures_util::stream::iter(nodes)
+        .map(|node| {
+            let (pods, lp) = (pods.clone(), lp.clone());
+            async move {
+                let on_node = lp.fields(&format!("spec.nodeName={node}"));
+                pods.delete_collection(&DeleteParams::default(), &on_node)
+                    .await
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    for r in results {
+        r.expect("deleting a node's pods");
+    }
+    // Those not bound to a node yet.
+    pods.delete_collection(
+        &DeleteParams::default(),
+        &lp.clone().fields("spec.nodeName="),
+    )
+    .await
+    .expect("deleting the pods");
     let deadline = Instant::now() + limit;
     loop {
         let left = pods.list(&lp).await.expect("listing pods").items.len();

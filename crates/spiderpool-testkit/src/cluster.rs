@@ -137,6 +137,9 @@ impl ControlPlane {
             audit.push(format!("--audit-policy-file={}", policy.display()));
             audit.push(format!("--audit-log-path={}", cp.audit_log().display()));
             audit.push("--audit-log-format=json".into());
+            // One file however long the run (0 would mean lumberjack's 100 MB, then a new
+            // file, and counts read from the log would go backwards).
+            audit.push("--audit-log-maxsize=1000000".into());
         }
         let real = options.real_nodes.map(|adv| {
             sign(
@@ -320,9 +323,16 @@ impl ControlPlane {
     /// started with [`Options::audit`]).
     pub fn requests_by(&self, user: &str) -> BTreeMap<(String, String), u64> {
         let mut out = BTreeMap::new();
-        let log = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
-        for line in log.lines() {
-            let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
+        let Ok(file) = std::fs::File::open(self.audit_log()) else {
+            return out;
+        };
+        // Line by line (the log of a big run is hundreds of MB), parsing only the user's.
+        let needle = format!("\"username\":\"{user}\"");
+        for line in std::io::BufRead::lines(std::io::BufReader::new(file)).map_while(Result::ok) {
+            if !line.contains(&needle) {
+                continue;
+            }
+            let Ok(ev) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
             if ev["user"]["username"] == user {

@@ -34,6 +34,10 @@ pub struct ScaleTimings {
     pub scale: Duration,
     /// Delete them all.
     pub delete: Duration,
+    /// Within `scale`: until the pods were as the last scale wants (the pools may follow later).
+    pub scale_pods: Duration,
+    /// Within `delete`: until every pod was gone (the pools may go later).
+    pub delete_pods: Duration,
 }
 
 const LABEL: &str = "scale-scenario";
@@ -175,18 +179,30 @@ pub fn deployments_scale_observed(
         (pods(cp) == (3 * n, 3 * n) && pools_at(3)).then_some(())
     });
     cp.kubectl_ok(&["scale", "deployment", &selector, "--replicas=1"], "");
+    let mut scale_pods = None;
     wait("every Deployment scaled to 1", limit, || {
-        (pods(cp) == (n, n) && pools_at(1)).then_some(())
+        let settled = pods(cp) == (n, n);
+        if settled && scale_pods.is_none() {
+            scale_pods = Some(started.elapsed());
+        }
+        (settled && pools_at(1)).then_some(())
     });
     let scale = started.elapsed();
     step("scale");
 
     let started = Instant::now();
     cp.kubectl_ok(&["delete", "deployment", &selector, "--wait=false"], "");
+    let mut delete_pods = None;
     wait(
         "every Deployment gone with its pods and pools",
         limit,
-        || (pods(cp) == (0, 0) && (!auto || auto_pool_sizes(cp).is_empty())).then_some(()),
+        || {
+            let gone = pods(cp) == (0, 0);
+            if gone && delete_pods.is_none() {
+                delete_pods = Some(started.elapsed());
+            }
+            (gone && (!auto || auto_pool_sizes(cp).is_empty())).then_some(())
+        },
     );
     let delete = started.elapsed();
     step("delete");
@@ -194,6 +210,8 @@ pub fn deployments_scale_observed(
         create,
         scale,
         delete,
+        scale_pods: scale_pods.unwrap_or(scale),
+        delete_pods: delete_pods.unwrap_or(delete),
     }
 }
 
