@@ -51,8 +51,8 @@ mod watch;
 pub use allocated_ips::allocations_of;
 use allocated_ips::{entries_of, Entry};
 pub use migrate::{Hazard, LISTED};
-use resources::resource;
 pub use resources::{api_resource, key_of, rv_of, LOOKUP_ONLY, WORKLOADS};
+use resources::{resource, third_party};
 
 /// The most addresses one pool records by default: the pool object must stay well below the
 /// API server's object size limit (upstream's `MaxAllocatedIPs`).

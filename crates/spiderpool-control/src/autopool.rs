@@ -20,7 +20,6 @@
 use std::fmt;
 
 use spiderpool_api::autopool::{self, App};
-use spiderpool_api::keys::{LABEL_APP_KIND, LABEL_APP_NAMESPACE};
 use spiderpool_api::{Object, SpiderIPPool, ValidationError};
 use spiderpool_core::IpFamily;
 
@@ -164,6 +163,13 @@ pub async fn reconcile(
                 .map_err(|e| app_error(&describe, format!("pod template {e}")))?
         };
         if let Some(config) = config {
+            if !app.built_in() && !matches!(config.ip_number, Some(autopool::IpNumber::Fixed(_))) {
+                // A third party's replica count is not known: upstream's rule.
+                return Err(app_error(
+                    &describe,
+                    "only supports fixed auto-created IPPool IP Number (ipam.spidernet.io/ippool-ip-number: \"N\")",
+                ));
+            }
             let desired = config.desired(autopool::replicas(w), settings.default_redundancy);
             for choice in &config.subnets {
                 for family in [IpFamily::V4, IpFamily::V6] {
@@ -272,15 +278,13 @@ pub async fn applications(store: &dyn Store) -> Result<Vec<String>, StoreError> 
         if !autopool::is_auto(l) {
             continue;
         }
-        let name = p
+        let app = p
             .spec
             .pod_affinity
             .as_ref()
-            .and_then(|a| a.match_labels.get(spiderpool_api::keys::APP_NAME));
-        if let (Some(ns), Some(kind), Some(name)) =
-            (l.get(LABEL_APP_NAMESPACE), l.get(LABEL_APP_KIND), name)
-        {
-            keys.insert(format!("{ns}/{kind}/{name}"));
+            .and_then(|a| App::from_affinity(&a.match_labels));
+        if let Some(app) = app {
+            keys.insert(app.key());
         }
     }
     Ok(keys.into_iter().collect())

@@ -1,5 +1,7 @@
 //! The leader's SpiderSubnet auto-pool loop: every Deployment, ReplicaSet, StatefulSet,
-//! DaemonSet, Job and CronJob event, and every event of an auto pool, queues its application;
+//! DaemonSet, Job and CronJob event, every event of an auto pool, and every event of a pod
+//! asking for subnets whose top controller is a third party's (an OpenKruise CloneSet, say:
+//! its pools have the fixed size the pod's annotations give) queues its application;
 //! each queued application is reconciled by `spiderpool_control::autopool` (the same reconciler
 //! `spiderpoolctl` runs outside a cluster). Applications that failed (a subnet full or missing)
 //! are tried again on every subnet event and after a back-off; every application is looked at
@@ -29,6 +31,8 @@ const RETRY: Duration = Duration::from_secs(5);
 /// What an event asks of the loop.
 enum Queued {
     App(String),
+    /// A pod asks for auto pools: its application, when a third party's.
+    Pod(Arc<DynamicObject>),
     /// A subnet changed: failed applications may succeed now.
     Subnet,
     /// A watch missed events: every application.
@@ -40,16 +44,33 @@ fn key_of_pool(o: &DynamicObject) -> Option<String> {
     if !autopool::is_auto(labels) {
         return None;
     }
-    let name = o
-        .data
-        .pointer("/spec/podAffinity/matchLabels")?
-        .get(spiderpool_api::keys::APP_NAME)?
-        .as_str()?;
-    Some(format!(
-        "{}/{}/{name}",
-        labels.get(spiderpool_api::keys::LABEL_APP_NAMESPACE)?,
-        labels.get(spiderpool_api::keys::LABEL_APP_KIND)?
-    ))
+    let affinity = o.data.pointer("/spec/podAffinity/matchLabels")?;
+    let affinity: BTreeMap<String, String> = serde_json::from_value(affinity.clone()).ok()?;
+    Some(autopool::App::from_affinity(&affinity)?.key())
+}
+
+/// Whether a pod names subnets and has a controller (its application may be a third party's).
+fn asks_for_auto_pools(o: &DynamicObject) -> bool {
+    let named = o.metadata.annotations.as_ref().is_some_and(|a| {
+        a.contains_key(spiderpool_api::keys::SUBNET)
+            || a.contains_key(spiderpool_api::keys::SUBNETS)
+    });
+    named
+        && o.metadata
+            .owner_references
+            .as_ref()
+            .is_some_and(|r| r.iter().any(|r| r.controller == Some(true)))
+}
+
+/// The application of a pod that asks for auto pools, when a third party's.
+async fn third_party_app(store: &CachedKube, o: &DynamicObject) -> Option<String> {
+    let pod: spiderpool_api::KubeObject = serde_json::to_value(o)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())?;
+    let app = spiderpool_control::autopool::top_controller(store, &pod)
+        .await
+        .ok()??;
+    (!app.built_in()).then(|| app.key())
 }
 
 /// What a cache event asks of the loop.
@@ -61,6 +82,9 @@ fn queued(ev: &Event) -> Vec<Queued> {
             key_of_pool(o).map(Queued::App).into_iter().collect()
         }
         (_, Kind::Workload) => vec![Queued::App(ev.key.clone())],
+        (Change::Applied(o) | Change::Deleted(o), Kind::Pod) if asks_for_auto_pools(o) => {
+            vec![Queued::Pod(o.clone())]
+        }
         _ => Vec::new(),
     }
 }
@@ -68,6 +92,7 @@ fn queued(ev: &Event) -> Vec<Queued> {
 fn take(
     q: Vec<Queued>,
     queue: &mut BTreeSet<String>,
+    pods: &mut Vec<Arc<DynamicObject>>,
     failed: &BTreeMap<String, tokio::time::Instant>,
     all: &mut bool,
 ) {
@@ -76,6 +101,7 @@ fn take(
             Queued::App(k) => {
                 queue.insert(k);
             }
+            Queued::Pod(o) => pods.push(o),
             Queued::Subnet => queue.extend(failed.keys().cloned()),
             Queued::All => *all = true,
         }
@@ -86,9 +112,17 @@ fn take(
 fn reference(key: &str) -> Option<ObjectReference> {
     let mut parts = key.splitn(3, '/');
     let (namespace, kind, name) = (parts.next()?, parts.next()?, parts.next()?);
-    let group = autopool::APP_KINDS.iter().find(|(_, k)| *k == kind)?.0;
+    let api_version = match autopool::split_key_kind(kind) {
+        (_, Some((version, ""))) => version.to_string(),
+        (_, Some((version, group))) => format!("{group}/{version}"),
+        (k, None) => format!(
+            "{}/v1",
+            autopool::APP_KINDS.iter().find(|(_, x)| *x == k)?.0
+        ),
+    };
+    let kind = autopool::split_key_kind(kind).0;
     Some(ObjectReference {
-        api_version: Some(format!("{group}/v1")),
+        api_version: Some(api_version),
         kind: Some(kind.to_string()),
         namespace: Some(namespace.to_string()),
         name: Some(name.to_string()),
@@ -149,12 +183,14 @@ pub async fn run(
     let (to_publish, published) = tokio::sync::mpsc::unbounded_channel();
     // Ends when `to_publish` is dropped with this future.
     tokio::spawn(publish(recorder, published));
-    let mut events = store
-        .caches()
-        .events(&[Kind::Workload, Kind::IPPool, Kind::Subnet]);
+    let mut events =
+        store
+            .caches()
+            .events(&[Kind::Workload, Kind::IPPool, Kind::Subnet, Kind::Pod]);
     store.caches().synced().await;
 
     let mut queue: BTreeSet<String> = BTreeSet::new();
+    let mut pods: Vec<Arc<DynamicObject>> = Vec::new();
     let mut failed: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
     let mut all = false;
     let mut tick = tokio::time::interval(resync);
@@ -168,19 +204,33 @@ pub async fn run(
             }
             ev = events.next() => {
                 let Some(ev) = ev else { return };
-                take(queued(&ev), &mut queue, &failed, &mut all);
+                take(queued(&ev), &mut queue, &mut pods, &failed, &mut all);
                 let quiet = tokio::time::sleep(COALESCE);
                 tokio::pin!(quiet);
                 loop {
                     tokio::select! {
                         _ = &mut quiet => break,
                         ev = events.next() => match ev {
-                            Some(ev) => take(queued(&ev), &mut queue, &failed, &mut all),
+                            Some(ev) => take(queued(&ev), &mut queue, &mut pods, &failed, &mut all),
                             None => return,
                         },
                     }
                 }
             }
+        }
+        if all {
+            // Pods waiting for a third party's pools that no pool names yet.
+            pods.extend(
+                store
+                    .caches()
+                    .list(Kind::Pod)
+                    .into_iter()
+                    .map(|(_, o)| o)
+                    .filter(|o| asks_for_auto_pools(o)),
+            );
+        }
+        for o in std::mem::take(&mut pods) {
+            queue.extend(third_party_app(&store, &o).await);
         }
         if queue.is_empty() && !all {
             continue;

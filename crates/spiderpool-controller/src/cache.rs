@@ -459,12 +459,13 @@ fn stored(kind: Kind, key: &str, o: &DynamicObject) -> Result<Stored> {
 #[async_trait]
 impl Store for CachedKube {
     async fn get(&self, kind: Kind, key: &str) -> Result<Option<Stored>> {
-        // Kinds not cached, and workload kinds read one at a time (LOOKUP_ONLY), from the API.
+        // Kinds not cached, and workload kinds read one at a time (LOOKUP_ONLY, and a third
+        // party's `Kind.version.group`), from the API.
         let lookup_only = kind == Kind::Workload
             && key
                 .split('/')
                 .nth(1)
-                .is_some_and(|w| LOOKUP_ONLY.iter().any(|(_, k, _)| *k == w));
+                .is_some_and(|w| w.contains('.') || LOOKUP_ONLY.iter().any(|(_, k, _)| *k == w));
         if !Caches::covers(kind) || lookup_only {
             return self.kube.get(kind, key).await;
         }

@@ -1506,15 +1506,7 @@ fn i00023_orphans_and_third_party_controllers_get_upstreams_answer() {
         msg.contains("pod default/k1: CloneSet/default/clone only supports fixed auto-created IPPool IP Number"),
         "{msg}"
     );
-    let mut fixed = subnet.clone();
-    fixed["ipam.spidernet.io/ippool-ip-number"] = "2".into();
-    lab.sb.apply(&kruise("k2", fixed));
-    let (code, msg) = failure(&lab.add("k2", "c2", "eth0"));
-    assert_eq!(code, 7, "{msg}");
-    assert!(
-        msg.contains("CloneSet/default/clone is a third-party controller"),
-        "{msg}"
-    );
+    // A fixed size is carved by the controller in a cluster: tests/third_party.rs.
     lab.sb
         .apply(&pod("default", "alone", subnet, json!({}), None));
     let (code, msg) = failure(&lab.add("alone", "c3", "eth0"));

@@ -36,7 +36,19 @@ impl Inner {
     }
 
     pub(super) async fn get_object(&self, kind: Kind, key: &str) -> Result<Option<DynamicObject>> {
-        let (api, name) = self.api(kind, key)?;
+        let (api, name) = match third_party(kind, key) {
+            Some((ns, gvk, name)) => match kube::discovery::pinned_kind(&self.client, &gvk).await {
+                Ok((ar, _)) => (
+                    Api::namespaced_with(self.client.clone(), ns, &ar),
+                    name.into(),
+                ),
+                // The group or version is not served, or has no such kind: nothing of it exists.
+                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
+                Err(kube::Error::Discovery(_)) => return Ok(None),
+                Err(e) => return Err(self.err(&format!("discover {kind}/{key}"), e)),
+            },
+            None => self.api(kind, key)?,
+        };
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let o = match api.get_opt(&name).await {
             Ok(o) => o,

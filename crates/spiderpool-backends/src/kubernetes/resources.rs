@@ -27,6 +27,20 @@ pub const LOOKUP_ONLY: [(&str, &str, &str); 1] = [(
     "virtualmachineinstances",
 )];
 
+/// A third party's workload key, `namespace/Kind.version.group/name` (read one object at a
+/// time, its resource found through discovery): (namespace, its kind, name).
+pub(super) fn third_party(kind: Kind, key: &str) -> Option<(&str, GroupVersionKind, &str)> {
+    if kind != Kind::Workload {
+        return None;
+    }
+    let mut parts = key.splitn(3, '/');
+    let (ns, segment, name) = (parts.next()?, parts.next()?, parts.next()?);
+    let (k, Some((version, group))) = spiderpool_api::autopool::split_key_kind(segment) else {
+        return None;
+    };
+    Some((ns, GroupVersionKind::gvk(group, version, k), name))
+}
+
 pub(super) fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }

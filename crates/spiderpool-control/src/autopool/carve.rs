@@ -127,15 +127,16 @@ impl Carve<'_> {
         pools: &'p [(SpiderIPPool, Revision)],
     ) -> Result<Option<&'p SpiderIPPool>, ApplyError> {
         let app = self.app;
-        let candidates: Vec<&SpiderIPPool> = pools_of(pools, &app.kind, &app.namespace, &app.name)
-            .into_iter()
-            .map(|(p, _)| p)
-            .filter(|p| {
-                label(p, LABEL_INTERFACE) == self.nic
-                    && label(p, LABEL_IP_VERSION) == ip_version(self.family)
-                    && p.metadata.deletion_timestamp.is_none()
-            })
-            .collect();
+        let candidates: Vec<&SpiderIPPool> =
+            pools_of(pools, &app.key_kind(), &app.namespace, &app.name)
+                .into_iter()
+                .map(|(p, _)| p)
+                .filter(|p| {
+                    label(p, LABEL_INTERFACE) == self.nic
+                        && label(p, LABEL_IP_VERSION) == ip_version(self.family)
+                        && p.metadata.deletion_timestamp.is_none()
+                })
+                .collect();
         let current = candidates
             .iter()
             .find(|p| label(p, LABEL_APP_UID) == app.uid)

@@ -25,26 +25,40 @@ pub(super) fn owned_by_app(o: &KubeObject) -> bool {
 }
 
 /// The pools of the application `kind` `namespace/name` (any UID), by their labels and pod
-/// affinity (which holds the name whole).
+/// affinity (which holds the name and API group whole). `kind` is a workload key's kind part:
+/// `Kind` for the kinds the controller knows, `Kind.version.group` for a third party's.
 pub(super) fn pools_of<'a>(
     pools: &'a [(SpiderIPPool, Revision)],
     kind: &str,
     namespace: &str,
     name: &str,
 ) -> Vec<&'a (SpiderIPPool, Revision)> {
+    let (kind, third_party) = autopool::split_key_kind(kind);
+    let group = match third_party {
+        Some((_, group)) => Some(group),
+        None => autopool::APP_KINDS
+            .iter()
+            .find(|(_, k)| *k == kind)
+            .map(|(g, _)| *g),
+    };
     pools
         .iter()
         .filter(|(p, _)| {
             let l = &p.metadata.labels;
+            let affinity = |k: &str| {
+                p.spec
+                    .pod_affinity
+                    .as_ref()
+                    .and_then(|a| a.match_labels.get(k))
+                    .map(String::as_str)
+            };
             autopool::is_auto(l)
                 && l.get(LABEL_APP_KIND).map(String::as_str) == Some(kind)
                 && l.get(LABEL_APP_NAMESPACE).map(String::as_str) == Some(namespace)
-                && p.spec
-                    .pod_affinity
-                    .as_ref()
-                    .and_then(|a| a.match_labels.get(spiderpool_api::keys::APP_NAME))
-                    .map(String::as_str)
-                    == Some(name)
+                && affinity(spiderpool_api::keys::APP_NAME) == Some(name)
+                && group.is_none_or(|g| {
+                    affinity(spiderpool_api::keys::APP_API_GROUP).unwrap_or("") == g
+                })
         })
         .collect()
 }

@@ -92,15 +92,14 @@ pub async fn pod_pools(
         ))
         .into());
     };
-    if !app.built_in() {
-        // Upstream's answer first: a third party's application needs a fixed size.
-        let why = match config.ip_number {
-            Some(autopool::IpNumber::Fixed(_)) => "is a third-party controller: this version carves auto pools for Deployments, ReplicaSets, StatefulSets, DaemonSets, Jobs and CronJobs only; name pools with ipam.spidernet.io/ippool instead",
-            _ => "only supports fixed auto-created IPPool IP Number",
-        };
+    if !app.built_in() && !matches!(config.ip_number, Some(autopool::IpNumber::Fixed(_))) {
+        // A third party's application has no replica count the controller can read.
         return Err(in_pod(ValidationError::Invalid(format!(
-            "{}/{}/{} {why}",
-            app.kind, app.namespace, app.name
+            "{}/{}/{} only supports fixed auto-created IPPool IP Number (annotation ipam.spidernet.io/ippool-ip-number: \"N\", not {:?})",
+            app.kind,
+            app.namespace,
+            app.name,
+            config.ip_number.map(|n| n.to_string()).unwrap_or_default()
         )))
         .into());
     }
@@ -110,7 +109,7 @@ pub async fn pod_pools(
         let Some(subnet) = choice.family(family) else {
             continue;
         };
-        let found = pools_of(&pools, &app.kind, &app.namespace, &app.name)
+        let found = pools_of(&pools, &app.key_kind(), &app.namespace, &app.name)
             .into_iter()
             .find(|(p, _)| {
                 label(p, spiderpool_api::keys::LABEL_APP_UID) == app.uid

@@ -219,3 +219,70 @@ async fn refusals_name_the_application_and_the_value() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_third_partys_pools_are_not_an_apps_kind_of_the_same_name() {
+    let store = MemoryStore::new();
+    apply(&store, SUBNET).await;
+    let ann = r#"{ipam.spidernet.io/subnet: '{"ipv4": ["subnet-6"]}', ipam.spidernet.io/ippool-ip-number: "2"}"#;
+    apply(
+        &store,
+        &deployment(1, ann).replace("Deployment", "StatefulSet"),
+    )
+    .await;
+    let r = reconcile(&store, "default/StatefulSet/web", Settings::default())
+        .await
+        .unwrap();
+    let name = "auto4-web-eth0-9a2b3";
+    assert_eq!(
+        r.actions,
+        [Action::Created {
+            pool: name.into(),
+            ips: 2
+        }]
+    );
+    // The pool made over as an OpenKruise StatefulSet's, and the apps/v1 one gone.
+    let (mut p, rev) = match typed::get(&store, Kind::IPPool, name).await.unwrap() {
+        Some((Object::IPPool(p), rev)) => (p, rev),
+        _ => panic!("no pool {name}"),
+    };
+    let kruise = App {
+        group: "apps.kruise.io".into(),
+        version: "v1beta1".into(),
+        kind: "StatefulSet".into(),
+        namespace: "default".into(),
+        name: "web".into(),
+        uid: "k".into(),
+    };
+    p.metadata
+        .labels
+        .extend(kruise.pool_labels(IpFamily::V4, "eth0", true));
+    p.spec.pod_affinity = Some(kruise.affinity());
+    let value = typed::to_stored_value(&Object::IPPool(p));
+    store
+        .commit(vec![Op::Put {
+            kind: Kind::IPPool,
+            key: name.into(),
+            value,
+            expect: Expect::Revision(rev),
+        }])
+        .await
+        .unwrap();
+    crate::apply::delete(&store, Kind::Workload, "default/StatefulSet/web")
+        .await
+        .unwrap();
+    let r = reconcile(&store, "default/StatefulSet/web", Settings::default())
+        .await
+        .unwrap();
+    assert!(r.actions.is_empty(), "{:?}", r.actions);
+    assert!(pool(&store, name).await.is_some());
+    // The third party's own key finds it, and (no such owner here) deletes it.
+    assert_eq!(
+        applications(&store).await.unwrap(),
+        ["default/StatefulSet.v1beta1.apps.kruise.io/web"]
+    );
+    let r = reconcile(&store, &kruise.key(), Settings::default())
+        .await
+        .unwrap();
+    assert_eq!(r.actions, [Action::Deleted { pool: name.into() }]);
+}
