@@ -81,6 +81,11 @@ pub struct Args {
     /// when off they are refused.
     #[arg(long, env = "SPIDERPOOL_ENABLE_AUTO_POOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_auto_pool: bool,
+    /// Upstream's `enableKubevirtStaticIP`: a KubeVirt VM's launcher pods hold its addresses
+    /// under its VirtualMachineInstance's name, so they stay across restarts and live
+    /// migrations while the VM lives; when off they are an ordinary pod's.
+    #[arg(long, env = "SPIDERPOOL_ENABLE_KUBEVIRT_STATIC_IP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_kubevirt_static_ip: bool,
     /// How long an address the coordinator found in conflict (another host answered its ARP
     /// probe) is held back from allocation, by a SpiderReservedIP `ip-conflict-ADDRESS`, before
     /// it is tried again.
@@ -171,6 +176,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             },
         )
         .with_auto_pool_wait(args.enable_auto_pool.then_some(args.auto_pool_wait))
+        .with_kubevirt_static_ip(args.enable_kubevirt_static_ip)
         .with_conflict_hold(args.ip_conflict_hold)
         .with_multus(spiderpool_api::annotation::MultusDefaults {
             cluster_network: args

@@ -151,6 +151,8 @@ pub struct IpamService {
     /// How long an ADD waits for its auto pool (`--auto-pool-wait`); `None`: auto pools are
     /// off (`--enable-auto-pool=false`).
     auto_pool_wait: Option<Duration>,
+    /// A KubeVirt VM's pods hold its addresses under its VMI's name (`--enable-kubevirt-static-ip`).
+    kubevirt_static_ip: bool,
     multus: spiderpool_api::annotation::MultusDefaults,
     /// How long an address found in conflict is held back (`--ip-conflict-hold`).
     conflict_hold: Duration,
@@ -228,22 +230,30 @@ impl IpamService {
             gather: Default::default(),
             metrics: Arc::default(),
             auto_pool_wait: Some(AUTO_POOL_WAIT),
+            kubevirt_static_ip: true,
             multus: Default::default(),
             conflict_hold: conflict::CONFLICT_HOLD,
             detection: (false, false),
         }
     }
 
-    /// How long an ADD waits for its auto pool to be created or grown; `None` turns auto pools
-    /// off (a pod that asks for one is refused).
     /// How the node's Multus names the first NIC's network (for pools' `multusName`).
     pub fn with_multus(mut self, multus: spiderpool_api::annotation::MultusDefaults) -> Self {
         self.multus = multus;
         self
     }
 
+    /// How long an ADD waits for its auto pool to be created or grown; `None` turns auto pools
+    /// off (a pod that asks for one is refused).
     pub fn with_auto_pool_wait(mut self, wait: Option<Duration>) -> Self {
         self.auto_pool_wait = wait;
+        self
+    }
+
+    /// Whether a KubeVirt VM's launcher pods hold its addresses under its VMI's name (on by
+    /// default, as upstream's chart).
+    pub fn with_kubevirt_static_ip(mut self, on: bool) -> Self {
+        self.kubevirt_static_ip = on;
         self
     }
 

@@ -100,3 +100,6 @@ pub const CONFLICT_UNTIL: &str = "ipam.spidernet.io/ip-conflict-until";
 /// KubeVirt's VirtualMachineInstance kind: upstream keys a VM's addresses by its name (the
 /// store reads one as workload `namespace/VirtualMachineInstance/name`).
 pub const VMI_KIND: &str = "VirtualMachineInstance";
+/// KubeVirt's VirtualMachine kind: while it lives (not being deleted) a restarting VM keeps its
+/// addresses though its VMI is gone for a moment.
+pub const VM_KIND: &str = "VirtualMachine";

@@ -402,6 +402,41 @@ pub async fn stateful_member(
     })
 }
 
+/// Whether the pod `namespace/pod`, owned by `owner_kind` `owner_name`, keeps its addresses
+/// across sandboxes and re-creations: a StatefulSet's member ([`stateful_member`]), or a
+/// KubeVirt VM's launcher pod (keyed by its VirtualMachineInstance's name) while the VM lives
+/// ([`vm_lives`]).
+pub async fn keeps_addresses(
+    store: &dyn Store,
+    namespace: &str,
+    pod: &str,
+    owner_kind: &str,
+    owner_name: &str,
+) -> Result<bool, StoreError> {
+    if owner_kind == spiderpool_api::keys::VMI_KIND {
+        return vm_lives(store, namespace, owner_name).await;
+    }
+    stateful_member(store, namespace, pod, owner_kind, owner_name).await
+}
+
+/// Whether the KubeVirt VM `namespace/name` lives: its VirtualMachineInstance exists and is not
+/// being deleted, or its VirtualMachine does (a VM restarting has no VMI for a moment). Where
+/// KubeVirt is not installed, none does.
+pub async fn vm_lives(store: &dyn Store, namespace: &str, name: &str) -> Result<bool, StoreError> {
+    for kind in [
+        spiderpool_api::keys::VMI_KIND,
+        spiderpool_api::keys::VM_KIND,
+    ] {
+        let key = format!("{namespace}/{kind}/{name}");
+        if let Some((Object::Kube(_, o), _)) = typed::get(store, Kind::Workload, &key).await? {
+            if o.metadata.deletion_timestamp.is_none() {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Whether `ep` records `ip` of `pool` for `holder`: a NIC of it whose release would free the
 /// address from that holder ([`spiderpool_store::Holder::released_by`]: the same container and
 /// interface, or, for a record without a container as upstream writes them, the same pod

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use spiderpool_api::{keys, KubeObject, Object, SpiderEndpoint};
+use spiderpool_api::{KubeObject, Object, SpiderEndpoint};
 
 use crate::apply;
 
@@ -142,10 +142,10 @@ impl<'a> Facts<'a> {
             })
         };
         let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
-        // A StatefulSet member its StatefulSet still wants keeps its addresses for its next
-        // incarnation, whatever became of this one.
+        // A StatefulSet member its StatefulSet still wants, and a KubeVirt VM that lives, keep
+        // their addresses for their next incarnation, whatever became of this one.
         if let Some(ep) = endpoint {
-            if apply::stateful_member(
+            if apply::keeps_addresses(
                 self.store,
                 ns,
                 name,
@@ -440,12 +440,12 @@ pub struct Reclaimed {
     pub endpoint_deleted: bool,
 }
 
-/// Whether a KubeVirt VirtualMachineInstance is named `namespace/name` (upstream keys a VM's
-/// addresses by it; no Pod has that name).
+/// Whether the holder `namespace/name` is a KubeVirt VM that lives (upstream keys a VM's
+/// addresses by its VirtualMachineInstance's name; no Pod has that name): see
+/// [`crate::apply::vm_lives`].
 pub(crate) async fn vmi_exists(store: &dyn Store, holder: &str) -> Result<bool, StoreError> {
     let (ns, name) = holder.split_once('/').unwrap_or(("default", holder));
-    let vmi = format!("{ns}/{}/{name}", keys::VMI_KIND);
-    Ok(typed::get(store, Kind::Workload, &vmi).await?.is_some())
+    crate::apply::vm_lives(store, ns, name).await
 }
 
 /// Takes back what the holders of `leaks` hold, after judging each once more on what the

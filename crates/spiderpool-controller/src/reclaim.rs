@@ -176,6 +176,20 @@ impl Reclaimer {
 async fn marks(caches: Arc<Caches>, tx: tokio::sync::mpsc::UnboundedSender<Mark>) {
     let mut events = caches.events(&[Kind::Pod, Kind::Node]);
     while let Some(ev) = events.next().await {
+        // A KubeVirt launcher pod that goes may have been its VM's last: the VM's addresses
+        // (held under its VMI's name) are looked at too.
+        if let (Kind::Pod, Change::Deleted(o)) = (ev.kind, &ev.change) {
+            let vmi = o.metadata.owner_references.iter().flatten().find(|r| {
+                r.controller == Some(true)
+                    && r.kind == spiderpool_api::keys::VMI_KIND
+                    && r.api_version.starts_with("kubevirt.io/")
+            });
+            if let (Some(r), Some(ns)) = (vmi, &o.metadata.namespace) {
+                if tx.send(Mark::Pod(format!("{ns}/{}", r.name))).is_err() {
+                    return;
+                }
+            }
+        }
         let mark = match (ev.kind, &ev.change) {
             (_, Change::Relisted) => Some(Mark::All),
             (Kind::Pod, Change::Deleted(_)) => Some(Mark::Pod(ev.key)),

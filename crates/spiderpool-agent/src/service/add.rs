@@ -210,6 +210,29 @@ impl IpamService {
             None => Default::default(),
         };
         let (owner_kind, owner_name) = owner.unwrap_or_else(|| ("Pod".into(), pod.name.clone()));
+        // A KubeVirt VM's launcher pods hold its addresses under its VirtualMachineInstance's
+        // name, as upstream's: a restart (a new pod, another UID) and a live migration (a
+        // second pod on another node) find them there while the VM lives.
+        let vm_pod;
+        let (pod, key, ep_read) = match pod_obj.as_ref().and_then(|p| p.metadata.controller()) {
+            Some(o)
+                if self.kubevirt_static_ip
+                    && o.kind == spiderpool_api::keys::VMI_KIND
+                    && o.api_version.starts_with("kubevirt.io/") =>
+            {
+                vm_pod = PodRef {
+                    namespace: pod.namespace.clone(),
+                    name: o.name.clone(),
+                    container_id: pod.container_id.clone(),
+                    nic: pod.nic.clone(),
+                    bare: false,
+                };
+                let key = vm_pod.key();
+                let ep = typed::get(store, Kind::Endpoint, &key).await?;
+                (&vm_pod, key, ep)
+            }
+            _ => (pod, key, ep_read),
+        };
         let member = self
             .stateful_member(&pod.namespace, &pod.name, &owner_kind, &owner_name)
             .await?;

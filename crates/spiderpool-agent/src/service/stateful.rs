@@ -1,12 +1,13 @@
-//! The StatefulSet rule: a member whose ordinal is below `replicas` keeps its addresses.
+//! Pods that keep their addresses across sandboxes and re-creations: a StatefulSet's members
+//! (ordinals from `spec.ordinals.start`), and a KubeVirt VM's launcher pods while the VM lives.
 
 use spiderpool_control::apply;
 
 use super::*;
 
 impl IpamService {
-    /// Whether the pod belongs to a StatefulSet that still wants it (ordinal below `replicas`):
-    /// such a pod keeps its addresses across sandboxes and re-creations.
+    /// Whether the pod belongs to a StatefulSet that still wants it, or is (keyed as) a KubeVirt
+    /// VM that lives: such a pod keeps its addresses across sandboxes and re-creations.
     pub(super) async fn stateful_member(
         &self,
         namespace: &str,
@@ -14,8 +15,11 @@ impl IpamService {
         owner_kind: &str,
         owner_name: &str,
     ) -> Result<bool> {
+        if owner_kind == spiderpool_api::keys::VMI_KIND && !self.kubevirt_static_ip {
+            return Ok(false);
+        }
         Ok(
-            apply::stateful_member(self.store.as_ref(), namespace, pod, owner_kind, owner_name)
+            apply::keeps_addresses(self.store.as_ref(), namespace, pod, owner_kind, owner_name)
                 .await?,
         )
     }

@@ -107,16 +107,17 @@ impl Inner {
             }
         }
         meta.remove("managedFields");
-        // An endpoint is owned by its pod (not a StatefulSet member's, whose record outlives
-        // the pod), as upstream's.
+        // An endpoint is owned by its pod (not a StatefulSet member's or a KubeVirt VM's, whose
+        // record outlives the pod), as upstream's.
         if kind == Kind::Endpoint && !meta.contains_key("ownerReferences") {
             let uid = value.pointer("/status/current/uid").and_then(Value::as_str);
             let owner = value
                 .pointer("/status/ownerControllerType")
                 .and_then(Value::as_str);
-            if let (Some(uid), false) =
-                (uid.filter(|u| !u.is_empty()), owner == Some("StatefulSet"))
-            {
+            if let (Some(uid), false) = (
+                uid.filter(|u| !u.is_empty()),
+                matches!(owner, Some("StatefulSet" | spiderpool_api::keys::VMI_KIND)),
+            ) {
                 let pod = serde_json::json!([{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}]);
                 value["metadata"]["ownerReferences"] = pod;
             }

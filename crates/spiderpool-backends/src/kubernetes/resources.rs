@@ -20,12 +20,16 @@ pub const WORKLOADS: [(&str, &str, &str); 6] = [
 
 /// Kinds read one object at a time under `Kind::Workload` (never listed, watched or cached:
 /// their CRDs may not be installed, and a get of a kind the API server does not serve finds
-/// nothing): KubeVirt's VirtualMachineInstance, by whose name upstream keys a VM's addresses.
-pub const LOOKUP_ONLY: [(&str, &str, &str); 1] = [(
-    "kubevirt.io",
-    "VirtualMachineInstance",
-    "virtualmachineinstances",
-)];
+/// nothing): KubeVirt's VirtualMachineInstance, by whose name upstream keys a VM's addresses,
+/// and VirtualMachine.
+pub const LOOKUP_ONLY: [(&str, &str, &str); 2] = [
+    (
+        "kubevirt.io",
+        "VirtualMachineInstance",
+        "virtualmachineinstances",
+    ),
+    ("kubevirt.io", "VirtualMachine", "virtualmachines"),
+];
 
 /// A third party's workload key, `namespace/Kind.version.group/name` (read one object at a
 /// time, its resource found through discovery): (namespace, its kind, name).
