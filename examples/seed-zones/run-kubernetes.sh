@@ -32,6 +32,11 @@
 # openssl, Go (for
 # the first build of the control plane, ~7 minutes on 2 cores, cached after) and the built
 # binaries (SPIDERPOOL_BIN_DIR, default target/release). Removes everything it made on exit.
+#
+# With --smc the network is the SpiderMultusConfig of smc/04-macvlan-smc.yaml instead of the
+# seed's NAD: the controller generates the NAD (macvlan, spiderpool, then the `coordinator`
+# plugin, whose Service CIDR is the SpiderCoordinator `default`'s status), with the same
+# outputs.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -41,8 +46,14 @@ bin_dir=${SPIDERPOOL_BIN_DIR:-$repo/target/release}
 cni_plugins=${CNI_PLUGINS_DIR:-/usr/lib/cni}
 
 die() { echo "error: $*" >&2; exit 1; }
+smc=
+case "${1:-}" in
+  --smc) smc=1 ;;
+  "") ;;
+  *) die "usage: $0 [--smc]" ;;
+esac
 [ "$(id -u)" = 0 ] || die "run as root: the scenario creates network namespaces"
-for b in spiderpool veth spiderpool-agent spiderpool-controller spiderpool-sim-cluster; do
+for b in spiderpool veth coordinator spiderpool-agent spiderpool-controller spiderpool-sim-cluster; do
   [ -x "$bin_dir/$b" ] || die "$bin_dir/$b not found: build with 'cargo build --release' or set SPIDERPOOL_BIN_DIR"
 done
 [ -x "$cni_plugins/macvlan" ] || die "$cni_plugins/macvlan not found: apt-get install containernetworking-plugins"
@@ -93,6 +104,7 @@ mkdir -p "$work/cni-bin"
 ln -s "$cni_plugins/macvlan" "$work/cni-bin/macvlan"
 ln -s "$bin_dir/spiderpool" "$work/cni-bin/spiderpool"
 ln -s "$bin_dir/veth" "$work/cni-bin/veth"
+ln -s "$bin_dir/coordinator" "$work/cni-bin/coordinator"
 
 echo "## network: router $router, nodes ${nodes[*]}"
 ip netns add "$router"
@@ -138,10 +150,15 @@ for n in "${nodes[@]}"; do
 done
 
 echo "## spiderpool-controller (webhooks, finalizers, reclaim)"
+# With --smc the coordinator plugin needs the SpiderCoordinator `default` (upstream's install
+# creates it too); its status gives the Service CIDR.
+coordinator_args=()
+[ -z "$smc" ] || coordinator_args=(--default-coordinator '{"podCIDRType": "none"}')
 # Outside the cluster the API server reaches its webhooks on loopback.
 "$bin_dir/spiderpool-controller" --kubeconfig "$work/admin.kubeconfig" --namespace kube-system \
   --pod-name spiderpool-controller-0 --health-addr 127.0.0.1:9720 \
-  --webhook-addr 127.0.0.1:9722 --webhook-url https://127.0.0.1:9722 2>"$work/controller.log" &
+  --webhook-addr 127.0.0.1:9722 --webhook-url https://127.0.0.1:9722 \
+  "${coordinator_args[@]}" 2>"$work/controller.log" &
 agent_pids+=($!)
 controller_ready() {
   (exec 3<>/dev/tcp/127.0.0.1/9720 && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && head -n 1 <&3 | grep -q ' 200') 2>/dev/null
@@ -153,7 +170,26 @@ echo "spiderpool-controller ready"
 echo "## kubectl apply: the seed's manifests"
 kubectl apply -f "$manifests/02-subnets.yaml"
 kubectl apply -f "$manifests/03-ippools.yaml"
-kubectl apply -f "$manifests/04-macvlan-nad.yaml"
+if [ -n "$smc" ]; then
+  kubectl apply -f "$here/smc/04-macvlan-smc.yaml"
+  for _ in $(seq 300); do
+    kubectl get network-attachment-definitions.k8s.cni.cncf.io -n kube-system macvlan-conf >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  echo "## kubectl get spidermultusconfig -n kube-system"
+  kubectl get spidermultusconfig -n kube-system
+  echo "## the generated NAD's config"
+  kubectl get network-attachment-definitions.k8s.cni.cncf.io -n kube-system macvlan-conf -o jsonpath='{.spec.config}'
+  echo
+  for _ in $(seq 300); do
+    [ "$(kubectl get spidercoordinator default -o jsonpath='{.status.phase}' 2>/dev/null)" = Synced ] && break
+    sleep 0.1
+  done
+  echo "## kubectl get spidercoordinator"
+  kubectl get spidercoordinator
+else
+  kubectl apply -f "$manifests/04-macvlan-nad.yaml"
+fi
 kubectl apply -f "$manifests/05-daemonset.yaml"
 
 echo "## waiting for the DaemonSet's pods"

@@ -18,9 +18,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # `run.sh --kubernetes`: the same scenario on a local Kubernetes control plane (simulated
 # nodes); `run.sh --real-nodes`: on real nodes (kubelet, containerd, runc), installed by helm.
-if [ "${1:-}" = --kubernetes ]; then exec "$here/run-kubernetes.sh"; fi
+# `run.sh --kubernetes --smc`: the NAD generated from a SpiderMultusConfig (smc/).
+if [ "${1:-}" = --kubernetes ]; then exec "$here/run-kubernetes.sh" "${@:2}"; fi
 if [ "${1:-}" = --real-nodes ]; then exec "$here/run-real-nodes.sh"; fi
-[ $# = 0 ] || { echo "usage: $0 [--kubernetes | --real-nodes]" >&2; exit 2; }
+[ $# = 0 ] || { echo "usage: $0 [--kubernetes [--smc] | --real-nodes]" >&2; exit 2; }
 repo=$(cd "$here/../.." && pwd)
 manifests=${SPIDERPOOL_SEED_MANIFESTS:-$repo/examples/seed-zones/manifests}
 bin_dir=${SPIDERPOOL_BIN_DIR:-$repo/target/release}

@@ -223,118 +223,128 @@ impl SpiderCoordinator {
     }
 
     fn validate_spec(&self) -> Result<(), ValidationError> {
-        let s = &self.spec;
-        if let Some(m) = &s.mode {
-            one_of("spec.mode", m, &MODES)?;
+        check_spec(&self.spec, "spec", true)
+    }
+}
+
+/// The rules of a coordinator spec whose fields are at `prefix` (`spec` of a SpiderCoordinator,
+/// `spec.coordinator` of a SpiderMultusConfig, where `podCIDRType` may be left out).
+pub(crate) fn check_spec(
+    s: &CoordinatorSpec,
+    prefix: &str,
+    pod_cidr_type_required: bool,
+) -> Result<(), ValidationError> {
+    if let Some(m) = &s.mode {
+        one_of(&format!("{prefix}.mode"), m, &MODES)?;
+    }
+    match &s.pod_cidr_type {
+        None if !pod_cidr_type_required => {}
+        None => {
+            return Err(ValidationError::Invalid(format!(
+                "{prefix}.podCIDRType is required (supported values: {})",
+                quoted(&POD_CIDR_TYPES)
+            )))
         }
-        match &s.pod_cidr_type {
-            None => {
-                return Err(ValidationError::Invalid(format!(
-                    "spec.podCIDRType is required (supported values: {})",
-                    quoted(&POD_CIDR_TYPES)
-                )))
-            }
-            Some(t) => one_of("spec.podCIDRType", t, &POD_CIDR_TYPES)?,
-        }
-        for (i, c) in s.hijack_cidr.iter().enumerate() {
-            let field = format!("spec.hijackCIDR[{i}]");
-            if c.parse::<ipnet::IpNet>().is_err() && c.parse::<IpAddr>().is_err() {
-                return Err(ValidationError::field(
-                    &field,
-                    c,
-                    "is not an IP address or CIDR",
-                ));
-            }
-        }
-        for (i, r) in s.policy_routes.iter().enumerate() {
-            let dst = r.dst.parse::<ipnet::IpNet>().map_err(|_| {
-                ValidationError::field(
-                    &format!("spec.policyRoutes[{i}].dst"),
-                    &r.dst,
-                    "is not a CIDR",
-                )
-            })?;
-            let gw = r.gw.parse::<IpAddr>().map_err(|_| {
-                ValidationError::field(
-                    &format!("spec.policyRoutes[{i}].gw"),
-                    &r.gw,
-                    "is not an IP address",
-                )
-            })?;
-            if dst.addr().is_ipv4() != gw.is_ipv4() {
-                return Err(ValidationError::field(
-                    &format!("spec.policyRoutes[{i}]"),
-                    format!("{} via {}", r.dst, r.gw),
-                    "is invalid: dst and gw must use the same IP family",
-                ));
-            }
-        }
-        if let Some(p) = s.pod_mac_prefix.as_deref().filter(|p| !p.is_empty()) {
-            match parse_mac_prefix(p) {
-                Ok(_) => {}
-                Err(MacPrefixError::Multicast) => {
-                    return Err(ValidationError::field(
-                        "spec.podMACPrefix",
-                        p,
-                        "is not a unicast MAC: the lowest bit of the first byte must be 0",
-                    ))
-                }
-                Err(MacPrefixError::NotTwoBytes) => {
-                    return Err(ValidationError::field(
-                        "spec.podMACPrefix",
-                        p,
-                        "is not a valid MAC prefix (two bytes, e.g. 0a:1b)",
-                    ))
-                }
-            }
-        }
-        if let Some(n) = s.tx_queue_len.filter(|n| *n < 0) {
+        Some(t) => one_of(&format!("{prefix}.podCIDRType"), t, &POD_CIDR_TYPES)?,
+    }
+    for (i, c) in s.hijack_cidr.iter().enumerate() {
+        let field = format!("{prefix}.hijackCIDR[{i}]");
+        if c.parse::<ipnet::IpNet>().is_err() && c.parse::<IpAddr>().is_err() {
             return Err(ValidationError::field(
-                "spec.txQueueLen",
-                n.to_string(),
-                "is invalid: txQueueLen can't be less than 0",
+                &field,
+                c,
+                "is not an IP address or CIDR",
             ));
         }
-        for (field, v) in [
-            ("spec.podRPFilter", s.pod_rp_filter),
-            ("spec.hostRPFilter", s.host_rp_filter),
-        ] {
-            if let Some(n) = v.filter(|n| *n >= 0 && !RP_FILTERS.contains(n)) {
+    }
+    for (i, r) in s.policy_routes.iter().enumerate() {
+        let dst = r.dst.parse::<ipnet::IpNet>().map_err(|_| {
+            ValidationError::field(
+                &format!("{prefix}.policyRoutes[{i}].dst"),
+                &r.dst,
+                "is not a CIDR",
+            )
+        })?;
+        let gw = r.gw.parse::<IpAddr>().map_err(|_| {
+            ValidationError::field(
+                &format!("{prefix}.policyRoutes[{i}].gw"),
+                &r.gw,
+                "is not an IP address",
+            )
+        })?;
+        if dst.addr().is_ipv4() != gw.is_ipv4() {
+            return Err(ValidationError::field(
+                &format!("{prefix}.policyRoutes[{i}]"),
+                format!("{} via {}", r.dst, r.gw),
+                "is invalid: dst and gw must use the same IP family",
+            ));
+        }
+    }
+    if let Some(p) = s.pod_mac_prefix.as_deref().filter(|p| !p.is_empty()) {
+        match parse_mac_prefix(p) {
+            Ok(_) => {}
+            Err(MacPrefixError::Multicast) => {
                 return Err(ValidationError::field(
-                    field,
+                    &format!("{prefix}.podMACPrefix"),
+                    p,
+                    "is not a unicast MAC: the lowest bit of the first byte must be 0",
+                ))
+            }
+            Err(MacPrefixError::NotTwoBytes) => {
+                return Err(ValidationError::field(
+                    &format!("{prefix}.podMACPrefix"),
+                    p,
+                    "is not a valid MAC prefix (two bytes, e.g. 0a:1b)",
+                ))
+            }
+        }
+    }
+    if let Some(n) = s.tx_queue_len.filter(|n| *n < 0) {
+        return Err(ValidationError::field(
+            &format!("{prefix}.txQueueLen"),
+            n.to_string(),
+            "is invalid: txQueueLen can't be less than 0",
+        ));
+    }
+    for (field, v) in [
+        (format!("{prefix}.podRPFilter"), s.pod_rp_filter),
+        (format!("{prefix}.hostRPFilter"), s.host_rp_filter),
+    ] {
+        if let Some(n) = v.filter(|n| *n >= 0 && !RP_FILTERS.contains(n)) {
+            return Err(ValidationError::field(
+                    &field,
                     n.to_string(),
                     "is not supported (supported values: 0, 1, 2; a negative value leaves rp_filter alone)",
                 ));
-            }
         }
-        if let Some(n) = s
-            .host_rule_table
-            .filter(|n| !(0..=i64::from(u32::MAX)).contains(n))
-        {
-            return Err(ValidationError::field(
-                "spec.hostRuleTable",
-                n.to_string(),
-                "is not a routing table number (0 to 4294967295)",
-            ));
-        }
-        if let Some(a) = s.veth_link_address.as_deref().filter(|a| !a.is_empty()) {
-            if a.parse::<IpAddr>().is_err() {
-                return Err(ValidationError::field(
-                    "spec.vethLinkAddress",
-                    a,
-                    "is invalid: vethLinkAddress is an invalid IP address",
-                ));
-            }
-        }
-        if let Some(n) = s.veth_mtu.filter(|n| *n <= 0) {
-            return Err(ValidationError::field(
-                "spec.vethMTU",
-                n.to_string(),
-                "is invalid: vethMTU must be greater than 0",
-            ));
-        }
-        Ok(())
     }
+    if let Some(n) = s
+        .host_rule_table
+        .filter(|n| !(0..=i64::from(u32::MAX)).contains(n))
+    {
+        return Err(ValidationError::field(
+            &format!("{prefix}.hostRuleTable"),
+            n.to_string(),
+            "is not a routing table number (0 to 4294967295)",
+        ));
+    }
+    if let Some(a) = s.veth_link_address.as_deref().filter(|a| !a.is_empty()) {
+        if a.parse::<IpAddr>().is_err() {
+            return Err(ValidationError::field(
+                &format!("{prefix}.vethLinkAddress"),
+                a,
+                "is invalid: vethLinkAddress is an invalid IP address",
+            ));
+        }
+    }
+    if let Some(n) = s.veth_mtu.filter(|n| *n <= 0) {
+        return Err(ValidationError::field(
+            &format!("{prefix}.vethMTU"),
+            n.to_string(),
+            "is invalid: vethMTU must be greater than 0",
+        ));
+    }
+    Ok(())
 }
 
 /// Why a MAC prefix is refused.

@@ -10,6 +10,7 @@ use crate::crd::{
     EndpointStatus, SpiderIPPoolResource, SpiderReservedIPResource, SpiderSubnetResource,
     API_VERSION,
 };
+use crate::multus::SpiderMultusConfigResource;
 
 /// Every CRD the project installs.
 pub fn crds() -> Vec<CustomResourceDefinition> {
@@ -19,6 +20,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         SpiderReservedIPResource::crd(),
         endpoint_crd(),
         SpiderCoordinatorResource::crd(),
+        SpiderMultusConfigResource::crd(),
     ]
 }
 

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod kube;
 pub mod manifest;
 pub mod meta;
+pub mod multus;
 pub mod names;
 #[cfg(feature = "kube")]
 pub mod schema;

@@ -13,6 +13,7 @@ use crate::coordinator::SpiderCoordinator;
 use crate::crd::{SpiderEndpoint, SpiderIPPool, SpiderReservedIP, SpiderSubnet, API_VERSION};
 use crate::k8s::{KubeObject, WORKLOAD_KINDS};
 use crate::meta::ObjectMeta;
+use crate::multus::SpiderMultusConfig;
 use crate::ValidationError;
 
 /// The kinds the datastore keeps.
@@ -28,6 +29,8 @@ pub enum Kind {
     Endpoint,
     /// SpiderCoordinator.
     Coordinator,
+    /// SpiderMultusConfig.
+    MultusConfig,
     /// v1 Node.
     Node,
     /// v1 Namespace.
@@ -49,6 +52,7 @@ impl Kind {
             Kind::ReservedIP => "spiderreservedips",
             Kind::Endpoint => "spiderendpoints",
             Kind::Coordinator => "spidercoordinators",
+            Kind::MultusConfig => "spidermultusconfigs",
             Kind::Node => "nodes",
             Kind::Namespace => "namespaces",
             Kind::Pod => "pods",
@@ -72,6 +76,11 @@ impl Kind {
             "coordinator" | "coordinators" | "spidercoordinator" | "spidercoordinators" | "scc" => {
                 Kind::Coordinator
             }
+            "multusconfig"
+            | "multusconfigs"
+            | "spidermultusconfig"
+            | "spidermultusconfigs"
+            | "smc" => Kind::MultusConfig,
             "node" | "nodes" | "no" => Kind::Node,
             "namespace" | "namespaces" | "ns" => Kind::Namespace,
             "pod" | "pods" | "po" => Kind::Pod,
@@ -87,7 +96,11 @@ impl Kind {
     pub fn namespaced(self) -> bool {
         matches!(
             self,
-            Kind::Endpoint | Kind::Pod | Kind::Workload | Kind::NetworkAttachment
+            Kind::Endpoint
+                | Kind::Pod
+                | Kind::Workload
+                | Kind::NetworkAttachment
+                | Kind::MultusConfig
         )
     }
 }
@@ -113,6 +126,8 @@ pub enum Object {
     Endpoint(SpiderEndpoint),
     /// SpiderCoordinator.
     Coordinator(SpiderCoordinator),
+    /// SpiderMultusConfig.
+    MultusConfig(SpiderMultusConfig),
     /// Node, Namespace, Pod, workload or NetworkAttachmentDefinition.
     Kube(Kind, KubeObject),
 }
@@ -146,6 +161,7 @@ impl Object {
             Object::ReservedIP(_) => Kind::ReservedIP,
             Object::Endpoint(_) => Kind::Endpoint,
             Object::Coordinator(_) => Kind::Coordinator,
+            Object::MultusConfig(_) => Kind::MultusConfig,
             Object::Kube(k, _) => *k,
         }
     }
@@ -158,6 +174,7 @@ impl Object {
             Object::ReservedIP(o) => &o.metadata,
             Object::Endpoint(o) => &o.metadata,
             Object::Coordinator(o) => &o.metadata,
+            Object::MultusConfig(o) => &o.metadata,
             Object::Kube(_, o) => &o.metadata,
         }
     }
@@ -170,6 +187,7 @@ impl Object {
             Object::ReservedIP(o) => &mut o.metadata,
             Object::Endpoint(o) => &mut o.metadata,
             Object::Coordinator(o) => &mut o.metadata,
+            Object::MultusConfig(o) => &mut o.metadata,
             Object::Kube(_, o) => &mut o.metadata,
         }
     }
@@ -193,6 +211,7 @@ impl Object {
             Object::ReservedIP(_) => "SpiderReservedIP",
             Object::Endpoint(_) => "SpiderEndpoint",
             Object::Coordinator(_) => "SpiderCoordinator",
+            Object::MultusConfig(_) => "SpiderMultusConfig",
             Object::Kube(_, o) => o.kind.as_str(),
         };
         format!("{kind} {:?}", self.key())
@@ -209,6 +228,7 @@ impl Object {
             Object::ReservedIP(o) => v(o),
             Object::Endpoint(o) => v(o),
             Object::Coordinator(o) => v(o),
+            Object::MultusConfig(o) => v(o),
             Object::Kube(_, o) => v(o),
         }
     }
@@ -225,6 +245,7 @@ impl Object {
             Kind::ReservedIP => Object::ReservedIP(serde_json::from_value(value).map_err(err)?),
             Kind::Endpoint => Object::Endpoint(serde_json::from_value(value).map_err(err)?),
             Kind::Coordinator => Object::Coordinator(serde_json::from_value(value).map_err(err)?),
+            Kind::MultusConfig => Object::MultusConfig(serde_json::from_value(value).map_err(err)?),
             k => Object::Kube(k, serde_json::from_value(value).map_err(err)?),
         })
     }
@@ -270,6 +291,10 @@ impl Object {
                 let (o, w) = typed(doc, &what)?;
                 (Object::Coordinator(o), w)
             }
+            (API_VERSION, "SpiderMultusConfig") => {
+                let (o, w) = typed(doc, &what)?;
+                (Object::MultusConfig(o), w)
+            }
             ("v1", "Node") => kube(Kind::Node, doc, &what)?,
             ("v1", "Namespace") => kube(Kind::Namespace, doc, &what)?,
             ("v1", "Pod") => kube(Kind::Pod, doc, &what)?,
@@ -280,7 +305,7 @@ impl Object {
             _ => {
                 return Err(ValidationError::Invalid(format!(
                     "{what}: unsupported apiVersion {api_version:?} kind {kind:?} (supported: \
-                     {API_VERSION} SpiderIPPool, SpiderSubnet, SpiderReservedIP, SpiderCoordinator; v1 Node, Namespace, Pod; \
+                     {API_VERSION} SpiderIPPool, SpiderSubnet, SpiderReservedIP, SpiderCoordinator, SpiderMultusConfig; v1 Node, Namespace, Pod; \
                      apps/v1 {}; k8s.cni.cncf.io/v1 NetworkAttachmentDefinition)",
                     WORKLOAD_KINDS.join(", ")
                 )))

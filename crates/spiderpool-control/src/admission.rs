@@ -179,6 +179,7 @@ pub async fn mutate(store: &dyn Store, object: &mut Object, by: By) -> Result<()
             }
         }
         Object::Coordinator(c) => c.default_spec(),
+        Object::MultusConfig(c) => c.default_spec(),
         _ => {}
     }
     if finalizer && matches!(object, Object::IPPool(_) | Object::Subnet(_)) {
@@ -256,7 +257,45 @@ pub async fn validate(
             Ok(())
         }
         Object::Coordinator(c) => Ok(c.validate()?),
+        Object::MultusConfig(c) => {
+            match old {
+                Some(Object::MultusConfig(o)) => c.validate_update(o)?,
+                _ => c.validate()?,
+            }
+            multus_nad_free(store, c).await
+        }
         _ => Ok(()),
+    }
+}
+
+/// The NetworkAttachmentDefinition a SpiderMultusConfig generates is not another one's.
+async fn multus_nad_free(
+    store: &dyn Store,
+    c: &spiderpool_api::multus::SpiderMultusConfig,
+) -> Result<(), AdmissionError> {
+    let ns = c.metadata.namespace.as_deref().unwrap_or("default");
+    let nad = c.nad_name();
+    let Some((o, _)) =
+        spiderpool_store::typed::get(store, Kind::NetworkAttachment, &format!("{ns}/{nad}"))
+            .await?
+    else {
+        return Ok(());
+    };
+    match o
+        .metadata()
+        .owner_references
+        .iter()
+        .find(|r| r.kind == "SpiderMultusConfig" && r.name != c.metadata.name)
+    {
+        Some(r) => Err(forbidden(
+            "SpiderMultusConfig",
+            &format!("{ns}/{}", c.metadata.name),
+            &format!(
+                "the net-attach-def {ns}/{nad} already exists and is managed by SpiderMultusConfig {ns}/{}",
+                r.name
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

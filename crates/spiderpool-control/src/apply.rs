@@ -35,6 +35,15 @@ pub enum ApplyError {
     },
 }
 
+impl From<crate::multus::ApplyNadError> for ApplyError {
+    fn from(e: crate::multus::ApplyNadError) -> Self {
+        match e {
+            crate::multus::ApplyNadError::Invalid(v) => ApplyError::Invalid(v),
+            crate::multus::ApplyNadError::Store(s) => ApplyError::Store(s),
+        }
+    }
+}
+
 impl From<admission::AdmissionError> for ApplyError {
     fn from(e: admission::AdmissionError) -> Self {
         match e {
@@ -190,12 +199,20 @@ pub(crate) async fn plan_as(
             });
         }
     }
+    // Outside a cluster the SpiderMultusConfig's NAD is written with it.
+    let nad = match &object {
+        Object::MultusConfig(c) if !store.mode().is_cluster() => {
+            crate::multus::nad_ops(store, c).await?
+        }
+        _ => Vec::new(),
+    };
     let mut ops = vec![Op::Put {
         kind,
         key: key.clone(),
         value,
         expect,
     }];
+    ops.extend(nad);
     if let (Kind::IPPool, Some(since)) = (kind, since) {
         ops.push(Op::NoClaimsSince {
             pool: key.clone(),
@@ -357,6 +374,9 @@ pub async fn delete(store: &dyn Store, kind: Kind, key: &str) -> Result<(), Appl
             .iter()
             .flat_map(|n| Op::releases_of(n, &ep.status.current.uid))
             .collect(),
+        Object::MultusConfig(c) if !store.mode().is_cluster() => {
+            crate::multus::nad_delete_ops(store, c).await?
+        }
         _ => Vec::new(),
     };
     ops.push(Op::Delete {

@@ -7,7 +7,8 @@
 //! - [`status`]: the status the system reports for pools and subnets;
 //! - [`audit`]: inconsistencies between pools, endpoints and pods, and their repair;
 //! - [`reclaim`]: the addresses of dead pods;
-//! - [`autopool`]: SpiderSubnet auto-created pools.
+//! - [`autopool`]: SpiderSubnet auto-created pools;
+//! - [`multus`]: the NetworkAttachmentDefinitions of SpiderMultusConfigs outside a cluster.
 //!
 //! This crate imports the Store contract, the API types and the core rules, never a backend
 //! (`kube`, `etcd_client`, `rusqlite`): its tests run on the memory store.
@@ -16,5 +17,6 @@ pub mod admission;
 pub mod apply;
 pub mod audit;
 pub mod autopool;
+pub mod multus;
 pub mod reclaim;
 pub mod status;

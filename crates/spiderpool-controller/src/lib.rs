@@ -9,6 +9,7 @@ pub mod coordinators;
 pub mod invalid;
 pub mod leader;
 pub mod metrics;
+pub mod multus;
 mod passes;
 pub mod pools;
 pub mod reclaim;
@@ -120,6 +121,13 @@ pub struct Args {
     /// never changed. Unset: none is created.
     #[arg(long, env = "SPIDERPOOL_DEFAULT_COORDINATOR", value_parser = parse_coordinator_spec)]
     pub default_coordinator: Option<serde_json::Value>,
+    /// Keep a NetworkAttachmentDefinition for each SpiderMultusConfig (upstream's
+    /// `SPIDERPOOL_MULTUS_CONFIG_ENABLED`).
+    #[arg(long, env = "SPIDERPOOL_MULTUS_CONFIG_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub multus_config: bool,
+    /// Time between two passes over every SpiderMultusConfig beyond those watch events cause.
+    #[arg(long, env = "SPIDERPOOL_MULTUS_CONFIG_RESYNC", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub multus_config_resync: Duration,
     /// Time between two full scans of every address (and one when leadership is won).
     #[arg(long, env = "SPIDERPOOL_GC_DEFAULT_INTERVAL_DURATION", default_value = "600s", value_parser = humantime::parse_duration)]
     pub gc_interval: Duration,
@@ -342,6 +350,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     args.coordinator_resync,
                     args.default_coordinator.clone(),
                 ));
+                if args.multus_config {
+                    set.spawn(multus::run(
+                        client.clone(),
+                        args.multus_config_resync,
+                        invalid.clone(),
+                    ));
+                }
                 if args.auto_pool {
                     set.spawn(apps::run(
                         client.clone(),

@@ -34,11 +34,16 @@ pub const NAME: &str = "spiderpool-controller";
 pub const SECRET: &str = "spiderpool-controller-webhook";
 
 /// The kinds served, with the resource, the webhook name and the path suffix.
-const SERVED: [(Kind, &str, &str); 4] = [
+const SERVED: [(Kind, &str, &str); 5] = [
     (Kind::IPPool, "spiderippools", "spiderippool"),
     (Kind::Subnet, "spidersubnets", "spidersubnet"),
     (Kind::ReservedIP, "spiderreservedips", "spiderreservedip"),
     (Kind::Coordinator, "spidercoordinators", "spidercoordinator"),
+    (
+        Kind::MultusConfig,
+        "spidermultusconfigs",
+        "spidermultusconfig",
+    ),
 ];
 
 /// Where the API server reaches the webhooks.
@@ -258,6 +263,20 @@ fn mutated_paths(kind: Kind) -> &'static [&'static str] {
             "/spec/vethMTU",
             "/spec/detectIPConflict",
             "/spec/detectGateway",
+        ],
+        Kind::MultusConfig => &[
+            "/metadata/labels",
+            "/spec/cniType",
+            "/spec/macvlan",
+            "/spec/ipvlan",
+            "/spec/vlan",
+            "/spec/sriov",
+            "/spec/ibsriov",
+            "/spec/ipoib",
+            "/spec/ovs",
+            "/spec/enableCoordinator",
+            "/spec/disableIPAM",
+            "/spec/coordinator",
         ],
         _ => &[
             "/metadata/finalizers",
@@ -516,8 +535,9 @@ async fn register(client: &kube::Client, settings: &Settings, ca: &str) -> anyho
     let hooks = |mutate: bool| -> Vec<Value> {
         SERVED
             .iter()
-            .map(|(_, resource, suffix)| {
+            .map(|(kind, resource, suffix)| {
                 let p = path(mutate, suffix);
+                let scope = if kind.namespaced() { "Namespaced" } else { "Cluster" };
                 let client_config = match &settings.endpoint {
                     Endpoint::Service { name, port } => json!({"caBundle": bundle,
                         "service": {"name": name, "namespace": settings.namespace, "port": port, "path": p}}),
@@ -532,7 +552,7 @@ async fn register(client: &kube::Client, settings: &Settings, ca: &str) -> anyho
                     "timeoutSeconds": 10,
                     "clientConfig": client_config,
                     "rules": [{"apiGroups": ["spiderpool.spidernet.io"], "apiVersions": ["v2beta1"],
-                        "operations": ["CREATE", "UPDATE"], "resources": [resource], "scope": "Cluster"}],
+                        "operations": ["CREATE", "UPDATE"], "resources": [resource], "scope": scope}],
                 })
             })
             .collect()

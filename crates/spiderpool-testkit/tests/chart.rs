@@ -174,10 +174,10 @@ fn the_chart_lints_renders_and_installs_on_the_api_server() {
         args.contains("--enable-ipv6=false") && args.contains("--gc-enabled=false"),
         "{args}"
     );
-    // Four kinds each; the validating ones also restrict agents to their own node.
+    // Five kinds each; the validating ones also restrict agents to their own node.
     for (kind, n) in [
-        ("MutatingWebhookConfiguration", 4),
-        ("ValidatingWebhookConfiguration", 5),
+        ("MutatingWebhookConfiguration", 5),
+        ("ValidatingWebhookConfiguration", 6),
     ] {
         let w = find(&docs, kind, "spiderpool-controller");
         let hooks = w["webhooks"].as_array().unwrap();
@@ -191,7 +191,7 @@ fn the_chart_lints_renders_and_installs_on_the_api_server() {
         docs.iter()
             .filter(|d| d["kind"] == "CustomResourceDefinition")
             .count(),
-        6
+        7
     );
 
     // The API server accepts every rendered object.

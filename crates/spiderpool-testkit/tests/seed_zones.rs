@@ -226,27 +226,68 @@ fn kubectl_table(lines: &[&str]) -> BTreeMap<String, BTreeMap<String, String>> {
 #[test]
 fn seed_two_zones_on_kubernetes() {
     let _one_at_a_time = serial();
-    if !e2e_prerequisites() {
-        return;
+    if let Some(stdout) = seed_on_kubernetes(&[]) {
+        seed_outputs_on_kubernetes(&stdout);
     }
-    let Some(kube_bin) = spiderpool_testkit::kube_bin() else {
+}
+
+#[test]
+fn seed_two_zones_on_kubernetes_with_the_nad_from_a_spidermultusconfig() {
+    let _one_at_a_time = serial();
+    let Some(stdout) = seed_on_kubernetes(&["--smc"]) else {
         return;
     };
+    // The controller generated the seed's chain from the SMC: macvlan on ens192 with
+    // spiderpool IPAM, then the coordinator (the seed's `veth` under upstream's name).
+    let smcs = kubectl_table(&section(
+        &stdout,
+        "kubectl get spidermultusconfig -n kube-system\n",
+    ));
+    assert_eq!(smcs["macvlan-conf"]["CNITYPE"], "macvlan", "{stdout}");
+    let config: serde_json::Value = serde_json::from_str(
+        section(&stdout, "the generated NAD's config\n")
+            .first()
+            .expect("the NAD's config"),
+    )
+    .unwrap();
+    assert_eq!(
+        config,
+        serde_json::json!({"cniVersion": "0.3.1", "name": "macvlan-conf", "plugins": [
+            {"type": "macvlan", "master": "ens192", "mode": "bridge", "mtu": 0,
+             "ipam": {"type": "spiderpool"}},
+            {"type": "coordinator", "mode": "auto", "tunePodRoutes": true, "txQueueLen": 0}]})
+    );
+    // The same outputs as with the seed's own NAD.
+    seed_outputs_on_kubernetes(&stdout);
+}
+
+/// The stdout of `run.sh --kubernetes ARGS`, which must succeed; `None` when the machine cannot
+/// run it.
+fn seed_on_kubernetes(args: &[&str]) -> Option<String> {
+    if !e2e_prerequisites() {
+        return None;
+    }
+    let kube_bin = spiderpool_testkit::kube_bin()?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed-zones/run.sh");
     let out = run(
         Command::new("bash")
             .arg(&script)
             .arg("--kubernetes")
+            .args(args)
             .env("SPIDERPOOL_BIN_DIR", bin_dir())
             .env("SPIDERPOOL_KUBE_BIN", &kube_bin),
         "",
     );
     assert!(
         out.success,
-        "the seed example on Kubernetes failed:\n{}\n{}",
+        "the seed example on Kubernetes {args:?} failed:\n{}\n{}",
         out.stdout, out.stderr
     );
-    let stdout = &out.stdout;
+    Some(out.stdout)
+}
+
+/// What the seed's run on Kubernetes shows, whichever wrote its NAD.
+fn seed_outputs_on_kubernetes(stdout: &str) {
     // The subnets as the seed shows them, their ten addresses now given to the pools (the
     // controller keeps the counts).
     let subnets = kubectl_table(&section(stdout, "kubectl get spidersubnet\n"));

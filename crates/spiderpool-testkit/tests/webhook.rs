@@ -63,8 +63,8 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
     // The controller registered both configurations with its CA.
     // (The validating one also restricts agents to their own node.)
     for (kind, n) in [
-        ("validatingwebhookconfiguration", 5),
-        ("mutatingwebhookconfiguration", 4),
+        ("validatingwebhookconfiguration", 6),
+        ("mutatingwebhookconfiguration", 5),
     ] {
         let w = json_of(&cp, &["get", kind, "spiderpool-controller"]);
         let hooks = w["webhooks"].as_array().unwrap();

@@ -125,6 +125,7 @@ fn singular(kind: Kind) -> &'static str {
         Kind::ReservedIP => "spiderreservedip.spiderpool.spidernet.io",
         Kind::Endpoint => "spiderendpoint.spiderpool.spidernet.io",
         Kind::Coordinator => "spidercoordinator.spiderpool.spidernet.io",
+        Kind::MultusConfig => "spidermultusconfig.spiderpool.spidernet.io",
         Kind::Node => "node",
         Kind::Namespace => "namespace",
         Kind::Pod => "pod",

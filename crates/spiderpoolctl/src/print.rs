@@ -43,6 +43,7 @@ pub(crate) fn table(kind: Kind, items: &[Object], wide: bool) -> String {
             "NODE",
         ],
         Kind::Coordinator => vec!["NAME", "MODE", "PODCIDRTYPE", "PHASE"],
+        Kind::MultusConfig => vec!["NAMESPACE", "NAME", "CNITYPE", "COORDINATOR"],
         Kind::Node | Kind::Namespace => vec!["NAME", "LABELS"],
         Kind::Pod => vec!["NAMESPACE", "NAME", "NODE", "UID"],
         Kind::Workload => vec!["NAMESPACE", "KIND", "NAME", "REPLICAS"],
@@ -117,6 +118,12 @@ pub(crate) fn table(kind: Kind, items: &[Object], wide: bool) -> String {
                 s(c.spec.mode.as_ref()),
                 s(c.spec.pod_cidr_type.as_ref()),
                 s(c.status.as_ref().map(|st| &st.phase)),
+            ]),
+            Object::MultusConfig(c) => rows.push(vec![
+                s(m.namespace.as_ref()),
+                m.name.clone(),
+                c.cni_type().to_string(),
+                c.spec.enable_coordinator.unwrap_or(true).to_string(),
             ]),
             Object::Kube(Kind::Pod, k) => rows.push(vec![
                 s(m.namespace.as_ref()),

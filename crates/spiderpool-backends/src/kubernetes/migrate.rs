@@ -169,7 +169,7 @@ impl KubeStore {
             });
         }
 
-        // SpiderMultusConfigs: nothing renders their NADs after the move.
+        // SpiderMultusConfigs: their NADs are this project's controller's from now on.
         let smcs = list_all(
             inner,
             &api(
@@ -186,9 +186,9 @@ impl KubeStore {
             out.push(Hazard {
                 id: "spidermultusconfig",
                 blocks: false,
-                what: "SpiderMultusConfigs: their NetworkAttachmentDefinitions stay and keep working, but nothing renders them again when a SpiderMultusConfig is edited".into(),
+                what: "SpiderMultusConfigs: this project's controller keeps their NetworkAttachmentDefinitions from the move on, and rewrites one whose chain differs from what it generates (the same plugins; it passes podRPFilter when set and does not copy kubectl's last-applied annotation); chains with a VLAN or bond still need upstream's ifacer plugin on the nodes".into(),
                 objects: listed(smcs.iter().map(|o| format!("spidermultusconfig/{}", name_of(o))).collect()),
-                fix: "edit the NetworkAttachmentDefinitions themselves after the move".into(),
+                fix: "compare each NAD (kubectl get net-attach-def -o yaml) before and after the move; keep the ifacer binary in the CNI directory where a SpiderMultusConfig sets vlanID or bond".into(),
             });
         }
 

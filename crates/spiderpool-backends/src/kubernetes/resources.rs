@@ -58,6 +58,7 @@ pub fn api_resource(kind: Kind, workload: Option<&str>) -> Result<ApiResource> {
         Kind::ReservedIP => spider("SpiderReservedIP"),
         Kind::Endpoint => spider("SpiderEndpoint"),
         Kind::Coordinator => spider("SpiderCoordinator"),
+        Kind::MultusConfig => spider("SpiderMultusConfig"),
         Kind::Node => resource("", "v1", "Node", "nodes"),
         Kind::Namespace => resource("", "v1", "Namespace", "namespaces"),
         Kind::Pod => resource("", "v1", "Pod", "pods"),
