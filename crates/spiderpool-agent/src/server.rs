@@ -86,9 +86,15 @@ async fn add(State(svc): State<Arc<IpamService>>, body: Bytes) -> Response {
         Err(e) => return bad_body(e),
     };
     let span = tracing::info_span!("add", container_id = %args.container_id, pod = %format!("{}/{}", args.pod_namespace, args.pod_name), ifname = %args.if_name);
+    let (ip_conflict, gateway) = svc.detection();
     let work = async move { svc.metrics.allocation.observed(svc.add(&args)).await };
     match detached(tracing::Instrument::instrument(work, span)).await {
-        Ok(r) => Json(r).into_response(),
+        Ok(mut r) => {
+            // Upstream's switches: the IPAM plugin probes (ADD only; CHECK answers none).
+            r.detect_ip_conflict = ip_conflict;
+            r.detect_gateway = gateway;
+            Json(r).into_response()
+        }
         Err(e) => service_error(e),
     }
 }

@@ -157,7 +157,7 @@ pub struct IpamService {
     /// How long an address found in conflict is held back (`--ip-conflict-hold`).
     conflict_hold: Duration,
     /// Upstream's switches (`--enable-ip-conflict-detection`, `--enable-gateway-detection`):
-    /// the coordinator probes even where its SpiderCoordinator does not ask for it.
+    /// the `spiderpool` IPAM plugin probes, with or without a coordinator after it.
     detection: (bool, bool),
 }
 

@@ -130,6 +130,17 @@ pub struct IpamAddResponse {
     /// Routes.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// The IPAM plugin probes the segment for the addresses before the pod uses them (the
+    /// agent's `--enable-ip-conflict-detection`, upstream's `enableIPConflictDetection`).
+    #[serde(
+        default,
+        rename = "detectIPConflict",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub detect_ip_conflict: bool,
+    /// The IPAM plugin checks that the gateways answer (`--enable-gateway-detection`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detect_gateway: bool,
 }
 
 /// Body of `DELETE /v1/ipam/ip` and `POST /v1/ipam/check`.

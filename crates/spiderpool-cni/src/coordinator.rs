@@ -51,18 +51,17 @@ mod check;
 mod del;
 mod host;
 mod pod;
-mod probe;
 mod settings;
 #[cfg(test)]
 mod tests;
 
+use crate::probe::*;
 use add::add;
 use check::check;
 use del::del;
 use host::*;
 pub use pod::pod_routes;
 use pod::*;
-use probe::*;
 use settings::*;
 pub use settings::{pod_mac, Settings};
 

@@ -14,6 +14,7 @@ pub mod coordinator;
 pub mod log_file;
 pub mod netlink;
 pub mod plugin;
+pub mod probe;
 
 use std::io::{Read, Write};
 use std::process::ExitCode;

@@ -147,6 +147,20 @@ impl CniEnv {
         })
     }
 
+    /// The container as the agent's `DELETE /v1/ipam/ips` names it (no conflicts yet).
+    pub fn holder(&self) -> spiderpool_api::agent::IpamBatchDelArgs {
+        spiderpool_api::agent::IpamBatchDelArgs {
+            container_id: self.container_id.clone(),
+            if_name: self.ifname.clone(),
+            net_namespace: self.netns.clone(),
+            pod_namespace: self.arg("K8S_POD_NAMESPACE"),
+            pod_name: self.arg("K8S_POD_NAME"),
+            pod_uid: self.arg("K8S_POD_UID"),
+            is_release_conflict_ips: false,
+            conflicts: Vec::new(),
+        }
+    }
+
     fn arg(&self, k: &str) -> String {
         self.args.get(k).cloned().unwrap_or_default()
     }
@@ -375,8 +389,16 @@ fn add(conf: &NetConf, env: &CniEnv, socket: &Path) -> Result<Value, CniError> {
         .json(socket)
         .map_err(|e| CniError::new(e.code, format!("spiderpool IP allocation error: {}", e.msg)))?;
     let result = to_result(&resp, &env.ifname)?;
+    let json = result.to_json(&conf.cni_version);
+    let detect = crate::probe::Detect {
+        ip_conflict: resp.detect_ip_conflict,
+        gateway: resp.detect_gateway,
+    };
+    if detect != crate::probe::Detect::default() {
+        crate::probe::ipam_checks(detect, &json, &env.holder(), socket)?;
+    }
     tracing::info!(container_id = %env.container_id, ifname = %env.ifname, ips = ?result.ips, "ADD");
-    Ok(result.to_json(&conf.cni_version))
+    Ok(json)
 }
 
 fn del(env: &CniEnv, socket: &Path) -> Result<(), CniError> {

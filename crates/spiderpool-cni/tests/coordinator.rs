@@ -892,3 +892,87 @@ fn a_second_nic_shares_the_pair_and_the_default_route_stays_with_pod_default_rou
     run("eth0", "DEL", &eth0, macvlan);
     assert_eq!(node_state("cm-n1"), before);
 }
+
+#[test]
+fn the_ipam_plugin_probes_without_a_coordinator_when_the_agent_says_so() {
+    if !prerequisites() {
+        return;
+    }
+    let _zones = zones("cp", &[("cp-n1", "10.6.0.1/16")]);
+    let _holder = Netns::new("cp-a");
+    let _pod = Netns::new("cp-pod");
+    let sb = Sandbox::new();
+    // Upstream's switches: the IPAM plugin probes, and no coordinator follows it.
+    let agent = sb.agent_with(
+        "cp-n1",
+        "",
+        &[
+            "--enable-ip-conflict-detection=true",
+            "--enable-gateway-detection=true",
+            "--ip-conflict-hold",
+            "1h",
+        ],
+    );
+    sb.apply(
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: cp}\n\
+         spec: {subnet: 10.6.0.0/16, ips: [10.6.168.61-10.6.168.62], gateway: 10.6.0.1}\n---\n\
+         apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: silent}\n\
+         spec: {subnet: 10.6.0.0/16, ips: [10.6.168.70], gateway: 10.6.0.99}\n",
+    );
+    let macvlan = Path::new("/usr/lib/cni/macvlan");
+    let conf = |pool: &str| {
+        json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "macvlan",
+            "master": "ens192", "mode": "bridge",
+            "ipam": {"type": "spiderpool", "ipam_unix_socket_path": agent.socket,
+                     "default_ipv4_ippool": [pool]}})
+    };
+    let run = |netns: &str, pod: &str, command: &str, conf: &Value| {
+        CniCall::new(command, netns, pod, conf)
+            .with_workspace_plugins()
+            .run_program_via(macvlan, &["ip", "netns", "exec", "cp-n1"])
+    };
+    let before = node_state("cp-n1");
+
+    // Another host of the segment has the pool's first address.
+    let holder = json!({"cniVersion": "1.0.0", "name": "macvlan-conf", "type": "macvlan",
+        "master": "ens192", "mode": "bridge",
+        "ipam": {"type": "static", "addresses": [{"address": "10.6.168.61/16", "gateway": "10.6.0.1"}]}});
+    assert!(run("cp-a", "other", "ADD", &holder).success);
+    let holder_mac = mac("cp-a", "eth0");
+
+    // macvlan's ADD fails with the IPAM plugin's error; the address is held back and the pod
+    // holds nothing.
+    let out = run("cp-pod", "web-1", "ADD", &conf("cp"));
+    assert!(!out.success, "{}", out.stdout);
+    let e: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(e["code"], 11, "{e}");
+    let msg = e["msg"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!(
+            "IP conflict: 10.6.168.61 is already used on the segment of eth0 by {holder_mac} (detectIPConflict); held back from allocation until "
+        )) && msg.ends_with("(SpiderReservedIP ip-conflict-10-6-168-61)"),
+        "{msg}"
+    );
+    assert!(run("cp-pod", "web-1", "DEL", &conf("cp")).success);
+    assert_eq!(sb.allocated("cp"), 0, "the conflicting pod holds nothing");
+
+    // The next try gets the free address, whose gateway answers.
+    let out = run("cp-pod", "web-1", "ADD", &conf("cp"));
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let prev: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(prev["ips"][0]["address"], "10.6.168.62/16");
+    assert!(run("cp-pod", "web-1", "DEL", &conf("cp")).success);
+
+    // A gateway nobody answers for fails the ADD, naming it.
+    let out = run("cp-pod", "web-2", "ADD", &conf("silent"));
+    assert!(!out.success, "{}", out.stdout);
+    let e: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        e["msg"], "gateway 10.6.0.99 of 10.6.168.70 does not answer ARP on eth0 (detectGateway)",
+        "{e}"
+    );
+    assert!(run("cp-pod", "web-2", "DEL", &conf("silent")).success);
+    assert_eq!(sb.allocated("silent"), 0);
+    assert!(run("cp-a", "other", "DEL", &holder).success);
+    assert_eq!(node_state("cp-n1"), before, "the node is as it was");
+}

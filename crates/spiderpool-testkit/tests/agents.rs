@@ -291,7 +291,8 @@ fn the_coordinator_plugin_gets_the_coordinators_settings_and_the_pods_default_ro
     // Without the annotation (or without a Pod object), the coordinator's NIC.
     let (_, body) = coordinator_config(&agent, "default", "other");
     assert_eq!(body["podDefaultRouteNIC"], "eth0", "{body}");
-    // Upstream's switches on the agent turn the probes on whatever the coordinator says.
+    // Upstream's switches on the agent are the IPAM plugin's (its ADD answer says to probe):
+    // the coordinator probes again only when its own settings say so.
     let probing = sb.agent_with(
         "node-b",
         "",
@@ -303,7 +304,7 @@ fn the_coordinator_plugin_gets_the_coordinators_settings_and_the_pods_default_ro
     let (_, body) = coordinator_config(&probing, "default", "other");
     assert_eq!(
         (&body["detectIPConflict"], &body["detectGateway"]),
-        (&json!(true), &json!(true)),
+        (&json!(false), &json!(false)),
         "{body}"
     );
     // A bad annotation is refused by name.

@@ -18,6 +18,12 @@ impl IpamService {
         self
     }
 
+    /// Upstream's switches (IP conflict, gateway): the `spiderpool` IPAM plugin probes when
+    /// they are on, whatever plugin follows it.
+    pub fn detection(&self) -> (bool, bool) {
+        self.detection
+    }
+
     /// The settings for the pod `namespace/name` (an empty name: a container without a pod).
     pub async fn coordinator_config(
         &self,
@@ -102,8 +108,10 @@ impl IpamService {
             tx_queue_len: s.tx_queue_len.unwrap_or_default(),
             veth_link_address: s.veth_link_address.unwrap_or_default(),
             veth_mtu: s.veth_mtu.unwrap_or_default(),
-            detect_ip_conflict: s.detect_ip_conflict.unwrap_or_default() || self.detection.0,
-            detect_gateway: s.detect_gateway.unwrap_or_default() || self.detection.1,
+            // The agent's switches are the IPAM plugin's (it probes before the coordinator
+            // runs); the coordinator probes again only when its own settings say so.
+            detect_ip_conflict: s.detect_ip_conflict.unwrap_or_default(),
+            detect_gateway: s.detect_gateway.unwrap_or_default(),
         })
     }
 }

@@ -49,7 +49,11 @@ pub(super) fn response_of(nic: &EndpointInterface) -> IpamAddResponse {
             gw: r.gw.clone(),
         })
         .collect();
-    IpamAddResponse { ips, routes }
+    IpamAddResponse {
+        ips,
+        routes,
+        ..Default::default()
+    }
 }
 
 /// An op that writes `ep` back (or deletes it when it holds no NIC), guarded by its revision.

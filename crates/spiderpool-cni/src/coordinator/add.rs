@@ -41,17 +41,20 @@ pub(super) fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
     // On the shared segment first, before anything is made: nobody else answers for the pod's
     // addresses, its gateways answer; then the pod announces itself.
     enter(&pod_ns, "the pod's network namespace")?;
-    let checked = segment_checks(&settings, &prev, &ips, &env.ifname);
+    let detect = Detect {
+        ip_conflict: settings.detect_ip_conflict,
+        gateway: settings.detect_gateway,
+    };
+    let checked = segment_checks(detect, &prev, &ips, &env.ifname);
     enter(&host_ns, "the node's network namespace")?;
     if let Some((ip, mac)) = checked? {
-        let held = report_conflict(conf, env, ip, &mac);
-        return Err(CniError::new(
-            code::TRY_AGAIN_LATER,
-            format!(
-                "IP conflict: {ip} is already used on the segment of {} by {mac} (detectIPConflict){held}",
-                env.ifname
-            ),
-        ));
+        let socket = std::path::PathBuf::from(
+            conf.get("ipam_unix_socket_path")
+                .and_then(Value::as_str)
+                .unwrap_or(spiderpool_api::cni::DEFAULT_SOCKET),
+        );
+        let held = report_conflict(&socket, &env.holder(), ip, &mac);
+        return Err(conflict_error(ip, &env.ifname, &mac, &held));
     }
     let mut host = Netlink::open().map_err(|e| io("netlink on the node", e))?;
     let host_name = host_veth_name(&env.container_id, &env.ifname);
