@@ -83,10 +83,21 @@ impl View {
         // Every node, with its labels: affinity reads this agent's, and the stripes of
         // contended allocation are one per node.
         let mut nodes = HashMap::new();
+        let mut node_addresses = Vec::new();
         for (o, _) in typed::list(store, Kind::Node).await? {
+            if let Object::Kube(_, k) = &o {
+                node_addresses.extend(k.node_addresses());
+            }
             let labels = o.metadata().labels.clone();
             nodes.insert(o.metadata().name.clone(), Some(labels));
         }
+        // Beyond upstream: an address a Node has (`status.addresses`) or another pool's
+        // gateway is never handed out, as if reserved (upstream finds such a conflict only by
+        // ARP, if at all).
+        let gateways = pools.iter().filter_map(|p| p.gateway);
+        reserved = reserved.union(&IpSet::from_ips(
+            gateways.chain(node_addresses.iter().copied()),
+        ));
         let mut node_names: Vec<String> = nodes.keys().cloned().collect();
         node_names.sort();
         Ok(View {

@@ -29,6 +29,17 @@ pub struct KubeObject {
 }
 
 impl KubeObject {
+    /// A Node's addresses (`status.addresses`), those that are IP addresses.
+    pub fn node_addresses(&self) -> Vec<std::net::IpAddr> {
+        self.status
+            .get("addresses")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.get("address")?.as_str()?.parse().ok())
+            .collect()
+    }
+
     /// `spec.nodeName` of a Pod.
     pub fn node_name(&self) -> Option<&str> {
         self.spec.get("nodeName").and_then(Value::as_str)

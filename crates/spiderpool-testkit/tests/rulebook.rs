@@ -1541,3 +1541,28 @@ fn i00024_auto_pools_turned_off_refuse_the_pod() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_nodes_address_and_another_pools_gateway_are_never_handed_out() {
+    // Beyond upstream: a Node's address (status.addresses) and a gateway of another pool are
+    // skipped as if reserved, and counted as in use.
+    let lab = Lab::new(&[
+        pool("gw", "10.6.0.0/16", "10.6.0.10", "  gateway: 10.6.0.1\n"),
+        "---\n".into(),
+        pool("b", "10.6.0.0/16", "10.6.0.1-10.6.0.3", "  gateway: 10.6.0.254\n"),
+        "---\napiVersion: v1\nkind: Node\nmetadata: {name: other-node}\nstatus:\n  addresses:\n  - {type: InternalIP, address: 10.6.0.2}\n  - {type: Hostname, address: other-node}\n".into(),
+    ]
+    .concat());
+    let cfg = json!({"default_ipv4_ippool": ["b"]});
+    assert_eq!(
+        ip(&lab.add_in("default", "n0", "c0", "eth0", cfg.clone())),
+        "10.6.0.3/16",
+        "pool gw's gateway .1 and other-node's .2 skipped"
+    );
+    let (code, msg) = failure(&lab.add_in("default", "n1", "c1", "eth0", cfg.clone()));
+    assert_eq!(code, 100);
+    assert!(
+        msg.contains("b: exhausted (3 of 3 addresses in use)"),
+        "{msg}"
+    );
+}

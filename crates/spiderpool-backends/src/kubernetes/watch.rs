@@ -159,12 +159,14 @@ pub(super) async fn watch(
     Ok(Some(rx))
 }
 
-/// What of an object its watchers care about: a Node's labels, a Namespace's labels and
+/// What of an object its watchers care about: a Node's labels and addresses (never handed
+/// out), a Namespace's labels and
 /// annotations, a custom resource's spec (its generation); of anything else, every change.
 pub(super) fn fingerprint(kind: Kind, o: &DynamicObject) -> String {
     let m = &o.metadata;
     match kind {
-        Kind::Node => serde_json::to_string(&m.labels).unwrap_or_default(),
+        Kind::Node => serde_json::to_string(&(&m.labels, o.data.pointer("/status/addresses")))
+            .unwrap_or_default(),
         Kind::Namespace => serde_json::to_string(&(&m.labels, &m.annotations)).unwrap_or_default(),
         // (A pool's changes are told from its generation and its holders, not here.)
         Kind::Subnet | Kind::ReservedIP => {
