@@ -50,6 +50,7 @@ mod add;
 mod check;
 mod del;
 mod host;
+mod overlay;
 mod pod;
 mod settings;
 #[cfg(test)]
@@ -60,6 +61,8 @@ use add::add;
 use check::check;
 use del::del;
 use host::*;
+use overlay::*;
+pub use overlay::{overlay_defaults, overlay_routes};
 pub use pod::pod_routes;
 use pod::*;
 use settings::*;

@@ -54,6 +54,8 @@ pub struct Link {
     pub mac: String,
     /// A veth's peer: its interface index (in the peer's namespace).
     pub peer: Option<u32>,
+    /// The bridge (or bond) the link is a port of: its interface index.
+    pub master: Option<u32>,
 }
 
 /// A route to add.
@@ -196,6 +198,17 @@ impl Netlink {
     pub fn link(&mut self, name: &str) -> io::Result<Option<Link>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.into()));
+        self.get_link(msg)
+    }
+
+    /// The link of index `index`, or `None`.
+    pub fn link_by_index(&mut self, index: u32) -> io::Result<Option<Link>> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        self.get_link(msg)
+    }
+
+    fn get_link(&mut self, msg: LinkMessage) -> io::Result<Option<Link>> {
         match self.request(RouteNetlinkMessage::GetLink(msg), NLM_F_ACK) {
             Ok(answers) => Ok(answers.into_iter().find_map(|a| match a {
                 RouteNetlinkMessage::NewLink(l) => Some(Link {
@@ -210,6 +223,10 @@ impl Netlink {
                         .unwrap_or_default(),
                     peer: l.attributes.iter().find_map(|a| match a {
                         LinkAttribute::Link(i) => Some(*i),
+                        _ => None,
+                    }),
+                    master: l.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::Controller(i) => Some(*i),
                         _ => None,
                     }),
                 }),
@@ -401,6 +418,19 @@ impl Netlink {
             table,
             priority,
         )))
+    }
+
+    /// Deletes the rule `from SRC lookup TABLE pref PRIORITY`; a missing one is no error.
+    pub fn delete_source_rule(
+        &mut self,
+        src: ipnet::IpNet,
+        table: u32,
+        priority: u32,
+    ) -> io::Result<()> {
+        self.remove(
+            RouteNetlinkMessage::DelRule(rule_message(Selector::From(src), table, priority)),
+            &[Errno::ENOENT],
+        )
     }
 
     /// Deletes the rule `to DST lookup TABLE pref PRIORITY`; a missing one is no error.

@@ -141,7 +141,7 @@ impl KubeStore {
             });
         }
 
-        // Overlay-mode coordinators: not served.
+        // Overlay-mode coordinators: served, but pods upstream attached keep upstream's routes.
         let coordinators = list_all(
             inner,
             &api(
@@ -162,10 +162,10 @@ impl KubeStore {
         if !overlay.is_empty() {
             out.push(Hazard {
                 id: "overlay-coordinator",
-                blocks: true,
-                what: "SpiderCoordinators in overlay mode: this project's coordinator serves underlay only, so ADDs for these pods would fail".into(),
+                blocks: false,
+                what: "SpiderCoordinators in overlay mode: this project's coordinator serves them from the move on (eth0 keeps the default route, the underlay NIC a table of its own); pods upstream attached keep upstream's routes and marks until they are re-created".into(),
                 objects: listed(overlay),
-                fix: "wait for overlay support, or move those workloads to an underlay coordinator first".into(),
+                fix: "re-create (roll) the overlay pods after the move so that each one's routes are this coordinator's, which its DEL removes exactly".into(),
             });
         }
 

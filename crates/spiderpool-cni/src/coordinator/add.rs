@@ -17,15 +17,8 @@ pub(super) fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
         invalid("prevResult is missing: coordinator is a chained plugin; put it after the interface plugin (e.g. macvlan with ipam spiderpool)".into())
     })?;
     let settings = Settings::merge(agent_settings(conf, env)?.as_ref(), conf)?;
-    match settings.mode.as_str() {
-        "disabled" => return Ok(prev),
-        "overlay" => {
-            return Err(invalid(
-                "mode \"overlay\" is not supported by this coordinator yet (underlay and auto are)"
-                    .into(),
-            ))
-        }
-        _ => {}
+    if settings.mode == "disabled" {
+        return Ok(prev);
     }
     let ips = pod_ips(&prev)?;
     if ips.is_empty() {
@@ -66,6 +59,26 @@ pub(super) fn add(conf: &Value, env: &CniEnv) -> Result<Value, CniError> {
     let pod_nl = Netlink::open();
     enter(&host_ns, "the node's network namespace")?;
     let mut pod_nl = pod_nl.map_err(|e| io("netlink in the pod", e))?;
+    // Overlay: eth0 is the cluster CNI's (`auto`: this NIC comes after a default route of
+    // another NIC, and no underlay NIC made a pair before it).
+    let overlay = match settings.mode.as_str() {
+        "overlay" => true,
+        "auto" => is_overlay(&mut pod_nl, &env.ifname)?,
+        _ => false,
+    };
+    if overlay {
+        if settings.pod_rp_filter >= 0 {
+            enter(&pod_ns, "the pod's network namespace")?;
+            let v = settings.pod_rp_filter.to_string();
+            let set = ["all", env.ifname.as_str()].iter().try_for_each(|dev| {
+                sysctl(&format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"), &v)
+            });
+            enter(&host_ns, "the node's network namespace")?;
+            set?;
+        }
+        add_overlay(&settings, env, &ips, &mut host, &mut pod_nl)?;
+        return Ok(prev);
+    }
     if let Some(pv) = pod_nl
         .link(POD_VETH)
         .map_err(|e| io("netlink in the pod", e))?

@@ -24,6 +24,8 @@ pub struct Settings {
     pub service_cidr: Vec<ipnet::IpNet>,
     /// Reached through the node too.
     pub hijack_cidr: Vec<ipnet::IpNet>,
+    /// The cluster CNI's pod CIDRs (overlay mode: reached through its NIC).
+    pub overlay_pod_cidr: Vec<ipnet::IpNet>,
     /// The pair's MTU.
     pub veth_mtu: u32,
     /// The pair's transmit queue length (0: the kernel's default).
@@ -132,6 +134,7 @@ impl Settings {
             mode: "auto".into(),
             service_cidr: Vec::new(),
             hijack_cidr: Vec::new(),
+            overlay_pod_cidr: Vec::new(),
             veth_mtu: 1500,
             tx_queue_len: 0,
             pod_rp_filter: 0,
@@ -148,6 +151,7 @@ impl Settings {
             let strings = |l: &[String]| Value::from(l.to_vec());
             s.service_cidr = cidrs("serviceCIDR", &strings(&a.service_cidr))?;
             s.hijack_cidr = cidrs("hijackCIDR", &strings(&a.hijack_cidr))?;
+            s.overlay_pod_cidr = cidrs("overlayPodCIDR", &strings(&a.overlay_pod_cidr))?;
             s.veth_mtu = u32::try_from(a.veth_mtu).unwrap_or(1500);
             s.tx_queue_len = u32::try_from(a.tx_queue_len).unwrap_or(0);
             s.pod_rp_filter = a.pod_rp_filter;
@@ -234,6 +238,9 @@ impl Settings {
         }
         if let Some(v) = conf.get("hijackCIDR") {
             s.hijack_cidr = cidrs("hijackCIDR", v)?;
+        }
+        if let Some(v) = conf.get("overlayPodCIDR") {
+            s.overlay_pod_cidr = cidrs("overlayPodCIDR", v)?;
         }
         let number = |key: &str, min: i64, max: i64| -> Result<Option<i64>, CniError> {
             conf.get(key)

@@ -106,3 +106,48 @@ fn pod_routes_go_through_the_node_of_their_family() {
         ]
     );
 }
+
+#[test]
+fn overlay_mode_routes_the_cluster_through_the_other_nics_default_route() {
+    use crate::netlink::{Route, MAIN_TABLE};
+    let route = |dst: &str, oif: u32, via: Option<&str>| Route {
+        dst: dst.parse().unwrap(),
+        oif: Some(oif),
+        table: MAIN_TABLE,
+        via: via.map(|v| v.parse().unwrap()),
+        src: None,
+        unicast: true,
+    };
+    // eth0 (2) is the cluster CNI's with the default route; net1 (3) has its subnet only.
+    let main = [
+        route("0.0.0.0/0", 2, Some("10.233.65.1")),
+        route("10.233.65.0/24", 2, None),
+        route("10.6.0.0/16", 3, None),
+    ];
+    let defaults = overlay_defaults(&main, 3);
+    let gw: IpAddr = "10.233.65.1".parse().unwrap();
+    assert_eq!(defaults, [(true, 2, Some(gw))]);
+    // For eth0 itself there is no other NIC's default route: not overlay.
+    assert!(overlay_defaults(&main, 2).is_empty());
+    let s = Settings::merge(
+        None,
+        &json!({"serviceCIDR": ["10.233.0.0/18"], "overlayPodCIDR": ["10.233.64.0/18", "fd00:64::/64"],
+            "hijackCIDR": ["169.254.0.0/16"]}),
+    )
+    .unwrap();
+    let node: IpAddr = "10.6.0.2".parse().unwrap();
+    let dsts: Vec<(String, u32, Option<IpAddr>, u32)> = overlay_routes(&s, &[node], &defaults, 103)
+        .into_iter()
+        .map(|r| (r.dst.to_string(), r.oif, r.via, r.table))
+        .collect();
+    assert_eq!(
+        dsts,
+        [
+            ("10.6.0.2/32".to_string(), 2, Some(gw), 103),
+            ("10.233.0.0/18".into(), 2, Some(gw), 103),
+            ("169.254.0.0/16".into(), 2, Some(gw), 103),
+            ("10.233.64.0/18".into(), 2, Some(gw), 103),
+        ],
+        "IPv6 CIDRs need an IPv6 default route on eth0"
+    );
+}
