@@ -28,6 +28,15 @@ fuzz_target!(|data: &[u8]| {
                 }
                 None
             }
+            Object::MultusConfig(c) => {
+                // What the webhook and the controller do with one: default, check, render.
+                let mut c = c.clone();
+                c.default_spec();
+                if c.validate().is_ok() {
+                    let _ = c.render().map(|nad| nad.to_object("o", "u"));
+                }
+                None
+            }
             _ => None,
         };
         if let Some(pool) = pool {
