@@ -3,7 +3,8 @@
 //! VirtualMachineInstanceMigration), the test playing KubeVirt's part (a VM, its VMI, the
 //! launcher pods KubeVirt makes with their owner references), two simulated nodes running the
 //! pods' CNI (Debian's macvlan and `spiderpool`, agents on `--datastore kubernetes`) and the
-//! spiderpool-controller reclaiming what dead pods leave.
+//! spiderpool-controller reclaiming what dead pods leave; the last launcher pod's DEL frees
+//! the address once the VM is gone.
 
 use serde_json::{json, Value};
 use spiderpool_testkit::scale::world;
@@ -56,7 +57,9 @@ fn launcher(cp: &ControlPlane, name: &str, vmi_uid: &str, zone: &str, migration:
                 "labels": {"kubevirt.io": "virt-launcher", "vm.kubevirt.io/name": "vm1"},
                 "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
                     "name": "vm1", "uid": vmi_uid, "controller": true, "blockOwnerDeletion": true}]},
-            "spec": {"terminationGracePeriodSeconds": 0, "nodeSelector": {"zone": zone},
+            // KubeVirt gives launcher pods a grace period (30 s and more): the Pod object is
+            // there while the runtime tears the sandbox down (DEL). One second here.
+            "spec": {"terminationGracePeriodSeconds": 1, "nodeSelector": {"zone": zone},
                 "containers": [{"name": "compute", "image": "registry.invalid/virt-launcher"}]}})
         .to_string(),
     );
@@ -186,7 +189,8 @@ fn a_vm_keeps_its_address_across_restarts_and_a_live_migration_until_it_is_delet
     assert_eq!(record(cp)["status"]["current"]["uid"], target.as_str());
 
     // The VM is deleted (KubeVirt deletes its VMI, the garbage collector the launcher pod):
-    // the reclaim frees the address and the record.
+    // the launcher pod's DEL frees the address and the record, the reclaim has nothing to do.
+    let reclaimed = w.controller.metric("spiderpool_ip_gc_counts_total");
     gone(cp, "virtualmachines.kubevirt.io", "vm1");
     gone(cp, "virtualmachineinstances.kubevirt.io", "vm1");
     gone(cp, "pod", "virt-launcher-vm1-target");
@@ -194,4 +198,9 @@ fn a_vm_keeps_its_address_across_restarts_and_a_live_migration_until_it_is_delet
         (allocated(cp) == 0 && !cp.kubectl(&["get", "spiderendpoint", "vm1"], "").success)
             .then_some(())
     });
+    assert_eq!(
+        w.controller.metric("spiderpool_ip_gc_counts_total"),
+        reclaimed,
+        "released by the DEL, not by the reclaim"
+    );
 }

@@ -214,24 +214,14 @@ impl IpamService {
         // name, as upstream's: a restart (a new pod, another UID) and a live migration (a
         // second pod on another node) find them there while the VM lives.
         let vm_pod;
-        let (pod, key, ep_read) = match pod_obj.as_ref().and_then(|p| p.metadata.controller()) {
-            Some(o)
-                if self.kubevirt_static_ip
-                    && o.kind == spiderpool_api::keys::VMI_KIND
-                    && o.api_version.starts_with("kubevirt.io/") =>
-            {
-                vm_pod = PodRef {
-                    namespace: pod.namespace.clone(),
-                    name: o.name.clone(),
-                    container_id: pod.container_id.clone(),
-                    nic: pod.nic.clone(),
-                    bare: false,
-                };
+        let (pod, key, ep_read) = match self.vm_pod_of(pod, pod_obj.as_ref()) {
+            Some(v) => {
+                vm_pod = v;
                 let key = vm_pod.key();
                 let ep = typed::get(store, Kind::Endpoint, &key).await?;
                 (&vm_pod, key, ep)
             }
-            _ => (pod, key, ep_read),
+            None => (pod, key, ep_read),
         };
         let member = self
             .stateful_member(&pod.namespace, &pod.name, &owner_kind, &owner_name)

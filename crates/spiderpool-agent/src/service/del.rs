@@ -170,7 +170,22 @@ impl IpamService {
 
     /// What the DEL of `pod` is to do, on what the datastore says now.
     async fn prepare_del(&self, pod: &PodRef) -> Result<PreparedDel> {
-        let Some((key, ep, rev, nic)) = record_of(self.store.as_ref(), pod).await? else {
+        // A KubeVirt launcher pod's addresses are the VMI's: released here once neither the
+        // VMI nor its VM lives (and only by the container that holds them, so the source of a
+        // live migration never releases what the target holds).
+        let vm;
+        let (pod, found) = match record_of(self.store.as_ref(), pod).await? {
+            Some(r) => (pod, Some(r)),
+            None => match self.vm_pod(pod).await? {
+                Some(v) => {
+                    vm = v;
+                    let r = record_of(self.store.as_ref(), &vm).await?;
+                    (&vm, r)
+                }
+                None => (pod, None),
+            },
+        };
+        let Some((key, ep, rev, nic)) = found else {
             tracing::info!(pod = %pod.key(), nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
             return Ok(PreparedDel::Done);
         };
@@ -184,8 +199,8 @@ impl IpamService {
             return Ok(PreparedDel::Done);
         }
         if self.keeps_addresses(pod, &ep).await? {
-            tracing::info!(pod = %key, nic = %pod.nic, statefulset = %ep.status.owner_controller_name,
-                "keeping the addresses of a StatefulSet member for its next sandbox");
+            tracing::info!(pod = %key, nic = %pod.nic, owner = %ep.status.owner_controller_name,
+                "keeping the addresses of a StatefulSet member or a live VM for its next sandbox");
             return Ok(PreparedDel::Done);
         }
         let mut ops = Op::releases_of(&nic, &ep.status.current.uid);

@@ -6,6 +6,40 @@ use spiderpool_control::apply;
 use super::*;
 
 impl IpamService {
+    /// A KubeVirt launcher pod (`pod_obj`: its Pod object, controlled by a
+    /// VirtualMachineInstance) as its addresses are keyed: under the VMI's name. `None` for any
+    /// other pod, or when `--enable-kubevirt-static-ip` is off.
+    pub(super) fn vm_pod_of(
+        &self,
+        pod: &PodRef,
+        pod_obj: Option<&spiderpool_api::k8s::KubeObject>,
+    ) -> Option<PodRef> {
+        let o = pod_obj?.metadata.controller()?;
+        (self.kubevirt_static_ip
+            && o.kind == spiderpool_api::keys::VMI_KIND
+            && o.api_version.starts_with("kubevirt.io/"))
+        .then(|| PodRef {
+            namespace: pod.namespace.clone(),
+            name: o.name.clone(),
+            container_id: pod.container_id.clone(),
+            nic: pod.nic.clone(),
+            bare: false,
+        })
+    }
+
+    /// [`IpamService::vm_pod_of`] with the Pod object read from the datastore (a DEL that
+    /// found no record under the pod's own name).
+    pub(super) async fn vm_pod(&self, pod: &PodRef) -> Result<Option<PodRef>> {
+        if !self.kubevirt_static_ip || pod.bare {
+            return Ok(None);
+        }
+        let obj = match typed::get(self.store.as_ref(), Kind::Pod, &pod.key()).await? {
+            Some((Object::Kube(_, o), _)) => Some(o),
+            _ => None,
+        };
+        Ok(self.vm_pod_of(pod, obj.as_ref()))
+    }
+
     /// Whether the pod belongs to a StatefulSet that still wants it, or is (keyed as) a KubeVirt
     /// VM that lives: such a pod keeps its addresses across sandboxes and re-creations.
     pub(super) async fn stateful_member(
