@@ -6,27 +6,11 @@
 use std::path::Path;
 
 use serde_json::{json, Value};
-use spiderpool_testkit::{bin, is_root, sh, zones, CniCall, Netns, Sandbox};
+use spiderpool_testkit::{bin, sh, zones, CniCall, Netns, Sandbox};
 
 /// Whether this machine can run the test; with SPIDERPOOL_E2E_REQUIRED=1 it must.
 fn prerequisites() -> bool {
-    let missing = if !is_root() {
-        Some("not running as root")
-    } else if !Path::new("/usr/lib/cni/macvlan").exists() {
-        Some("/usr/lib/cni/macvlan is missing (apt-get install containernetworking-plugins)")
-    } else {
-        None
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var("SPIDERPOOL_E2E_REQUIRED").as_deref() == Ok("1") => {
-            panic!("prerequisites missing: {why}")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED: {why}");
-            false
-        }
-    }
+    spiderpool_testkit::netns_prerequisites(&["macvlan"])
 }
 
 /// The node's links, routes of every table, rules and neighbour entries, one per line.

@@ -403,3 +403,17 @@ impl Drop for KubeProxy {
         let _ = self.child.wait();
     }
 }
+
+impl ControlPlane {
+    /// Asserts that `kubectl apply` of `doc` is refused by an admission webhook with `want` in
+    /// its message.
+    pub fn apply_refused(&self, doc: &str, want: &str) {
+        let out = self.kubectl(&["apply", "-f", "-"], doc);
+        assert!(!out.success, "accepted: {doc}\n{}", out.stdout);
+        assert!(
+            out.stderr.contains("denied the request") && out.stderr.contains(want),
+            "want {want:?} in:\n{}",
+            out.stderr
+        );
+    }
+}

@@ -66,3 +66,33 @@ pub fn is_root() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
 }
+
+/// Whether this machine can run a network-namespace test with Debian's CNI `plugins`: root, each
+/// plugin in /usr/lib/cni, and ping. A test skips when not (saying why); with
+/// `SPIDERPOOL_E2E_REQUIRED=1` (as root in CI) a missing prerequisite fails it instead.
+pub fn netns_prerequisites(plugins: &[&str]) -> bool {
+    let missing = if !is_root() {
+        Some("not running as root".to_string())
+    } else if let Some(p) = plugins
+        .iter()
+        .find(|p| !std::path::Path::new("/usr/lib/cni").join(p).exists())
+    {
+        Some(format!(
+            "/usr/lib/cni/{p} is missing (apt-get install containernetworking-plugins)"
+        ))
+    } else if Command::new("ping").arg("-V").output().is_err() {
+        Some("ping is missing (apt-get install iputils-ping)".to_string())
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var("SPIDERPOOL_E2E_REQUIRED").as_deref() == Ok("1") => {
+            panic!("prerequisites missing: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}

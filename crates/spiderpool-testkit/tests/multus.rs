@@ -37,17 +37,6 @@ fn config(nad: &Value) -> Value {
     serde_json::from_str(nad["spec"]["config"].as_str().expect("spec.config")).unwrap()
 }
 
-/// `kubectl apply` of `doc` is refused, naming `want`.
-fn refused(cp: &ControlPlane, doc: &str, want: &str) {
-    let out = cp.kubectl(&["apply", "-f", "-"], doc);
-    assert!(!out.success, "accepted: {doc}\n{}", out.stdout);
-    assert!(
-        out.stderr.contains("denied the request") && out.stderr.contains(want),
-        "want {want:?} in:\n{}",
-        out.stderr
-    );
-}
-
 #[test]
 fn a_spidermultusconfig_keeps_its_nad_as_generated() {
     let Some(kbin) = kube_bin() else { return };
@@ -199,13 +188,10 @@ fn a_spidermultusconfig_keeps_its_nad_as_generated() {
     assert!(left["metadata"]["ownerReferences"].is_null(), "{left}");
 
     // The webhook refuses what upstream refuses, naming field and value.
-    refused(
-        &cp,
-        &smc("bad", json!({}), json!({"cniType": "macvlan", "macvlan": {"master": ["a"], "vlanID": 5000}})),
+    cp.apply_refused(&smc("bad", json!({}), json!({"cniType": "macvlan", "macvlan": {"master": ["a"], "vlanID": 5000}})),
         "spec.macvlan.vlanID \"5000\" is invalid: invalid vlanId 5000, please make sure vlanId in range [0,4094]",
     );
-    refused(
-        &cp,
+    cp.apply_refused(
         &smc(
             "bad",
             json!({}),
@@ -213,18 +199,14 @@ fn a_spidermultusconfig_keeps_its_nad_as_generated() {
         ),
         "spec.sriov.resourceName is required",
     );
-    refused(
-        &cp,
-        &smc(
+    cp.apply_refused(&smc(
             "other",
             json!({"multus.spidernet.io/cr-name": "macvlan-conf"}),
             json!({"cniType": "macvlan", "macvlan": {"master": ["ens192"]}}),
         ),
         "the net-attach-def kube-system/macvlan-conf already exists and is managed by SpiderMultusConfig kube-system/macvlan-conf",
     );
-    refused(
-        &cp,
-        &smc(
+    cp.apply_refused(&smc(
             "macvlan-conf",
             json!({"multus.spidernet.io/cr-name": "renamed"}),
             json!({"cniType": "macvlan", "macvlan": {"master": ["ens192"]}}),

@@ -12,31 +12,12 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 use spiderpool_testkit::{
-    bin, http_get_in, in_netns, is_root, kube_bin, sh, zones, CniCall, ControlPlane, KubeProxy,
-    Netns, Sandbox,
+    bin, http_get_in, in_netns, kube_bin, sh, zones, CniCall, ControlPlane, KubeProxy, Netns,
+    Sandbox,
 };
 
 fn prerequisites() -> bool {
-    let missing = if !is_root() {
-        Some("not running as root".to_string())
-    } else {
-        ["bridge", "macvlan", "host-local"]
-            .iter()
-            .find(|p| !Path::new("/usr/lib/cni").join(p).exists())
-            .map(|p| {
-                format!("/usr/lib/cni/{p} is missing (apt-get install containernetworking-plugins)")
-            })
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var("SPIDERPOOL_E2E_REQUIRED").as_deref() == Ok("1") => {
-            panic!("prerequisites missing: {why}")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED: {why}");
-            false
-        }
-    }
+    spiderpool_testkit::netns_prerequisites(&["bridge", "macvlan", "host-local"])
 }
 
 fn ok(argv: &[&str]) -> bool {

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
 
-use spiderpool_testkit::{bin_dir, is_root, run};
+use spiderpool_testkit::{bin_dir, run};
 
 /// The seed's runs share names (the nodes' network namespaces are named after the seed's
 /// nodes): one at a time.
@@ -20,25 +20,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// Whether this machine can run network-namespace tests; says why not otherwise. With
 /// SPIDERPOOL_E2E_REQUIRED=1 (CI) a missing prerequisite is a failure, not a skip.
 fn e2e_prerequisites() -> bool {
-    let missing = if !is_root() {
-        Some("not running as root")
-    } else if !Path::new("/usr/lib/cni/macvlan").exists() {
-        Some("/usr/lib/cni/macvlan is missing (apt-get install containernetworking-plugins)")
-    } else if Command::new("ping").arg("-V").output().is_err() {
-        Some("ping is missing (apt-get install iputils-ping)")
-    } else {
-        None
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var("SPIDERPOOL_E2E_REQUIRED").as_deref() == Ok("1") => {
-            panic!("end-to-end prerequisites missing: {why}")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED: end-to-end test needs root and Debian's CNI plugins: {why}");
-            false
-        }
-    }
+    spiderpool_testkit::netns_prerequisites(&["macvlan"])
 }
 
 /// Asserts that none of `names` is a network namespace any more.

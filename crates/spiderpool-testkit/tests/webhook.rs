@@ -25,17 +25,6 @@ fn subnet(name: &str, cidr: &str, ips: &[&str], extra: Value) -> String {
     .to_string()
 }
 
-/// `kubectl apply` of `doc` is refused, naming `want`; nothing changes.
-fn refused(cp: &ControlPlane, doc: &str, want: &str) {
-    let out = cp.kubectl(&["apply", "-f", "-"], doc);
-    assert!(!out.success, "accepted: {doc}\n{}", out.stdout);
-    assert!(
-        out.stderr.contains("denied the request") && out.stderr.contains(want),
-        "want {want:?} in:\n{}",
-        out.stderr
-    );
-}
-
 fn started(cp: &ControlPlane, dir: &std::path::Path, extra: &[&str]) -> Controller {
     let c = Controller::start(cp, dir, "ctl-w", extra);
     until("the controller ready", || {
@@ -214,14 +203,10 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
     assert_eq!(row, ["s7", "4", "10.7.0.0/16", "12", "99"], "{table}");
 
     // Every rule, through kubectl.
-    refused(
-        &cp,
-        &pool("q", "10.6.0.0/24", &["10.6.0.100"], json!({})),
+    cp.apply_refused(&pool("q", "10.6.0.0/24", &["10.6.0.100"], json!({})),
         "SpiderIPPool \"q\": spec.subnet \"10.6.0.0/24\" overlap with IPPool m which 'spec.subnet' is 10.6.0.0/16",
     );
-    refused(
-        &cp,
-        &pool("q", "10.6.0.0/16", &["10.6.0.8-10.6.0.12"], json!({})),
+    cp.apply_refused(&pool("q", "10.6.0.0/16", &["10.6.0.8-10.6.0.12"], json!({})),
         "spec.ips \"[10.6.0.8-10.6.0.9]\" overlap with IPPool m in IP ranges [10.6.0.8-10.6.0.9], total IP addresses of an IPPool are jointly determined by 'spec.ips' and 'spec.excludeIPs'",
     );
     // Excluded addresses are no overlap.
@@ -229,13 +214,11 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
         &["apply", "-f", "-"],
         &pool("q", "10.6.0.0/16", &["10.6.0.4-10.6.0.5"], json!({})),
     );
-    refused(
-        &cp,
+    cp.apply_refused(
         &pool("m", "10.16.0.0/16", &["10.16.0.1"], json!({})),
         "SpiderIPPool \"m\": spec.subnet \"10.16.0.0/16\" is not changeable (was 10.6.0.0/16)",
     );
-    refused(
-        &cp,
+    cp.apply_refused(
         &pool(
             "e",
             "10.10.0.0/16",
@@ -244,13 +227,11 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
         ),
         "spec.podAffinity \"{}\" empty podAffinity is invalid for SpiderIPPool",
     );
-    refused(
-        &cp,
+    cp.apply_refused(
         &pool("v6", "fd00:10::/64", &["fd00:10::1"], json!({})),
         "SpiderIPPool \"v6\": spec.ipVersion \"6\" IPv6 is disabled",
     );
-    refused(
-        &cp,
+    cp.apply_refused(
         &pool(
             "g",
             "10.11.0.0/16",
@@ -259,48 +240,36 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
         ),
         "spec.gateway",
     );
-    refused(
-        &cp,
-        &pool("child", "10.7.0.0/16", &["10.7.0.10-10.7.0.21", "10.7.0.150"], json!({})),
+    cp.apply_refused(&pool("child", "10.7.0.0/16", &["10.7.0.10-10.7.0.21", "10.7.0.150"], json!({})),
         "spec.ips \"[10.7.0.150]\" add some IP ranges [10.7.0.150] that are not contained in controller Subnet s7",
     );
-    refused(
-        &cp,
-        &subnet("s6", "10.6.0.0/24", &["10.6.0.1"], json!({})),
+    cp.apply_refused(&subnet("s6", "10.6.0.0/24", &["10.6.0.1"], json!({})),
         "SpiderSubnet \"s6\": spec.subnet \"10.6.0.0/24\" overlap with SpiderIPPool 'm' resource 'spec.subnet' 10.6.0.0/16",
     );
-    refused(
-        &cp,
+    cp.apply_refused(
         &subnet("s6", "10.6.0.0/16", &["10.6.0.100-10.6.0.200"], json!({})),
         "SpiderIPPool 'm' owns some IP addresses that SpiderSubnet 's6' can't control",
     );
-    refused(
-        &cp,
+    cp.apply_refused(
         &subnet("s7", "10.7.0.0/16", &["10.7.0.50-10.7.0.100"], json!({})),
         "remove some IP ranges [10.7.0.10-10.7.0.21] that is being used by IPPool child",
     );
-    refused(
-        &cp,
-        &subnet("s8", "10.7.128.0/17", &["10.7.128.1"], json!({})),
+    cp.apply_refused(&subnet("s8", "10.7.128.0/17", &["10.7.128.1"], json!({})),
         "SpiderSubnet \"s8\": spec.subnet \"10.7.128.0/17\" overlap with Subnet s7 which 'spec.subnet' is 10.7.0.0/16",
     );
-    refused(
-        &cp,
+    cp.apply_refused(
         &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderReservedIP",
             "metadata": {"name": "r"}, "spec": {"ipVersion": 6, "ips": ["fd00::5"]}})
         .to_string(),
         "SpiderReservedIP \"r\": spec.ipVersion \"6\" is not changeable",
     );
-    refused(
-        &cp,
+    cp.apply_refused(
         &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderReservedIP",
             "metadata": {"name": "r6"}, "spec": {"ips": ["fd00::5"]}})
         .to_string(),
         "SpiderReservedIP \"r6\": spec.ipVersion \"6\" IPv6 is disabled",
     );
-    refused(
-        &cp,
-        &json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderReservedIP",
+    cp.apply_refused(&json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderReservedIP",
             "metadata": {"name": "r0"}, "spec": {"ips": []}})
         .to_string(),
         "spec.ips \"[]\" is not generated correctly, 'spec.ips' is empty or 'spec.ips[0]' may be invalid",
@@ -325,9 +294,7 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
             "metadata": {"name": "default"}, "spec": spec})
         .to_string()
     };
-    refused(
-        &cp,
-        &coordinator(json!({"mode": "underlay"})),
+    cp.apply_refused(&coordinator(json!({"mode": "underlay"})),
         "SpiderCoordinator \"default\": spec.podCIDRType is required (supported values: \"auto\", \"cluster\"",
     );
     for (spec, want) in [
@@ -356,7 +323,7 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
             "spec.policyRoutes[0] \"fd00::/64 via 10.6.0.1\" is invalid: dst and gw must use the same IP family",
         ),
     ] {
-        refused(&cp, &coordinator(spec), want);
+        cp.apply_refused(&coordinator(spec), want);
     }
     // The API server's schema knows the enums itself.
     let out = cp.kubectl(
@@ -380,8 +347,7 @@ fn the_webhooks_mutate_and_refuse_as_upstream_through_kubectl() {
             "txQueueLen": 0, "vethMTU": 1500, "detectIPConflict": false, "detectGateway": false}),
     );
     // An update is checked as well, and what was stored stays.
-    refused(
-        &cp,
+    cp.apply_refused(
         &coordinator(json!({"podCIDRType": "cluster", "vethMTU": -1})),
         "vethMTU must be greater than 0",
     );

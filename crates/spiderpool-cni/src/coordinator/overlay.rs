@@ -17,10 +17,6 @@ use crate::CniError;
 
 use super::*;
 
-fn link_local(dst: &ipnet::IpNet) -> bool {
-    matches!(dst, ipnet::IpNet::V6(n) if n.addr().segments()[0] & 0xffc0 == 0xfe80)
-}
-
 /// The NIC of the pod's default route other than `this` (the cluster CNI's): per family, its
 /// interface and next hop. Pure.
 pub fn overlay_defaults(main: &[Route], this: u32) -> Vec<(bool, u32, Option<IpAddr>)> {
@@ -134,32 +130,7 @@ pub(super) fn add_overlay(
     let nodes = node_addresses(host, 0)?;
     let table = POD_TABLE_BASE + this.index;
     let made = (|| {
-        for r in main
-            .iter()
-            .filter(|r| r.oif == Some(this.index) && !link_local(&r.dst))
-        {
-            pod.add_route(&RouteSpec {
-                dst: r.dst,
-                via: r.via,
-                oif: this.index,
-                table,
-                src: r.src,
-            })
-            .map_err(|e| {
-                io(
-                    &format!("copying the route to {} to table {table}", r.dst),
-                    e,
-                )
-            })?;
-            if r.dst.prefix_len() == 0 {
-                pod.delete_route(r).map_err(|e| {
-                    io(
-                        &format!("moving the default route of {} out of main", env.ifname),
-                        e,
-                    )
-                })?;
-            }
-        }
+        move_routes_to_table(pod, &main, this.index, table)?;
         for r in overlay_routes(settings, &nodes, &defaults, table) {
             pod.add_route(&r).map_err(|e| {
                 io(

@@ -93,14 +93,40 @@ pub(super) fn tune_pod_routes(
         (this.index, ips.to_vec())
     };
     let table = POD_TABLE_BASE + moved;
-    for r in main.iter().filter(|r| r.oif == Some(moved)) {
+    move_routes_to_table(pod, &main, moved, table)?;
+    // From the moved NIC's addresses, the node and the Services are still through the pair.
+    for mut r in pod_routes(settings, &moved_ips, nodes, veth) {
+        r.table = table;
+        pod.add_route(&r).map_err(|e| {
+            io(
+                &format!("adding the route to {} to table {table}", r.dst),
+                e,
+            )
+        })?;
+    }
+    for ip in &moved_ips {
+        pod.add_source_rule(ipnet::IpNet::from(*ip), table, HOST_RULE_PRIORITY)
+            .map_err(|e| io(&format!("adding the pod's rule from {ip}"), e))?;
+    }
+    Ok(())
+}
+
+/// Copies the main-table routes of the NIC `index` (`main`, as listed) to `table` and takes
+/// its default route out of main; IPv6 link-local routes stay.
+pub(super) fn move_routes_to_table(
+    pod: &mut Netlink,
+    main: &[crate::netlink::Route],
+    index: u32,
+    table: u32,
+) -> Result<(), CniError> {
+    for r in main.iter().filter(|r| r.oif == Some(index)) {
         if matches!(r.dst, ipnet::IpNet::V6(n) if n.addr().segments()[0] & 0xffc0 == 0xfe80) {
             continue;
         }
         pod.add_route(&RouteSpec {
             dst: r.dst,
             via: r.via,
-            oif: moved,
+            oif: index,
             table,
             src: r.src,
         })
@@ -118,20 +144,6 @@ pub(super) fn tune_pod_routes(
                 )
             })?;
         }
-    }
-    // From the moved NIC's addresses, the node and the Services are still through the pair.
-    for mut r in pod_routes(settings, &moved_ips, nodes, veth) {
-        r.table = table;
-        pod.add_route(&r).map_err(|e| {
-            io(
-                &format!("adding the route to {} to table {table}", r.dst),
-                e,
-            )
-        })?;
-    }
-    for ip in &moved_ips {
-        pod.add_source_rule(ipnet::IpNet::from(*ip), table, HOST_RULE_PRIORITY)
-            .map_err(|e| io(&format!("adding the pod's rule from {ip}"), e))?;
     }
     Ok(())
 }
