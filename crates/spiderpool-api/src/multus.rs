@@ -310,6 +310,16 @@ impl SpiderMultusConfig {
         }
     }
 
+    /// Its namespace (`default` when unset).
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+
+    /// `namespace/name`, as errors and events name it.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.namespace(), self.metadata.name)
+    }
+
     /// The `cniType`, `custom` when unset.
     pub fn cni_type(&self) -> &str {
         self.spec.cni_type.as_deref().unwrap_or("custom")
@@ -322,6 +332,11 @@ impl SpiderMultusConfig {
             .get(CR_NAME)
             .map(String::as_str)
             .unwrap_or(&self.metadata.name)
+    }
+
+    /// The datastore key of the NAD it generates, `namespace/name`.
+    pub fn nad_key(&self) -> String {
+        format!("{}/{}", self.namespace(), self.nad_name())
     }
 
     /// Upstream's mutations: the cniType's block and the coordinator get their defaults,

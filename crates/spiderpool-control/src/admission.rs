@@ -273,11 +273,8 @@ async fn multus_nad_free(
     store: &dyn Store,
     c: &spiderpool_api::multus::SpiderMultusConfig,
 ) -> Result<(), AdmissionError> {
-    let ns = c.metadata.namespace.as_deref().unwrap_or("default");
-    let nad = c.nad_name();
-    let Some((o, _)) =
-        spiderpool_store::typed::get(store, Kind::NetworkAttachment, &format!("{ns}/{nad}"))
-            .await?
+    let (ns, key) = (c.namespace(), c.nad_key());
+    let Some((o, _)) = spiderpool_store::typed::get(store, Kind::NetworkAttachment, &key).await?
     else {
         return Ok(());
     };
@@ -289,9 +286,9 @@ async fn multus_nad_free(
     {
         Some(r) => Err(forbidden(
             "SpiderMultusConfig",
-            &format!("{ns}/{}", c.metadata.name),
+            &c.full_name(),
             &format!(
-                "the net-attach-def {ns}/{nad} already exists and is managed by SpiderMultusConfig {ns}/{}",
+                "the net-attach-def {key} already exists and is managed by SpiderMultusConfig {ns}/{}",
                 r.name
             ),
         )),

@@ -22,16 +22,15 @@ pub async fn nad_ops(
 ) -> Result<Vec<Op>, ApplyNadError> {
     let nad = smc.render()?;
     let uid = smc.metadata.uid.clone().unwrap_or_default();
-    let key = format!("{}/{}", nad.namespace, nad.name);
+    let key = smc.nad_key();
     let current = typed::get(store, Kind::NetworkAttachment, &key).await?;
     let expect = match &current {
         None => Expect::Absent,
         Some((o, _)) if !owned_by(o, &uid) => {
             return Err(ApplyNadError::Invalid(ValidationError::Invalid(format!(
-                "SpiderMultusConfig \"{}/{}\": NetworkAttachmentDefinition {key:?} exists and is not \
+                "SpiderMultusConfig {:?}: NetworkAttachmentDefinition {key:?} exists and is not \
                  this SpiderMultusConfig's; delete it first, or name another with the annotation {}",
-                nad.namespace,
-                smc.metadata.name,
+                smc.full_name(),
                 spiderpool_api::multus::CR_NAME
             ))))
         }
@@ -61,8 +60,7 @@ pub async fn nad_delete_ops(
     store: &dyn Store,
     smc: &SpiderMultusConfig,
 ) -> Result<Vec<Op>, StoreError> {
-    let ns = smc.metadata.namespace.as_deref().unwrap_or("default");
-    let key = format!("{ns}/{}", smc.nad_name());
+    let key = smc.nad_key();
     let uid = smc.metadata.uid.clone().unwrap_or_default();
     Ok(
         match typed::get(store, Kind::NetworkAttachment, &key).await? {

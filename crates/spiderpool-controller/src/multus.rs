@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 use serde_json::Value;
@@ -24,21 +24,18 @@ const COALESCE: Duration = Duration::from_millis(200);
 /// The next pass after one whose write failed (the API server busy, a conflict).
 const RETRY: Duration = Duration::from_secs(2);
 
+/// The NetworkAttachmentDefinitions' resource, as the datastore knows it.
+fn nad_resource() -> ApiResource {
+    spiderpool_backends::kubernetes::api_resource(spiderpool_api::Kind::NetworkAttachment, None)
+        .expect("a kind the datastore maps")
+}
+
 fn nads(client: &kube::Client) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("k8s.cni.cncf.io", "v1", "NetworkAttachmentDefinition");
-    Api::all_with(
-        client.clone(),
-        &ApiResource::from_gvk_with_plural(&gvk, "network-attachment-definitions"),
-    )
+    Api::all_with(client.clone(), &nad_resource())
 }
 
 fn nads_in(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("k8s.cni.cncf.io", "v1", "NetworkAttachmentDefinition");
-    Api::namespaced_with(
-        client.clone(),
-        ns,
-        &ApiResource::from_gvk_with_plural(&gvk, "network-attachment-definitions"),
-    )
+    Api::namespaced_with(client.clone(), ns, &nad_resource())
 }
 
 fn smcs(client: &kube::Client) -> Api<DynamicObject> {

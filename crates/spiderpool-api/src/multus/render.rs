@@ -179,11 +179,7 @@ impl SpiderMultusConfig {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let nad = |annotations, config| Nad {
-            namespace: self
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
+            namespace: self.namespace().to_string(),
             name: name.clone(),
             annotations,
             config,

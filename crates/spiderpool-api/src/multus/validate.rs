@@ -69,13 +69,8 @@ impl SpiderMultusConfig {
 
     /// Upstream's webhook rules; the first broken one, naming the object, field and value.
     pub fn validate(&self) -> Result<(), ValidationError> {
-        let ns = self.metadata.namespace.as_deref().unwrap_or("default");
-        self.validate_spec().map_err(|e| {
-            e.in_object(
-                "SpiderMultusConfig",
-                &format!("{ns}/{}", self.metadata.name),
-            )
-        })
+        self.validate_spec()
+            .map_err(|e| e.in_object("SpiderMultusConfig", &self.full_name()))
     }
 
     /// The rules of an update from `old`: the NAD's name (annotation [`CR_NAME`]) may be
@@ -103,14 +98,7 @@ impl SpiderMultusConfig {
             _ => None,
         };
         match err {
-            Some(e) => Err(e.in_object(
-                "SpiderMultusConfig",
-                &format!(
-                    "{}/{}",
-                    self.metadata.namespace.as_deref().unwrap_or("default"),
-                    self.metadata.name
-                ),
-            )),
+            Some(e) => Err(e.in_object("SpiderMultusConfig", &self.full_name())),
             None => self.validate(),
         }
     }
@@ -276,11 +264,7 @@ impl SpiderMultusConfig {
                 (None, None)
             }
         };
-        let name = format!(
-            "{}/{}",
-            self.metadata.namespace.as_deref().unwrap_or("default"),
-            self.metadata.name
-        );
+        let name = self.full_name();
         let no_pools = pools.is_none_or(|p| p.ipv4.is_empty() && p.ipv6.is_empty());
         if a.contains_key(INJECT_ANNOTATIONS[0]) {
             if resource.as_deref().unwrap_or_default().is_empty() {
