@@ -37,14 +37,14 @@
 //! neighbour entries.
 
 use std::collections::HashMap;
-use std::fs::File;
 
-use nix::sched::{setns, CloneFlags};
 use serde_json::Value;
 use spiderpool_api::cni::code;
 
 use crate::plugin::{check_version, version_answer, CniEnv, Command, FALLBACK_VERSION};
 use crate::CniError;
+// Shared with the IPAM plugin's probes; the submodules take them through `super::*`.
+pub(crate) use crate::{enter, io};
 
 mod add;
 mod check;
@@ -91,14 +91,6 @@ pub const POD_TABLE_BASE: u32 = 100;
 pub const HOST_RULE_PRIORITY: u32 = 1000;
 /// `hostRuleTable`'s default (upstream's).
 pub const HOST_RULE_TABLE: u32 = 500;
-
-fn io(what: &str, e: impl std::fmt::Display) -> CniError {
-    CniError::new(code::IO_FAILURE, format!("{what}: {e}"))
-}
-
-fn enter(ns: &File, what: &str) -> Result<(), CniError> {
-    setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| io(&format!("entering {what}"), e))
-}
 
 fn sysctl(path: &str, value: &str) -> Result<(), CniError> {
     std::fs::write(path, value).map_err(|e| io(&format!("writing {path}"), e))

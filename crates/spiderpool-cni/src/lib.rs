@@ -99,6 +99,20 @@ impl CniError {
     }
 }
 
+/// An I/O failure (code 5) while doing `what`.
+pub(crate) fn io(what: &str, e: impl std::fmt::Display) -> CniError {
+    CniError::new(
+        spiderpool_api::cni::code::IO_FAILURE,
+        format!("{what}: {e}"),
+    )
+}
+
+/// Moves the calling thread into the network namespace `ns` (`what` names it in an error).
+pub(crate) fn enter(ns: &std::fs::File, what: &str) -> Result<(), CniError> {
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| io(&format!("entering {what}"), e))
+}
+
 /// Longest excerpt of a JSON value quoted in a message, in characters.
 const EXCERPT_CHARS: usize = 64;
 

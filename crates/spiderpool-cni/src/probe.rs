@@ -10,16 +10,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::time::Duration;
 
-use nix::sched::{setns, CloneFlags};
 use serde_json::Value;
 use spiderpool_api::agent::{IpConflict, IpamBatchDelArgs, IpamBatchDelResponse, PATH_IPS};
 use spiderpool_api::cni::code;
 
-use crate::CniError;
-
-fn io(what: &str, e: impl std::fmt::Display) -> CniError {
-    CniError::new(code::IO_FAILURE, format!("{what}: {e}"))
-}
+use crate::{enter, io, CniError};
 
 /// Which probes run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -176,9 +171,6 @@ pub fn ipam_checks(
     let ifname = holder.if_name.as_str();
     let pod = File::open(&holder.net_namespace)
         .map_err(|e| io(&format!("opening CNI_NETNS {:?}", holder.net_namespace), e))?;
-    let enter = |ns: &File, what: &str| {
-        setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| io(&format!("entering {what}"), e))
-    };
     enter(&pod, "the pod's network namespace")?;
     let checked = up(ifname).and_then(|()| segment_checks(detect, result, &ips, ifname));
     enter(&host, "the node's network namespace")?;

@@ -57,18 +57,27 @@ pub fn overlay_routes(
     defaults: &[(bool, u32, Option<IpAddr>)],
     table: u32,
 ) -> Vec<RouteSpec> {
+    let dsts: Vec<ipnet::IpNet> = nodes
+        .iter()
+        .map(|n| ipnet::IpNet::from(*n))
+        .chain(s.service_cidr.iter().map(|c| c.trunc()))
+        .chain(s.hijack_cidr.iter().map(|c| c.trunc()))
+        .chain(s.overlay_pod_cidr.iter().map(|c| c.trunc()))
+        .collect();
+    through_eth0(&dsts, defaults, table)
+}
+
+/// Routes in `table` to each of `dsts` through the default route of its family in `defaults`.
+fn through_eth0(
+    dsts: &[ipnet::IpNet],
+    defaults: &[(bool, u32, Option<IpAddr>)],
+    table: u32,
+) -> Vec<RouteSpec> {
     let mut out = Vec::new();
     for (v4, oif, via) in defaults {
-        let dsts = nodes
-            .iter()
-            .map(|n| ipnet::IpNet::from(*n))
-            .chain(s.service_cidr.iter().map(|c| c.trunc()))
-            .chain(s.hijack_cidr.iter().map(|c| c.trunc()))
-            .chain(s.overlay_pod_cidr.iter().map(|c| c.trunc()))
-            .filter(|d| d.addr().is_ipv4() == *v4);
-        for dst in dsts {
+        for dst in dsts.iter().filter(|d| d.addr().is_ipv4() == *v4) {
             out.push(RouteSpec {
-                dst,
+                dst: *dst,
                 via: *via,
                 oif: *oif,
                 table,
@@ -140,12 +149,10 @@ pub(super) fn add_overlay(
             })?;
         }
         // The node's addresses lie in the underlay subnet: through eth0 from any address.
-        for mut r in overlay_routes(settings, &nodes, &defaults, MAIN_TABLE) {
-            if nodes.contains(&r.dst.addr()) && r.dst.prefix_len() == r.dst.max_prefix_len() {
-                r.table = MAIN_TABLE;
-                pod.add_route(&r)
-                    .map_err(|e| io(&format!("adding the route to the node {}", r.dst), e))?;
-            }
+        let node_nets: Vec<ipnet::IpNet> = nodes.iter().map(|n| ipnet::IpNet::from(*n)).collect();
+        for r in through_eth0(&node_nets, &defaults, MAIN_TABLE) {
+            pod.add_route(&r)
+                .map_err(|e| io(&format!("adding the route to the node {}", r.dst), e))?;
         }
         for ip in ips {
             pod.add_source_rule(ipnet::IpNet::from(*ip), table, HOST_RULE_PRIORITY)
@@ -185,12 +192,7 @@ pub(super) fn remove_overlay_pod_side(
             .map_err(|e| io(&format!("deleting the pod's rule from {ip}"), e))?;
     }
     let routes = pod.all_routes().map_err(failed)?;
-    let main: Vec<Route> = routes
-        .iter()
-        .filter(|r| r.table == MAIN_TABLE && r.unicast)
-        .cloned()
-        .collect();
-    let defaults = overlay_defaults(&main, this.index);
+    let defaults = overlay_defaults(&routes, this.index);
     let nodes = node_addresses(host, 0)?;
     for r in &routes {
         let to_node = r.table == MAIN_TABLE
