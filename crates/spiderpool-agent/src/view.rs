@@ -91,12 +91,9 @@ impl View {
             let labels = o.metadata().labels.clone();
             nodes.insert(o.metadata().name.clone(), Some(labels));
         }
-        // Beyond upstream: an address a Node has (`status.addresses`) or another pool's
-        // gateway is never handed out, as if reserved (upstream finds such a conflict only by
-        // ARP, if at all).
-        let gateways = pools.iter().filter_map(|p| p.gateway);
-        reserved = reserved.union(&IpSet::from_ips(
-            gateways.chain(node_addresses.iter().copied()),
+        reserved = reserved.union(&spiderpool_core::pick::never_handed_out(
+            &pools,
+            node_addresses,
         ));
         let mut node_names: Vec<String> = nodes.keys().cloned().collect();
         node_names.sort();

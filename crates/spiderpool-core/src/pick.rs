@@ -16,6 +16,13 @@ pub fn free_set(pool: &Pool, reserved: &IpSet, in_use: &IpSet) -> IpSet {
     pool.usable().difference(reserved).difference(in_use)
 }
 
+/// Addresses never handed out though no SpiderReservedIP names them (beyond upstream, which
+/// finds such a conflict only by ARP, if at all): every pool's gateway and every address a
+/// Node has (`node_addresses`). The agent and `explain` count them as reserved.
+pub fn never_handed_out(pools: &[Pool], node_addresses: impl IntoIterator<Item = IpAddr>) -> IpSet {
+    IpSet::from_ips(pools.iter().filter_map(|p| p.gateway).chain(node_addresses))
+}
+
 /// How an allocator that keeps losing races for addresses picks among the free ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Spread {

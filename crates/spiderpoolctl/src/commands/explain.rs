@@ -138,13 +138,16 @@ pub(crate) async fn run(store: &dyn Store, ask: Ask) -> anyhow::Result<ExitCode>
         }
     }
     // As the agent: Nodes' addresses and pools' gateways are never handed out.
-    let mut never: Vec<std::net::IpAddr> = pools.iter().filter_map(|p| p.gateway).collect();
+    let mut node_addresses = Vec::new();
     for (o, _) in typed::list(store, Kind::Node).await? {
         if let Object::Kube(_, n) = o {
-            never.extend(n.node_addresses());
+            node_addresses.extend(n.node_addresses());
         }
     }
-    reserved = reserved.union(&IpSet::from_ips(never));
+    reserved = reserved.union(&spiderpool_core::pick::never_handed_out(
+        &pools,
+        node_addresses,
+    ));
     // What the pod already holds on this NIC: a repeated ADD is answered with it.
     let holds = match typed::get(store, Kind::Endpoint, &key).await? {
         Some((Object::Endpoint(ep), _)) => ep
