@@ -133,6 +133,9 @@ impl IpamService {
         // The holds first, in a commit of their own: the addresses are never free and unheld.
         if !ops.is_empty() {
             self.commit(ops).await?;
+            // This agent's next ADD must not pick a held address: a view that follows the
+            // datastore's watch would learn of the holds only when the watch brings them.
+            self.state.lock().await.invalidate();
             for h in &out.held_back {
                 tracing::warn!(ip = %h.ip, pod = %pod.key(), reservation = %h.reservation, until = %h.until,
                     "another host answers for this address: held back from allocation");
