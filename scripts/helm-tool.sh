@@ -13,6 +13,10 @@ bin="$cache/$version/bin"
 if [ ! -x "$bin/helm" ]; then
   echo "building helm $version into $bin (cold: a few minutes on 2 cores)" >&2
   mkdir -p "$bin"
+  # Go's build and module caches go with the build (nothing reads them again).
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  export GOCACHE="$tmp/go-build" GOMODCACHE="$tmp/go-mod" GOFLAGS=-modcacherw
   GOBIN="$bin" go install -trimpath \
     -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$version" \
     "helm.sh/helm/v4/cmd/helm@$version"

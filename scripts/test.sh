@@ -22,19 +22,14 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 # The suites built on sandboxes (allocation rules, agents, CNI, CLI) once more, every sandbox on
-# an etcd of its own: the agents then follow a watch instead of checking SQLite's revision.
-for suite in "-p spiderpool-testkit --test rulebook --test agents" \
-             "-p spiderpool-cni --test cni --test coordinator" "-p spiderpoolctl --test ctl"; do
-  # shellcheck disable=SC2086
-  SPIDERPOOL_TEST_DATASTORE=etcd cargo test --locked $suite 2>&1 | tee -a "$log"
-done
-# And once more with every sandbox on a Kubernetes control plane of its own (etcd and
+# an etcd of its own: the agents then follow a watch instead of checking SQLite's revision. And
+# once more with every sandbox on a Kubernetes control plane of its own (etcd and
 # kube-apiserver, the CRDs installed): pools, endpoints and pods are API objects, the agents
-# read and write them through the API server.
-for suite in "-p spiderpool-testkit --test rulebook --test agents" \
-             "-p spiderpool-cni --test cni --test coordinator" "-p spiderpoolctl --test ctl"; do
-  # shellcheck disable=SC2086
-  SPIDERPOOL_TEST_DATASTORE=kubernetes cargo test --locked $suite 2>&1 | tee -a "$log"
+# read and write them through the API server. One `--workspace` invocation each, so the
+# features resolve as in the run above and nothing is built again.
+suites=(--test rulebook --test agents --test cni --test coordinator --test ctl)
+for datastore in etcd kubernetes; do
+  SPIDERPOOL_TEST_DATASTORE=$datastore cargo test --workspace --locked "${suites[@]}" 2>&1 | tee -a "$log"
 done
 # One closing line for the whole run (cargo prints one per test binary, the last often empty).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
