@@ -65,6 +65,10 @@ fn main() {
     cp.install_crds();
     cp.kubectl_ok(&["apply", "-f", "-"], POOL_1000);
     let dir = tempfile::tempdir().unwrap();
+    // SPIDERPOOL_BENCH_KEEP=1 keeps the agents' logs (node-N/spiderpool.log) for reading after.
+    if std::env::var_os("SPIDERPOOL_BENCH_KEEP").is_some() {
+        eprintln!("keeping {}", dir.path().display());
+    }
     let cni = dir.path().join("cni-bin");
     std::fs::create_dir_all(&cni).unwrap();
     std::os::unix::fs::symlink("/usr/lib/cni/host-local", cni.join("host-local")).unwrap();
@@ -240,5 +244,8 @@ fn main() {
                 empty.as_secs_f64() / base_del.as_secs_f64()
             );
         }
+    }
+    if std::env::var_os("SPIDERPOOL_BENCH_KEEP").is_some() {
+        let _ = dir.keep();
     }
 }
