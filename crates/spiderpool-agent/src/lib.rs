@@ -91,6 +91,17 @@ pub struct Args {
     /// it is tried again.
     #[arg(long, env = "SPIDERPOOL_IP_CONFLICT_HOLD", default_value = "10m", value_parser = humantime::parse_duration)]
     pub ip_conflict_hold: std::time::Duration,
+    /// When a DEL may answer before its pool write, which then carries the releases of one
+    /// second of DELs: `auto` while this agent's pool writes meet other agents' (409 on
+    /// Kubernetes), `always`, or `never` (each DEL waits for its pool write). A held-back
+    /// release the agent dies with is freed by the controller's reclaim.
+    #[arg(
+        long,
+        env = "SPIDERPOOL_RELEASE_HOLD_BACK",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub release_hold_back: service::HoldBack,
     /// Upstream's `enableIPConflictDetection`: every coordinator probes each address before
     /// the pod uses it, whatever its SpiderCoordinator's `detectIPConflict` says.
     #[arg(long, env = "SPIDERPOOL_ENABLE_IP_CONFLICT_DETECTION", default_value_t = false, action = clap::ArgAction::Set)]
@@ -194,6 +205,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("registering node {}", args.node_name))?;
     svc.keep_warm();
+    svc.flush_releases_every(args.release_hold_back);
     svc.sweep_conflicts((args.ip_conflict_hold / 4).clamp(
         std::time::Duration::from_secs(1),
         std::time::Duration::from_secs(60),
@@ -229,7 +241,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    server::serve(listener, server::router(svc), trust, limits, shutdown()).await;
+    server::serve(
+        listener,
+        server::router(svc.clone()),
+        trust,
+        limits,
+        shutdown(),
+    )
+    .await;
+    // Releases DELs held back are written before the agent goes.
+    svc.flush_releases_now().await;
     tracing::info!("stopped");
     Ok(())
 }

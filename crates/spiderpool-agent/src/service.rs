@@ -146,6 +146,8 @@ pub struct IpamService {
     del_queue: std::sync::Mutex<Vec<del::PendingDel>>,
     /// How long a DEL waits for others to join its group commit.
     gather: gather::Gather,
+    /// Pool releases held back while agents race for pools (deferred.rs).
+    deferred: deferred::Deferred,
     /// What the agent counts (`--metrics-addr`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// How long an ADD waits for its auto pool (`--auto-pool-wait`); `None`: auto pools are
@@ -202,6 +204,7 @@ mod batch;
 mod check;
 mod conflict;
 mod coordinator;
+mod deferred;
 mod del;
 mod gather;
 mod gc;
@@ -214,6 +217,7 @@ mod status;
 use add::{Commit, Prefetched, Prepared};
 use batch::PendingAdd;
 pub use conflict::{conflict_reservation_name, CONFLICT_HOLD};
+pub use deferred::HoldBack;
 use plan::Pick;
 use pod::PodRef;
 use record::{endpoint_of, endpoint_write, kube_of, record_of, response_of};
@@ -228,6 +232,7 @@ impl IpamService {
             queue: std::sync::Mutex::new(Vec::new()),
             del_queue: std::sync::Mutex::new(Vec::new()),
             gather: Default::default(),
+            deferred: Default::default(),
             metrics: Arc::default(),
             auto_pool_wait: Some(AUTO_POOL_WAIT),
             kubevirt_static_ip: true,

@@ -169,6 +169,13 @@ impl Agent {
         }
     }
 
+    /// Asks the agent to stop (SIGTERM), as kubelet does, and waits for it.
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+
     /// Stops the agent (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -410,8 +410,12 @@ fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
         let out = t.join().unwrap();
         assert!(out.success, "{}{}", out.stdout, out.stderr);
     }
-    let pool = json_of(&cp, &["get", "spiderippool", "race"]);
-    assert_eq!(pool["status"]["allocatedIPCount"], 0, "{pool}");
+    // The records go with the DELs; the pool writes may follow (releases held back while the
+    // two agents' writes meet, within a second).
+    until("the pool empty after every DEL", || {
+        let pool = json_of(&cp, &["get", "spiderippool", "race"]);
+        (pool["status"]["allocatedIPCount"] == 0).then_some(())
+    });
     assert!(json_of(&cp, &["get", "spiderendpoints"])["items"]
         .as_array()
         .unwrap()
@@ -422,6 +426,75 @@ fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
     assert!(
         del_writes < 40 && batches >= 1,
         "{del_writes} pool writes and {batches} group commits for 40 releases"
+    );
+}
+
+#[test]
+fn a_del_that_holds_its_release_back_answers_first_and_the_release_follows() {
+    use spiderpool_testkit::CniCall;
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: three}\nspec:\n  subnet: 10.9.0.0/16\n  ips: [10.9.0.1-10.9.0.3]\n",
+    );
+    register(&cp, "node-a");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("node-a.sock");
+    let kc = cp.kubeconfig.to_str().unwrap().to_string();
+    let mut agent = Agent::start_with(
+        "kubernetes",
+        &socket,
+        "node-a",
+        "",
+        &["--kubeconfig", &kc, "--release-hold-back", "always"],
+        None,
+    );
+    let conf = json!({"cniVersion": "1.0.0", "name": "three", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["three"]}});
+    let call = |cmd: &str, i: usize| {
+        CniCall::new(cmd, &format!("ctr-{i}"), &format!("pod-{i}"), &conf).run()
+    };
+    let mut addresses = Vec::new();
+    for i in 0..3 {
+        let out = call("ADD", i);
+        assert!(out.success, "{}{}", out.stdout, out.stderr);
+        addresses.push(
+            out.json()["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let out = call("ADD", 3);
+    assert_eq!(out.json()["code"], 100, "the pool is full: {}", out.stdout);
+    // The DEL answers once pod-1's record is written; its release is held back.
+    let out = call("DEL", 1);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    agent.wait_for_log(&["released", "pool_write_held_back=true"], 1);
+    let endpoints = json_of(&cp, &["get", "spiderendpoints"]);
+    assert_eq!(
+        endpoints["items"].as_array().unwrap().len(),
+        2,
+        "{endpoints}"
+    );
+    // A pod that needs the room gets it at once: the agent writes what it held back first.
+    let out = call("ADD", 3);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.json()["ips"][0]["address"], addresses[1].as_str());
+    // What the agent still holds back when it is stopped is written before it goes.
+    for i in [0, 2, 3] {
+        let out = call("DEL", i);
+        assert!(out.success, "{}{}", out.stdout, out.stderr);
+    }
+    agent.stop();
+    let pool = json_of(&cp, &["get", "spiderippool", "three"]);
+    assert_eq!(pool["status"]["allocatedIPCount"], 0, "{pool}");
+    assert!(
+        agent.log().contains("released what DELs held back"),
+        "{}",
+        agent.log()
     );
 }
 

@@ -51,7 +51,10 @@ impl IpamService {
         // others to join it; those that joined wait for its answer (and serve themselves if
         // it does not come).
         let window = self.gather.window();
-        if !window.is_zero() {
+        // While the window is open the pool writes are what is slow: they are held back and
+        // go in one write per pool later (deferred.rs); the DEL does not wait for company.
+        let defer = self.deferred.now(window);
+        if !window.is_zero() && !defer {
             if first {
                 tokio::time::sleep(window).await;
             } else if let Ok(Ok(r)) =
@@ -67,17 +70,20 @@ impl IpamService {
         let batch: Vec<PendingDel> =
             std::mem::take(&mut *self.del_queue.lock().expect("queue lock"));
         let conflicts = self.store.write_counts().pool_conflicts;
-        self.del_batch(batch, &mut cache).await;
+        self.del_batch(batch, &mut cache, defer).await;
         let conflicts = self
             .store
             .write_counts()
             .pool_conflicts
             .saturating_sub(conflicts);
         drop(cache);
-        let window = self.gather.observe(conflicts);
-        self.metrics
-            .release_gather_seconds
-            .set(window.as_secs_f64());
+        // Held-back releases are judged by their flushes.
+        if !defer {
+            let window = self.gather.observe(conflicts);
+            self.metrics
+                .release_gather_seconds
+                .set(window.as_secs_f64());
+        }
         rx.try_recv().unwrap_or_else(|_| {
             Err(
                 StoreError::Unavailable("the request was abandoned while queued; try again".into())
@@ -88,7 +94,8 @@ impl IpamService {
 
     /// Serves queued DELs: their releases and record updates in one transaction; when it
     /// fails (a conflict on a record, a corrupt pool), each is served alone with its retries.
-    async fn del_batch(&self, batch: Vec<PendingDel>, cache: &mut ViewCache) {
+    /// With `defer`, only the records are written now and the releases are held back.
+    async fn del_batch(&self, batch: Vec<PendingDel>, cache: &mut ViewCache, defer: bool) {
         let mut alone = Vec::new();
         let mut staged: Vec<(PendingDel, String, Held)> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
@@ -96,7 +103,7 @@ impl IpamService {
         let max_ops = self.store.max_ops();
         let started = std::time::Instant::now();
         let requests = batch.len();
-        if batch.len() == 1 {
+        if batch.len() == 1 && !defer {
             alone = batch;
         } else {
             // The records are read side by side (a round trip each on Kubernetes), a chunk at
@@ -124,17 +131,32 @@ impl IpamService {
                 }
             }
         }
-        if staged.len() == 1 {
+        if staged.len() == 1 && !defer {
             alone.extend(staged.drain(..).map(|(p, _, _)| p));
         }
         let prepared_us = started.elapsed().as_micros() as u64;
+        let held_back: Vec<Op> = if defer {
+            let (releases, records) = ops
+                .into_iter()
+                .partition(|o| matches!(o, Op::Release { .. }));
+            ops = records;
+            releases
+        } else {
+            Vec::new()
+        };
         if !staged.is_empty() {
             match self.commit(ops).await {
                 Ok(revision) => {
-                    let released: Vec<(String, IpAddr)> = staged
-                        .iter()
-                        .flat_map(|(_, _, r)| r.iter().cloned())
-                        .collect();
+                    let released: Vec<(String, IpAddr)> = if defer {
+                        // Held by the old container in the pool until the flush.
+                        self.deferred.hold(held_back);
+                        Vec::new()
+                    } else {
+                        staged
+                            .iter()
+                            .flat_map(|(_, _, r)| r.iter().cloned())
+                            .collect()
+                    };
                     cache.committed(revision, &[], &released);
                     self.metrics.del_batch_size.observe(staged.len() as f64);
                     tracing::debug!(
@@ -146,7 +168,8 @@ impl IpamService {
                         "committed a batch of releases"
                     );
                     for (p, key, released) in staged {
-                        tracing::info!(pod = %key, nic = %p.pod.nic, released = ?released, "released");
+                        tracing::info!(pod = %key, nic = %p.pod.nic, released = ?released,
+                            pool_write_held_back = defer, "released");
                         let _ = p.reply.send(Ok(()));
                     }
                 }
