@@ -20,7 +20,7 @@ export SPIDERPOOL_HELM_BIN
 cargo build --workspace --bins --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 # The suites built on sandboxes (allocation rules, agents, CNI, CLI) once more, every sandbox on
 # an etcd of its own: the agents then follow a watch instead of checking SQLite's revision. And
 # once more with every sandbox on a Kubernetes control plane of its own (etcd and
@@ -29,7 +29,7 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 # features resolve as in the run above and nothing is built again.
 suites=(--test rulebook --test agents --test cni --test coordinator --test ctl)
 for datastore in etcd kubernetes; do
-  SPIDERPOOL_TEST_DATASTORE=$datastore cargo test --workspace --locked "${suites[@]}" 2>&1 | tee -a "$log"
+  SPIDERPOOL_TEST_DATASTORE=$datastore cargo test --workspace --locked --no-fail-fast "${suites[@]}" 2>&1 | tee -a "$log"
 done
 # One closing line for the whole run (cargo prints one per test binary, the last often empty).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

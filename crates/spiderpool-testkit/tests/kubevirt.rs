@@ -73,8 +73,13 @@ fn address(cp: &ControlPlane, pod: &str) -> String {
     })
 }
 
+/// Deletes `what/name` and waits until it is gone; the garbage collector may have deleted it
+/// first (a VMI owned by its deleted VM, a launcher pod owned by its VMI).
 fn gone(cp: &ControlPlane, what: &str, name: &str) {
-    cp.kubectl_ok(&["delete", what, name, "--wait=false"], "");
+    cp.kubectl_ok(
+        &["delete", what, name, "--wait=false", "--ignore-not-found"],
+        "",
+    );
     until(&format!("{what} {name} gone"), || {
         (!cp.kubectl(&["get", what, name], "").success).then_some(())
     });
