@@ -132,7 +132,7 @@ impl IpamService {
             // A watched view may not have heard yet of a change that makes room (a pool
             // widened, an address released elsewhere): what it refuses is planned again on the
             // view read afresh before the refusal is final.
-            Err(ServiceError::Alloc(e)) if cache.watched() || !self.deferred.is_empty() => {
+            Err(ServiceError::Alloc(e)) if self.refusal_may_lift(cache) => {
                 tracing::debug!(error = %e, "refused on the followed view; reading it afresh");
                 // What this agent's DELs held back may be the room it needs.
                 self.flush_releases(cache).await;

@@ -93,9 +93,7 @@ impl IpamService {
                     Ok(Prepared::Alone) | Err(ServiceError::Store(StoreError::Conflict(_))) => {
                         alone.push(p)
                     }
-                    Err(ServiceError::Alloc(_)) if cache.watched() || !self.deferred.is_empty() => {
-                        alone.push(p)
-                    }
+                    Err(ServiceError::Alloc(_)) if self.refusal_may_lift(cache) => alone.push(p),
                     Err(e) => {
                         let _ = p.reply.send(Err(e));
                     }

@@ -13,8 +13,7 @@
 //! a dead pod leaked.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use spiderpool_store::{Op, StoreError};
@@ -44,11 +43,9 @@ pub enum HoldBack {
 #[derive(Default)]
 pub(super) struct Deferred {
     ops: std::sync::Mutex<Vec<(Op, u32)>>,
-    /// Set once a flusher runs ([`IpamService::flush_releases_every`]): nothing is held back
-    /// before (a service used without one releases at once).
-    running: AtomicBool,
-    /// `--release-hold-back always`.
-    always: AtomicBool,
+    /// `--release-hold-back`, set when a flusher starts ([`IpamService::flush_releases_every`]):
+    /// nothing is held back before (a service used without one releases at once).
+    mode: OnceLock<HoldBack>,
     /// Wakes the flusher when releases are held back (its own `Arc`: the flusher waits on it
     /// without keeping the service alive).
     pending: Arc<Notify>,
@@ -57,8 +54,11 @@ pub(super) struct Deferred {
 impl Deferred {
     /// Whether a DEL holds its releases back, the gather window being `window`.
     pub(super) fn now(&self, window: Duration) -> bool {
-        self.running.load(Ordering::Relaxed)
-            && (!window.is_zero() || self.always.load(Ordering::Relaxed))
+        match self.mode.get() {
+            Some(HoldBack::Always) => true,
+            Some(HoldBack::Auto) => !window.is_zero(),
+            Some(HoldBack::Never) | None => false,
+        }
     }
 
     /// Holds `ops` (pool releases) back until the next flush.
@@ -93,16 +93,18 @@ fn released(ops: &[(Op, u32)]) -> Vec<(String, IpAddr)> {
 }
 
 impl IpamService {
+    /// Whether a refusal for want of addresses may not be final: the view is followed and may
+    /// not have heard of a change that makes room, or this agent's DELs held releases back.
+    pub(super) fn refusal_may_lift(&self, cache: &ViewCache) -> bool {
+        cache.watched() || !self.deferred.is_empty()
+    }
+
     /// Writes held-back releases every [`FLUSH_EVERY`] while there are any; from now on DELs
     /// hold theirs back as `when` says (see the module comment).
     pub fn flush_releases_every(self: &Arc<Self>, when: HoldBack) {
-        if when == HoldBack::Never {
-            return;
+        if when == HoldBack::Never || self.deferred.mode.set(when).is_err() {
+            return; // nothing to flush, or a flusher runs already
         }
-        self.deferred
-            .always
-            .store(when == HoldBack::Always, Ordering::Relaxed);
-        self.deferred.running.store(true, Ordering::Relaxed);
         let svc = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -136,16 +138,10 @@ impl IpamService {
         if ops.is_empty() {
             return;
         }
-        let conflicts = self.store.write_counts().pool_conflicts;
-        let r = self
-            .commit(ops.iter().map(|(o, _)| o.clone()).collect())
+        let (r, conflicts) = self
+            .counting_conflicts(self.commit(ops.iter().map(|(o, _)| o.clone()).collect()))
             .await;
-        let conflicts = self
-            .store
-            .write_counts()
-            .pool_conflicts
-            .saturating_sub(conflicts);
-        self.gather.observe(conflicts);
+        self.observe_release_conflicts(conflicts);
         match r {
             Ok(revision) => {
                 let released = released(&ops);

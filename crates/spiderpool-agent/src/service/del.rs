@@ -69,20 +69,13 @@ impl IpamService {
         }
         let batch: Vec<PendingDel> =
             std::mem::take(&mut *self.del_queue.lock().expect("queue lock"));
-        let conflicts = self.store.write_counts().pool_conflicts;
-        self.del_batch(batch, &mut cache, defer).await;
-        let conflicts = self
-            .store
-            .write_counts()
-            .pool_conflicts
-            .saturating_sub(conflicts);
+        let ((), conflicts) = self
+            .counting_conflicts(self.del_batch(batch, &mut cache, defer))
+            .await;
         drop(cache);
         // Held-back releases are judged by their flushes.
         if !defer {
-            let window = self.gather.observe(conflicts);
-            self.metrics
-                .release_gather_seconds
-                .set(window.as_secs_f64());
+            self.observe_release_conflicts(conflicts);
         }
         rx.try_recv().unwrap_or_else(|_| {
             Err(
@@ -90,6 +83,25 @@ impl IpamService {
                     .into(),
             )
         })
+    }
+
+    /// `work`'s outcome, and how many pool writes it saw refused (409) and laid again.
+    pub(super) async fn counting_conflicts<T>(
+        &self,
+        work: impl std::future::Future<Output = T>,
+    ) -> (T, u64) {
+        let before = self.store.write_counts().pool_conflicts;
+        let r = work.await;
+        let after = self.store.write_counts().pool_conflicts;
+        (r, after.saturating_sub(before))
+    }
+
+    /// A release commit (or flush) met `conflicts`: the gather window and its gauge follow.
+    pub(super) fn observe_release_conflicts(&self, conflicts: u64) {
+        let window = self.gather.observe(conflicts);
+        self.metrics
+            .release_gather_seconds
+            .set(window.as_secs_f64());
     }
 
     /// Serves queued DELs: their releases and record updates in one transaction; when it
