@@ -66,7 +66,8 @@ fn main() {
     cp.kubectl_ok(&["apply", "-f", "-"], POOL_1000);
     let dir = tempfile::tempdir().unwrap();
     // SPIDERPOOL_BENCH_KEEP=1 keeps the agents' logs (node-N/spiderpool.log) for reading after.
-    if std::env::var_os("SPIDERPOOL_BENCH_KEEP").is_some() {
+    let keep = std::env::var_os("SPIDERPOOL_BENCH_KEEP").is_some();
+    if keep {
         eprintln!("keeping {}", dir.path().display());
     }
     let cni = dir.path().join("cni-bin");
@@ -245,7 +246,7 @@ fn main() {
             );
         }
     }
-    if std::env::var_os("SPIDERPOOL_BENCH_KEEP").is_some() {
+    if keep {
         let _ = dir.keep();
     }
 }

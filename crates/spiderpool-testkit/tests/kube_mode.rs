@@ -282,6 +282,13 @@ fn register(cp: &ControlPlane, node: &str) {
     );
 }
 
+/// An agent for `node` with `--datastore kubernetes` on `cp`'s API server, and `extra` flags.
+fn kube_agent(cp: &ControlPlane, socket: &Path, node: &str, extra: &[&str]) -> Agent {
+    let mut args = vec!["--kubeconfig", cp.kubeconfig.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Agent::start_with("kubernetes", socket, node, "", &args, None)
+}
+
 /// A counter's value in the agent's metrics.
 fn metric(body: &str, name: &str) -> u64 {
     spiderpool_testkit::sample(body, name) as u64
@@ -299,7 +306,6 @@ fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
         "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: race}\nspec:\n  subnet: 10.8.0.0/16\n  ips: [10.8.0.1-10.8.0.40]\n",
     );
     let dir = tempfile::tempdir().unwrap();
-    let kc = cp.kubeconfig.to_str().unwrap().to_string();
     let mut agents = Vec::new();
     let mut sockets = Vec::new();
     for (i, node) in ["node-a", "node-b"].iter().enumerate() {
@@ -308,14 +314,7 @@ fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
         let port = spiderpool_testkit::free_port();
         let metrics = format!("127.0.0.1:{port}");
         agents.push((
-            Agent::start_with(
-                "kubernetes",
-                &socket,
-                node,
-                "",
-                &["--kubeconfig", &kc, "--metrics-addr", &metrics],
-                None,
-            ),
+            kube_agent(&cp, &socket, node, &["--metrics-addr", &metrics]),
             metrics,
         ));
         sockets.push(socket);
@@ -442,15 +441,7 @@ fn a_del_that_holds_its_release_back_answers_first_and_the_release_follows() {
     register(&cp, "node-a");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("node-a.sock");
-    let kc = cp.kubeconfig.to_str().unwrap().to_string();
-    let mut agent = Agent::start_with(
-        "kubernetes",
-        &socket,
-        "node-a",
-        "",
-        &["--kubeconfig", &kc, "--release-hold-back", "always"],
-        None,
-    );
+    let mut agent = kube_agent(&cp, &socket, "node-a", &["--release-hold-back", "always"]);
     let conf = json!({"cniVersion": "1.0.0", "name": "three", "ipam": {"type": "spiderpool",
         "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["three"]}});
     let call = |cmd: &str, i: usize| {
@@ -565,16 +556,8 @@ fn pools_and_endpoints_written_by_upstream_spiderpool_round_trip() {
     // An agent sees upstream's holders: the one address left is the only one it gives.
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("a.sock");
-    let kc = cp.kubeconfig.to_str().unwrap().to_string();
     register(&cp, "n1");
-    let _agent = Agent::start_with(
-        "kubernetes",
-        &socket,
-        "n1",
-        "",
-        &["--kubeconfig", &kc],
-        None,
-    );
+    let _agent = kube_agent(&cp, &socket, "n1", &[]);
     let conf = json!({"cniVersion": "1.0.0", "name": "up", "ipam": {"type": "spiderpool",
         "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["up"]}});
     let first = CniCall::new("ADD", "ctr-1", "new-1", &conf).run();
@@ -663,15 +646,7 @@ fn a_pod_upstream_allocated_is_released_by_its_del_after_the_move() {
     );
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("a.sock");
-    let kc = cp.kubeconfig.to_str().unwrap().to_string();
-    let agent = Agent::start_with(
-        "kubernetes",
-        &socket,
-        "n1",
-        "",
-        &["--kubeconfig", &kc],
-        None,
-    );
+    let agent = kube_agent(&cp, &socket, "n1", &[]);
     let held = || {
         let pool = json_of(&cp, &["get", "spiderippool", "up"]);
         serde_json::from_str::<serde_json::Map<String, Value>>(
