@@ -96,11 +96,25 @@ impl IpamService {
             );
             r
         };
+        // The pod's object and record are read before queueing: while the batch ahead of it
+        // commits, not in its own batch's time. (A read that fails is made again there.)
+        let key = pod.key();
+        let prefetched = typed::get_many(
+            self.store.as_ref(),
+            &[(Kind::Pod, key.clone()), (Kind::Endpoint, key)],
+        )
+        .await
+        .ok()
+        .map(|read| {
+            let mut it = read.into_iter();
+            (it.next().flatten(), it.next().flatten())
+        });
         let (tx, mut rx) = oneshot::channel();
         self.queue.lock().expect("queue lock").push(PendingAdd {
             pod,
             args: args.clone(),
             reply: tx,
+            prefetched,
         });
         let mut cache = self.state.lock().await;
         // Whoever held the lock before may have served this request already; otherwise this
@@ -128,6 +142,7 @@ impl IpamService {
         args: &IpamAddArgs,
         cache: &mut ViewCache,
     ) -> Result<IpamAddResponse> {
+        let started = std::time::Instant::now();
         let prepared = match self.prepare_add(pod, args, cache, false, None).await {
             // A watched view may not have heard yet of a change that makes room (a pool
             // widened, an address released elsewhere): what it refuses is planned again on the
@@ -144,12 +159,20 @@ impl IpamService {
         match prepared {
             Prepared::Done(resp) => Ok(resp),
             Prepared::Commit(mut c) => {
-                let revision = match self.commit(std::mem::take(&mut c.ops)).await {
-                    Ok(r) => r,
+                let (committed, raced) = self
+                    .counting_conflicts(self.commit(std::mem::take(&mut c.ops)))
+                    .await;
+                let revision = match committed {
+                    Ok(r) => {
+                        if raced > 0 {
+                            cache.raced(started.elapsed());
+                        }
+                        r
+                    }
                     Err(e) => {
                         if matches!(e, StoreError::Conflict(_)) {
                             // The view missed what beat this commit.
-                            cache.conflicted(e.taken());
+                            cache.conflicted(e.taken(), started.elapsed());
                         }
                         return Err(e.into());
                     }

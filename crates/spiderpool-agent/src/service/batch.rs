@@ -16,6 +16,9 @@ pub(super) struct PendingAdd {
     pub(super) pod: PodRef,
     pub(super) args: IpamAddArgs,
     pub(super) reply: oneshot::Sender<Result<IpamAddResponse>>,
+    /// Its Pod object and endpoint record, read before it queued (while an earlier batch
+    /// committed), if that read succeeded.
+    pub(super) prefetched: Option<Prefetched>,
 }
 
 impl IpamService {
@@ -28,10 +31,21 @@ impl IpamService {
         let max_ops = self.store.max_ops();
         // A batch that loses a race is prepared again on a fresh view: each round some agent's
         // batch wins whole, so rounds are few even when every agent contends. A batch larger
-        // than one transaction may hold continues in the next round.
+        // than one transaction may hold continues in the next round. A batch of one goes the
+        // same way, so the ADDs queued while it lost a race join its next round instead of
+        // waiting for it to win alone (every agent's first ADD races for the same lowest free
+        // address when a burst begins).
         let mut attempt = 0;
         let mut prefetched: HashMap<String, Prefetched> = HashMap::new();
-        while pending.len() > 1 && attempt < Retry::CONFLICTS.attempts {
+        let take_prefetched = |pending: &mut [PendingAdd], into: &mut HashMap<_, _>| {
+            for p in pending {
+                if let Some(read) = p.prefetched.take() {
+                    into.insert(p.pod.key(), read);
+                }
+            }
+        };
+        take_prefetched(&mut pending, &mut prefetched);
+        while !pending.is_empty() && attempt < Retry::CONFLICTS.attempts {
             // Start each round on the current state.
             if let Err(e) = cache.current(self.store.as_ref()).await {
                 let msg = reason(&e);
@@ -108,9 +122,14 @@ impl IpamService {
                 .flat_map(|(_, c)| c.ops.iter().cloned())
                 .collect();
             let prepared_us = round.elapsed().as_micros() as u64;
-            match self.commit(ops).await {
+            let (committed, raced) = self.counting_conflicts(self.commit(ops)).await;
+            match committed {
                 Ok(revision) => {
                     cache.staged_committed(revision);
+                    if raced > 0 {
+                        // Won, but other agents are writing the same pools.
+                        cache.raced(round.elapsed());
+                    }
                     self.metrics.batch_size.observe(staged.len() as f64);
                     tracing::debug!(
                         requests = staged.len(),
@@ -131,11 +150,16 @@ impl IpamService {
                         prefetched.clear();
                     }
                     self.metrics.allocation.conflict();
-                    cache.conflicted(e.taken());
+                    cache.conflicted(e.taken(), round.elapsed());
                     tracing::debug!(attempt, requests = staged.len(), conflict = %e, "batch: retrying after a conflict");
                     pending.extend(staged.into_iter().map(|(p, _)| p));
                     let jitter = u64::from(std::process::id() % 7) + u64::from(attempt);
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt) + jitter)).await;
+                    // What queued meanwhile joins the next round (rounds stay bounded by the
+                    // attempts, so the lock's holder does not serve an endless stream).
+                    let mut joined = std::mem::take(&mut *self.queue.lock().expect("queue lock"));
+                    take_prefetched(&mut joined, &mut prefetched);
+                    pending.append(&mut joined);
                 }
                 Err(e) => {
                     cache.invalidate();

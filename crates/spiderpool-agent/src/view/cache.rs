@@ -11,8 +11,13 @@ use tokio::sync::Notify;
 
 use super::*;
 
-/// How long an agent keeps to its stripe of the free addresses after it lost a race for one.
+/// How long an agent keeps to its stripe of the free addresses after it lost a race for one,
+/// at least; and at most, however long the attempts take (see [`ViewCache::conflicted`]).
 pub(super) const CONTENDED_FOR: Duration = Duration::from_secs(1);
+const CONTENDED_AT_MOST: Duration = Duration::from_secs(30);
+/// How many attempts as long as the one that lost the agent stays spread for: the next
+/// attempts, which take about as long on a loaded datastore, are prepared spread as well.
+const CONTENDED_ATTEMPTS: u32 = 4;
 
 /// The cached view, if any, how contended the last allocations were, and what keeps the view
 /// current.
@@ -226,14 +231,17 @@ impl ViewCache {
         self.staged.clear();
     }
 
-    /// Notes that a commit lost a race against another writer. A race for an address (`taken`
-    /// names it) makes the agent spread out for a while (see [`ViewCache::contended`]); a
-    /// watched view then only needs to learn that address early (the watch will confirm it)
-    /// once the batch's staged picks are undone. Any other conflict (an object changed) means
-    /// reading the view afresh.
-    pub fn conflicted(&mut self, taken: Option<(String, IpAddr)>) {
+    /// Notes that a commit lost a race against another writer, in an attempt that took
+    /// `lasted` from its reads to its commit. A race for an address (`taken` names it) makes
+    /// the agent spread out for a while (see [`ViewCache::raced`]; on an API server loaded by
+    /// a burst an attempt takes seconds, and a window shorter than the next attempt would let
+    /// it pick the lowest free addresses again, which every other agent is racing for too).
+    /// A watched view then only needs to learn that address early (the watch will confirm
+    /// it) once the batch's staged picks are undone. Any other conflict (an object changed)
+    /// means reading the view afresh.
+    pub fn conflicted(&mut self, taken: Option<(String, IpAddr)>, lasted: Duration) {
         if taken.is_some() {
-            self.contended_until = Some(Instant::now() + CONTENDED_FOR);
+            self.raced(lasted);
         }
         let watched = self.watched();
         let staged = std::mem::take(&mut self.staged);
@@ -248,10 +256,22 @@ impl ViewCache {
         }
     }
 
-    /// Whether this agent lost a race for an address within the last second: it then takes
-    /// addresses from its own stripe (see [`View::spread`]) instead of the lowest free ones,
-    /// which every racing agent would try at once. The lowest free address is the rule again
-    /// once the race is over.
+    /// Notes that other agents are allocating from the same pools as this one: a race lost
+    /// for an address, or a commit that won but found the pool written meanwhile (refused
+    /// once, laid again). The agent spreads out for a second at least, and for as long as a
+    /// few attempts like this one (`lasted`) take.
+    pub fn raced(&mut self, lasted: Duration) {
+        let window = lasted
+            .saturating_mul(CONTENDED_ATTEMPTS)
+            .clamp(CONTENDED_FOR, CONTENDED_AT_MOST);
+        let until = Instant::now() + window;
+        self.contended_until = Some(self.contended_until.map_or(until, |t| t.max(until)));
+    }
+
+    /// Whether this agent lost a race for an address lately (see [`ViewCache::conflicted`]):
+    /// it then takes addresses from its own stripe (see [`View::spread`]) instead of the
+    /// lowest free ones, which every racing agent would try at once. The lowest free address
+    /// is the rule again once the race is over.
     pub fn contended(&self) -> bool {
         self.contended_until.is_some_and(|t| Instant::now() < t)
     }

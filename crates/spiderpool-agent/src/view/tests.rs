@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use spiderpool_store::{Change, Kind, Revision, Store};
 
@@ -85,13 +86,50 @@ async fn a_lost_race_undoes_the_staged_batch_and_learns_the_address() {
         held(&mut cache, store.as_ref()).await,
         ["10.0.0.1", "10.0.0.2"]
     );
-    cache.conflicted(Some(("p".into(), ip("10.0.0.2"))));
+    cache.conflicted(Some(("p".into(), ip("10.0.0.2"))), Duration::from_millis(5));
     assert_eq!(held(&mut cache, store.as_ref()).await, ["10.0.0.2"]);
     assert!(cache.contended(), "contended: spread out");
     // Any other conflict drops the view: it is read afresh (the store holds nothing).
-    cache.conflicted(None);
+    cache.conflicted(None, Duration::from_millis(5));
     assert!(cache.view.is_none());
     assert!(held(&mut cache, store.as_ref()).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_race_lost_in_a_slow_attempt_keeps_the_agent_spread_for_the_next_ones() {
+    let (_store, _feed, mut cache, _) = watched().await;
+    let window = |cache: &ViewCache| {
+        cache
+            .contended_until
+            .expect("contended")
+            .saturating_duration_since(std::time::Instant::now())
+    };
+    // Not a race for an address: nothing to spread for.
+    cache.conflicted(None, Duration::from_secs(2));
+    assert!(!cache.contended());
+    // A fast datastore: a second.
+    cache.conflicted(Some(("p".into(), ip("10.0.0.1"))), Duration::from_millis(5));
+    let w = window(&cache);
+    assert!(
+        w > Duration::from_millis(900) && w <= cache::CONTENDED_FOR,
+        "{w:?}"
+    );
+    // An attempt of 2 s on a loaded API server: the next few attempts are spread too.
+    cache.conflicted(Some(("p".into(), ip("10.0.0.1"))), Duration::from_secs(2));
+    let w = window(&cache);
+    assert!(
+        w > Duration::from_secs(7) && w <= Duration::from_secs(8),
+        "{w:?}"
+    );
+    // A quick commit that met another agent's write (won after a 409) keeps the longer window.
+    cache.raced(Duration::from_millis(5));
+    assert!(window(&cache) > Duration::from_secs(7));
+    // A stuck one does not spread the agent for ever.
+    cache.conflicted(
+        Some(("p".into(), ip("10.0.0.1"))),
+        Duration::from_secs(3600),
+    );
+    assert!(window(&cache) <= Duration::from_secs(30));
 }
 
 #[tokio::test]
