@@ -156,6 +156,15 @@ fn main() {
     deployments_scale(&w.cp, 3, &Addressing::Pool("baseline"));
     let base = deployments_scale(&w.cp, DEPLOYMENTS, &Addressing::Pool("baseline"));
     let auto = deployments_scale(&w.cp, DEPLOYMENTS, &AUTO);
+    // SPIDERPOOL_BENCH_KEEP=1 keeps the controller's log of these two scenarios.
+    if std::env::var_os("SPIDERPOOL_BENCH_KEEP").is_some() {
+        let kept = std::env::temp_dir().join(format!(
+            "subnet-scale-controller-{}.log",
+            std::process::id()
+        ));
+        std::fs::write(&kept, w.controller.log()).expect("keeping the controller's log");
+        println!("controller log kept in {}", kept.display());
+    }
     drop(w);
     println!("{DEPLOYMENTS} Deployments, 2 → 3 → 1 replicas, on 2 simulated nodes");
     row("baseline (one SpiderIPPool)", &base);

@@ -490,6 +490,69 @@ fn a_del_that_holds_its_release_back_answers_first_and_the_release_follows() {
 }
 
 #[test]
+fn a_del_that_comes_after_its_record_was_garbage_collected_still_releases() {
+    use spiderpool_testkit::CniCall;
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: two}\nspec:\n  subnet: 10.9.0.0/16\n  ips: [10.9.0.1-10.9.0.2]\n",
+    );
+    register(&cp, "node-a");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("node-a.sock");
+    let agent = kube_agent(&cp, &socket, "node-a", &[]);
+    let conf = json!({"cniVersion": "1.0.0", "name": "two", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["two"]}});
+    let call = |cmd: &str, container: &str| CniCall::new(cmd, container, "web-0", &conf).run();
+    let allocated =
+        || json_of(&cp, &["get", "spiderippool", "two"])["status"]["allocatedIPCount"].clone();
+    let out = call("ADD", "ctr-0");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    agent.wait_for_log(
+        &[
+            "an endpoint record changed",
+            "endpoint=default/web-0",
+            "addresses=1",
+        ],
+        1,
+    );
+    // A Pod force-deleted (or with a grace period of 0) is gone before the runtime's DEL, and
+    // the garbage collector deletes the SpiderEndpoint it owns: as it would, here.
+    cp.kubectl_ok(&["delete", "spiderendpoint", "web-0"], "");
+    agent.wait_for_log(
+        &[
+            "an endpoint record changed",
+            "endpoint=default/web-0",
+            "addresses=0",
+        ],
+        1,
+    );
+    assert_eq!(allocated(), 1);
+    // Another container's DEL of that pod name releases nothing: the address is not its own.
+    let out = call("DEL", "ctr-other");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert_eq!(
+        allocated(),
+        1,
+        "released by a container that did not hold it"
+    );
+    // The holder's DEL releases it at once, not at the controller's next reclaim.
+    let out = call("DEL", "ctr-0");
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert_eq!(allocated(), 0, "{}", agent.log());
+    agent.wait_for_log(
+        &[
+            "the record was deleted before this DEL",
+            "container_id=ctr-0",
+            "10.9.0.1",
+        ],
+        1,
+    );
+}
+
+#[test]
 fn pools_and_endpoints_written_by_upstream_spiderpool_round_trip() {
     use spiderpool_testkit::CniCall;
     let Some(kbin) = kube_bin() else { return };

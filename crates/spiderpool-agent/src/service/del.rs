@@ -10,7 +10,7 @@ use spiderpool_store::{Revision, StoreError};
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::view::ViewCache;
+use crate::view::{RecordBook, ViewCache};
 
 /// A DEL waiting to be served.
 pub(super) struct PendingDel {
@@ -27,12 +27,25 @@ type Held = Vec<(String, IpAddr)>;
 /// A NIC's record as read: the endpoint's key, the endpoint, its revision and the NIC.
 type Record = (String, SpiderEndpoint, Revision, EndpointInterface);
 
+/// What a record holds once its NIC's addresses are dropped from it.
+fn left_of((_, ep, _, nic): &Record) -> Held {
+    let gone = nic.held();
+    ep.held()
+        .into_iter()
+        .filter(|a| !gone.contains(a))
+        .collect()
+}
+
 /// What a DEL is to do.
 enum PreparedDel {
     /// Nothing to release, or what the container holds stays (said in the log).
     Done,
     /// These ops release the NIC's addresses and drop it from its record (as read).
     Commit { ops: Vec<Op>, record: Box<Record> },
+    /// The record was deleted before this DEL (by the garbage collector once its Pod was
+    /// gone, which a force-deleted pod or a grace period of 0 lets happen first): these ops
+    /// release what it named, where this container still holds it on this NIC.
+    Departed { ops: Vec<Op>, named: Held },
 }
 
 impl IpamService {
@@ -109,7 +122,7 @@ impl IpamService {
     /// With `defer`, only the records are written now and the releases are held back.
     async fn del_batch(&self, batch: Vec<PendingDel>, cache: &mut ViewCache, defer: bool) {
         let mut alone = Vec::new();
-        let mut staged: Vec<(PendingDel, String, Held)> = Vec::new();
+        let mut staged: Vec<(PendingDel, String, Held, Held)> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut keys = std::collections::HashSet::new();
         let max_ops = self.store.max_ops();
@@ -121,10 +134,15 @@ impl IpamService {
             // The records are read side by side (a round trip each on Kubernetes), a chunk at
             // a time.
             let mut prepared = Vec::with_capacity(batch.len());
+            let book = cache.records();
             for chunk in batch.chunks(PREPARE_AT_ONCE) {
                 prepared.extend(
-                    futures_util::future::join_all(chunk.iter().map(|p| self.prepare_del(&p.pod)))
-                        .await,
+                    futures_util::future::join_all(
+                        chunk
+                            .iter()
+                            .map(|p| self.prepare_del(&p.pod, book.as_deref())),
+                    )
+                    .await,
                 );
             }
             for (p, prepared) in batch.into_iter().zip(prepared) {
@@ -137,14 +155,17 @@ impl IpamService {
                         if keys.insert(record.0.clone()) && ops.len() + o.len() <= max_ops =>
                     {
                         ops.extend(o);
-                        staged.push((p, record.0, record.3.held()));
+                        let left = left_of(&record);
+                        staged.push((p, record.0, record.3.held(), left));
                     }
-                    Ok(PreparedDel::Commit { .. }) | Err(_) => alone.push(p),
+                    Ok(PreparedDel::Commit { .. } | PreparedDel::Departed { .. }) | Err(_) => {
+                        alone.push(p)
+                    }
                 }
             }
         }
         if staged.len() == 1 && !defer {
-            alone.extend(staged.drain(..).map(|(p, _, _)| p));
+            alone.extend(staged.drain(..).map(|(p, _, _, _)| p));
         }
         let prepared_us = started.elapsed().as_micros() as u64;
         let held_back: Vec<Op> = if defer {
@@ -166,7 +187,7 @@ impl IpamService {
                     } else {
                         staged
                             .iter()
-                            .flat_map(|(_, _, r)| r.iter().cloned())
+                            .flat_map(|(_, _, r, _)| r.iter().cloned())
                             .collect()
                     };
                     cache.committed(revision, &[], &released);
@@ -179,7 +200,11 @@ impl IpamService {
                         committed_us = started.elapsed().as_micros() as u64,
                         "committed a batch of releases"
                     );
-                    for (p, key, released) in staged {
+                    let book = cache.records();
+                    for (p, key, released, left) in staged {
+                        if let Some(book) = &book {
+                            book.correct(&key, left);
+                        }
                         tracing::info!(pod = %key, nic = %p.pod.nic, released = ?released,
                             pool_write_held_back = defer, "released");
                         let _ = p.reply.send(Ok(()));
@@ -189,7 +214,7 @@ impl IpamService {
                     tracing::debug!(requests = staged.len(), error = %e,
                         "a batch of releases failed; serving each alone");
                     cache.invalidate();
-                    alone.extend(staged.into_iter().map(|(p, _, _)| p));
+                    alone.extend(staged.into_iter().map(|(p, _, _, _)| p));
                 }
             }
         }
@@ -204,7 +229,7 @@ impl IpamService {
     }
 
     /// What the DEL of `pod` is to do, on what the datastore says now.
-    async fn prepare_del(&self, pod: &PodRef) -> Result<PreparedDel> {
+    async fn prepare_del(&self, pod: &PodRef, book: Option<&RecordBook>) -> Result<PreparedDel> {
         // A KubeVirt launcher pod's addresses are the VMI's: released here once neither the
         // VMI nor its VM lives (and only by the container that holds them, so the source of a
         // live migration never releases what the target holds).
@@ -221,6 +246,24 @@ impl IpamService {
             },
         };
         let Some((key, ep, rev, nic)) = found else {
+            let departed = book
+                .and_then(|b| b.departed(&pod.key()))
+                .filter(|_| !pod.container_id.is_empty());
+            if let Some(named) = departed {
+                // Each release is owned by this container and NIC: an address another holder
+                // has now is left alone.
+                let ops = named
+                    .iter()
+                    .map(|(pool, ip)| Op::Release {
+                        pool: pool.clone(),
+                        ip: *ip,
+                        container_id: pod.container_id.clone(),
+                        nic: pod.nic.clone(),
+                        pod_uid: String::new(),
+                    })
+                    .collect();
+                return Ok(PreparedDel::Departed { ops, named });
+            }
             tracing::info!(pod = %pod.key(), nic = %pod.nic, container_id = %pod.container_id, "nothing held by this container");
             return Ok(PreparedDel::Done);
         };
@@ -249,10 +292,23 @@ impl IpamService {
     }
 
     pub(super) async fn try_del(&self, pod: &PodRef, cache: &mut ViewCache) -> Result<()> {
-        let (ops, record) = match self.prepare_del(pod).await? {
+        let book = cache.records();
+        let (ops, record) = match self.prepare_del(pod, book.as_deref()).await? {
             PreparedDel::Done => return Ok(()),
             PreparedDel::Commit { ops, record } => (ops, record),
+            PreparedDel::Departed { ops, named } => {
+                let revision = self.commit(ops).await?;
+                // What was released is not known here (only what this container held): the
+                // view learns it afresh.
+                cache.committed(revision, &[], &[]);
+                cache.invalidate();
+                tracing::info!(pod = %pod.key(), nic = %pod.nic, container_id = %pod.container_id,
+                    named = ?named,
+                    "the record was deleted before this DEL; released what it named that this container held");
+                return Ok(());
+            }
         };
+        let left = left_of(&record);
         let revision = match self.commit(ops).await {
             Ok(r) => r,
             Err(e @ StoreError::Corrupt { .. }) => {
@@ -262,6 +318,9 @@ impl IpamService {
         };
         let (key, _, _, nic) = *record;
         cache.committed(revision, &[], &nic.held());
+        if let Some(book) = &book {
+            book.correct(&key, left);
+        }
         tracing::info!(pod = %key, nic = %pod.nic, released = ?nic.held(), "released");
         Ok(())
     }

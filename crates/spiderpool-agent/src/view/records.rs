@@ -19,6 +19,9 @@ use spiderpool_store::{typed, Change, Kind, Result, Revision, Store};
 /// most this often.
 const RELIST_AFTER: Duration = Duration::from_secs(2);
 
+/// How long the book remembers what a record deleted by someone else named.
+const DEPARTED_FOR: Duration = Duration::from_secs(600);
+
 /// Every endpoint's recorded addresses, and the other way round.
 #[derive(Default)]
 struct Records {
@@ -27,6 +30,13 @@ struct Records {
 }
 
 impl Records {
+    /// `key` was deleted (a watch said so): what it recorded, if the book knew it.
+    fn departed(&mut self, key: &str) -> Option<Vec<(String, IpAddr)>> {
+        let held = self.by_key.get(key).cloned();
+        self.set(key, Vec::new());
+        held
+    }
+
     fn set(&mut self, key: &str, ips: Vec<(String, IpAddr)>) {
         if let Some(old) = self.by_key.remove(key) {
             for at in old {
@@ -64,6 +74,9 @@ impl Records {
 #[derive(Default)]
 struct State {
     records: Records,
+    /// Records deleted by another hand than this agent's DEL (the garbage collector once their
+    /// Pod is gone, before the runtime's DEL comes): what they named, and since when.
+    departed: HashMap<String, (Vec<(String, IpAddr)>, Instant)>,
     /// A watch keeps the records current.
     followed: bool,
     /// Without one: the datastore revision they were listed at, and when.
@@ -134,11 +147,19 @@ impl RecordBook {
 
     /// What `key` records as read just now (`None`: no such endpoint), to correct the book.
     pub fn correct(&self, key: &str, ips: Vec<(String, IpAddr)>) {
-        self.state
-            .lock()
-            .expect("records lock")
-            .records
-            .set(key, ips);
+        let mut s = self.state.lock().expect("records lock");
+        s.departed.remove(key);
+        s.records.set(key, ips);
+    }
+
+    /// What the record `key` named when the watch saw it deleted (within the last
+    /// [`DEPARTED_FOR`]), unless this agent deleted it itself ([`RecordBook::correct`]).
+    pub fn departed(&self, key: &str) -> Option<Vec<(String, IpAddr)>> {
+        let s = self.state.lock().expect("records lock");
+        s.departed
+            .get(key)
+            .filter(|(_, when)| when.elapsed() < DEPARTED_FOR)
+            .map(|(held, _)| held.clone())
     }
 
     /// How many endpoints the book holds records of.
@@ -189,7 +210,13 @@ async fn follow(store: Arc<dyn Store>, book: Arc<RecordBook>) {
                             for c in batch {
                                 if let Change::Recorded { key, ips, .. } = c {
                                     tracing::debug!(endpoint = %key, addresses = ips.len(), "an endpoint record changed");
-                                    s.records.set(&key, ips);
+                                    if !ips.is_empty() {
+                                        s.departed.remove(&key);
+                                        s.records.set(&key, ips);
+                                    } else if let Some(held) = s.records.departed(&key) {
+                                        s.departed.retain(|_, (_, t)| t.elapsed() < DEPARTED_FOR);
+                                        s.departed.insert(key, (held, Instant::now()));
+                                    }
                                 }
                             }
                         }
