@@ -98,17 +98,9 @@ impl IpamService {
         };
         // The pod's object and record are read before queueing: while the batch ahead of it
         // commits, not in its own batch's time. (A read that fails is made again there.)
-        let key = pod.key();
-        let prefetched = typed::get_many(
-            self.store.as_ref(),
-            &[(Kind::Pod, key.clone()), (Kind::Endpoint, key)],
-        )
-        .await
-        .ok()
-        .map(|read| {
-            let mut it = read.into_iter();
-            (it.next().flatten(), it.next().flatten())
-        });
+        let prefetched = read_pod_and_record(self.store.as_ref(), &pod.key())
+            .await
+            .ok();
         let (tx, mut rx) = oneshot::channel();
         self.queue.lock().expect("queue lock").push(PendingAdd {
             pod,
@@ -201,15 +193,7 @@ impl IpamService {
         let key = pod.key();
         let (pod_obj, ep_read) = match prefetched {
             Some(p) => p,
-            None => {
-                let mut both = typed::get_many(
-                    store,
-                    &[(Kind::Pod, key.clone()), (Kind::Endpoint, key.clone())],
-                )
-                .await?
-                .into_iter();
-                (both.next().flatten(), both.next().flatten())
-            }
+            None => read_pod_and_record(store, &key).await?,
         };
         let pod_obj = pod_obj.and_then(|(o, _)| kube_of(o));
         let object_uid = pod_obj
@@ -556,6 +540,23 @@ impl IpamService {
             reused: previous.is_some(),
         }))
     }
+}
+
+/// The pod's Pod object and endpoint record (`key` names both), in one round trip.
+async fn read_pod_and_record(
+    store: &dyn spiderpool_store::Store,
+    key: &str,
+) -> std::result::Result<Prefetched, StoreError> {
+    let mut both = typed::get_many(
+        store,
+        &[
+            (Kind::Pod, key.to_string()),
+            (Kind::Endpoint, key.to_string()),
+        ],
+    )
+    .await?
+    .into_iter();
+    Ok((both.next().flatten(), both.next().flatten()))
 }
 
 /// The pod UID an endpoint record holds its addresses for, when it is known: an earlier version
