@@ -289,6 +289,28 @@ fn kube_agent(cp: &ControlPlane, socket: &Path, node: &str, extra: &[&str]) -> A
     Agent::start_with("kubernetes", socket, node, "", &args, None)
 }
 
+/// A pool `name` of the addresses `ips` (in 10.9.0.0/16), Node `node-a` and its agent (with
+/// `extra` flags): the agent's directory (keep it while the agent runs), the agent, and a CNI
+/// config that names the pool.
+fn pool_on_node_a(
+    cp: &ControlPlane,
+    name: &str,
+    ips: &str,
+    extra: &[&str],
+) -> (tempfile::TempDir, Agent, serde_json::Value) {
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        &format!("apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {{name: {name}}}\nspec:\n  subnet: 10.9.0.0/16\n  ips: [{ips}]\n"),
+    );
+    register(cp, "node-a");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("node-a.sock");
+    let agent = kube_agent(cp, &socket, "node-a", extra);
+    let conf = json!({"cniVersion": "1.0.0", "name": name, "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket, "default_ipv4_ippool": [name]}});
+    (dir, agent, conf)
+}
+
 /// A counter's value in the agent's metrics.
 fn metric(body: &str, name: &str) -> u64 {
     spiderpool_testkit::sample(body, name) as u64
@@ -434,16 +456,12 @@ fn a_del_that_holds_its_release_back_answers_first_and_the_release_follows() {
     let Some(kbin) = kube_bin() else { return };
     let cp = ControlPlane::start(&kbin, false);
     cp.install_crds();
-    cp.kubectl_ok(
-        &["apply", "-f", "-"],
-        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: three}\nspec:\n  subnet: 10.9.0.0/16\n  ips: [10.9.0.1-10.9.0.3]\n",
+    let (_dir, mut agent, conf) = pool_on_node_a(
+        &cp,
+        "three",
+        "10.9.0.1-10.9.0.3",
+        &["--release-hold-back", "always"],
     );
-    register(&cp, "node-a");
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("node-a.sock");
-    let mut agent = kube_agent(&cp, &socket, "node-a", &["--release-hold-back", "always"]);
-    let conf = json!({"cniVersion": "1.0.0", "name": "three", "ipam": {"type": "spiderpool",
-        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["three"]}});
     let call = |cmd: &str, i: usize| {
         CniCall::new(cmd, &format!("ctr-{i}"), &format!("pod-{i}"), &conf).run()
     };
@@ -495,16 +513,7 @@ fn a_del_that_comes_after_its_record_was_garbage_collected_still_releases() {
     let Some(kbin) = kube_bin() else { return };
     let cp = ControlPlane::start(&kbin, false);
     cp.install_crds();
-    cp.kubectl_ok(
-        &["apply", "-f", "-"],
-        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: two}\nspec:\n  subnet: 10.9.0.0/16\n  ips: [10.9.0.1-10.9.0.2]\n",
-    );
-    register(&cp, "node-a");
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("node-a.sock");
-    let agent = kube_agent(&cp, &socket, "node-a", &[]);
-    let conf = json!({"cniVersion": "1.0.0", "name": "two", "ipam": {"type": "spiderpool",
-        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["two"]}});
+    let (_dir, agent, conf) = pool_on_node_a(&cp, "two", "10.9.0.1-10.9.0.2", &[]);
     let call = |cmd: &str, container: &str| CniCall::new(cmd, container, "web-0", &conf).run();
     let allocated =
         || json_of(&cp, &["get", "spiderippool", "two"])["status"]["allocatedIPCount"].clone();
