@@ -25,6 +25,8 @@ use crate::metrics::Metrics;
 
 /// How long events are gathered before one pass.
 const COALESCE: Duration = Duration::from_millis(200);
+/// How many gone applications have their pools deleted at once.
+const REMOVALS_AT_ONCE: usize = 8;
 /// How soon a failed application is tried again.
 const RETRY: Duration = Duration::from_secs(5);
 
@@ -164,6 +166,20 @@ async fn publish(
     }
 }
 
+/// Whether the application `key` is one of the kinds the cache holds and its workload is gone
+/// or going (a third party's is read from the API, so it is never taken for gone).
+fn gone(store: &CachedKube, key: &str) -> bool {
+    let built_in = key
+        .split('/')
+        .nth(1)
+        .is_some_and(|kind| autopool::APP_KINDS.iter().any(|(_, k)| *k == kind));
+    built_in
+        && store
+            .caches()
+            .get(Kind::Workload, key)
+            .is_none_or(|w| w.metadata.deletion_timestamp.is_some())
+}
+
 /// Runs until aborted; events are published as the controller `identity`.
 pub async fn run(
     client: kube::Client,
@@ -243,8 +259,32 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %e, "auto pools: listing the applications"),
             }
         }
-        for key in std::mem::take(&mut queue) {
-            match reconcile(&store, &key, settings).await {
+        // Applications that are gone only lose pools, side by side; the others may carve from a
+        // subnet they share, one after the other (two carves at once would pick the same
+        // addresses, and the admission webhook would refuse the second).
+        let (gone, live): (Vec<String>, Vec<String>) = std::mem::take(&mut queue)
+            .into_iter()
+            .partition(|key| gone(&store, key));
+        let removals: Vec<_> = gone
+            .into_iter()
+            .map(|key| {
+                let store = store.clone();
+                async move {
+                    let r = reconcile(&store, &key, settings).await;
+                    (key, r)
+                }
+            })
+            .collect();
+        let mut results: Vec<_> = futures_util::stream::iter(removals)
+            .buffer_unordered(REMOVALS_AT_ONCE)
+            .collect()
+            .await;
+        for key in live {
+            let r = reconcile(&store, &key, settings).await;
+            results.push((key, r));
+        }
+        for (key, r) in results {
+            match r {
                 Ok(report) => {
                     failed.remove(&key);
                     for a in &report.actions {

@@ -10,6 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -100,6 +102,9 @@ fn object_fault(e: &anyhow::Error) -> bool {
 /// How long events are gathered before one pass.
 const COALESCE: Duration = Duration::from_millis(300);
 
+/// How many finalizer removals are in flight at once.
+const FINALIZERS_AT_ONCE: usize = 8;
+
 fn has_finalizer(o: &DynamicObject) -> bool {
     o.metadata
         .finalizers
@@ -165,6 +170,47 @@ async fn reconcile(
             Err(e) => pass.failed("SpiderIPPool", &name_of(p), "reading it", e),
         }
     }
+    // Terminating pools that hold nothing lose the finalizer side by side: each removal is a
+    // write the admission webhook reviews, and one after the other they made the last of a
+    // burst of deleted pools wait for all the others.
+    let mut empty = Vec::new();
+    for p in all_pools
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some() && has_finalizer(p))
+    {
+        let name = name_of(p);
+        match store.allocations(&name).await {
+            Ok(held) if held.is_empty() => empty.push((name, p)),
+            Ok(held) => {
+                tracing::debug!(pool = %name, held = held.len(), "pool terminating: waiting for its addresses")
+            }
+            Err(e) => pass.failed("SpiderIPPool", &name, "reading its addresses", e.into()),
+        }
+    }
+    let removals: Vec<_> = empty
+        .into_iter()
+        .map(|(name, p)| {
+            let api = pools.clone();
+            let p = p.clone();
+            async move {
+                let r = release(&api, &p).await;
+                (name, r)
+            }
+        })
+        .collect();
+    let removed: Vec<(String, Result<(), kube::Error>)> = futures_util::stream::iter(removals)
+        .buffer_unordered(FINALIZERS_AT_ONCE)
+        .collect()
+        .await;
+    for (name, r) in removed {
+        match r {
+            Ok(()) => {
+                tracing::info!(pool = %name, "pool terminating with no address in use: finalizer removed")
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            Err(e) => pass.failed("SpiderIPPool", &name, "removing its finalizer", e.into()),
+        }
+    }
     for s in &all_subnets {
         let t = match typed(Kind::Subnet, s) {
             Ok(Object::Subnet(t)) => t,
@@ -181,30 +227,6 @@ async fn reconcile(
             if let Err(e) = write_status(subnets, s, want).await {
                 pass.failed("SpiderSubnet", &name_of(s), "writing its status", e);
             }
-        }
-    }
-    for p in all_pools
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_some() && has_finalizer(p))
-    {
-        let name = name_of(p);
-        let held = match store.allocations(&name).await {
-            Ok(h) => h,
-            Err(e) => {
-                pass.failed("SpiderIPPool", &name, "reading its addresses", e.into());
-                continue;
-            }
-        };
-        if held.is_empty() {
-            match release(pools, p).await {
-                Ok(()) => {
-                    tracing::info!(pool = %name, "pool terminating with no address in use: finalizer removed")
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
-                Err(e) => pass.failed("SpiderIPPool", &name, "removing its finalizer", e.into()),
-            }
-        } else {
-            tracing::debug!(pool = %name, held = held.len(), "pool terminating: waiting for its addresses");
         }
     }
     for s in all_subnets
