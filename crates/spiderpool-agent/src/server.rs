@@ -33,7 +33,11 @@ fn error(status: StatusCode, code: u32, message: String) -> Response {
 
 fn service_error(e: ServiceError) -> Response {
     let code = e.cni_code();
-    tracing::warn!(code, error = %e, "request failed");
+    match e {
+        // A cluster without a SpiderCoordinator answers this to every ADD.
+        ServiceError::NoCoordinator => tracing::debug!(code, error = %e, "request failed"),
+        _ => tracing::warn!(code, error = %e, "request failed"),
+    }
     error(http_status(&e), code, e.to_string())
 }
 

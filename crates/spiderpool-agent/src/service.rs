@@ -53,6 +53,10 @@ pub enum ServiceError {
     /// STATUS: ADD cannot be served.
     #[error("{0}")]
     NotReady(String),
+    /// No SpiderCoordinator exists: the plugin goes on without coordinator settings, so this
+    /// is an answer, not a failure (the plugin knows it by the message's start).
+    #[error("coordinator config not found: no SpiderCoordinator (apply one named \"default\")")]
+    NoCoordinator,
     /// The pod's auto pool is not there or not grown yet, after waiting for the reconciler.
     #[error("{0}")]
     AutoPoolNotReady(String),
@@ -98,7 +102,7 @@ impl ServiceError {
             ServiceError::NoReservation { .. } | ServiceError::NotHeld { .. } => {
                 code::UNKNOWN_CONTAINER
             }
-            ServiceError::NotReady(_) => code::PLUGIN_NOT_AVAILABLE,
+            ServiceError::NotReady(_) | ServiceError::NoCoordinator => code::PLUGIN_NOT_AVAILABLE,
             ServiceError::AutoPoolNotReady(_) => code::TRY_AGAIN_LATER,
         }
     }

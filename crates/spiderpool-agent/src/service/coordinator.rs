@@ -44,10 +44,7 @@ impl IpamService {
                 .cmp(&(b.metadata.name != DEFAULT_NAME, &b.metadata.name))
         });
         let Some(mut c) = all.into_iter().next() else {
-            return Err(ServiceError::NotReady(
-                "coordinator config not found: no SpiderCoordinator (apply one named \"default\")"
-                    .into(),
-            ));
+            return Err(ServiceError::NoCoordinator);
         };
         let status = c.status.clone().unwrap_or_default();
         if store.mode().is_cluster() && status.phase != "Synced" {
