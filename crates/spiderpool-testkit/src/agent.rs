@@ -46,6 +46,22 @@ impl Agent {
         Self::start_with(datastore, socket, node, labels, &[], None)
     }
 
+    /// An agent for `node` on the control plane `cp` (`--datastore kubernetes` with its
+    /// kubeconfig), with `extra` flags.
+    pub fn on_cluster(
+        cp: &crate::cluster::ControlPlane,
+        socket: &Path,
+        node: &str,
+        extra: &[&str],
+    ) -> Agent {
+        let mut args = vec![
+            "--kubeconfig",
+            cp.kubeconfig.to_str().expect("a UTF-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        Self::start_with("kubernetes", socket, node, "", &args, None)
+    }
+
     /// [`Agent::start`] with more flags, and after the shell commands `prelude` when given
     /// (`umask 000`, `ulimit -n 300`).
     pub fn start_with(

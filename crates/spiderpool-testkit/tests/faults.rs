@@ -26,18 +26,6 @@ struct World {
     uids: BTreeMap<String, String>,
 }
 
-fn start_agent(cp: &ControlPlane, socket: &Path) -> Agent {
-    let kc = cp.kubeconfig.to_str().unwrap().to_string();
-    Agent::start_with(
-        "kubernetes",
-        socket,
-        "node-a",
-        "",
-        &["--kubeconfig", &kc],
-        None,
-    )
-}
-
 fn world() -> Option<World> {
     let kbin = kube_bin()?;
     let cp = ControlPlane::start(&kbin, false);
@@ -90,7 +78,7 @@ fn world() -> Option<World> {
         ],
     );
     let socket = dir.path().join("agent.sock");
-    let agent = start_agent(&cp, &socket);
+    let agent = Agent::on_cluster(&cp, &socket, "node-a", &[]);
     Some(World {
         cp,
         _dir: dir,
@@ -232,7 +220,7 @@ fn an_agent_killed_mid_burst_gives_no_address_twice_and_leaks_none() {
     let Some(mut w) = world() else { return };
     burst(&mut w, "agent SIGKILL", 5, |w| {
         w.agent.kill();
-        w.agent = start_agent(&w.cp, &w.socket);
+        w.agent = Agent::on_cluster(&w.cp, &w.socket, "node-a", &[]);
     });
 }
 

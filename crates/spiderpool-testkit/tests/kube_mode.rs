@@ -282,13 +282,6 @@ fn register(cp: &ControlPlane, node: &str) {
     );
 }
 
-/// An agent for `node` with `--datastore kubernetes` on `cp`'s API server, and `extra` flags.
-fn kube_agent(cp: &ControlPlane, socket: &Path, node: &str, extra: &[&str]) -> Agent {
-    let mut args = vec!["--kubeconfig", cp.kubeconfig.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Agent::start_with("kubernetes", socket, node, "", &args, None)
-}
-
 /// A pool `name` of the addresses `ips` (in 10.9.0.0/16), Node `node-a` and its agent (with
 /// `extra` flags): the agent's directory (keep it while the agent runs), the agent, and a CNI
 /// config that names the pool.
@@ -305,7 +298,7 @@ fn pool_on_node_a(
     register(cp, "node-a");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("node-a.sock");
-    let agent = kube_agent(cp, &socket, "node-a", extra);
+    let agent = Agent::on_cluster(cp, &socket, "node-a", extra);
     let conf = json!({"cniVersion": "1.0.0", "name": name, "ipam": {"type": "spiderpool",
         "ipam_unix_socket_path": socket, "default_ipv4_ippool": [name]}});
     (dir, agent, conf)
@@ -336,7 +329,7 @@ fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
         let port = spiderpool_testkit::free_port();
         let metrics = format!("127.0.0.1:{port}");
         agents.push((
-            kube_agent(&cp, &socket, node, &["--metrics-addr", &metrics]),
+            Agent::on_cluster(&cp, &socket, node, &["--metrics-addr", &metrics]),
             metrics,
         ));
         sockets.push(socket);
@@ -629,7 +622,7 @@ fn pools_and_endpoints_written_by_upstream_spiderpool_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("a.sock");
     register(&cp, "n1");
-    let _agent = kube_agent(&cp, &socket, "n1", &[]);
+    let _agent = Agent::on_cluster(&cp, &socket, "n1", &[]);
     let conf = json!({"cniVersion": "1.0.0", "name": "up", "ipam": {"type": "spiderpool",
         "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["up"]}});
     let first = CniCall::new("ADD", "ctr-1", "new-1", &conf).run();
@@ -718,7 +711,7 @@ fn a_pod_upstream_allocated_is_released_by_its_del_after_the_move() {
     );
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("a.sock");
-    let agent = kube_agent(&cp, &socket, "n1", &[]);
+    let agent = Agent::on_cluster(&cp, &socket, "n1", &[]);
     let held = || {
         let pool = json_of(&cp, &["get", "spiderippool", "up"]);
         serde_json::from_str::<serde_json::Map<String, Value>>(

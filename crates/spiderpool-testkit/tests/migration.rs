@@ -217,15 +217,7 @@ fn a_live_cluster_moves_from_upstream_without_losing_an_address() {
     let out = ctl(&cp, &["migrate", "check"]);
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
     let socket = n1.agent.socket.clone();
-    let kc = cp.kubeconfig.to_str().unwrap().to_string();
-    n1.agent = Agent::start_with(
-        "kubernetes",
-        &socket,
-        "n1",
-        "",
-        &["--kubeconfig", &kc],
-        None,
-    );
+    n1.agent = Agent::on_cluster(&cp, &socket, "n1", &[]);
     let dir = tempfile::tempdir().unwrap();
     let controller = Controller::start(
         &cp,

@@ -219,15 +219,7 @@ fn a_corrupt_pool_fails_alone_for_add_and_del() {
     apply(pool("backup", "10.12.0.0/24", "10.12.0.10-10.12.0.12"));
     apply(pool("six", "fd00:11::/64", "fd00:11::10-fd00:11::12"));
     let socket = dir.path().join("a.sock");
-    let kc = cp.kubeconfig.to_str().unwrap().to_string();
-    let agent = Agent::start_with(
-        "kubernetes",
-        &socket,
-        "n1",
-        "",
-        &["--kubeconfig", &kc],
-        None,
-    );
+    let agent = Agent::on_cluster(&cp, &socket, "n1", &[]);
     let conf = json!({"cniVersion": "1.0.0", "name": "net", "ipam": {"type": "spiderpool",
         "ipam_unix_socket_path": socket,
         "default_ipv4_ippool": ["first", "backup"], "default_ipv6_ippool": ["six"]}});

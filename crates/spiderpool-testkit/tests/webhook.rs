@@ -431,16 +431,8 @@ fn pools_and_subnets_in_use_stay_terminating_until_their_addresses_are_released(
         &["apply", "-f", "-"],
         &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}).to_string(),
     );
-    let kc = cp.kubeconfig.to_str().unwrap().to_string();
     let socket = dir.path().join("n1.sock");
-    let _agent = Agent::start_with(
-        "kubernetes",
-        &socket,
-        "n1",
-        "",
-        &["--kubeconfig", &kc],
-        None,
-    );
+    let _agent = Agent::on_cluster(&cp, &socket, "n1", &[]);
     let conf = json!({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "spiderpool",
         "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["busy"]}});
     let out = CniCall::new("ADD", "c1", "web", &conf).run();
