@@ -215,4 +215,54 @@ pub async fn transactions_are_all_or_nothing(s: Arc<dyn Store>) {
         .await,
     );
     assert_eq!(s.allocation_counts().await.unwrap(), before);
+    // Across pools (a dual-stack or multi-NIC pod): a claim refused in one pool takes back
+    // what the same commit claimed in another, wherever the pools are written side by side.
+    s.commit(vec![put(
+        Kind::IPPool,
+        "q",
+        json!({"spec": {}}),
+        Expect::Absent,
+    )])
+    .await
+    .unwrap();
+    let rev = |pool: &'static str| {
+        let s = s.clone();
+        async move { s.get(Kind::IPPool, pool).await.unwrap().unwrap().revision }
+    };
+    s.commit(vec![Op::Claim {
+        pool: "q".into(),
+        ip: ip("10.1.0.1"),
+        holder: holder("c0", "net1"),
+        pool_revision: rev("q").await,
+    }])
+    .await
+    .unwrap();
+    let before = s.allocation_counts().await.unwrap();
+    let e = s
+        .commit(vec![
+            Op::Claim {
+                pool: "p".into(),
+                ip: ip("10.0.0.5"),
+                holder: holder("c2", "eth0"),
+                pool_revision: rev("p").await,
+            },
+            Op::Claim {
+                pool: "q".into(),
+                ip: ip("10.1.0.1"),
+                holder: holder("c2", "net1"),
+                pool_revision: rev("q").await,
+            },
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(e.taken(), Some(("q".to_string(), ip("10.1.0.1"))), "{e}");
+    assert_eq!(s.allocation_counts().await.unwrap(), before);
+    let held: Vec<_> = s
+        .allocations("p")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.ip)
+        .collect();
+    assert!(!held.contains(&ip("10.0.0.5")), "taken back: {held:?}");
 }
