@@ -146,6 +146,8 @@ pub struct IpamService {
     // only with other agents, which the store's compare-and-swap settles. The lock also
     // guards the cached view of the datastore.
     state: Mutex<ViewCache>,
+    /// The book of endpoint records the view keeps (also read outside the lock).
+    records: Option<Arc<crate::view::RecordBook>>,
     queue: std::sync::Mutex<Vec<PendingAdd>>,
     del_queue: std::sync::Mutex<Vec<del::PendingDel>>,
     /// How long a DEL waits for others to join its group commit.
@@ -229,8 +231,12 @@ use record::{endpoint_of, endpoint_write, kube_of, record_of, response_of};
 impl IpamService {
     /// A service over `store` for the node `node`.
     pub fn new(store: Arc<dyn Store>, node: NodeIdentity) -> Self {
+        let cache = ViewCache::following(store.clone());
+        // An ADD reads its pod there first (see add.rs `read_ahead`).
+        store.follow_pods_on(&node.name);
         IpamService {
-            state: Mutex::new(ViewCache::following(store.clone())),
+            records: cache.records(),
+            state: Mutex::new(cache),
             store,
             node,
             queue: std::sync::Mutex::new(Vec::new()),

@@ -43,6 +43,7 @@ use spiderpool_store::{
 mod allocated_ips;
 mod commit;
 mod migrate;
+mod node_pods;
 mod objects;
 mod pool_status;
 mod resources;
@@ -100,6 +101,9 @@ struct Inner {
     generations: Mutex<HashMap<String, BTreeMap<Revision, i64>>>,
     stats: Arc<KubeStats>,
     on_write: Option<OnWrite>,
+    /// The Pods of the agent's node, once [`Store::follow_pods_on`] started following them
+    /// (shared by the stores rebuilt from this one).
+    node_pods: Arc<std::sync::OnceLock<node_pods::NodePods>>,
 }
 
 /// A store on the Kubernetes API.
@@ -140,6 +144,7 @@ impl KubeStore {
                 generations: Mutex::default(),
                 stats: Arc::default(),
                 on_write: None,
+                node_pods: Arc::default(),
             }),
         };
         store.ping().await?;
@@ -177,6 +182,7 @@ impl KubeStore {
                 generations: Mutex::default(),
                 stats,
                 on_write,
+                node_pods: i.node_pods.clone(),
             }),
         }
     }
@@ -248,6 +254,17 @@ pub fn endpoint_schema_problem(crd: &serde_json::Value) -> Option<String> {
 impl Store for KubeStore {
     async fn get(&self, kind: Kind, key: &str) -> Result<Option<Stored>> {
         self.inner.get(kind, key).await
+    }
+
+    fn follow_pods_on(&self, node: &str) {
+        let client = self.inner.client.clone();
+        self.inner
+            .node_pods
+            .get_or_init(|| node_pods::NodePods::follow(client, node));
+    }
+
+    fn followed_pod(&self, key: &str) -> Option<Stored> {
+        self.inner.node_pods.get()?.get(&self.inner, key)
     }
 
     async fn get_many(&self, keys: &[(Kind, String)]) -> Result<Vec<Option<Stored>>> {

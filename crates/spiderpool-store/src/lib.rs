@@ -329,4 +329,16 @@ pub trait Store: Send + Sync + 'static {
         let _ = (after, kinds);
         Ok(None)
     }
+    /// Starts following the Pods bound to `node`, where the datastore is a cluster's API (the
+    /// agent serving that node); [`Store::followed_pod`] answers from it from then on. Must be
+    /// called inside a Tokio runtime.
+    fn follow_pods_on(&self, node: &str) {
+        let _ = node;
+    }
+    /// The Pod `namespace/name` as the following of its node keeps it, possibly a moment
+    /// behind the API; `None`: not followed, or not (yet) there.
+    fn followed_pod(&self, key: &str) -> Option<Stored> {
+        let _ = key;
+        None
+    }
 }

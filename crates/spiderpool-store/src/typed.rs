@@ -5,7 +5,8 @@ use spiderpool_api::Object;
 
 use crate::{Kind, Result, Revision, Store, StoreError, Stored};
 
-fn decode(kind: Kind, s: Stored) -> Result<(Object, Revision)> {
+/// A stored value of `kind` as an object, with its revision.
+pub fn decode(kind: Kind, s: Stored) -> Result<(Object, Revision)> {
     let mut o = Object::from_value(kind, s.value).map_err(|e| StoreError::Corrupt {
         key: format!("{kind}/{}", s.key),
         message: e.to_string(),

@@ -340,6 +340,8 @@ fn agent_and_controller_work_under_exactly_the_charts_permissions() {
         ],
         None,
     );
+    // The chart lets it watch the pods of its node (an ADD reads its pod from there).
+    agent.wait_for_log(&["following the node's pods", "node=n1"], 1);
     let conf = json!({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "spiderpool",
         "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["p"]}});
     let uid = |name: &str| {

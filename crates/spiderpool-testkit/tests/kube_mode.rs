@@ -555,6 +555,178 @@ fn a_del_that_comes_after_its_record_was_garbage_collected_still_releases() {
 }
 
 #[test]
+fn an_add_reads_no_record_its_watch_has_not_seen_and_recovers_when_one_exists() {
+    use spiderpool_testkit::CniCall;
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start(&kbin, false);
+    cp.install_crds();
+    let metrics = format!("127.0.0.1:{}", spiderpool_testkit::free_port());
+    let (_dir, agent, conf) = pool_on_node_a(
+        &cp,
+        "four",
+        "10.9.0.1-10.9.0.4",
+        &["--metrics-addr", &metrics],
+    );
+    agent.wait_for_log(&["following the endpoint records"], 1);
+    let lost = || {
+        metric(
+            &spiderpool_testkit::http_get(&metrics, "/metrics").1,
+            "spiderpool_ipam_allocation_update_ippool_conflict_counts_total",
+        )
+    };
+    // A new pod's ADD does not read a record the agent's watch says is not there.
+    let out = CniCall::new("ADD", "ctr-0", "web-0", &conf).run();
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert_eq!(lost(), 0);
+    // A record that holds nothing is not in the agent's book: the ADD takes it for absent, its
+    // create is refused, and the batch reads the record and writes it.
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderEndpoint\nmetadata: {name: web-1, namespace: default}\n",
+    );
+    agent.wait_for_log(
+        &[
+            "an endpoint record changed",
+            "endpoint=default/web-1",
+            "addresses=0",
+        ],
+        1,
+    );
+    let out = CniCall::new("ADD", "ctr-1", "web-1", &conf).run();
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let address = out.json()["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        lost(),
+        1,
+        "the create of an existing record was refused once"
+    );
+    let ep = json_of(&cp, &["get", "spiderendpoint", "web-1"]);
+    assert_eq!(
+        ep["status"]["current"]["ips"][0]["containerID"], "ctr-1",
+        "{ep}"
+    );
+    assert_eq!(
+        ep["status"]["current"]["ips"][0]["ipv4"],
+        address.as_str(),
+        "{ep}"
+    );
+    // A second NIC's ADD right after reads the record its first NIC's commit wrote (the agent
+    // learns its own records at once, not when its watch tells them).
+    let out = CniCall::new("ADD", "ctr-1", "web-1", &conf)
+        .ifname("net1")
+        .run();
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert_eq!(lost(), 1, "{}", agent.log());
+    let ep = json_of(&cp, &["get", "spiderendpoint", "web-1"]);
+    let nics: Vec<&str> = ep["status"]["current"]["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["interface"].as_str().unwrap())
+        .collect();
+    assert_eq!(nics, ["eth0", "net1"], "{ep}");
+    let pool = json_of(&cp, &["get", "spiderippool", "four"]);
+    assert_eq!(pool["status"]["allocatedIPCount"], 3, "{pool}");
+}
+
+#[test]
+fn an_add_reads_its_pod_from_the_watch_of_its_node_when_the_runtime_names_that_incarnation() {
+    use spiderpool_testkit::{CniCall, ControlPlaneOptions};
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start_with(
+        &kbin,
+        ControlPlaneOptions {
+            audit: true,
+            ..ControlPlaneOptions::default()
+        },
+    );
+    cp.install_crds();
+    for (pool, ips) in [
+        ("by-conf", "10.9.0.1-10.9.0.4"),
+        ("by-pod", "10.9.1.1-10.9.1.4"),
+    ] {
+        cp.kubectl_ok(
+            &["apply", "-f", "-"],
+            &format!("apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {{name: {pool}}}\nspec:\n  subnet: 10.9.0.0/16\n  ips: [{ips}]\n"),
+        );
+    }
+    register(&cp, "node-a");
+    // A pod bound to node-a that names its pool, and one bound to another node.
+    for (pod, node) in [("web-0", "node-a"), ("web-1", "node-b")] {
+        cp.kubectl_ok(
+            &["apply", "-f", "-"],
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod, "namespace": "default", "annotations":
+                    {"ipam.spidernet.io/ippool": json!({"ipv4": ["by-pod"]}).to_string()}},
+                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "pause"}]}})
+            .to_string(),
+        );
+    }
+    let uid = |pod: &str| {
+        json_of(&cp, &["get", "pod", pod])["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // The agent as a user of its own, so its requests can be told apart in the audit log.
+    let user = "agent-node-a";
+    let kubeconfig = cp.client_kubeconfig(user, &["system:masters"]);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("node-a.sock");
+    let agent = Agent::start_with(
+        "kubernetes",
+        &socket,
+        "node-a",
+        "",
+        &["--kubeconfig", kubeconfig.to_str().unwrap()],
+        None,
+    );
+    agent.wait_for_log(&["following the node's pods"], 1);
+    let conf = json!({"cniVersion": "1.0.0", "name": "by-conf", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["by-conf"]}});
+    let add = |pod: &str, uid: &str| {
+        let mut call = CniCall::new("ADD", &format!("ctr-{pod}"), pod, &conf);
+        call.args.push_str(&format!(";K8S_POD_UID={uid}"));
+        let out = call.run();
+        assert!(out.success, "{}{}", out.stdout, out.stderr);
+        out.json()["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let pod_gets = || {
+        cp.requests_by(user)
+            .get(&("get".to_string(), "pods".to_string()))
+            .copied()
+            .unwrap_or(0)
+    };
+    // web-0's ADD names the incarnation the watch has: its pod is read from memory, and its
+    // annotation is honoured (the pod's pool, not the config's).
+    let address = add("web-0", &uid("web-0"));
+    assert!(address.starts_with("10.9.1."), "{address}");
+    let ep = json_of(&cp, &["get", "spiderendpoint", "web-0"]);
+    assert_eq!(
+        ep["status"]["current"]["uid"],
+        uid("web-0").as_str(),
+        "{ep}"
+    );
+    assert_eq!(pod_gets(), 0, "{:?}", cp.requests_by(user));
+    // A pod the watch of node-a does not have is read from the API, and so is one whose
+    // runtime names another incarnation than the watch has.
+    let address = add("web-1", &uid("web-1"));
+    assert!(address.starts_with("10.9.1."), "{address}");
+    assert_eq!(pod_gets(), 1, "{:?}", cp.requests_by(user));
+    let out = CniCall::new("ADD", "ctr-web-0b", "web-0", &conf)
+        .ifname("net1")
+        .run();
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert_eq!(pod_gets(), 2, "{:?}", cp.requests_by(user));
+}
+
+#[test]
 fn pools_and_endpoints_written_by_upstream_spiderpool_round_trip() {
     use spiderpool_testkit::CniCall;
     let Some(kbin) = kube_bin() else { return };

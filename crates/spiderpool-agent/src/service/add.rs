@@ -14,7 +14,7 @@ use spiderpool_store::{typed, Holder, Kind, Op, Revision, StoreError};
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::view::ViewCache;
+use crate::view::{RecordBook, ViewCache};
 
 /// An ADD ready to commit.
 pub(super) struct Commit {
@@ -23,6 +23,8 @@ pub(super) struct Commit {
     pub(super) released: Vec<(String, IpAddr)>,
     pub(super) resp: IpamAddResponse,
     pub(super) reused: bool,
+    /// The endpoint record written (its key) and what it holds once committed.
+    pub(super) record: (String, Vec<(String, IpAddr)>),
 }
 
 impl Commit {
@@ -33,6 +35,14 @@ impl Commit {
             reused = self.reused,
             "allocated"
         );
+    }
+
+    /// The commit is in: the book of records learns this record before its watch tells it (a
+    /// second NIC's ADD, right after, then reads the record instead of taking it for absent).
+    pub(super) fn recorded(&self, book: Option<&RecordBook>) {
+        if let Some(book) = book {
+            book.correct(&self.record.0, self.record.1.clone());
+        }
     }
 }
 
@@ -98,9 +108,7 @@ impl IpamService {
         };
         // The pod's object and record are read before queueing: while the batch ahead of it
         // commits, not in its own batch's time. (A read that fails is made again there.)
-        let prefetched = read_pod_and_record(self.store.as_ref(), &pod.key())
-            .await
-            .ok();
+        let prefetched = self.read_ahead(&pod.key(), &args.pod_uid).await.ok();
         let (tx, mut rx) = oneshot::channel();
         self.queue.lock().expect("queue lock").push(PendingAdd {
             pod,
@@ -170,6 +178,7 @@ impl IpamService {
                     }
                 };
                 cache.committed(revision, &c.claimed, &c.released);
+                c.recorded(self.records.as_deref());
                 self.metrics.batch_size.observe(1.0);
                 c.log(pod);
                 Ok(c.resp)
@@ -538,7 +547,43 @@ impl IpamService {
             released,
             resp: response_of(&nic),
             reused: previous.is_some(),
+            record: (key, ep.held()),
         }))
+    }
+}
+
+impl IpamService {
+    /// The pod's Pod object and endpoint record (`key` names both) for an ADD about to queue,
+    /// for the pod incarnation `uid` (the runtime's `K8S_POD_UID`, if it gave one). Each is
+    /// read from the API unless something the agent follows answers for it:
+    /// - the Pod, when the following of this node's Pods has the incarnation `uid` (a copy a
+    ///   moment behind the API is still that incarnation's labels, annotations and owner);
+    /// - the record, when the book of records, following them, has none: most ADDs are a new
+    ///   pod's first, and if a record exists after all, the create refuses and the batch reads
+    ///   again.
+    async fn read_ahead(
+        &self,
+        key: &str,
+        uid: &str,
+    ) -> std::result::Result<Prefetched, StoreError> {
+        let store = self.store.as_ref();
+        let followed = store.followed_pod(key).filter(|p| {
+            !uid.is_empty()
+                && p.value.pointer("/metadata/uid").and_then(|u| u.as_str()) == Some(uid)
+        });
+        let absent = self
+            .records
+            .as_ref()
+            .is_some_and(|book| book.surely_absent(key));
+        match (followed, absent) {
+            (Some(pod), true) => Ok((Some(typed::decode(Kind::Pod, pod)?), None)),
+            (Some(pod), false) => Ok((
+                Some(typed::decode(Kind::Pod, pod)?),
+                typed::get(store, Kind::Endpoint, key).await?,
+            )),
+            (None, true) => Ok((typed::get(store, Kind::Pod, key).await?, None)),
+            (None, false) => read_pod_and_record(store, key).await,
+        }
     }
 }
 

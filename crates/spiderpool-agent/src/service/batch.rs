@@ -139,6 +139,7 @@ impl IpamService {
                         "committed a batch"
                     );
                     for (p, c) in staged {
+                        c.recorded(self.records.as_deref());
                         c.log(&p.pod);
                         let _ = p.reply.send(Ok(c.resp));
                     }

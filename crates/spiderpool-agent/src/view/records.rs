@@ -162,6 +162,14 @@ impl RecordBook {
             .map(|(held, _)| held.clone())
     }
 
+    /// Whether `key` surely has no record holding addresses, as far as a live watch tells: a
+    /// hint that spares a read, never the last word (a record the watch has not delivered yet,
+    /// or one that holds nothing, makes the create that follows fail, and that is read again).
+    pub fn surely_absent(&self, key: &str) -> bool {
+        let s = self.state.lock().expect("records lock");
+        s.followed && !s.records.by_key.contains_key(key)
+    }
+
     /// How many endpoints the book holds records of.
     pub fn len(&self) -> usize {
         self.state
