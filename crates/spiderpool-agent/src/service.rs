@@ -226,12 +226,12 @@ pub use conflict::{conflict_reservation_name, CONFLICT_HOLD};
 pub use deferred::HoldBack;
 use plan::Pick;
 use pod::PodRef;
-use record::{endpoint_of, endpoint_write, kube_of, record_of, response_of};
+use record::{endpoint_of, endpoint_write, kube_of, nic_of, record_of, response_of};
 
 impl IpamService {
     /// A service over `store` for the node `node`.
     pub fn new(store: Arc<dyn Store>, node: NodeIdentity) -> Self {
-        let cache = ViewCache::following(store.clone());
+        let cache = ViewCache::following(store.clone(), Some(&node.name));
         // An ADD reads its pod there first (see add.rs `read_ahead`).
         store.follow_pods_on(&node.name);
         IpamService {

@@ -281,13 +281,17 @@ fn changes_of(prefix: &str, kinds: &[Kind], events: &[etcd_client::Event]) -> Ve
                 Some((*k, key))
             });
             match kind {
-                Some((Kind::Endpoint, key)) => out.push(Change::Recorded {
-                    key: key.to_string(),
-                    ips: serde_json::from_slice(kv.value())
-                        .map(|v| crate::recorded_of(&v))
-                        .unwrap_or_default(),
-                    revision,
-                }),
+                Some((Kind::Endpoint, key)) => {
+                    let value: Option<serde_json::Value> = (ev.event_type() == EventType::Put)
+                        .then(|| serde_json::from_slice(kv.value()).ok())
+                        .flatten();
+                    out.push(Change::Recorded {
+                        key: key.to_string(),
+                        ips: value.as_ref().map(crate::recorded_of).unwrap_or_default(),
+                        revision,
+                        value,
+                    })
+                }
                 Some((kind, key)) => out.push(Change::Object {
                     kind,
                     key: key.to_string(),

@@ -111,8 +111,10 @@ pub enum Change {
         key: String,
         /// `(pool, address)` of every NIC of the record.
         ips: Vec<(String, IpAddr)>,
-        /// Revision of the change.
+        /// Revision of the change: the record's, as [`Store::get`] gives it.
         revision: Revision,
+        /// The record as written (as [`Store::get`] gives it); `None` once deleted.
+        value: Option<serde_json::Value>,
     },
     /// An object was written or deleted.
     Object {

@@ -727,6 +727,81 @@ fn an_add_reads_its_pod_from_the_watch_of_its_node_when_the_runtime_names_that_i
 }
 
 #[test]
+fn a_del_writes_back_the_record_its_watch_keeps_without_reading_it() {
+    use spiderpool_testkit::{CniCall, ControlPlaneOptions};
+    let Some(kbin) = kube_bin() else { return };
+    let cp = ControlPlane::start_with(
+        &kbin,
+        ControlPlaneOptions {
+            audit: true,
+            ..ControlPlaneOptions::default()
+        },
+    );
+    cp.install_crds();
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: four}\nspec:\n  subnet: 10.9.0.0/16\n  ips: [10.9.0.1-10.9.0.4]\n",
+    );
+    register(&cp, "node-a");
+    // The agent as a user of its own, so its requests can be told apart in the audit log.
+    let user = "agent-node-a";
+    let kubeconfig = cp.client_kubeconfig(user, &["system:masters"]);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("node-a.sock");
+    let agent = Agent::start_with(
+        "kubernetes",
+        &socket,
+        "node-a",
+        "",
+        &["--kubeconfig", kubeconfig.to_str().unwrap()],
+        None,
+    );
+    agent.wait_for_log(&["following the endpoint records"], 1);
+    let conf = json!({"cniVersion": "1.0.0", "name": "four", "ipam": {"type": "spiderpool",
+        "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["four"]}});
+    let call = |cmd: &str, pod: &str| {
+        let out = CniCall::new(cmd, &format!("ctr-{pod}"), pod, &conf).run();
+        assert!(out.success, "{cmd} {pod}: {}{}", out.stdout, out.stderr);
+    };
+    let endpoint_gets = || {
+        cp.requests_by(user)
+            .get(&("get".to_string(), "spiderendpoints".to_string()))
+            .copied()
+            .unwrap_or(0)
+    };
+    let allocated =
+        || json_of(&cp, &["get", "spiderippool", "four"])["status"]["allocatedIPCount"].clone();
+    let gone = |pod: &str| !cp.kubectl(&["get", "spiderendpoint", pod], "").success;
+    for pod in ["web-0", "web-1"] {
+        call("ADD", pod);
+        // The watch brings the record the agent wrote (its own write is not kept whole: its
+        // revision is the watch's to tell).
+        agent.wait_for_log(
+            &[
+                "an endpoint record changed",
+                &format!("endpoint=default/{pod}"),
+                "addresses=1",
+            ],
+            1,
+        );
+    }
+    assert_eq!(allocated(), 2);
+    // The DEL writes back (here: deletes) the record as the watch keeps it, unread.
+    let before = endpoint_gets();
+    call("DEL", "web-0");
+    assert_eq!(endpoint_gets(), before, "{:?}", cp.requests_by(user));
+    assert_eq!(allocated(), 1);
+    assert!(gone("web-0"));
+    // Someone else writes a record just before its DEL: whether the watch has told the agent
+    // yet or not (its copy then is behind, the guarded delete is refused and the DEL reads the
+    // record), the address is released and the record goes.
+    cp.kubectl_ok(&["annotate", "spiderendpoint", "web-1", "touched=yes"], "");
+    call("DEL", "web-1");
+    assert_eq!(allocated(), 0, "{}", agent.log());
+    assert!(gone("web-1"), "{}", agent.log());
+}
+
+#[test]
 fn pools_and_endpoints_written_by_upstream_spiderpool_round_trip() {
     use spiderpool_testkit::CniCall;
     let Some(kbin) = kube_bin() else { return };

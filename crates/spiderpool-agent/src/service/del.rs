@@ -48,6 +48,15 @@ enum PreparedDel {
     Departed { ops: Vec<Op>, named: Held },
 }
 
+/// The pod's record as the book keeps it whole (this node's, followed by a watch), when it
+/// holds the request's NIC: the DEL writes it back guarded by the copy's revision.
+fn known_record(book: Option<&RecordBook>, pod: &PodRef) -> Option<Record> {
+    let key = pod.key();
+    let (ep, rev) = book?.whole(&key)?;
+    let nic = nic_of(&ep, pod)?;
+    Some((key, ep, rev, nic))
+}
+
 impl IpamService {
     /// CNI DEL: releases what the container holds on the NIC; succeeds when there is nothing.
     /// Group commit, as ADD: the request joins the queue, and whoever holds the lock serves
@@ -214,6 +223,12 @@ impl IpamService {
                     tracing::debug!(requests = staged.len(), error = %e,
                         "a batch of releases failed; serving each alone");
                     cache.invalidate();
+                    // A copy of a record a moment behind fails its write: each reads afresh.
+                    if let Some(book) = cache.records() {
+                        for (_, key, _, _) in &staged {
+                            book.forget(key);
+                        }
+                    }
                     alone.extend(staged.into_iter().map(|(p, _, _, _)| p));
                 }
             }
@@ -234,15 +249,18 @@ impl IpamService {
         // VMI nor its VM lives (and only by the container that holds them, so the source of a
         // live migration never releases what the target holds).
         let vm;
-        let (pod, found) = match record_of(self.store.as_ref(), pod).await? {
+        let (pod, found) = match known_record(book, pod) {
             Some(r) => (pod, Some(r)),
-            None => match self.vm_pod(pod).await? {
-                Some(v) => {
-                    vm = v;
-                    let r = record_of(self.store.as_ref(), &vm).await?;
-                    (&vm, r)
-                }
-                None => (pod, None),
+            None => match record_of(self.store.as_ref(), pod).await? {
+                Some(r) => (pod, Some(r)),
+                None => match self.vm_pod(pod).await? {
+                    Some(v) => {
+                        vm = v;
+                        let r = record_of(self.store.as_ref(), &vm).await?;
+                        (&vm, r)
+                    }
+                    None => (pod, None),
+                },
             },
         };
         let Some((key, ep, rev, nic)) = found else {
@@ -314,7 +332,13 @@ impl IpamService {
             Err(e @ StoreError::Corrupt { .. }) => {
                 return self.del_around_corrupt(pod, cache, *record, e).await
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // Its retry reads the record afresh (the copy may have been behind).
+                if let Some(book) = &book {
+                    book.forget(&record.0);
+                }
+                return Err(e.into());
+            }
         };
         let (key, _, _, nic) = *record;
         cache.committed(revision, &[], &nic.held());
@@ -400,5 +424,80 @@ impl IpamService {
                 && p.metadata.deletion_timestamp.is_none()
                 && !matches!(phase, "Succeeded" | "Failed"),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spiderpool_api::agent::IpamAddArgs;
+    use spiderpool_store::memory::MemoryStore;
+    use spiderpool_store::Expect;
+
+    #[tokio::test]
+    async fn a_del_guarded_by_a_copy_behind_its_record_reads_the_record_and_releases() {
+        let store = Arc::new(MemoryStore::new());
+        store
+            .commit(vec![Op::Put {
+                kind: Kind::IPPool,
+                key: "p".into(),
+                value: serde_json::json!({
+                    "apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderIPPool",
+                    "metadata": {"name": "p"},
+                    "spec": {"subnet": "10.9.0.0/24", "ips": ["10.9.0.1-10.9.0.4"]}}),
+                expect: Expect::Absent,
+            }])
+            .await
+            .unwrap();
+        let svc = IpamService::new(
+            store.clone(),
+            NodeIdentity {
+                name: "n1".into(),
+                labels: Default::default(),
+            },
+        );
+        let add = IpamAddArgs {
+            container_id: "c1".into(),
+            if_name: "eth0".into(),
+            pod_namespace: "default".into(),
+            pod_name: "web-0".into(),
+            default_ipv4_ippool: vec!["p".into()],
+            ..Default::default()
+        };
+        svc.add(&add).await.unwrap();
+        assert_eq!(store.allocations("p").await.unwrap().len(), 1);
+        let key = "default/web-0";
+        let (o, rev) = typed::get(store.as_ref(), Kind::Endpoint, key)
+            .await
+            .unwrap()
+            .unwrap();
+        // The book keeps the record as a watch told it; then someone else rewrites it, and
+        // the watch has not told that yet.
+        let book = svc.records.clone().unwrap();
+        book.told_whole(key, endpoint_of(o).unwrap(), rev);
+        let mut touched = store.get(Kind::Endpoint, key).await.unwrap().unwrap().value;
+        touched["metadata"]["annotations"] = serde_json::json!({"touched": "yes"});
+        store
+            .commit(vec![Op::Put {
+                kind: Kind::Endpoint,
+                key: key.into(),
+                value: touched,
+                expect: Expect::Revision(rev),
+            }])
+            .await
+            .unwrap();
+        let del = IpamDelArgs {
+            container_id: "c1".into(),
+            if_name: "eth0".into(),
+            pod_namespace: "default".into(),
+            pod_name: "web-0".into(),
+            ..Default::default()
+        };
+        svc.del(&del).await.unwrap();
+        // The write guarded by the copy was refused, the copy dropped, and the retry read the
+        // record: the address is released and the record gone.
+        assert!(book.whole(key).is_none());
+        assert!(store.allocations("p").await.unwrap().is_empty());
+        assert!(store.get(Kind::Endpoint, key).await.unwrap().is_none());
     }
 }

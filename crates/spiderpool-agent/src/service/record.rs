@@ -89,20 +89,23 @@ pub(super) async fn record_of(
             .await?
             .and_then(|(o, rev)| endpoint_of(o).map(|e| (e, rev)));
         if let Some((ep, rev)) = found {
-            let nic = ep
-                .status
-                .current
-                .ips
-                .iter()
-                .find(|n| {
-                    n.interface == pod.nic
-                        && (n.container_id == pod.container_id || n.container_id.is_empty())
-                })
-                .cloned();
-            if let Some(nic) = nic {
+            if let Some(nic) = nic_of(&ep, pod) {
                 return Ok(Some((key, ep, rev, nic)));
             }
         }
     }
     Ok(None)
+}
+
+/// The request's NIC in `ep`, when it holds the request's container there or names none.
+pub(super) fn nic_of(ep: &SpiderEndpoint, pod: &PodRef) -> Option<EndpointInterface> {
+    ep.status
+        .current
+        .ips
+        .iter()
+        .find(|n| {
+            n.interface == pod.nic
+                && (n.container_id == pod.container_id || n.container_id.is_empty())
+        })
+        .cloned()
 }

@@ -41,12 +41,13 @@ pub struct ViewCache {
 }
 
 impl ViewCache {
-    /// A cache kept current by following `store`'s changes, where it can watch. Must be called
-    /// inside the agent's runtime.
-    pub fn following(store: Arc<dyn Store>) -> Self {
+    /// A cache kept current by following `store`'s changes, where it can watch, for the agent
+    /// of `node` (whose endpoint records it keeps whole). Must be called inside the agent's
+    /// runtime.
+    pub fn following(store: Arc<dyn Store>, node: Option<&str>) -> Self {
         let feed = Arc::new(Mutex::new(Feed::default()));
         let stale = Arc::new(Notify::new());
-        let records = RecordBook::following(store.clone());
+        let records = RecordBook::following(store.clone(), node);
         tokio::spawn(follow(store, feed.clone(), stale.clone()));
         ViewCache {
             feed: Some(feed),

@@ -6,14 +6,19 @@
 //! Where the datastore can watch (etcd, Kubernetes), a background task lists the records once
 //! and follows every change to them; elsewhere (SQLite) they are listed again whenever the view
 //! is, that is when another writer moved the datastore's revision.
+//!
+//! The records of the agent's own node are also kept whole, with their revisions, while a watch
+//! follows them: a DEL writes its record back from that copy instead of reading it (guarded by
+//! the copy's revision, so a copy a moment behind makes the write fail, and the DEL reads the
+//! record then).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spiderpool_api::Object;
-use spiderpool_store::{typed, Change, Kind, Result, Revision, Store};
+use spiderpool_api::{Object, SpiderEndpoint};
+use spiderpool_store::{typed, Change, Kind, Result, Revision, Store, Stored};
 
 /// Without a live watch nor a datastore revision to compare, the records are listed again at
 /// most this often.
@@ -60,15 +65,23 @@ impl Records {
         self.by_key.insert(key.to_string(), ips);
     }
 
-    fn listed(objects: Vec<(Object, Revision)>) -> Records {
+    fn listed(objects: &[(Object, Revision)]) -> Records {
         let mut r = Records::default();
         for (o, _) in objects {
-            if let Object::Endpoint(e) = &o {
+            if let Object::Endpoint(e) = o {
                 r.set(&o.key(), e.held());
             }
         }
         r
     }
+}
+
+/// The records of one node, whole, with their revisions.
+type Whole = HashMap<String, (SpiderEndpoint, Revision)>;
+
+/// Whether `ep` is a record of the node `node`.
+fn on_node(ep: &SpiderEndpoint, node: Option<&str>) -> bool {
+    node.is_some_and(|n| ep.status.current.node == n)
 }
 
 #[derive(Default)]
@@ -77,6 +90,8 @@ struct State {
     /// Records deleted by another hand than this agent's DEL (the garbage collector once their
     /// Pod is gone, before the runtime's DEL comes): what they named, and since when.
     departed: HashMap<String, (Vec<(String, IpAddr)>, Instant)>,
+    /// The records of the agent's node, whole (kept only while a watch follows them).
+    whole: Whole,
     /// A watch keeps the records current.
     followed: bool,
     /// Without one: the datastore revision they were listed at, and when.
@@ -87,13 +102,18 @@ struct State {
 #[derive(Default)]
 pub struct RecordBook {
     state: Mutex<State>,
+    /// The agent's node, whose records the book keeps whole.
+    node: Option<String>,
 }
 
 impl RecordBook {
-    /// A book kept current by following `store`'s endpoint records, where it can watch. Must be
-    /// called inside the agent's runtime.
-    pub fn following(store: Arc<dyn Store>) -> Arc<RecordBook> {
-        let book = Arc::new(RecordBook::default());
+    /// A book kept current by following `store`'s endpoint records, where it can watch, and
+    /// keeping those of `node` whole. Must be called inside the agent's runtime.
+    pub fn following(store: Arc<dyn Store>, node: Option<&str>) -> Arc<RecordBook> {
+        let book = Arc::new(RecordBook {
+            node: node.map(str::to_string),
+            ..RecordBook::default()
+        });
         tokio::spawn(follow(store, book.clone()));
         book
     }
@@ -113,7 +133,7 @@ impl RecordBook {
                 _ => {}
             }
         }
-        let records = Records::listed(typed::list(store, Kind::Endpoint).await?);
+        let records = Records::listed(&typed::list(store, Kind::Endpoint).await?);
         let mut s = self.state.lock().expect("records lock");
         if !s.followed {
             s.records = records;
@@ -145,11 +165,34 @@ impl RecordBook {
             .cloned()
     }
 
-    /// What `key` records as read just now (`None`: no such endpoint), to correct the book.
+    /// What `key` records as read or written just now (`None`: no such endpoint), to correct
+    /// the book. Its whole copy is the watch's to replace: the watch may tell this agent's write
+    /// before its commit returns, and a copy behind it only fails the write it guards.
     pub fn correct(&self, key: &str, ips: Vec<(String, IpAddr)>) {
         let mut s = self.state.lock().expect("records lock");
         s.departed.remove(key);
         s.records.set(key, ips);
+    }
+
+    /// The record `key` of this agent's node as the watch last told it, with its revision: a
+    /// copy that may be a moment behind, to be written back only guarded by that revision.
+    pub fn whole(&self, key: &str) -> Option<(SpiderEndpoint, Revision)> {
+        let s = self.state.lock().expect("records lock");
+        s.whole.get(key).filter(|_| s.followed).cloned()
+    }
+
+    /// As if a live watch had told `key` whole at `revision` (tests that need a copy behind).
+    #[cfg(test)]
+    pub(crate) fn told_whole(&self, key: &str, ep: SpiderEndpoint, revision: Revision) {
+        let mut s = self.state.lock().expect("records lock");
+        s.followed = true;
+        s.whole.insert(key.to_string(), (ep, revision));
+    }
+
+    /// A write guarded by the whole copy of `key` failed: the copy is not used again until the
+    /// watch tells the record afresh.
+    pub fn forget(&self, key: &str) {
+        self.state.lock().expect("records lock").whole.remove(key);
     }
 
     /// What the record `key` named when the watch saw it deleted (within the last
@@ -168,6 +211,67 @@ impl RecordBook {
     pub fn surely_absent(&self, key: &str) -> bool {
         let s = self.state.lock().expect("records lock");
         s.followed && !s.records.by_key.contains_key(key)
+    }
+
+    /// A watch told these changes.
+    fn told(&self, batch: Vec<Change>) {
+        // This node's records are decoded before the lock is taken.
+        let batch: Vec<_> = batch
+            .into_iter()
+            .filter_map(|c| match c {
+                Change::Recorded {
+                    key,
+                    ips,
+                    revision,
+                    value,
+                } => {
+                    let whole = value.and_then(|v| self.whole_of(&key, v, revision));
+                    Some((key, ips, whole))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut s = self.state.lock().expect("records lock");
+        for (key, ips, whole) in batch {
+            tracing::debug!(endpoint = %key, addresses = ips.len(), "an endpoint record changed");
+            match whole {
+                Some(w) => s.whole.insert(key.clone(), w),
+                None => s.whole.remove(&key),
+            };
+            if !ips.is_empty() {
+                s.departed.remove(&key);
+                s.records.set(&key, ips);
+            } else if let Some(held) = s.records.departed(&key) {
+                s.departed.retain(|_, (_, t)| t.elapsed() < DEPARTED_FOR);
+                s.departed.insert(key, (held, Instant::now()));
+            }
+        }
+    }
+
+    /// The record `key` told by a watch as `value` at `revision`, if it is one of this node's.
+    fn whole_of(
+        &self,
+        key: &str,
+        value: serde_json::Value,
+        revision: Revision,
+    ) -> Option<(SpiderEndpoint, Revision)> {
+        let node = self.node.as_deref()?;
+        if value
+            .pointer("/status/current/node")
+            .and_then(|n| n.as_str())
+            != Some(node)
+        {
+            return None;
+        }
+        let stored = Stored {
+            key: key.to_string(),
+            value,
+            revision,
+        };
+        match typed::decode(Kind::Endpoint, stored) {
+            Ok((Object::Endpoint(e), rev)) => Some((e, rev)),
+            _ => None,
+        }
     }
 
     /// How many endpoints the book holds records of.
@@ -198,36 +302,33 @@ async fn follow(store: Arc<dyn Store>, book: Arc<RecordBook>) {
             let Some(changes) = store.watch(after, &[Kind::Endpoint]).await? else {
                 return Ok(None);
             };
-            let listed = Records::listed(typed::list(store.as_ref(), Kind::Endpoint).await?);
-            Ok::<_, spiderpool_store::StoreError>(Some((changes, listed)))
+            let objects = typed::list(store.as_ref(), Kind::Endpoint).await?;
+            let whole: Whole = objects
+                .iter()
+                .filter_map(|(o, rev)| match o {
+                    Object::Endpoint(e) if on_node(e, book.node.as_deref()) => {
+                        Some((o.key(), (e.clone(), *rev)))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let listed = Records::listed(&objects);
+            Ok::<_, spiderpool_store::StoreError>(Some((changes, listed, whole)))
         };
         match started.await {
             Ok(None) => return,
-            Ok(Some((mut changes, listed))) => {
+            Ok(Some((mut changes, listed, whole))) => {
                 {
                     let mut s = book.state.lock().expect("records lock");
                     s.records = listed;
+                    s.whole = whole;
                     s.followed = true;
                 }
                 tracing::debug!(endpoints = book.len(), "following the endpoint records");
                 backoff = BACKOFF;
                 while let Some(batch) = changes.recv().await {
                     match batch {
-                        Ok(batch) => {
-                            let mut s = book.state.lock().expect("records lock");
-                            for c in batch {
-                                if let Change::Recorded { key, ips, .. } = c {
-                                    tracing::debug!(endpoint = %key, addresses = ips.len(), "an endpoint record changed");
-                                    if !ips.is_empty() {
-                                        s.departed.remove(&key);
-                                        s.records.set(&key, ips);
-                                    } else if let Some(held) = s.records.departed(&key) {
-                                        s.departed.retain(|_, (_, t)| t.elapsed() < DEPARTED_FOR);
-                                        s.departed.insert(key, (held, Instant::now()));
-                                    }
-                                }
-                            }
-                        }
+                        Ok(batch) => book.told(batch),
                         Err(e) => {
                             tracing::warn!(error = %e, "the endpoint records' watch ended; watching again");
                             break;
@@ -237,6 +338,7 @@ async fn follow(store: Arc<dyn Store>, book: Arc<RecordBook>) {
                 let mut s = book.state.lock().expect("records lock");
                 s.followed = false;
                 s.listed_at = None;
+                s.whole.clear();
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot follow the endpoint records; trying again")
@@ -253,6 +355,69 @@ mod tests {
 
     fn at(pool: &str, ip: &str) -> (String, IpAddr) {
         (pool.into(), ip.parse().unwrap())
+    }
+
+    fn told(key: &str, node: &str, ip: &str, revision: Revision) -> Change {
+        let value = serde_json::json!({
+            "apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderEndpoint",
+            "metadata": {"name": key.split_once('/').unwrap().1, "namespace": "default"},
+            "status": {"current": {"uid": "u", "node": node, "ips": [{"interface": "eth0",
+                "containerID": "c", "ipv4": format!("{ip}/24"), "ipv4Pool": "p"}]}}});
+        Change::Recorded {
+            key: key.into(),
+            ips: vec![at("p", ip)],
+            revision,
+            value: Some(value),
+        }
+    }
+
+    #[test]
+    fn the_records_of_its_node_are_kept_whole_while_a_watch_follows_them() {
+        let book = RecordBook {
+            node: Some("n1".into()),
+            ..RecordBook::default()
+        };
+        book.state.lock().unwrap().followed = true;
+        book.told(vec![
+            told("default/a", "n1", "10.0.0.1", 7),
+            told("default/b", "n2", "10.0.0.2", 8),
+        ]);
+        // Another node's record is known by its addresses only.
+        assert!(book.whole("default/b").is_none());
+        assert!(book
+            .recorded_by("p", "10.0.0.2".parse().unwrap(), "x/y")
+            .is_some());
+        let (ep, rev) = book.whole("default/a").expect("this node's record, whole");
+        assert_eq!(rev, 7);
+        assert_eq!(
+            ep.status.current.ips[0].ipv4.as_deref(),
+            Some("10.0.0.1/24")
+        );
+        // A later change replaces it; a record moved to another node is no longer kept.
+        book.told(vec![told("default/a", "n1", "10.0.0.3", 9)]);
+        assert_eq!(book.whole("default/a").unwrap().1, 9);
+        book.told(vec![told("default/a", "n2", "10.0.0.3", 10)]);
+        assert!(book.whole("default/a").is_none());
+        // The agent's own write leaves the copy to the watch (which may have told it first);
+        // a write guarded by the copy that failed drops it until the watch tells it again.
+        book.told(vec![told("default/a", "n1", "10.0.0.3", 11)]);
+        book.correct("default/a", vec![at("p", "10.0.0.3")]);
+        assert_eq!(book.whole("default/a").unwrap().1, 11);
+        book.told(vec![told("default/a", "n1", "10.0.0.3", 12)]);
+        book.forget("default/a");
+        assert!(book.whole("default/a").is_none());
+        // A deletion drops it; and without a live watch no copy is given.
+        book.told(vec![told("default/a", "n1", "10.0.0.3", 13)]);
+        book.told(vec![Change::Recorded {
+            key: "default/a".into(),
+            ips: vec![],
+            revision: 14,
+            value: None,
+        }]);
+        assert!(book.whole("default/a").is_none());
+        book.told(vec![told("default/a", "n1", "10.0.0.3", 15)]);
+        book.state.lock().unwrap().followed = false;
+        assert!(book.whole("default/a").is_none());
     }
 
     #[test]

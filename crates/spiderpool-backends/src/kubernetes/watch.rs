@@ -204,12 +204,14 @@ pub(super) fn changes_of(
             return Vec::new();
         }
         if kind == Kind::Endpoint {
-            let ips = if deleted {
-                Vec::new()
-            } else {
-                crate::recorded_of(&serde_json::to_value(o).unwrap_or_default())
-            };
-            return vec![Change::Recorded { key, ips, revision }];
+            let value = (!deleted).then(|| serde_json::to_value(o).ok()).flatten();
+            let ips = value.as_ref().map(crate::recorded_of).unwrap_or_default();
+            return vec![Change::Recorded {
+                key,
+                ips,
+                revision,
+                value,
+            }];
         }
         return vec![Change::Object {
             kind,

@@ -101,10 +101,13 @@ pub async fn watch_reports_every_change(s: Arc<dyn Store>) {
                 key,
                 revision: 0,
             },
-            Change::Recorded { key, ips, .. } => Change::Recorded {
+            Change::Recorded {
+                key, ips, value, ..
+            } => Change::Recorded {
                 key,
                 ips,
                 revision: 0,
+                value,
             },
         };
         let got: Vec<Change> = got.iter().map(plain).collect();
@@ -178,6 +181,7 @@ pub async fn watch_tells_recorded_addresses(s: Arc<dyn Store>) {
     )])
     .await
     .unwrap();
+    let second = s.get(Kind::Endpoint, "default/x").await.unwrap().unwrap();
     s.commit(vec![Op::Delete {
         kind: Kind::Endpoint,
         key: "default/x".into(),
@@ -185,8 +189,21 @@ pub async fn watch_tells_recorded_addresses(s: Arc<dyn Store>) {
     }])
     .await
     .unwrap();
-    let got: Vec<(String, Vec<(String, IpAddr)>)> = next_changes(&mut changes, 3)
-        .await
+    let told = next_changes(&mut changes, 3).await;
+    // Each change carries the record as a read gives it (a watcher may write it back guarded
+    // by that revision), and nothing once it is deleted.
+    match &told[1] {
+        Change::Recorded {
+            revision, value, ..
+        } => {
+            assert_eq!(*revision, second.revision);
+            let ips = |v: &serde_json::Value| v.pointer("/status/current/ips").cloned();
+            assert_eq!(value.as_ref().and_then(ips), ips(&second.value));
+        }
+        other => panic!("an endpoint's change told as {other:?}"),
+    }
+    assert!(matches!(&told[2], Change::Recorded { value: None, .. }));
+    let got: Vec<(String, Vec<(String, IpAddr)>)> = told
         .into_iter()
         .map(|c| match c {
             Change::Recorded { key, ips, .. } => (key, ips),
