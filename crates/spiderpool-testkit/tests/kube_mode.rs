@@ -309,6 +309,47 @@ fn metric(body: &str, name: &str) -> u64 {
     spiderpool_testkit::sample(body, name) as u64
 }
 
+/// A control plane that keeps an audit log, with the project's CRDs.
+fn audited_control_plane(kbin: &Path) -> ControlPlane {
+    let cp = ControlPlane::start_with(
+        kbin,
+        spiderpool_testkit::ControlPlaneOptions {
+            audit: true,
+            ..Default::default()
+        },
+    );
+    cp.install_crds();
+    cp
+}
+
+/// The user node-a's agent from [`agent_of_its_own_on_node_a`] runs as.
+const AGENT_USER: &str = "agent-node-a";
+
+/// An agent for node-a running as a user of its own ([`AGENT_USER`]), so its requests can be
+/// told apart in the audit log; with its socket.
+fn agent_of_its_own_on_node_a(cp: &ControlPlane) -> (tempfile::TempDir, Agent, std::path::PathBuf) {
+    let kubeconfig = cp.client_kubeconfig(AGENT_USER, &["system:masters"]);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("node-a.sock");
+    let agent = Agent::start_with(
+        "kubernetes",
+        &socket,
+        "node-a",
+        "",
+        &["--kubeconfig", kubeconfig.to_str().unwrap()],
+        None,
+    );
+    (dir, agent, socket)
+}
+
+/// How many `verb` requests on `resource` the agent's user made, from the audit log.
+fn agent_requests(cp: &ControlPlane, verb: &str, resource: &str) -> u64 {
+    cp.requests_by(AGENT_USER)
+        .get(&(verb.to_string(), resource.to_string()))
+        .copied()
+        .unwrap_or(0)
+}
+
 #[test]
 fn two_agents_racing_for_one_pool_never_give_an_address_twice() {
     use spiderpool_testkit::CniCall;
@@ -634,16 +675,9 @@ fn an_add_reads_no_record_its_watch_has_not_seen_and_recovers_when_one_exists() 
 
 #[test]
 fn an_add_reads_its_pod_from_the_watch_of_its_node_when_the_runtime_names_that_incarnation() {
-    use spiderpool_testkit::{CniCall, ControlPlaneOptions};
+    use spiderpool_testkit::CniCall;
     let Some(kbin) = kube_bin() else { return };
-    let cp = ControlPlane::start_with(
-        &kbin,
-        ControlPlaneOptions {
-            audit: true,
-            ..ControlPlaneOptions::default()
-        },
-    );
-    cp.install_crds();
+    let cp = audited_control_plane(&kbin);
     for (pool, ips) in [
         ("by-conf", "10.9.0.1-10.9.0.4"),
         ("by-pod", "10.9.1.1-10.9.1.4"),
@@ -671,19 +705,7 @@ fn an_add_reads_its_pod_from_the_watch_of_its_node_when_the_runtime_names_that_i
             .unwrap()
             .to_string()
     };
-    // The agent as a user of its own, so its requests can be told apart in the audit log.
-    let user = "agent-node-a";
-    let kubeconfig = cp.client_kubeconfig(user, &["system:masters"]);
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("node-a.sock");
-    let agent = Agent::start_with(
-        "kubernetes",
-        &socket,
-        "node-a",
-        "",
-        &["--kubeconfig", kubeconfig.to_str().unwrap()],
-        None,
-    );
+    let (_dir, agent, socket) = agent_of_its_own_on_node_a(&cp);
     agent.wait_for_log(&["following the node's pods"], 1);
     let conf = json!({"cniVersion": "1.0.0", "name": "by-conf", "ipam": {"type": "spiderpool",
         "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["by-conf"]}});
@@ -697,12 +719,7 @@ fn an_add_reads_its_pod_from_the_watch_of_its_node_when_the_runtime_names_that_i
             .unwrap()
             .to_string()
     };
-    let pod_gets = || {
-        cp.requests_by(user)
-            .get(&("get".to_string(), "pods".to_string()))
-            .copied()
-            .unwrap_or(0)
-    };
+    let pod_gets = || agent_requests(&cp, "get", "pods");
     // web-0's ADD names the incarnation the watch has: its pod is read from memory, and its
     // annotation is honoured (the pod's pool, not the config's).
     let address = add("web-0", &uid("web-0"));
@@ -713,49 +730,30 @@ fn an_add_reads_its_pod_from_the_watch_of_its_node_when_the_runtime_names_that_i
         uid("web-0").as_str(),
         "{ep}"
     );
-    assert_eq!(pod_gets(), 0, "{:?}", cp.requests_by(user));
+    assert_eq!(pod_gets(), 0, "{:?}", cp.requests_by(AGENT_USER));
     // A pod the watch of node-a does not have is read from the API, and so is one whose
     // runtime names another incarnation than the watch has.
     let address = add("web-1", &uid("web-1"));
     assert!(address.starts_with("10.9.1."), "{address}");
-    assert_eq!(pod_gets(), 1, "{:?}", cp.requests_by(user));
+    assert_eq!(pod_gets(), 1, "{:?}", cp.requests_by(AGENT_USER));
     let out = CniCall::new("ADD", "ctr-web-0b", "web-0", &conf)
         .ifname("net1")
         .run();
     assert!(out.success, "{}{}", out.stdout, out.stderr);
-    assert_eq!(pod_gets(), 2, "{:?}", cp.requests_by(user));
+    assert_eq!(pod_gets(), 2, "{:?}", cp.requests_by(AGENT_USER));
 }
 
 #[test]
 fn a_del_writes_back_the_record_its_watch_keeps_without_reading_it() {
-    use spiderpool_testkit::{CniCall, ControlPlaneOptions};
+    use spiderpool_testkit::CniCall;
     let Some(kbin) = kube_bin() else { return };
-    let cp = ControlPlane::start_with(
-        &kbin,
-        ControlPlaneOptions {
-            audit: true,
-            ..ControlPlaneOptions::default()
-        },
-    );
-    cp.install_crds();
+    let cp = audited_control_plane(&kbin);
     cp.kubectl_ok(
         &["apply", "-f", "-"],
         "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: four}\nspec:\n  subnet: 10.9.0.0/16\n  ips: [10.9.0.1-10.9.0.4]\n",
     );
     register(&cp, "node-a");
-    // The agent as a user of its own, so its requests can be told apart in the audit log.
-    let user = "agent-node-a";
-    let kubeconfig = cp.client_kubeconfig(user, &["system:masters"]);
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("node-a.sock");
-    let agent = Agent::start_with(
-        "kubernetes",
-        &socket,
-        "node-a",
-        "",
-        &["--kubeconfig", kubeconfig.to_str().unwrap()],
-        None,
-    );
+    let (_dir, agent, socket) = agent_of_its_own_on_node_a(&cp);
     agent.wait_for_log(&["following the endpoint records"], 1);
     let conf = json!({"cniVersion": "1.0.0", "name": "four", "ipam": {"type": "spiderpool",
         "ipam_unix_socket_path": socket, "default_ipv4_ippool": ["four"]}});
@@ -763,12 +761,7 @@ fn a_del_writes_back_the_record_its_watch_keeps_without_reading_it() {
         let out = CniCall::new(cmd, &format!("ctr-{pod}"), pod, &conf).run();
         assert!(out.success, "{cmd} {pod}: {}{}", out.stdout, out.stderr);
     };
-    let endpoint_gets = || {
-        cp.requests_by(user)
-            .get(&("get".to_string(), "spiderendpoints".to_string()))
-            .copied()
-            .unwrap_or(0)
-    };
+    let endpoint_gets = || agent_requests(&cp, "get", "spiderendpoints");
     let allocated =
         || json_of(&cp, &["get", "spiderippool", "four"])["status"]["allocatedIPCount"].clone();
     let gone = |pod: &str| !cp.kubectl(&["get", "spiderendpoint", pod], "").success;
@@ -789,7 +782,7 @@ fn a_del_writes_back_the_record_its_watch_keeps_without_reading_it() {
     // The DEL writes back (here: deletes) the record as the watch keeps it, unread.
     let before = endpoint_gets();
     call("DEL", "web-0");
-    assert_eq!(endpoint_gets(), before, "{:?}", cp.requests_by(user));
+    assert_eq!(endpoint_gets(), before, "{:?}", cp.requests_by(AGENT_USER));
     assert_eq!(allocated(), 1);
     assert!(gone("web-0"));
     // Someone else writes a record just before its DEL: whether the watch has told the agent
